@@ -1,0 +1,70 @@
+"""Adapter configuration (the PEFT-style config dataclass)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+METHODS = ("tcurlora", "lora", "decoder", "full")
+PRESETS = ("auto", "vit", "conv", "none")
+SELECTIONS = ("deterministic", "sampled")
+
+
+@dataclass
+class TCURLoRAConfig:
+    """How to adapt a network.
+
+    method:          ``tcurlora`` (train only the stack cores Δ𝒰, plus ``train_modules``), or the
+                     baselines ``lora`` (HF PEFT LoRA on the same target layers), ``decoder``
+                     (train ``train_modules`` only) and ``full`` (train every weight).
+    preset:          which stacks to build: ``vit`` (per ViT/Swin stage: attention [out, q, k, v] of
+                     every block, MLP up, MLP down), ``conv`` (same-shape Conv3d/ConvTranspose3d
+                     kernels, each as out × in·k³), ``auto`` (``vit`` if the model has attention
+                     blocks, else ``conv``) or ``none`` (only ``stacks``).
+    stacks:          explicit stacks: name -> regular expressions matched (fullmatch) against module
+                     names; every matched module's whole weight is a member, in module order.
+    rank:            r, the number of CUR columns/rows (clamped to min(n1, n2) per stack).
+    selection:       ``deterministic`` (the paper's top-r rule) or ``sampled`` (CURLoRA, seeded).
+    scale:           optional multiplier of Δ𝒲 (the paper has none: 1.0).
+    train_modules:   regular expressions of modules trained fully (decoder, output head); opt-in.
+    exclude_modules: regular expressions of modules never put in a stack.
+    new_head:        ``{"module": name, "out_channels": n}`` to give the adapter its own output layer
+                     (a new label set); that layer is trained fully.
+    lora_alpha:      LoRA scaling numerator for the ``lora`` baseline (PEFT's α; default = rank).
+    """
+
+    method: str = "tcurlora"
+    preset: str = "auto"
+    stacks: Dict[str, List[str]] = field(default_factory=dict)
+    rank: int = 8
+    selection: str = "deterministic"
+    seed: int = 0
+    scale: float = 1.0
+    train_modules: List[str] = field(default_factory=list)
+    exclude_modules: List[str] = field(default_factory=list)
+    new_head: Optional[Dict[str, object]] = None
+    lora_alpha: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
+        if int(self.rank) < 1:
+            raise ValueError(f"rank must be ≥ 1, got {self.rank}")
+        if self.new_head is not None and set(self.new_head) != {"module", "out_channels"}:
+            raise ValueError("new_head must be {'module': name, 'out_channels': n}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TCURLoRAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown adapter config keys: {', '.join(sorted(unknown))}")
+        return cls(**data)

@@ -1,0 +1,121 @@
+"""Third-order tensor algebra along mode 3 (the t-product family) and tensor-CUR index selection.
+
+Tensors here are laid out **stack-first**: shape ``(K, n1, n2)`` holds the K frontal slices
+``W(:, :, k)`` of an ``n1 × n2 × K`` tensor, so that slice k is contiguous.  The t-product is a
+circular convolution along the stack axis, i.e. a matrix product per Fourier slice; real tensors
+use ``rfft``/``irfft`` (K//2 + 1 independent slices).  FFTs run in float32 even under autocast
+(``torch.fft`` has no bf16 kernels) and every frequency is handled in one batched matmul.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+
+def _fft_dtype(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def rfft3(x: torch.Tensor) -> torch.Tensor:
+    """Real FFT along the stack axis (dim 0), always in fp32/fp64 and never autocast."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return torch.fft.rfft(_fft_dtype(x), dim=0)
+
+
+def irfft3(x_hat: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`rfft3` for a stack of length ``k``."""
+    with torch.autocast(device_type=x_hat.device.type, enabled=False):
+        return torch.fft.irfft(x_hat, n=k, dim=0)
+
+
+def t_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """t-product ``a * b`` of ``(K, n1, n2)`` and ``(K, n2, n3)`` real tensors -> ``(K, n1, n3)``."""
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"t_product: stack lengths differ ({a.shape[0]} vs {b.shape[0]})")
+    k = a.shape[0]
+    return irfft3(rfft3(a) @ rfft3(b), k)
+
+
+def t_transpose(a: torch.Tensor) -> torch.Tensor:
+    """t-transpose: transpose every slice and reverse slices 1..K-1, so (a * b)ᵀ = bᵀ * aᵀ."""
+    at = a.transpose(-1, -2)
+    return torch.cat([at[:1], at[1:].flip(0)], dim=0)
+
+
+def t_pinv(a: torch.Tensor, rcond: Optional[float] = None) -> torch.Tensor:
+    """t-pseudo-inverse: the Moore–Penrose pseudo-inverse of each Fourier slice."""
+    k = a.shape[0]
+    a_hat = rfft3(a)
+    if rcond is None:
+        pinv_hat = torch.linalg.pinv(a_hat)
+    else:
+        pinv_hat = torch.linalg.pinv(a_hat, rtol=rcond)
+    return irfft3(pinv_hat, k)
+
+
+def _frequency_weights(k: int, device: torch.device) -> torch.Tensor:
+    # rfft keeps one of each conjugate pair: weight those twice so scores equal the full-FFT sums.
+    f = k // 2 + 1
+    w = torch.full((f,), 2.0, device=device)
+    w[0] = 1.0
+    if k % 2 == 0:
+        w[-1] = 1.0
+    return w
+
+
+def select_indices(
+    w: torch.Tensor,
+    rank: int,
+    mode: str = "deterministic",
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Tensor-CUR indices ``(I, J)``: I = columns, J = rows, each of length ``rank``, sorted.
+
+    ``deterministic`` is the paper's rule: top-r columns by Fourier-domain column norm, then top-r
+    rows by the norm restricted to those columns (ties broken by index, so it is reproducible).
+    ``sampled`` is CURLoRA's inverted-probability rule: p ∝ 1/score, drawn without replacement
+    with ``generator`` (seed it for reproducibility).
+    """
+    k, n1, n2 = w.shape
+    if not 1 <= rank <= min(n1, n2):
+        raise ValueError(f"rank {rank} must be between 1 and min(n1, n2) = {min(n1, n2)}")
+    weights = _frequency_weights(k, w.device)
+    w_hat = rfft3(w.detach())
+    col_score = (w_hat.abs().pow(2).sum(dim=1).sqrt() * weights[:, None]).sum(dim=0)
+    cols = _pick(col_score, rank, mode, generator)
+    row_score = (w_hat[:, :, cols].abs().pow(2).sum(dim=2).sqrt() * weights[:, None]).sum(dim=0)
+    rows = _pick(row_score, rank, mode, generator)
+    return cols, rows
+
+
+def _pick(score: torch.Tensor, rank: int, mode: str, generator: Optional[torch.Generator]) -> torch.Tensor:
+    score = score.double().cpu()
+    if mode == "deterministic":
+        order = torch.argsort(-score, stable=True)
+        chosen = order[:rank]
+    elif mode == "sampled":
+        inverse = 1.0 / score.clamp_min(torch.finfo(torch.float64).tiny)
+        chosen = torch.multinomial(inverse / inverse.sum(), rank, replacement=False, generator=generator)
+    else:
+        raise ValueError(f"unknown index selection {mode!r} (use 'deterministic' or 'sampled')")
+    return torch.sort(chosen).values
+
+
+def tensor_cur(
+    w: torch.Tensor,
+    rank: int,
+    mode: str = "deterministic",
+    generator: Optional[torch.Generator] = None,
+):
+    """Tensor-CUR of ``(K, n1, n2)`` ``w``: returns ``(C, U0, R, I, J)`` with ``w ≈ C * U0 * R``.
+
+    ``C = w[:, :, I]`` (K, n1, r), ``R = w[:, J, :]`` (K, r, n2), ``U0 = t_pinv(w[:, J][:, :, I])``.
+    Exact when the tubal rank of ``w`` is at most ``rank`` and the chosen intersection is full-rank.
+    """
+    cols, rows = select_indices(w, rank, mode, generator)
+    c = w[:, :, cols]
+    r = w[:, rows, :]
+    u0 = t_pinv(w[:, rows][:, :, cols])
+    return c, u0, r, cols, rows
