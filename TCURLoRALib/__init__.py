@@ -1,0 +1,15 @@
+"""Slicer-side helpers shared by the TCURSegment and TCURFinetune modules.
+
+* :mod:`TCURLoRALib.engine` - find the ``tcurlora`` engine package and ``PythonSlicer``; the default worker
+  launcher.
+* :mod:`TCURLoRALib.dependencies` - install torch and the other Python packages at first use (after asking).
+* :mod:`TCURLoRALib.nodeio` - MRML node <-> file / numpy array (volumes, segmentations).
+* :mod:`TCURLoRALib.plots` - the live training-curve table, plot series and chart nodes.
+* :mod:`TCURLoRALib.models` - base-model choices, adapter summaries and segment-to-label mappings.
+* :mod:`TCURLoRALib.tasks` - segmentation and fine-tuning runs: export inputs, drive the worker process,
+  import the results.
+
+Only :mod:`nodeio`, :mod:`plots` and :mod:`tasks` need MRML (``slicer``/``vtk``); they work inside the Slicer
+application and on the ``slicer-core`` wheel alike. Nothing here imports ``qt``: timers and dialogs belong to
+the module widgets and logics.
+"""

@@ -1,0 +1,85 @@
+"""Where the ``tcurlora`` engine lives and how to start its worker process.
+
+Installed extension: ``tcurlora/`` and ``TCURLoRALib/`` sit next to the module scripts in the extension's
+``qt-scripted-modules`` folder, which Slicer puts on ``sys.path``. Source tree ("Additional module paths" =
+``<repo>/TCURSegment`` and ``<repo>/TCURFinetune``): both packages are at the repository root, which the
+module scripts add to ``sys.path`` when the import fails. Either way the worker process gets the folder that
+holds ``tcurlora`` on its ``PYTHONPATH``.
+"""
+
+import os
+import shutil
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
+
+
+def candidateRoots(moduleFile: str) -> List[str]:
+    """Folders that may hold ``tcurlora``/``TCURLoRALib`` for a module script at ``moduleFile``:
+    its own folder (installed layout) and its parent (source layout)."""
+    here = os.path.dirname(os.path.abspath(moduleFile))
+    return [here, os.path.dirname(here)]
+
+
+def addToSysPath(moduleFile: str, packages: Sequence[str] = ("TCURLoRALib", "tcurlora")) -> Optional[str]:
+    """Put the first candidate root that contains all ``packages`` on ``sys.path`` (if it is not there yet);
+    return that root or None."""
+    for root in candidateRoots(moduleFile):
+        if all(os.path.isfile(os.path.join(root, p, "__init__.py")) for p in packages):
+            if root not in sys.path:
+                sys.path.insert(0, root)
+            return root
+    return None
+
+
+def engineRoot() -> str:
+    """The folder that contains the ``tcurlora`` package (what the worker needs on ``PYTHONPATH``)."""
+    import tcurlora
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(tcurlora.__file__)))
+
+
+def pythonSlicerExecutable(slicerHome: Optional[str] = None) -> Optional[str]:
+    """``PythonSlicer`` of the running Slicer (None when it cannot be found)."""
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+    candidates = []
+    if slicerHome:
+        candidates.append(os.path.join(slicerHome, "bin", name))
+    candidates.append(os.path.join(os.path.dirname(sys.executable), name))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def workerPythonExecutable() -> str:
+    """Interpreter for the worker: ``PythonSlicer`` inside Slicer, else the current interpreter."""
+    slicerHome = None
+    try:
+        import slicer
+
+        app = getattr(slicer, "app", None)
+        slicerHome = app.slicerHome if app is not None else None
+    except ImportError:
+        pass
+    return pythonSlicerExecutable(slicerHome) or sys.executable
+
+
+def defaultLauncher(pythonExecutable: Optional[str] = None, extraEnv: Optional[Dict[str, str]] = None,
+                    module: str = "tcurlora.worker", script: Optional[str] = None,
+                    pythonpath: Optional[Sequence[str]] = None) -> Callable:
+    """A launcher: ``launcher(job: dict, workdir: str) -> tcurlora.jobs.WorkerJob`` (not started).
+
+    The Logic classes take such a factory so tests can run a stand-in worker (``script=``) or a different
+    interpreter.
+    """
+    from tcurlora.jobs import WorkerJob
+
+    def launch(job, workdir):
+        paths = list(pythonpath) if pythonpath is not None else [engineRoot()]
+        return WorkerJob(job, workdir=workdir, python_executable=pythonExecutable or workerPythonExecutable(),
+                         module=module, script=script, pythonpath=paths, extra_env=extraEnv)
+
+    return launch

@@ -1,0 +1,332 @@
+"""Base-model choices, adapter summaries and segment-to-label mappings (pure Python, no Slicer needed).
+
+A *model entry* is a dict: ``{"name", "title", "labels", "fingerprint", "kind", ...}`` where ``kind`` is
+``"catalog"`` (from ``tcurlora.catalog.list_models()``), ``"bundle"`` (a MONAI bundle folder, ``"path"``) or
+``"spec"`` (a network spec JSON + weights, ``"spec"`` and ``"weights"``). :meth:`ModelRegistry.jobBase` turns
+an entry into the job file's ``"base"`` value.
+"""
+
+import json
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+CUSTOM_KINDS = ("bundle", "spec")
+MAX_LABEL_VALUE = 65535
+
+_PALETTE = [(0.5, 0.68, 0.5), (0.95, 0.84, 0.57), (0.69, 0.48, 0.4), (0.44, 0.72, 0.82), (0.87, 0.51, 0.36),
+            (0.56, 0.56, 0.84), (0.96, 0.7, 0.76), (0.35, 0.6, 0.33), (0.9, 0.4, 0.4), (0.4, 0.4, 0.9)]
+
+
+def defaultColor(value: int) -> List[float]:
+    return list(_PALETTE[(int(value) - 1) % len(_PALETTE)])
+
+
+def catalogModels() -> List[Dict[str, Any]]:
+    """``tcurlora.catalog.list_models()`` with ``kind="catalog"``; [] (and a logged error) if unavailable."""
+    try:
+        from tcurlora.catalog import list_models
+
+        models = list_models()
+    except Exception as exc:  # the engine package is missing or broken: the GUI must still open
+        logging.error(f"TCURLoRA: cannot read the model catalog: {exc}")
+        return []
+    out = []
+    for model in models:
+        entry = dict(model)
+        entry.setdefault("title", entry.get("name", "?"))
+        entry.setdefault("labels", [])
+        entry.setdefault("fingerprint", None)
+        entry["kind"] = "catalog"
+        out.append(entry)
+    return out
+
+
+def _bundleLabels(folder: str) -> List[Dict[str, Any]]:
+    """Labels from a MONAI bundle's ``configs/metadata.json`` (``channel_def`` of the prediction), if any."""
+    path = os.path.join(folder, "configs", "metadata.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        outputs = meta.get("network_data_format", {}).get("outputs", {})
+        pred = outputs.get("pred") or next(iter(outputs.values()), {})
+        channels = pred.get("channel_def", {})
+    except (OSError, ValueError, AttributeError, StopIteration):
+        return []
+    labels = []
+    for key, name in sorted(channels.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0):
+        if str(key).isdigit() and int(key) > 0:
+            labels.append({"value": int(key), "name": str(name), "color": defaultColor(int(key))})
+    return labels
+
+
+def _specLabels(spec: str) -> List[Dict[str, Any]]:
+    try:
+        with open(spec, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return []
+    labels = data.get("labels") if isinstance(data, dict) else None
+    if not isinstance(labels, list):
+        return []
+    return [dict(e) for e in labels if isinstance(e, dict) and "value" in e and "name" in e]
+
+
+class ModelRegistry:
+    """Catalog models plus the user's own ("Add model...") entries."""
+
+    def __init__(self, catalog: Optional[Sequence[Dict[str, Any]]] = None,
+                 custom: Sequence[Dict[str, Any]] = ()) -> None:
+        self.catalog = [dict(e, kind="catalog") for e in (catalog if catalog is not None else catalogModels())]
+        self.custom: List[Dict[str, Any]] = []
+        for entry in custom:
+            try:
+                self._addCustom(dict(entry))
+            except (ValueError, KeyError):
+                continue
+
+    def entries(self) -> List[Dict[str, Any]]:
+        return self.catalog + self.custom
+
+    def names(self) -> List[str]:
+        return [e["name"] for e in self.entries()]
+
+    def entry(self, name: str) -> Optional[Dict[str, Any]]:
+        for e in self.entries():
+            if e["name"] == name:
+                return e
+        return None
+
+    def _addCustom(self, entry: Dict[str, Any]) -> Dict[str, Any]:
+        if entry.get("kind") not in CUSTOM_KINDS:
+            raise ValueError(f"unknown model kind {entry.get('kind')!r}")
+        entry.setdefault("labels", [])
+        entry.setdefault("fingerprint", None)
+        self.custom = [e for e in self.custom if e["name"] != entry["name"]] + [entry]
+        return entry
+
+    def addBundle(self, folder: str) -> Dict[str, Any]:
+        folder = os.path.abspath(os.fspath(folder))
+        if not os.path.isdir(folder):
+            raise ValueError(f"'{folder}' is not a folder (a MONAI bundle folder is needed)")
+        if not os.path.isdir(os.path.join(folder, "configs")):
+            raise ValueError(f"'{os.path.basename(folder)}' has no configs/ folder: it is not a MONAI bundle")
+        return self._addCustom({"name": "bundle:" + folder, "title": os.path.basename(folder) + " (MONAI bundle)",
+                                "kind": "bundle", "path": folder, "labels": _bundleLabels(folder)})
+
+    def addSpec(self, spec: str, weights: str) -> Dict[str, Any]:
+        spec, weights = os.path.abspath(os.fspath(spec)), os.path.abspath(os.fspath(weights))
+        for path, what in ((spec, "network spec JSON"), (weights, "weights file")):
+            if not os.path.isfile(path):
+                raise ValueError(f"the {what} '{path}' does not exist")
+        return self._addCustom({"name": "spec:" + spec + "|" + weights,
+                                "title": f"{os.path.basename(spec)} + {os.path.basename(weights)}",
+                                "kind": "spec", "spec": spec, "weights": weights, "labels": _specLabels(spec)})
+
+    def ensure(self, name: str) -> Optional[Dict[str, Any]]:
+        """The entry called ``name``; a custom entry is rebuilt from its name (``bundle:<folder>`` or
+        ``spec:<spec>|<weights>``, as stored in a saved scene) when its files still exist; else None."""
+        entry = self.entry(name)
+        if entry is not None or not name:
+            return entry
+        try:
+            if name.startswith("bundle:"):
+                return self.addBundle(name[len("bundle:"):])
+            if name.startswith("spec:") and "|" in name:
+                spec, weights = name[len("spec:"):].split("|", 1)
+                return self.addSpec(spec, weights)
+        except ValueError:
+            return None
+        return None
+
+    def remove(self, name: str) -> None:
+        self.custom = [e for e in self.custom if e["name"] != name]
+
+    def customEntries(self) -> List[Dict[str, Any]]:
+        """JSON-serialisable custom entries, for saving in settings or the parameter node."""
+        return [dict(e) for e in self.custom]
+
+    @staticmethod
+    def jobBase(entry: Dict[str, Any]) -> Any:
+        kind = entry.get("kind", "catalog")
+        if kind == "bundle":
+            return entry["path"]
+        if kind == "spec":
+            return {"spec": entry["spec"], "weights": entry["weights"]}
+        return entry["name"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# adapters
+
+
+def _shortFingerprint(fingerprint: Optional[str]) -> str:
+    if not fingerprint:
+        return "unknown"
+    text = str(fingerprint)
+    if ":" in text:
+        text = text.split(":", 1)[1]
+    return text[:12]
+
+
+def _sameFingerprint(a: str, b: str) -> bool:
+    def norm(x: str) -> str:
+        x = str(x).strip().lower()
+        return x.split(":", 1)[1] if x.startswith("sha256:") else x
+
+    return norm(a) == norm(b)
+
+
+def labelsText(labels: Sequence[Dict[str, Any]]) -> str:
+    if not labels:
+        return "none"
+    return ", ".join(f"{e.get('value')} {e.get('name')}" for e in labels)
+
+
+def adapterSummary(manifest: Dict[str, Any]) -> str:
+    """A few lines describing an adapter manifest (shown before applying it)."""
+    method = manifest.get("method", {}) or {}
+    base = manifest.get("base", {}) or {}
+    prov = manifest.get("provenance", {}) or {}
+    methodText = str(method.get("name", "?"))
+    rank = method.get("rank", (method.get("config") or {}).get("rank"))
+    if rank is not None:
+        methodText += f" (rank {rank})"
+    lines = [
+        f"Labels: {labelsText(manifest.get('labels', []))}",
+        f"Base model: {base.get('name', '?')} (fingerprint {_shortFingerprint(base.get('fingerprint'))})",
+        f"Method: {methodText}",
+    ]
+    training = []
+    if prov.get("cases") is not None:
+        training.append(f"{prov['cases']} training case{'s' if prov['cases'] != 1 else ''}")
+    if prov.get("steps") is not None:
+        training.append(f"{prov['steps']} steps")
+    dice = prov.get("validation_dice")
+    training.append(f"validation Dice {dice:.3f}" if isinstance(dice, (int, float)) else "no validation Dice")
+    lines.append("Trained on: " + ", ".join(training))
+    made = [str(prov[k]) for k in ("software", "date") if prov.get(k)]
+    if made:
+        lines.append("Created: " + ", ".join(made))
+    return "\n".join(lines)
+
+
+def checkAdapterCompatibility(manifest: Dict[str, Any], entry: Optional[Dict[str, Any]]) -> Tuple[bool, str]:
+    """Whether an adapter fits the selected base model: (ok, message).
+
+    The base-weight fingerprints decide when both are known; otherwise a catalog model must at least have the
+    adapter's base name. Unknown fingerprints are accepted (the worker compares them before applying).
+    """
+    if entry is None:
+        return False, "Select a base model first."
+    base = manifest.get("base", {}) or {}
+    adapterBase = str(base.get("name") or "?")
+    adapterFp = base.get("fingerprint")
+    entryFp = entry.get("fingerprint")
+    title = entry.get("title", entry.get("name"))
+    if adapterFp and entryFp:
+        if _sameFingerprint(adapterFp, entryFp):
+            return True, f"Adapter matches the base model '{title}'."
+        return False, (f"This adapter was trained on base model '{adapterBase}' (fingerprint "
+                       f"{_shortFingerprint(adapterFp)}), not on the selected '{title}' (fingerprint "
+                       f"{_shortFingerprint(entryFp)}). Select the base model it was trained on.")
+    if entry.get("kind", "catalog") == "catalog" and adapterBase != "?" and adapterBase != entry.get("name"):
+        return False, (f"This adapter was trained on base model '{adapterBase}', not on the selected "
+                       f"'{title}'. Select the base model it was trained on.")
+    return True, "Base-model fingerprint not known yet: the worker checks it before applying the adapter."
+
+
+# ----------------------------------------------------------------------------------------------------------
+# segment -> label mapping
+
+
+def defaultLabelMapping(segmentNames: Sequence[str], baseLabels: Sequence[Dict[str, Any]],
+                        segmentColors: Optional[Dict[str, Sequence[float]]] = None) -> List[Dict[str, Any]]:
+    """One row per segment name: a segment named like a base label (case-insensitive) maps to that label;
+    any other segment becomes a new label with its own name and the next free value."""
+    byName = {str(e["name"]).lower(): e for e in baseLabels}
+    used = {int(e["value"]) for e in baseLabels}
+    rows = []
+    newByName: Dict[str, int] = {}
+    for name in segmentNames:
+        base = byName.get(name.lower())
+        if base is not None:
+            rows.append({"segment": name, "include": True, "label": str(base["name"]), "value": int(base["value"]),
+                         "color": list(base.get("color") or defaultColor(int(base["value"])))})
+            continue
+        key = name.lower()
+        if key not in newByName:
+            value = 1
+            while value in used:
+                value += 1
+            used.add(value)
+            newByName[key] = value
+        value = newByName[key]
+        color = (segmentColors or {}).get(name) or defaultColor(value)
+        rows.append({"segment": name, "include": True, "label": name, "value": value, "color": list(color)})
+    return rows
+
+
+def mergeLabelMapping(previous: Sequence[Dict[str, Any]], segmentNames: Sequence[str],
+                      baseLabels: Sequence[Dict[str, Any]],
+                      segmentColors: Optional[Dict[str, Sequence[float]]] = None) -> List[Dict[str, Any]]:
+    """Rows for ``segmentNames``, keeping the user's earlier choices for segments already in ``previous``."""
+    old = {str(r["segment"]): r for r in previous}
+    fresh = defaultLabelMapping([n for n in segmentNames if n not in old],
+                                list(baseLabels) + [{"value": r["value"], "name": r["label"]}
+                                                    for r in previous if r.get("include", True)],
+                                segmentColors)
+    freshByName = {r["segment"]: r for r in fresh}
+    return [dict(old[n]) if n in old else freshByName[n] for n in segmentNames]
+
+
+def labelsFromMapping(mapping: Sequence[Dict[str, Any]], baseLabels: Sequence[Dict[str, Any]]
+                      ) -> Tuple[Optional[List[Dict[str, Any]]], List[Dict[str, Any]], Dict[str, int]]:
+    """Check a mapping table and derive what the job needs.
+
+    Returns ``(jobLabels, labelTable, segmentToValue)``: ``jobLabels`` is None when every used label is a base
+    label (same name and value: the base's output head is fine-tuned), else the full label table (the engine
+    then trains a new head); ``labelTable`` names/colours every used value; ``segmentToValue`` maps each
+    included segment name to its label value. Raises ValueError with a readable message on a bad table.
+    """
+    rows = [r for r in mapping if r.get("include", True)]
+    if not rows:
+        raise ValueError("No segment is mapped to a label: tick at least one segment in the label table.")
+    nameOfValue: Dict[int, str] = {}
+    valueOfName: Dict[str, int] = {}
+    colorOfValue: Dict[int, List[float]] = {}
+    segmentToValue: Dict[str, int] = {}
+    for row in rows:
+        segment = str(row.get("segment", "")).strip()
+        label = str(row.get("label", "")).strip()
+        try:
+            value = int(row.get("value"))
+        except (TypeError, ValueError):
+            raise ValueError(f"Segment '{segment}': label value '{row.get('value')}' is not a whole number.")
+        if not label:
+            raise ValueError(f"Segment '{segment}': the label name is empty.")
+        if not 1 <= value <= MAX_LABEL_VALUE:
+            raise ValueError(f"Segment '{segment}': label value {value} must be between 1 and {MAX_LABEL_VALUE} "
+                             "(0 is background).")
+        if value in nameOfValue and nameOfValue[value].lower() != label.lower():
+            raise ValueError(f"Label value {value} is used for both '{nameOfValue[value]}' and '{label}'.")
+        if label.lower() in valueOfName and valueOfName[label.lower()] != value:
+            raise ValueError(f"Label '{label}' has two values: {valueOfName[label.lower()]} and {value}.")
+        nameOfValue.setdefault(value, label)
+        valueOfName[label.lower()] = value
+        if row.get("color") is not None:
+            colorOfValue.setdefault(value, [float(c) for c in row["color"]][:3])
+        segmentToValue[segment] = value
+    baseByValue = {int(e["value"]): e for e in baseLabels}
+    table = []
+    allBase = True
+    for value in sorted(nameOfValue):
+        base = baseByValue.get(value)
+        if base is not None and str(base["name"]).lower() == nameOfValue[value].lower():
+            table.append({"value": value, "name": str(base["name"]),
+                          "color": list(base.get("color") or colorOfValue.get(value) or defaultColor(value))})
+        else:
+            allBase = False
+            table.append({"value": value, "name": nameOfValue[value],
+                          "color": colorOfValue.get(value) or defaultColor(value)})
+    return (None if allBase else table), table, segmentToValue
