@@ -14,7 +14,7 @@ def catalog_dirs() -> List[Path]:
     """Where catalog entries live: ``TCURLORA_CATALOG`` (extra folder), the installed package, the source tree."""
     here = Path(__file__).resolve().parent
     dirs = [Path(p) for p in os.environ.get("TCURLORA_CATALOG", "").split(os.pathsep) if p]
-    dirs += [here / "catalog", here.parent / "Resources" / "Catalog"]
+    dirs += [here / "_catalog", here.parent / "Resources" / "Catalog"]
     return [d for d in dirs if d.is_dir()]
 
 
@@ -24,8 +24,10 @@ def catalog() -> Dict[str, dict]:
         for path in sorted(folder.glob("*.json")):
             try:
                 entry = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError as exc:
+            except (OSError, ValueError) as exc:
                 raise TCURLoRAError(f"{path.name}: invalid catalog entry ({exc})") from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+                raise TCURLoRAError(f"{path.name}: invalid catalog entry (needs a JSON object with a \"name\")")
             entries.setdefault(entry["name"], {**entry, "catalog_file": str(path)})
     return entries
 
