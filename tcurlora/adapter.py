@@ -113,7 +113,12 @@ class TCURStack(nn.Module):
         self.register_buffer("rows", rows.clone(), persistent=False)
         c = w[:, :, cols.to(w.device)]  # (K, n1, r)
         r = w[:, rows.to(w.device), :]  # (K, r, n2)
-        self.register_buffer("c_hat", rfft3(c), persistent=False)
+        c_hat = rfft3(c)  # (F, n1, r) complex
+        # Ĉ as the real block [[Re, -Im], [Im, Re]]: one real bmm computes the big Fourier-domain
+        # product (complex bmm takes a slow path on CPU, ~10x slower here).
+        self.register_buffer("c_block", torch.cat([torch.cat([c_hat.real, -c_hat.imag], 2),
+                                                   torch.cat([c_hat.imag, c_hat.real], 2)], 1).contiguous(),
+                             persistent=False)
         self.register_buffer("r_hat", rfft3(r), persistent=False)
         # Projected gradient: contract dL/dW_k with 𝒞, ℛ from activations when that is cheaper
         # than forming the dense n1×n2 weight gradient (true for MLP stacks, not for attention).
@@ -133,23 +138,30 @@ class TCURStack(nn.Module):
 
     def u0(self) -> torch.Tensor:
         """𝒰₀ = t-pinv(𝒲(J, I, :)), recomputed from 𝒞 (only for reporting 𝒰 = 𝒰₀ + Δ𝒰)."""
-        c = irfft3(self.c_hat, self.k)
-        return t_pinv(c[:, self.rows, :])
+        c_hat = torch.complex(self.c_block[:, :self.n1, :self.rank], self.c_block[:, self.n1:, :self.rank])
+        return t_pinv(irfft3(c_hat, self.k)[:, self.rows, :])
 
     def describe(self) -> dict:
         return {"name": self.name, "shape": [self.n1, self.n2], "k": self.k, "rank": self.rank,
                 "members": [m.to_dict() for m in self.members],
                 "I": self.cols.tolist(), "J": self.rows.tolist(), "projected_gradient": bool(self.projected)}
 
-    def delta_w(self, detached: bool = False) -> torch.Tensor:
-        """Δ𝒲 as (K, n1, n2), built once per forward pass (and again only after the core changed)."""
+    def delta_w(self, detached: bool = False) -> Tuple[torch.Tensor, ...]:
+        """Δ𝒲 as K slices (n1, n2), built once per forward pass (and again only after the core changed).
+
+        The slices come from one ``unbind``: its backward stacks the K slice gradients once, where
+        indexing the tensor per member would allocate and fill a (K, n1, n2) gradient per member.
+        """
         grad = torch.is_grad_enabled() and not detached
         fid = self._state.forward_id if self._state is not None else None
         key = (fid, grad, self.delta_u._version, self.delta_u.device)
         if self._cache_key != key:
             with torch.set_grad_enabled(grad):
                 du_hat = rfft3(self.delta_u * self.scale if self.scale != 1.0 else self.delta_u)
-                self._cache = irfft3(self.c_hat @ (du_hat @ self.r_hat), self.k)
+                m = du_hat @ self.r_hat  # (F, r, n2), small
+                prod = self.c_block @ torch.cat([m.real, m.imag], 1)  # (F, 2·n1, n2) = [Re; Im] of Ĉ M
+                w_hat = torch.complex(prod[:, :self.n1], prod[:, self.n1:])
+                self._cache = irfft3(w_hat, self.k).unbind(0)
             self._cache_key = key
         return self._cache
 
