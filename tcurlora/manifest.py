@@ -20,6 +20,7 @@ METADATA_KEY = "tcurlora"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 METHOD_NAMES = ("tcurlora", "lora", "decoder", "full")
+PICKLE_PROBLEM = "is a PyTorch pickle/zip checkpoint, not a safetensors adapter; it was not opened"
 
 
 class ManifestError(TCURLoRAError):
@@ -40,16 +41,22 @@ def read_header(path) -> Tuple[Dict[str, str], Dict[str, dict]]:
             if len(head) < 8:
                 raise _fail(name, "not an adapter file (too short for a safetensors header)")
             (n,) = struct.unpack("<Q", head)
-            if head[:2] == b"PK" or head[:1] == b"\x80":
-                raise _fail(name, "is a PyTorch pickle/zip checkpoint, not a safetensors adapter; it was not opened")
+            # Zip local-file signature, or a pickle PROTO opcode (protocol 2-5).  These 8 bytes are also a valid
+            # header length now and then (any length = 128 mod 256 starts with 0x80), so a file is called a
+            # pickle only if it is not a plausible safetensors file: length out of range or no '{' after it.
+            pickled = head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
             if n > MAX_HEADER_BYTES or n > size - 8:
+                if pickled:
+                    raise _fail(name, PICKLE_PROBLEM)
                 raise _fail(name, "not a safetensors adapter file, or truncated (header length out of range)")
             raw = f.read(n)
+            if pickled and not raw.startswith(b"{"):
+                raise _fail(name, PICKLE_PROBLEM)
     except OSError as exc:
         raise _fail(name, f"cannot read ({exc.strerror or exc})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # '[[[[…' nests past the recursion limit
         raise _fail(name, "corrupted header (not valid JSON)") from None
     if not isinstance(header, dict):
         raise _fail(name, "corrupted header (not a JSON object)")
@@ -145,26 +152,60 @@ def _is_version(text: str) -> bool:
     return len(parts) == 2 and all(p.isdigit() and p.isascii() and len(p) < 6 for p in parts)
 
 
+def check_tensors(manifest: dict, index: Dict[str, dict], where: str = "adapter") -> None:
+    """The file's tensors (its header index) must be those its manifest describes.
+
+    Checked for ``tcurlora``/``decoder`` adapters, whose keys are ``stacks.<stack>.delta_u`` (F32, K×r×r)
+    and ``trained.<module path with __>.<param>``: so ``tcurlora inspect`` already refuses a file with
+    missing, extra or misshapen cores, before any base model is loaded.
+    """
+    method = manifest["method"]
+    if method["name"] not in ("tcurlora", "decoder"):
+        return
+    stacks = {f"stacks.{s['name']}.delta_u": s for s in method["stacks"]}
+    for key, stack in stacks.items():
+        info = index.get(key)
+        if info is None:
+            raise _fail(where, f"tensor {key!r} is missing")
+        k, rank = stack.get("k"), stack.get("rank")
+        if _is_count(k) and _is_count(rank) and (info["dtype"] != "F32" or info["shape"] != [k, rank, rank]):
+            raise _fail(where, f"tensor {key!r} is {info['dtype']} {info['shape']}, the manifest says F32 {[k, rank, rank]}")
+    trained = method.get("trained_modules")
+    prefixes = (tuple(f"trained.{m.replace('.', '__')}." for m in trained)
+                if isinstance(trained, list) and all(isinstance(m, str) for m in trained) else ("trained.",))
+    for key in index:
+        if key not in stacks and not (prefixes and key.startswith(prefixes)):
+            raise _fail(where, f"unexpected tensor {key!r} (not described by the manifest)")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def read_manifest(path) -> dict:
-    """The validated manifest of an adapter file (reads only the header)."""
-    metadata, _ = read_header(path)
+    """The validated manifest of an adapter file (reads only the header; checks it against the tensor index)."""
+    metadata, index = read_header(path)
     if METADATA_KEY not in metadata:
         raise _fail(display_name(path), "is a safetensors file but not a tcurlora adapter (no manifest)")
-    return parse_manifest(metadata[METADATA_KEY], display_name(path))
+    manifest = parse_manifest(metadata[METADATA_KEY], display_name(path))
+    check_tensors(manifest, index, display_name(path))
+    return manifest
 
 
 def summary(manifest: dict) -> str:
     """A few readable lines about an adapter (``tcurlora inspect`` and the Slicer module)."""
     method, base, prov = manifest["method"], manifest["base"], manifest["provenance"]
     labels = ", ".join(f"{l['value']}={l['name']}" for l in manifest["labels"]) or "(none)"
-    dice = prov.get("validation_dice")
+    dice = prov.get("validation_dice")  # provenance is free-form: format only a number
+    dice = format(dice, ".3f") if isinstance(dice, (int, float)) and not isinstance(dice, bool) else \
+        "n/a" if dice is None else str(dice)
     lines = [
         f"method:      {method['name']} (rank {method.get('config', {}).get('rank', '?')}, "
         f"{len(method['stacks'])} stacks, {method.get('trainable_values', '?')} trained values)",
         f"base model:  {base['name']} ({base['fingerprint'][:19]}…)",
         f"labels:      {labels}",
         f"trained on:  {prov.get('cases', '?')} case(s), {prov.get('steps', '?')} steps, "
-        f"validation Dice {'n/a' if dice is None else format(dice, '.3f')}",
+        f"validation Dice {dice}",
         f"created:     {prov.get('date', '?')} with {prov.get('software', '?')}",
         f"format:      {manifest['format_version']}",
     ]

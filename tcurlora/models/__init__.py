@@ -44,6 +44,9 @@ class BaseModel:
         self.network.tcurlora_base_name = self.name
         self.network.tcurlora_labels = self.labels
         self.network.tcurlora_preprocessing = self.preprocessing.to_dict()
+        from ..adapter_file import base_fingerprint  # 'full'/LoRA adapters change the weights they were trained on
+
+        self.network.tcurlora_base_fingerprint = base_fingerprint(self.network)
         if self.inference_roi is None:
             self.inference_roi = tuple(self.preprocessing.patch_size)
 
@@ -128,8 +131,22 @@ def _monai_network(spec: dict, where: str) -> nn.Module:
         raise InputError(where, f"network class {cls_name!r} is not a monai.networks.nets network")
     try:
         return getattr(nets, short)(**spec.get("args", {}))
+    except Exception as exc:  # MONAI constructors also raise AssertionError, KeyError, ... on bad arguments
+        raise InputError(where, f"cannot build {short}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def _preprocessing(data: Any, where: Union[str, Path]) -> Preprocessing:
+    try:
+        return Preprocessing.from_dict(data)
     except (TypeError, ValueError) as exc:
-        raise InputError(where, f"cannot build {short}: {exc}") from None
+        raise InputError(where, f"invalid preprocessing ({exc})") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"unreadable JSON ({exc})") from None
 
 
 def read_weights(path: Path) -> Dict[str, torch.Tensor]:
@@ -180,6 +197,8 @@ def _load_spec(spec_path: Path, weights: Optional[Path]) -> BaseModel:
         spec = json.loads(spec_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(spec_path, f"unreadable network spec ({exc})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("network", {}), dict):
+        raise InputError(spec_path, 'a network spec is {"network": {"class": ..., "args": {...}}, ...}')
     network = _monai_network(spec.get("network", {}), str(spec_path))
     weights = Path(weights) if weights else (spec_path.parent / spec["weights"] if spec.get("weights") else None)
     if weights is None:
@@ -188,10 +207,47 @@ def _load_spec(spec_path: Path, weights: Optional[Path]) -> BaseModel:
     out_ch = spec.get("network", {}).get("args", {}).get("out_channels")
     return BaseModel(
         name=spec.get("name", spec_path.stem), network=network, labels=_labels_from(spec, out_ch, str(spec_path)),
-        preprocessing=Preprocessing.from_dict(spec.get("preprocessing", {})), head=spec.get("head"),
+        preprocessing=_preprocessing(spec.get("preprocessing", {}), spec_path), head=spec.get("head"),
         decoder_modules=list(spec.get("decoder_modules", [])),
         inference_roi=tuple(spec["inference_roi"]) if spec.get("inference_roi") else None,
         source=f"spec {spec_path.name} + weights {weights.name}")
+
+
+def _bundle_network(parser, config_file: Path) -> nn.Module:
+    """Build a bundle's ``network_def`` from plain values only.
+
+    MONAI itself would ``eval`` the config's ``$`` expressions and import any ``_target_``, so a downloaded
+    bundle could run code just by being loaded.  Here ``@`` references are followed, ``_target_`` must be
+    a ``monai.networks.nets`` network (as in a network spec), and expressions, macros and nested
+    components are refused.
+    """
+    hint = "; describe the network with a network spec .json instead"
+
+    def plain(value: Any, depth: int = 0) -> Any:
+        if depth > 32:
+            raise InputError(config_file, "network_def nests or refers too deeply")
+        if isinstance(value, str) and value.startswith("@"):
+            ref = parser.get(value[1:])
+            if ref is None:
+                raise InputError(config_file, f"network_def refers to {value!r}, which the config does not define")
+            return plain(ref, depth + 1)
+        if isinstance(value, str) and value[:1] in ("$", "%"):
+            raise InputError(config_file, f"network_def uses {value[:60]!r}: tcurlora does not evaluate bundle "
+                                          f"expressions{hint}")
+        if isinstance(value, dict):
+            return {k: plain(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v, depth + 1) for v in value]
+        return value
+
+    raw = plain(parser.get("network_def"))
+    if not isinstance(raw, dict) or not isinstance(raw.get("_target_"), str):
+        raise InputError(config_file, f"network_def must be {{\"_target_\": \"<a monai.networks.nets network>\", ...}}{hint}")
+    if any("_target_" in v for v in raw.values() if isinstance(v, dict)) or \
+            set(k for k in raw if k.startswith("_")) - {"_target_", "_desc_"}:
+        raise InputError(config_file, f"network_def has nested components or special keys{hint}")
+    args = {k: v for k, v in raw.items() if not k.startswith("_")}
+    return _monai_network({"class": raw["_target_"], "args": args}, str(config_file))
 
 
 def _load_bundle(folder: Path) -> BaseModel:
@@ -207,31 +263,35 @@ def _load_bundle(folder: Path) -> BaseModel:
     if config_file is None:
         raise InputError(folder, "not a MONAI bundle (no configs/inference.json)")
     parser = ConfigParser()
-    parser.read_config(str(config_file))
-    parser["bundle_root"] = str(folder)
     try:
-        network = parser.get_parsed_content("network_def", instantiate=True)
+        parser.read_config(str(config_file))
     except Exception as exc:  # bundle configs can fail in many ways; report one line
-        raise InputError(config_file, f"cannot build network_def ({str(exc).splitlines()[0]})") from None
+        raise InputError(config_file, f"unreadable bundle config ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
+    network = _bundle_network(parser, config_file)
     weights = folder / "models" / "model.pt"
     if not weights.is_file():
         weights = folder / "models" / "model.safetensors"
     _load_state(network, read_weights(weights), weights)
     extra: Dict[str, Any] = {}
     if (folder / "configs" / "tcurlora.json").is_file():
-        extra = json.loads((folder / "configs" / "tcurlora.json").read_text(encoding="utf-8"))
+        extra = _read_json(folder / "configs" / "tcurlora.json")
+        if not isinstance(extra, dict):
+            raise InputError(folder / "configs" / "tcurlora.json", "must be a JSON object")
     labels = extra.get("labels")
     meta_file = folder / "configs" / "metadata.json"
     if not labels and meta_file.is_file():
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        channels = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
-        from ..io import default_color
+        meta = _read_json(meta_file)
+        try:
+            channels = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
+            from ..io import default_color
 
-        labels = [{"value": int(k), "name": str(v), "color": default_color(int(k))}
-                  for k, v in sorted(channels.items(), key=lambda kv: int(kv[0])) if int(k) > 0]
+            labels = [{"value": int(k), "name": str(v), "color": default_color(int(k))}
+                      for k, v in sorted(channels.items(), key=lambda kv: int(kv[0])) if int(k) > 0]
+        except (AttributeError, TypeError, ValueError):
+            raise InputError(meta_file, "channel_def must map channel numbers to names") from None
     return BaseModel(
         name=extra.get("name", folder.name), network=network, labels=_labels_from({"labels": labels}, None, str(folder)),
-        preprocessing=Preprocessing.from_dict(extra.get("preprocessing", {})), head=extra.get("head"),
+        preprocessing=_preprocessing(extra.get("preprocessing", {}), folder), head=extra.get("head"),
         decoder_modules=list(extra.get("decoder_modules", [])),
         inference_roi=tuple(extra["inference_roi"]) if extra.get("inference_roi") else None,
         source=f"MONAI bundle {folder.name}")

@@ -1,0 +1,832 @@
+"""Adapter files: one .safetensors with the manifest in its header; save/load, fingerprint, errors, fuzz.
+
+Every round trip compares a model carrying a trained (here: randomised, clearly non-zero) adapter with a
+fresh copy of the base that loaded the file, and checks the adapter really changes the output, so an
+adapter that silently loads as zeros fails.
+"""
+
+import copy
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from monai.networks.nets import UNETR, UNet
+from safetensors.torch import load_file, save_file
+
+import tcurlora.adapter_file as adapter_file
+from tcurlora import (TCURLoRAConfig, base_fingerprint, inject_adapter, load_adapter, merge_adapter, read_manifest,
+                      save_adapter, set_active_adapter, unmerge_adapter)
+from tcurlora.adapter import active_adapter, get_adapter, list_adapters
+from tcurlora.errors import TCURLoRAError
+from tcurlora.manifest import FORMAT_VERSION, METADATA_KEY, ManifestError, parse_manifest, read_header, summary
+
+LABELS_3 = [{"value": 1, "name": "Grey matter", "color": [0.5, 0.5, 0.5]},
+            {"value": 2, "name": "White matter", "color": [0.9, 0.9, 0.8]}]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These networks are tiny: intra-op threads only contend (10-50x slower on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+UNETR_X = (1, 1, 32, 32, 16)  # 2x2x1 = 4 ViT tokens: attention (q, k) matters; cheap decoder
+
+
+def small_unetr(seed=0):
+    torch.manual_seed(seed)
+    return UNETR(1, 2, UNETR_X[2:], feature_size=4, hidden_size=48, mlp_dim=96, num_heads=4).eval()
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    return UNet(3, 1, 2, (4, 8, 8), (2, 2), num_res_units=0).eval()
+
+
+def named(model, name):
+    model.tcurlora_base_name = name
+    return model
+
+
+def perturb(model, seed=1, scale=0.1):
+    """Give the active adapter's trainable values random, non-zero values (stands in for training)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in get_adapter(model).parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+def run(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def x_for(shape, seed=7):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same(a, b):
+    assert a.shape == b.shape
+    assert (a - b).abs().max().item() <= 1e-6
+
+
+def assert_changed(a, b):
+    assert a.shape != b.shape or (a - b).abs().max().item() > 1e-4, "the adapter does not change the output"
+
+
+def cli(*args, env=None):
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "tcurlora.cli", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=120)
+
+
+def assert_one_line_error(proc):
+    assert proc.returncode != 0, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    return lines[0]
+
+
+class Evil:
+    """A pickle payload that creates a file when unpickled: proof that something was unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. save -> load round trips
+
+
+def test_tcurlora_unetr_round_trip_and_manifest_contents(tmp_path):
+    model = small_unetr()
+    x = x_for(UNETR_X)
+    base_out = run(model, x)
+    fp = base_fingerprint(model)
+    inject_adapter(model, TCURLoRAConfig(rank=4))
+    perturb(model)
+    adapted = run(model, x)
+    assert_changed(adapted, base_out)
+    path = tmp_path / "site.safetensors"
+    written = save_adapter(model, path, labels=[{"value": 1, "name": "Tumour", "color": [1, 0, 0]}],
+                           preprocessing={"orientation": "RAS", "spacing": [1.0, 1.0, 1.0]},
+                           provenance={"cases": 3, "steps": 40, "validation_dice": 0.91})
+
+    # one file, the manifest in its header metadata; only the trained state as tensors
+    assert sorted(os.listdir(tmp_path)) == ["site.safetensors"]
+    metadata, index = read_header(path)
+    manifest = json.loads(metadata[METADATA_KEY])
+    assert manifest == written == read_manifest(path)
+    assert manifest["format_version"] == FORMAT_VERSION
+    method = manifest["method"]
+    assert method["name"] == "tcurlora" and method["config"]["rank"] == 4
+    assert [s["name"] for s in method["stacks"]] == ["attn_48x48", "mlp_up_96x48", "mlp_down_48x96"]
+    attn = method["stacks"][0]
+    assert len(attn["members"]) == 4 * 12 and attn["members"][0] == {"module": "vit.blocks.0.attn.out_proj", "rows": None}
+    assert attn["members"][1] == {"module": "vit.blocks.0.attn.qkv", "rows": [0, 48]}
+    assert len(attn["I"]) == len(attn["J"]) == 4 and attn["k"] == 48 and attn["rank"] == 4
+    assert sorted(index) == sorted(f"stacks.{s['name']}.delta_u" for s in method["stacks"])
+    assert method["trainable_values"] == sum(s["k"] * 16 for s in method["stacks"])
+    assert manifest["base"] == {"name": "UNETR", "fingerprint": fp}
+    assert manifest["labels"] == [{"value": 1, "name": "Tumour", "color": [1, 0, 0]}]
+    assert manifest["preprocessing"] == {"orientation": "RAS", "spacing": [1.0, 1.0, 1.0]}
+    prov = manifest["provenance"]
+    assert prov["cases"] == 3 and prov["steps"] == 40 and prov["validation_dice"] == 0.91
+    assert prov["software"].startswith("tcurlora ") and prov["date"] and prov["torch"] == torch.__version__
+
+    fresh = small_unetr()
+    loaded = load_adapter(fresh, path)
+    assert loaded == manifest and list_adapters(fresh) == ["site"] and active_adapter(fresh) == "site"
+    assert_same(run(fresh, x), adapted)
+    assert all(not p.requires_grad for p in fresh.parameters())
+
+
+def test_real_deepbet_linknet3d_round_trip(tmp_path):
+    from tcurlora.models.deepbet import load_deepbet
+
+    model = load_deepbet()
+    x = x_for((1, 1, 32, 32, 64))  # deepbet downsamples 32x: the bottleneck keeps 1x1x2 voxels
+    base_out = run(model, x)
+    inject_adapter(model, TCURLoRAConfig(rank=4))
+    perturb(model, scale=0.05)
+    adapted = run(model, x)
+    assert torch.isfinite(adapted).all()
+    assert_changed(adapted, base_out)
+    path = tmp_path / "deepbet_site.safetensors"
+    manifest = save_adapter(model, path)
+    assert manifest["base"]["fingerprint"] == base_fingerprint(load_deepbet())
+    fresh = load_deepbet()
+    load_adapter(fresh, path)
+    assert_same(run(fresh, x), adapted)
+
+
+def test_decoder_adapter_round_trip(tmp_path):
+    model = small_unetr()
+    x = x_for(UNETR_X)
+    base_out = run(model, x)
+    inject_adapter(model, TCURLoRAConfig(method="decoder", train_modules=["decoder2", "out"]))
+    perturb(model, scale=0.05)
+    adapted = run(model, x)
+    assert_changed(adapted, base_out)
+    path = tmp_path / "decoder.safetensors"
+    manifest = save_adapter(model, path)
+    assert manifest["method"]["name"] == "decoder" and manifest["method"]["stacks"] == []
+    assert manifest["method"]["trained_modules"] == ["decoder2", "out"]
+    assert all(k.startswith(("trained.decoder2.", "trained.out.")) for k in load_file(path))
+    fresh = small_unetr()
+    load_adapter(fresh, path)
+    assert_same(run(fresh, x), adapted)
+
+
+def test_new_head_gives_a_new_label_set(tmp_path):
+    model = small_unetr()
+    x = x_for(UNETR_X)
+    assert run(model, x).shape[1] == 2
+    inject_adapter(model, TCURLoRAConfig(rank=4, new_head={"module": "out.conv.conv", "out_channels": 3}))
+    perturb(model)
+    adapted = run(model, x)
+    assert adapted.shape == (1, 3, *UNETR_X[2:])
+    path = tmp_path / "tissues.safetensors"
+    save_adapter(model, path, labels=LABELS_3)
+    manifest = read_manifest(path)
+    assert manifest["labels"] == LABELS_3
+    assert manifest["method"]["config"]["new_head"] == {"module": "out.conv.conv", "out_channels": 3}
+    assert load_file(path)["trained.out__conv__conv.weight"].shape[0] == 3
+
+    fresh = small_unetr()
+    base_out = run(fresh, x)
+    load_adapter(fresh, path)
+    out = run(fresh, x)
+    assert out.shape[1] == 3
+    assert_same(out, adapted)
+    assert fresh.tcurlora_adapter_labels["tissues"] == LABELS_3
+    set_active_adapter(fresh, None)  # the base keeps its own head
+    assert_same(run(fresh, x), base_out)
+
+
+def _header_length(path):
+    with open(path, "rb") as f:
+        return struct.unpack("<Q", f.read(8))[0]
+
+
+def test_header_lengths_that_look_like_a_pickle_opcode_are_still_read(tmp_path):
+    """Any header length = 128 mod 256 starts the file with 0x80, pickle's PROTO opcode."""
+    model = tiny_unet()
+    inject_adapter(model, TCURLoRAConfig(rank=2))
+    perturb(model)
+    path = tmp_path / "site.safetensors"
+    x = x_for((1, 1, 16, 16, 16))
+    hits = 0
+    for pad in range(0, 256, 8):
+        save_adapter(model, path, provenance={"note": "x" * pad})
+        if _header_length(path) % 256 != 128:
+            continue
+        hits += 1
+        assert read_manifest(path)["provenance"]["note"] == "x" * pad
+        proc = cli("inspect", path)
+        assert proc.returncode == 0, proc.stderr
+        fresh = tiny_unet()
+        load_adapter(fresh, path)
+        assert_same(run(fresh, x), run(model, x))
+    assert hits >= 1
+    # lengths 0x280..0x580 even begin with a complete PROTO 2..5 opcode: b"\x80\x02" ... b"\x80\x05"
+    for target in (0x280, 0x380, 0x480, 0x580):
+        plain = tmp_path / f"plain{target}.safetensors"
+        save_file({"w": torch.zeros(2)}, str(plain), metadata={"pad": ""})
+        pad = target - _header_length(plain)
+        save_file({"w": torch.zeros(2)}, str(plain), metadata={"pad": "x" * pad})
+        assert _header_length(plain) == target and plain.read_bytes()[:2] == bytes([0x80, target >> 8])
+        metadata, index = read_header(plain)
+        assert metadata["pad"] == "x" * pad and index["w"]["shape"] == [2]
+
+
+def _failing_save_file(real):
+    def fake(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)  # the whole temp file is on disk ...
+        with open(filename, "ab") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")  # ... when the write fails
+    return fake
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    model = tiny_unet()
+    inject_adapter(model, TCURLoRAConfig(rank=2))
+    perturb(model)
+    path = tmp_path / "out.safetensors"
+    monkeypatch.setattr(adapter_file, "save_file", _failing_save_file(save_file))
+    monkeypatch.setattr("safetensors.torch.save_file", _failing_save_file(save_file))
+    with pytest.raises(OSError):
+        save_adapter(model, path)
+    assert os.listdir(tmp_path) == []  # no file, no temp file
+
+    # an existing adapter is not clobbered by a failed overwrite
+    monkeypatch.undo()
+    save_adapter(model, path)
+    before = path.read_bytes()
+    perturb(model, seed=5)
+    monkeypatch.setattr(adapter_file, "save_file", _failing_save_file(save_file))
+    with pytest.raises(OSError):
+        save_adapter(model, path)
+    assert os.listdir(tmp_path) == ["out.safetensors"] and path.read_bytes() == before
+
+
+def _rewrite(src, dst, mutate_manifest=None, mutate_tensors=None):
+    metadata, _ = read_header(src)
+    manifest = json.loads(metadata[METADATA_KEY])
+    tensors = load_file(src)
+    if mutate_manifest:
+        mutate_manifest(manifest)
+    if mutate_tensors:
+        mutate_tensors(tensors)
+    save_file(tensors, str(dst), metadata={METADATA_KEY: json.dumps(manifest)})
+    return dst
+
+
+def test_newer_major_format_is_refused_with_upgrade_hint_and_newer_minor_is_read(tmp_path):
+    model = tiny_unet()
+    inject_adapter(model, TCURLoRAConfig(rank=2))
+    perturb(model)
+    good = tmp_path / "good.safetensors"
+    save_adapter(model, good)
+    major = _rewrite(good, tmp_path / "major.safetensors", lambda m: m.update(format_version="2.0"))
+    for call in (lambda: read_manifest(major), lambda: load_adapter(tiny_unet(), major)):
+        with pytest.raises(ManifestError, match="upgrade tcurlora") as err:
+            call()
+        assert "2.0" in str(err.value) and "\n" not in str(err.value)
+    minor = _rewrite(good, tmp_path / "minor.safetensors", lambda m: m.update(format_version="1.7"))
+    fresh = tiny_unet()
+    assert load_adapter(fresh, minor)["format_version"] == "1.7"
+    x = x_for((1, 1, 16, 16, 16))
+    assert_same(run(fresh, x), run(model, x))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. base fingerprint
+
+
+class AB(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Conv3d(2, 2, 1)
+
+
+class BA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Conv3d(2, 2, 1)
+        self.a = nn.Linear(4, 3)
+
+
+def test_fingerprint_is_canonical_and_sensitive_to_one_value():
+    torch.manual_seed(0)
+    ab = AB()
+    ba = BA()
+    ba.load_state_dict(ab.state_dict())
+    assert list(ab.state_dict()) != list(ba.state_dict())
+    assert base_fingerprint(ab) == base_fingerprint(ba)  # registration order does not matter
+    fp = base_fingerprint(ab)
+    assert fp.startswith("sha256:") and len(fp) == 7 + 64
+
+    model = tiny_unet()
+    fp = base_fingerprint(model)
+    assert base_fingerprint(tiny_unet()) == fp  # deterministic
+    weight = model.model[0].conv.weight
+    with torch.no_grad():
+        old = weight[0, 0, 0, 0, 0].clone()
+        weight[0, 0, 0, 0, 0] = torch.nextafter(old, old + 1)  # one ulp in one value
+    assert base_fingerprint(model) != fp
+    with torch.no_grad():
+        weight[0, 0, 0, 0, 0] = old
+    assert base_fingerprint(model) == fp
+
+
+def test_fingerprint_covers_batchnorm_counters():
+    torch.manual_seed(0)
+    model = UNet(3, 1, 2, (4, 8), (2,), norm="batch").eval()  # has 0-dim num_batches_tracked buffers
+    fp = base_fingerprint(model)
+    model.model[0].adn.N.num_batches_tracked += 1
+    assert base_fingerprint(model) != fp
+
+
+def test_fingerprint_unchanged_by_inject_merge_unmerge_and_trained_copies():
+    model = small_unetr()
+    fp = base_fingerprint(model)
+    inject_adapter(model, TCURLoRAConfig(rank=4), "a")
+    perturb(model)
+    assert base_fingerprint(model) == fp
+    before = model.vit.blocks[0].attn.qkv.weight.detach().clone()
+    merge_adapter(model)
+    assert not torch.equal(model.vit.blocks[0].attn.qkv.weight, before)  # the merge did write the weights
+    assert base_fingerprint(model) == fp
+    unmerge_adapter(model)
+    assert base_fingerprint(model) == fp
+    inject_adapter(model, TCURLoRAConfig(method="decoder", train_modules=["decoder2"]), "b")
+    perturb(model)
+    inject_adapter(model, TCURLoRAConfig(rank=2, preset="none", new_head={"module": "out.conv.conv",
+                                                                           "out_channels": 3}), "c")
+    perturb(model)
+    assert base_fingerprint(model) == fp
+
+
+def test_adapter_for_another_base_is_refused_naming_both(tmp_path):
+    trained_on = named(tiny_unet(seed=0), "site-A-unet")
+    inject_adapter(trained_on, TCURLoRAConfig(rank=2))
+    perturb(trained_on)
+    path = tmp_path / "a.safetensors"
+    save_adapter(trained_on, path)
+    other = named(tiny_unet(seed=3), "site-B-unet")  # same architecture, other weights
+    x = x_for((1, 1, 16, 16, 16))
+    before = run(other, x)
+    with pytest.raises(TCURLoRAError) as err:
+        load_adapter(other, path)
+    message = str(err.value)
+    assert "site-A-unet" in message and "site-B-unet" in message and "\n" not in message
+    assert list_adapters(other) == [] and torch.equal(run(other, x), before)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. several adapters on one base
+
+
+def test_several_adapters_switch_by_name_without_reloading(tmp_path):
+    x = x_for(UNETR_X)
+    files, alone = {}, {}
+    for name, config, seed in (("a", TCURLoRAConfig(rank=4), 1),
+                               ("b", TCURLoRAConfig(rank=2, selection="sampled", seed=3), 2),
+                               ("c", TCURLoRAConfig(method="decoder", train_modules=["decoder2"]), 3)):
+        model = small_unetr()
+        inject_adapter(model, config)
+        perturb(model, seed=seed, scale=0.05)
+        alone[name] = run(model, x)
+        files[name] = tmp_path / f"{name}_file.safetensors"
+        save_adapter(model, files[name])
+
+    base = small_unetr()
+    base_out = run(base, x)
+    load_adapter(base, files["a"], adapter_name="a")
+    load_adapter(base, files["b"], adapter_name="b")
+    load_adapter(base, files["c"], adapter_name="c", activate=False)
+    assert list_adapters(base) == ["a", "b", "c"] and active_adapter(base) == "b"
+    for name in ("a", "c", "b", "a", None, "c"):
+        set_active_adapter(base, name)
+        expected = base_out if name is None else alone[name]
+        assert_same(run(base, x), expected)
+    assert_changed(alone["a"], alone["b"])
+    with pytest.raises(TCURLoRAError, match="already loaded"):
+        load_adapter(base, files["a"], adapter_name="a")
+
+
+def test_load_with_activate_false_leaves_the_base_active(tmp_path):
+    model = tiny_unet()
+    inject_adapter(model, TCURLoRAConfig(rank=2))
+    perturb(model)
+    path = tmp_path / "p.safetensors"
+    save_adapter(model, path)
+    fresh = tiny_unet()
+    x = x_for((1, 1, 16, 16, 16))
+    base_out = run(fresh, x)
+    load_adapter(fresh, path, activate=False)
+    assert active_adapter(fresh) is None
+    assert_same(run(fresh, x), base_out)
+
+
+@pytest.mark.parametrize("stem", ["train", "eval", "to", "site 2"])
+def test_default_adapter_name_from_any_file_name(tmp_path, stem):
+    model = tiny_unet()
+    inject_adapter(model, TCURLoRAConfig(rank=2))
+    perturb(model)
+    path = tmp_path / f"{stem}.safetensors"
+    save_adapter(model, path)
+    fresh = tiny_unet()
+    load_adapter(fresh, path)
+    x = x_for((1, 1, 16, 16, 16))
+    assert len(list_adapters(fresh)) == 1 and active_adapter(fresh) == list_adapters(fresh)[0]
+    assert_same(run(fresh, x), run(model, x))
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. CLI inspect
+
+
+def test_cli_inspect_summary_and_json(tmp_path):
+    model = named(tiny_unet(), "tiny-unet")
+    inject_adapter(model, TCURLoRAConfig(rank=2))
+    perturb(model)
+    path = tmp_path / "site.safetensors"
+    manifest = save_adapter(model, path, labels=LABELS_3, provenance={"cases": 2, "steps": 30, "validation_dice": 0.875})
+    proc = cli("inspect", path)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    text = proc.stdout
+    assert text.startswith("site.safetensors (") and " KB)" in text.splitlines()[0]
+    for piece in ("method:      tcurlora (rank 2, 5 stacks", "tiny-unet", manifest["base"]["fingerprint"][:19],
+                  "1=Grey matter, 2=White matter", "2 case(s), 30 steps, validation Dice 0.875", f"format:      {FORMAT_VERSION}"):
+        assert piece in text, (piece, text)
+    proc = cli("inspect", "--json", path)
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout) == manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. error cases: one line, non-zero exit, TCURLoRAError, model untouched, nothing unpickled
+
+
+@pytest.fixture(scope="module")
+def good_adapter(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("good")
+    model = named(tiny_unet(), "tiny-unet")
+    inject_adapter(model, TCURLoRAConfig(rank=2))
+    perturb(model)
+    path = folder / "good.safetensors"
+    save_adapter(model, path)
+    return path
+
+
+def _first_stack_key(tensors):
+    return sorted(k for k in tensors if k.startswith("stacks."))[0]
+
+
+def _wrong_shape(t):
+    key = _first_stack_key(t)
+    k, r, _ = t[key].shape
+    t[key] = torch.zeros(k, r + 1, r + 1)
+
+
+def _wrong_dtype(t):
+    key = _first_stack_key(t)
+    t[key] = t[key].double()
+
+
+def _missing(t):
+    del t[_first_stack_key(t)]
+
+
+def _extra(t):
+    t["stacks.bogus.delta_u"] = torch.zeros(1, 2, 2)
+
+
+def _byte_case(fn):
+    def make(good, dst, marker):
+        dst.write_bytes(fn(good.read_bytes()))
+    return make
+
+
+def _corrupt_header(data):
+    data = bytearray(data)
+    data[8:40] = b"#" * 32
+    return bytes(data)
+
+
+def _manifest_case(update):
+    def make(good, dst, marker):
+        _rewrite(good, dst, mutate_manifest=update)
+    return make
+
+
+def _tensor_case(mutate):
+    def make(good, dst, marker):
+        _rewrite(good, dst, mutate_tensors=mutate)
+    return make
+
+
+def _torch_save(legacy):
+    def make(good, dst, marker):
+        torch.save({"stacks.x.delta_u": torch.zeros(2), "payload": Evil(marker)}, str(dst),
+                   _use_new_zipfile_serialization=not legacy)
+    return make
+
+
+def _raw_pickle(protocol):
+    def make(good, dst, marker):
+        dst.write_bytes(pickle.dumps({"weights": [1.0, 2.0], "payload": Evil(marker)}, protocol=protocol))
+    return make
+
+
+def _no_manifest(good, dst, marker):
+    save_file(load_file(good), str(dst), metadata={"other": "x"})
+
+
+ERROR_CASES = {
+    "empty": (_byte_case(lambda d: b""), "too short"),
+    "truncated-data": (_byte_case(lambda d: d[:-7]), "truncated"),
+    "truncated-header": (_byte_case(lambda d: d[:64]), "truncated"),
+    "corrupted-header": (_byte_case(_corrupt_header), "corrupted header"),
+    "header-length-garbage": (_byte_case(lambda d: b"\xff" * 8 + d[8:]), "header length"),
+    "wrong-shape": (_tensor_case(_wrong_shape), "the manifest says F32"),
+    "wrong-dtype": (_tensor_case(_wrong_dtype), "F64"),
+    "missing-key": (_tensor_case(_missing), "is missing"),
+    "unexpected-key": (_tensor_case(_extra), "unexpected tensor"),
+    "no-manifest": (_no_manifest, "not a tcurlora adapter"),
+    "format-newer-major": (_manifest_case(lambda m: m.update(format_version="3.1")), "upgrade"),
+    "format-unknown-old": (_manifest_case(lambda m: m.update(format_version="0.9")), "unknown adapter format"),
+    "format-garbage": (_manifest_case(lambda m: m.update(format_version="v1")), "format_version"),
+    "format-missing": (_manifest_case(lambda m: m.pop("format_version")), "format_version"),
+    "bad-label": (_manifest_case(lambda m: m.update(labels=[{"value": 0, "name": "x", "color": [0, 0, 0]}])), "label"),
+    "torch-save-zip": (_torch_save(legacy=False), "pickle"),
+    "torch-save-legacy": (_torch_save(legacy=True), "pickle"),
+    "raw-pickle-protocol-4": (_raw_pickle(4), "pickle"),
+    "raw-pickle-protocol-0": (_raw_pickle(0), "not a safetensors adapter"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_bad_file_is_refused_in_one_line(case, good_adapter, tmp_path):
+    make, expected = ERROR_CASES[case]
+    marker = tmp_path / "unpickled.txt"
+    path = tmp_path / f"{case}.safetensors"
+    make(good_adapter, path, marker)
+
+    proc = cli("inspect", path)
+    line = assert_one_line_error(proc)
+    assert line.startswith(f"error: {path.name}: ") and expected in line, line
+    assert proc.returncode == 2
+
+    model = tiny_unet()
+    x = x_for((1, 1, 16, 16, 16))
+    before = run(model, x)
+    with pytest.raises(TCURLoRAError) as err:
+        load_adapter(model, path)
+    assert "\n" not in str(err.value) and path.name in str(err.value)
+    assert list_adapters(model) == [] and torch.equal(run(model, x), before)
+    assert not marker.exists(), "something was unpickled"
+
+
+def test_pickle_payload_is_live(tmp_path):
+    """The Evil payload does create its file when unpickled, so 'not marker.exists()' above means something."""
+    marker = tmp_path / "proof.txt"
+    pickle.loads(pickle.dumps(Evil(marker)))
+    assert marker.exists()
+
+
+def test_wrong_base_model_is_refused_by_load_and_inspect_still_reads_it(good_adapter):
+    proc = cli("inspect", good_adapter)
+    assert proc.returncode == 0 and "tiny-unet" in proc.stdout  # inspect has no base to compare with
+    other = named(UNet(3, 1, 2, (4, 8, 8), (2, 2), num_res_units=1).eval(), "other-unet")
+    with pytest.raises(TCURLoRAError) as err:
+        load_adapter(other, good_adapter)
+    assert "tiny-unet" in str(err.value) and "other-unet" in str(err.value)
+    assert list_adapters(other) == []
+
+
+def test_trained_module_with_wrong_shape_is_refused_on_load(tmp_path):
+    model = tiny_unet()
+    inject_adapter(model, TCURLoRAConfig(method="decoder", train_modules=["model.2"]))
+    path = tmp_path / "dec.safetensors"
+    save_adapter(model, path)
+    key = next(k for k in load_file(path) if k.endswith("weight"))
+    bad = _rewrite(path, tmp_path / "bad.safetensors",
+                   mutate_tensors=lambda t: t.update({key: torch.zeros(*t[key].shape[:-1], t[key].shape[-1] + 1)}))
+    fresh = tiny_unet()
+    with pytest.raises(TCURLoRAError, match="does not fit this base model"):
+        load_adapter(fresh, bad)
+    assert list_adapters(fresh) == []
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda m: m["method"]["stacks"][-1].update(I=[10 ** 6] * len(m["method"]["stacks"][-1]["I"])),
+    lambda m: m["method"]["config"].update(train_modules=5),
+    lambda m: m["method"]["config"].update(train_modules=["("]),
+    lambda m: m["method"]["config"].update(scale="x"),
+    lambda m: m["method"]["config"].update(rank=0),
+    lambda m: m["method"]["config"].update(colour="red"),
+    lambda m: m["method"]["stacks"][0]["members"][0].update(module="model.0.adn"),
+], ids=["index-out-of-range", "train-modules-int", "bad-regex", "scale-str", "rank-0", "unknown-key", "not-a-layer"])
+def test_crafted_manifest_fails_cleanly_and_leaves_no_trace(mutate, good_adapter, tmp_path):
+    path = _rewrite(good_adapter, tmp_path / "crafted.safetensors", mutate_manifest=mutate)
+    model = tiny_unet()
+    x = x_for((1, 1, 16, 16, 16))
+    before = run(model, x)
+    with pytest.raises(TCURLoRAError):
+        load_adapter(model, path, adapter_name="x")
+    assert list_adapters(model) == [] and torch.equal(run(model, x), before)
+    # no half-built adapter is left behind: the same name loads cleanly afterwards
+    load_adapter(model, good_adapter, adapter_name="x")
+    reference = tiny_unet()
+    load_adapter(reference, good_adapter)
+    assert_same(run(model, x), run(reference, x))
+
+
+def test_summary_survives_free_form_provenance(good_adapter):
+    manifest = read_manifest(good_adapter)
+    manifest["provenance"].update(validation_dice="0.9 (fold 1)", cases=None)
+    assert "validation Dice 0.9 (fold 1)" in summary(parse_manifest(json.dumps(manifest)))
+
+
+# ----------------------------------------------------------------------------------------------
+# fuzzing: parse_manifest and read_header raise ManifestError or succeed, nothing else
+
+json_leaves = (st.none() | st.booleans() | st.integers(-10 ** 20, 10 ** 20) | st.floats() | st.text(max_size=12)
+               | st.sampled_from(["1.0", "2.0", "sha256:ab", "tcurlora", "decoder", "value", "name"]))
+json_values = st.recursive(json_leaves, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=10) | st.sampled_from(
+                               ["format_version", "method", "base", "labels", "name", "value", "color", "stacks",
+                                "members", "I", "J", "rows", "module", "config", "fingerprint"]), inner, max_size=5),
+                           max_leaves=25)
+
+
+def _check_parse(value):
+    try:
+        parsed = parse_manifest(value, "fuzz.safetensors")
+    except ManifestError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert isinstance(parsed, dict)
+    summary(parsed)  # whatever parses, `tcurlora inspect` can print
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.one_of(json_values.map(json.dumps), json_values, st.text(max_size=40), st.binary(max_size=40)))
+def test_fuzz_parse_manifest_arbitrary_values(value):
+    _check_parse(value)
+
+
+@pytest.fixture(scope="module")
+def valid_manifest(good_adapter):
+    manifest = read_manifest(good_adapter)
+    manifest["labels"] = LABELS_3
+    manifest["provenance"]["validation_dice"] = 0.8
+    return manifest
+
+
+def _children(node):
+    if isinstance(node, dict):
+        return list(node)
+    if isinstance(node, list):
+        return list(range(len(node)))
+    return []
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_parse_manifest_mutated_valid_manifests(valid_manifest, data):
+    manifest = copy.deepcopy(valid_manifest)
+    for _ in range(data.draw(st.integers(1, 3))):
+        parent, key = None, None
+        node = manifest
+        while _children(node) and (parent is None or data.draw(st.integers(0, 3)) > 0):
+            parent, key = node, data.draw(st.sampled_from(_children(node)))
+            node = parent[key]
+        if parent is None:
+            continue
+        op = data.draw(st.sampled_from(["replace", "delete", "swap-type", "duplicate"]))
+        if op == "replace":
+            parent[key] = data.draw(json_values)
+        elif op == "delete":
+            del parent[key]
+        elif op == "swap-type":
+            parent[key] = data.draw(st.sampled_from([None, True, 0, -1, 1.5, "", "x", [], {}, [node], {"a": node}]))
+        elif isinstance(parent, list):
+            parent.append(copy.deepcopy(node))
+        else:
+            parent[key + "_"] = copy.deepcopy(node)
+    as_text = data.draw(st.booleans())
+    _check_parse(json.dumps(manifest) if as_text else manifest)
+
+
+FUZZ_DIR = Path(tempfile.mkdtemp(prefix="tcurlora-fuzz-"))
+
+
+def _check_header(blob):
+    path = FUZZ_DIR / "fuzz.safetensors"
+    path.write_bytes(blob)
+    try:
+        metadata, index = read_header(path)
+    except ManifestError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert isinstance(metadata, dict) and isinstance(index, dict)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.binary(max_size=120))
+def test_fuzz_read_header_random_bytes(blob):
+    _check_header(blob)
+
+
+small_json = st.recursive(json_leaves, lambda inner: st.lists(inner, max_size=3)
+                          | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+tensor_entries = st.fixed_dictionaries({
+    "dtype": st.sampled_from(["F32", "F16", "I64", "BOOL", "X9", 3]),
+    "shape": st.lists(st.integers(-1, 4), max_size=3) | small_json,
+    "data_offsets": st.lists(st.integers(-2, 70), max_size=3) | small_json,
+})
+
+
+@st.composite
+def plausible_entries(draw):
+    """Entries that are valid or off by a little: reach the size and truncation checks."""
+    dtype = draw(st.sampled_from(["F32", "F16", "I64", "U8", "BOOL", "BF16"]))
+    shape = draw(st.lists(st.integers(0, 3), max_size=3))
+    start = draw(st.integers(0, 24))
+    size = {"F32": 4, "F16": 2, "I64": 8, "U8": 1, "BOOL": 1, "BF16": 2}[dtype]
+    n = 1
+    for d in shape:
+        n *= d
+    end = start + n * size + draw(st.sampled_from([0, 0, 0, 1, -1]))
+    return {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+
+
+headers = st.one_of(small_json, st.dictionaries(st.text(max_size=6) | st.just("__metadata__"),
+                                                plausible_entries() | tensor_entries
+                                                | st.dictionaries(st.text(max_size=4), st.text(max_size=4))
+                                                | small_json, max_size=4))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(headers, st.sampled_from([0, 0, 0, 0, -1, 1, -4, 9]), st.binary(max_size=80))
+def test_fuzz_read_header_structured(header, length_error, data):
+    raw = json.dumps(header).encode()
+    _check_header(struct.pack("<Q", max(0, len(raw) + length_error)) + raw + data)
+
+
+def test_deeply_nested_json_is_refused_not_crashed(tmp_path):
+    deep = "[" * 100_000
+    with pytest.raises(ManifestError):
+        parse_manifest(deep)
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(deep)) + deep.encode())
+    with pytest.raises(ManifestError, match="corrupted header"):
+        read_header(path)
+    proc = cli("inspect", path)
+    assert_one_line_error(proc)
+
+
+# ----------------------------------------------------------------------------------------------
+# size
+
+
+def test_vit_b_adapter_file_is_at_most_64_kb(tmp_path):
+    torch.manual_seed(0)
+    model = UNETR(1, 2, (32, 32, 32), feature_size=4, hidden_size=768, mlp_dim=3072, num_heads=12).eval()
+    inject_adapter(model, TCURLoRAConfig(preset="vit", rank=8))
+    assert not get_adapter(model).trained  # no fully trained modules
+    path = tmp_path / "vit_b_r8.safetensors"
+    manifest = save_adapter(model, path)
+    size = path.stat().st_size
+    print(f"\nUNETR ViT-B vit r=8 adapter file: {size} bytes ({size / 1024:.1f} KB), "
+          f"{manifest['method']['trainable_values']} trained values")
+    assert manifest["method"]["trainable_values"] == 8 * 8 * (48 + 12 + 12)
+    assert size <= 64 * 1024
