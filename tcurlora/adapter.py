@@ -501,6 +501,11 @@ def inject_adapter(model: nn.Module, config: TCURLoRAConfig, adapter_name: str =
     Only the adapter's parameters are left trainable.  ``stacks`` (from a saved manifest) rebuilds
     the exact stacks and CUR indices of a saved adapter instead of resolving them from ``config``.
     """
+    if config.method in ("lora", "full") and getattr(model, "tcurlora_base_fingerprint", None) is None:
+        # these train base weights in place: remember the base they started from, for the adapter file
+        from .adapter_file import base_fingerprint
+
+        model.tcurlora_base_fingerprint = base_fingerprint(model)
     if config.method == "lora":
         return _inject_lora(model, config, adapter_name)
     state = _state_of(model)

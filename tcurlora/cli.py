@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps (default 1)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (less GPU memory, slower)")
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same adapter on a CPU")
+    p.add_argument("--seed", type=int, default=0, help="random seed; on a CPU the same seed (and the same number of threads) gives the same adapter")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint, to the same end")
     p.add_argument("--job", metavar="JOB.json", help="read all settings from a job file (the Slicer worker format)")
 
@@ -193,11 +193,14 @@ def cmd_evaluate(args) -> int:
 
     pred, ref = Path(args.pred), Path(args.ref)
     if pred.is_dir():
-        from .infer import expand_inputs
-        from .io import stem
+        from .io import _volume_files, stem
 
-        preds = sorted(expand_inputs([str(pred)]))
-        refs_by_stem = {stem(p): p for p in expand_inputs([str(ref)])} if ref.is_dir() else {}
+        # label maps AND Slicer .seg.nrrd (what `segment` writes by default); not expand_inputs, which
+        # lists images to segment and so leaves .seg.nrrd files out
+        preds = [str(p) for p in _volume_files(pred)]
+        if not preds:
+            raise TCURLoRAError(f"{pred.name}: no label maps or segmentations in this folder")
+        refs_by_stem = {stem(p): str(p) for p in _volume_files(ref)} if ref.is_dir() else {}
         pairs = [(p, refs_by_stem.get(stem(p))) for p in preds]
         missing = [Path(p).name for p, r in pairs if r is None]
         if missing:
@@ -270,7 +273,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_ERROR
     from .events import Events
 
-    events = Events.for_cli(getattr(args, "events", None)) if args.command in ("finetune", "segment") else None
+    try:
+        events = Events.for_cli(getattr(args, "events", None)) if args.command in ("finetune", "segment") else None
+    except OSError as exc:  # e.g. --events in a folder that does not exist: one line, no traceback
+        print(f"error: {Path(args.events).name}: cannot write the events file ({exc.strerror or exc})", file=sys.stderr)
+        return EXIT_ERROR
     try:
         if args.command == "finetune":
             return cmd_finetune(args, events)

@@ -82,8 +82,11 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
     if adapter:
         manifest = load_adapter(network, adapter, adapter_name="segment")
         labels = manifest["labels"]
-        set_active_adapter(network, "segment")
-        merge_adapter(network)  # zero-overhead inference
+        if manifest["method"]["name"] != "lora":
+            set_active_adapter(network, "segment")
+            merge_adapter(network)  # zero-overhead inference
+        # else: the PEFT LoRA baseline runs unmerged: its layers are live once injected, and PEFT's merge
+        # fails on 1x1x1 Conv3d kernels (it squeezes them as 2D convolutions)
         events.log(f"adapter {Path(adapter).name}: {manifest['method']['name']}, labels "
                    + ", ".join(l["name"] for l in labels))
     network.eval().to(dev)

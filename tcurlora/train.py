@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .adapter import get_adapter, inject_adapter, adapter_state_dict, load_adapter_state_dict, trainable_parameter_count
+from .adapter import (adapter_state_dict, get_adapter, inject_adapter, load_adapter_state_dict, merge_adapter,
+                      trainable_parameter_count, unmerge_adapter)
 from .adapter_file import save_adapter
 from .io import atomic_write
 from .config import TCURLoRAConfig
@@ -235,25 +236,38 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     out = Path(out)
     if out.suffix != ".safetensors":
         raise TCURLoRAError(f"{out.name}: the adapter file must end in .safetensors")
+    ckpt = checkpoint_path(out)
+    if resume and not ckpt.is_file():  # before reading any case: fail fast, with one line
+        raise TCURLoRAError(f"{ckpt.name}: no checkpoint to resume from")
     device = pick_device(options.device)
     amp = device.type == "cuda" and options.bf16
     table = resolve_labels(base, labels, train_pairs[0][1] if train_pairs else None)
     config = build_adapter_config(base, options, table)
 
-    events.log(f"reading {len(train_pairs)} training and {len(val_pairs)} validation case(s)")
     train_cases = load_cases(base, train_pairs, table)
     val_cases = load_cases(base, val_pairs, table, "validation") if val_pairs else []
+    # logged after the checks, so that a bad file leaves exactly one line (the error) on the console
+    events.log(f"read {len(train_cases)} training and {len(val_cases)} validation case(s)")
     for c in train_cases + val_cases:
         c.label = _encode_labels(c.label, table)
+    seen = set()
+    for c in train_cases:
+        seen |= set(int(v) for v in torch.unique(c.label).tolist())
+    absent = [entry["name"] for i, entry in enumerate(table, start=1) if i not in seen]
+    if absent:
+        events.warning(f"label(s) {', '.join(absent)} occur in no training case: the adapter cannot learn them")
 
     network = base.network
     inject_adapter(network, config, "finetune")
     network.to(device)
     n_trainable = trainable_parameter_count(network)
-    events.log(f"{config.method}: {n_trainable:,} trainable values "
-               f"({len(get_adapter(network).stacks)} stacks, rank {config.rank}) on {device.type}")
+    if config.method == "lora":  # PEFT layers, not a tcurlora adapter module
+        where = f"{len(network._tcurlora_lora['targets'])} LoRA layers"
+    else:
+        where = f"{len(get_adapter(network).stacks)} stacks"
+    events.log(f"{config.method}: {n_trainable:,} trainable values ({where}, rank {config.rank}) on {device.type}")
     params = [p for p in network.parameters() if p.requires_grad]
-    lr = options.lr or DEFAULT_LR[config.method]
+    lr = options.lr if options.lr is not None else DEFAULT_LR[config.method]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=options.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, options.steps) / (options.steps + 1)) ** 0.9)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -264,10 +278,8 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     history = {"loss": [], "val_dice": []}
     best = {"dice": -1.0, "step": 0, "state": None}
     start = 0
-    ckpt = checkpoint_path(out)
+    since_best = 0  # validations without a new best (early stopping); kept in the checkpoint
     if resume:
-        if not ckpt.is_file():
-            raise TCURLoRAError(f"{ckpt.name}: no checkpoint to resume from")
         state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
         if state["options"]["steps"] != options.steps or state["config"] != config.to_dict():
             raise TCURLoRAError(f"{ckpt.name}: was written by a run with other settings; resume with the same ones")
@@ -277,6 +289,7 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
         history = {"loss": [tuple(x) for x in state["history"]["loss"]],
                    "val_dice": [tuple(x) for x in state["history"]["val_dice"]]}
         best = {"dice": state["best_dice"], "step": state["best_step"], "state": state.get("best_adapter")}
+        since_best = int(state.get("since_best", 0))
         start = int(state["step"])
         events.log(f"resuming at step {start} of {options.steps}")
 
@@ -285,18 +298,27 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "history": {k: [list(x) for x in v] for k, v in history.items()},
                    "best_dice": best["dice"], "best_step": best["step"], "best_adapter": best["state"],
-                   "options": options.to_dict(), "config": config.to_dict()}
+                   "since_best": since_best, "options": options.to_dict(), "config": config.to_dict()}
         atomic_write(ckpt, lambda tmp: torch.save(payload, tmp))
 
     def validate() -> Optional[float]:
         if not val_cases:
             return None
         network.eval()
-        scores = []
-        for case in val_cases:
-            probs = sliding_window_probabilities(network, case.image, base.inference_roi, device, amp)
-            scores.append(_dice_per_label(probs.argmax(0), case.label[0], len(table)))
-        network.train()
+        # Merge Δ𝒲 into the weights for the sliding window (else every window rebuilds it); the exact base
+        # weights are restored afterwards.  PEFT LoRA unmerges by subtraction (not exact): left unmerged.
+        merge = config.method != "lora"
+        if merge:
+            merge_adapter(network)
+        try:
+            scores = []
+            for case in val_cases:
+                probs = sliding_window_probabilities(network, case.image, base.inference_roi, device, amp)
+                scores.append(_dice_per_label(probs.argmax(0), case.label[0], len(table)))
+        finally:
+            if merge:
+                unmerge_adapter(network)
+            network.train()
         return float(np.mean(scores))
 
     transforms = train_transforms(prep, num_samples=options.batch_size, label_table=table)
@@ -304,7 +326,6 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     t0 = time.time()
     cancelled = False
     step = start
-    since_best = 0
     with _StopWatch(stop_file) as stop:
         try:
             for step in range(start + 1, options.steps + 1):
@@ -369,7 +390,9 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     network.eval()
     provenance = {"cases": len(train_cases), "validation_cases": len(val_cases), "steps": step,
                   "validation_dice": metrics["best_validation_dice"], "seed": options.seed,
-                  "learning_rate": lr, "patch_size": list(prep.patch_size), "software": f"tcurlora {__version__}"}
+                  "learning_rate": lr, "patch_size": list(prep.patch_size), "software": f"tcurlora {__version__}",
+                  # a CPU run is bit-reproducible for the same seed AND thread count (reduction order)
+                  "device": device.type, "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None}
     save_adapter(network, out, labels=table, preprocessing=base.preprocessing.to_dict(), provenance=provenance)
     outputs["adapter"] = out
     curve = curve_path(out)
