@@ -113,9 +113,7 @@ def missing_image(folder: Path):
 
 BAD_FILES = [unknown_segment_name, unknown_label_values, empty_label, label_of_another_image,
              label_shifted_origin, image_2d, image_4d, label_4d, image_with_nan, missing_image,
-             pytest.param(nifti_image_with_nan, marks=pytest.mark.xfail(
-                 strict=True, reason="io.read_image: SimpleITK 2.5 / ITK 5.4 reads NaN and inf in NIfTI files as 0, "
-                                     "so the NaN check never sees them (nibabel does); remove this mark once fixed"))]
+             nifti_image_with_nan]  # ITK reads NIfTI NaN as 0: io.read_image asks nibabel
 
 
 def bad_case_args(maker, folder: Path):

@@ -241,6 +241,17 @@ def _read_dicom(path: str, member: Optional[str] = None) -> sitk.Image:
         raise InputError(path, f"DICOM series cannot be read ({_sitk_reason(exc)})")
 
 
+def _nifti_nonfinite(path: str) -> int:
+    """NaN/inf voxels of a float NIfTI file: ITK's NIfTI reader turns them into 0, so ask nibabel."""
+    import nibabel as nib
+
+    img = nib.load(path)
+    if not np.issubdtype(img.get_data_dtype(), np.floating):
+        return 0  # integer voxels cannot be NaN
+    data = np.asanyarray(img.dataobj)
+    return int(data.size - np.count_nonzero(np.isfinite(data)))
+
+
 def read_image(path: PathLike) -> sitk.Image:
     """Read a 3D image (NIfTI, NRRD, MHA/MHD, or a DICOM series folder / one of its files) as float32.
 
@@ -264,8 +275,10 @@ def read_image(path: PathLike) -> sitk.Image:
     if image.GetPixelID() != sitk.sitkFloat32:
         image = sitk.Cast(image, sitk.sitkFloat32)
     array = sitk.GetArrayViewFromImage(image)
-    if not np.isfinite(array).all():
-        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if not bad and extension(path) in (".nii", ".nii.gz"):
+        bad = _nifti_nonfinite(path)
+    if bad:
         raise InputError(path, f"image contains {bad} NaN or infinite voxel(s)")
     image.SetMetaData(PATH_KEY, os.path.abspath(path))
     return image
