@@ -392,6 +392,32 @@ def test_warning_event_for_a_label_no_case_contains(tiny_unet, tmp_path):
     assert len(warnings) == 1 and "L4" in warnings[0]["message"] and "L2" not in warnings[0]["message"]
 
 
+def test_cuda_out_of_memory_retries_smaller_then_on_the_cpu(tiny_unet, tmp_path, monkeypatch):
+    """(4) An out-of-memory step is retried with a smaller patch, then on the CPU, each announced as a warning.
+    No GPU here: the error is raised by a wrapper around the real step, which then runs for real."""
+    from tcurlora import train
+
+    real = train._accumulate
+    patches = []
+
+    def flaky(network, transforms, cases, rng, loss_fn, device, amp, options):
+        patch = tuple(transforms({"image": cases[0].image, "label": cases[0].label})[0]["image"].shape[1:])
+        patches.append(patch)
+        if len(patches) <= 2:  # the first patch, then the halved one, "do not fit"
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(network, transforms, cases, rng, loss_fn, device, amp, options)
+
+    monkeypatch.setattr(train, "_accumulate", flaky)
+    ev = tmp_path / "ev.jsonl"
+    assert run(["finetune", *tiny_unet.args, "--image", CT, "--label", CT_VERT, "--out", tmp_path / "a.safetensors",
+                "--steps", "2", "--batch-size", "1", "--patch-size", "64", "32", "32", "--events", ev]) == 0
+    warnings = [e["message"] for e in read_events(ev) if e["event"] == "warning"]
+    assert len(warnings) == 2
+    assert "retrying step 1 with patch 32x32x32" in warnings[0] and "continuing on the CPU" in warnings[1]
+    assert patches[:3] == [(64, 32, 32), (32, 32, 32), (32, 32, 32)]
+    assert progress(read_events(ev))[-1]["step"] == 2 and (tmp_path / "a.safetensors").is_file()
+
+
 def test_sigterm_checkpoints_and_resume_finishes(trained, tiny_unet, tmp_path):
     """(4) A real `tcurlora finetune` process gets SIGTERM after step 2: exit 3, a checkpoint, a result event
     with cancelled=true, no adapter. `--resume` continues to the same end step, writes the adapter (and its

@@ -329,22 +329,28 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     with _StopWatch(stop_file) as stop:
         try:
             for step in range(start + 1, options.steps + 1):
-                step_seed = options.seed * 1_000_003 + step  # each step's randomness depends only on (seed, step)
-                _seed_everything(step_seed)
-                transforms.set_random_state(seed=step_seed % (2 ** 32))
-                rng = np.random.RandomState(step_seed % (2 ** 32))
-                optimizer.zero_grad(set_to_none=True)
-                total = 0.0
-                for _ in range(options.grad_accum):
-                    case = train_cases[rng.randint(len(train_cases))]
-                    patches = transforms({"image": case.image, "label": case.label})
-                    x = torch.stack([p["image"] for p in patches]).to(device)
-                    y = torch.stack([p["label"] for p in patches]).to(device)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                        logits = _forward(network, x, options.checkpointing)
-                        loss = loss_fn(logits.float(), y) / options.grad_accum
-                    loss.backward()
-                    total += float(loss.detach())
+                while True:  # one step; on CUDA out-of-memory retried smaller, then on the CPU
+                    step_seed = options.seed * 1_000_003 + step  # randomness depends only on (seed, step)
+                    _seed_everything(step_seed)
+                    transforms.set_random_state(seed=step_seed % (2 ** 32))
+                    rng = np.random.RandomState(step_seed % (2 ** 32))
+                    optimizer.zero_grad(set_to_none=True)
+                    try:
+                        total = _accumulate(network, transforms, train_cases, rng, loss_fn, device, amp, options)
+                        break
+                    except torch.cuda.OutOfMemoryError:
+                        optimizer.zero_grad(set_to_none=True)
+                        torch.cuda.empty_cache()
+                        smaller = _smaller_patch(prep)
+                        if smaller is not None:
+                            prep = type(prep).from_dict({**prep.to_dict(), "patch_size": list(smaller)})
+                            transforms = train_transforms(prep, num_samples=options.batch_size, label_table=table)
+                            events.warning(f"out of GPU memory: retrying step {step} with patch {'x'.join(map(str, smaller))}")
+                        else:
+                            device, amp = torch.device("cpu"), False
+                            network.to(device)
+                            _optimizer_to(optimizer, device)
+                            events.warning("out of GPU memory at the smallest patch: continuing on the CPU (slower)")
                 optimizer.step()
                 scheduler.step()
                 history["loss"].append((step, total))
@@ -369,10 +375,6 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
                     raise StopRequested()
         except StopRequested:
             cancelled = True
-        except torch.cuda.OutOfMemoryError:
-            network.to("cpu")
-            raise TCURLoRAError("out of GPU memory: retry with a smaller --patch-size or --batch-size, "
-                                "--checkpointing, or --device cpu") from None
 
     save_checkpoint(step)
     outputs = {"checkpoint": ckpt}
@@ -399,6 +401,41 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     write_curve(curve, history, f"{config.method} r={config.rank} on {base.name}: {len(train_cases)} case(s)")
     outputs["curve"] = curve
     return {"outputs": outputs, "metrics": metrics, "cancelled": False}
+
+
+def _accumulate(network, transforms, cases, rng, loss_fn, device, amp, options) -> float:
+    """Forward/backward of ``grad_accum`` batches of patches; returns the summed loss."""
+    total = 0.0
+    for _ in range(options.grad_accum):
+        case = cases[rng.randint(len(cases))]
+        patches = transforms({"image": case.image, "label": case.label})
+        x = torch.stack([p["image"] for p in patches]).to(device)
+        y = torch.stack([p["label"] for p in patches]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = _forward(network, x, options.checkpointing)
+            loss = loss_fn(logits.float(), y) / options.grad_accum
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def _smaller_patch(prep) -> Optional[Tuple[int, ...]]:
+    """Half the largest side of the patch (kept divisible), or None when it is already small."""
+    div = int(prep.divisible_by)
+    patch = list(prep.patch_size)
+    i = int(np.argmax(patch))
+    half = (patch[i] // 2) // div * div
+    if half < max(2 * div, 32):
+        return None
+    patch[i] = half
+    return tuple(patch)
+
+
+def _optimizer_to(optimizer, device) -> None:
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                state[k] = v.to(device)
 
 
 def _forward(network, x, checkpointing: bool):
