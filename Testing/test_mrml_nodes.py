@@ -1,6 +1,6 @@
 """The Slicer side of the job protocol against real MRML (the ``slicer-core`` wheel, no Slicer application):
 node <-> file / array conversion, the training-curve nodes, and whole segmentation / fine-tuning runs with the
-stand-in worker (``TCURLoRALib/fakeworker.py``)."""
+stand-in worker (``TCURLoRALib/fakeworker.py``), and one run of training then segmentation with the real worker."""
 
 import json
 import os
@@ -366,3 +366,45 @@ def test_finetune_refuses_case_without_mapped_segments(scene, tmp_path):
     with pytest.raises(ValueError, match="no segment that is mapped"):
         task.start()
     assert not os.path.exists(task.workdir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the Slicer side with the REAL worker process (python -m tcurlora.worker), on a real CT from the scene
+
+
+def test_finetune_then_segment_with_the_real_worker(scene, tiny_unet, tmp_path):
+    """Volume and segmentation nodes (the real tptbox CT and its vertebra labels) -> FinetuneTask -> the real
+    worker trains an adapter for the tiny base -> SegmentationTask applies it -> a segmentation node on the
+    volume's grid with the adapter's segment names and colours."""
+    from conftest import CT, CT_VERT, VERTEBRAE
+
+    volume = nodeio.readVolume(scene, str(CT), name="CT")
+    segmentation = nodeio.readSegmentation(str(CT_VERT), scene=scene, name="CT vertebrae")
+    nodeio.applyLabels(segmentation, VERTEBRAE)  # a label map's segments get the base's names by value
+    mapping = models.defaultLabelMapping(nodeio.segmentNames(segmentation), VERTEBRAE)
+    job_labels, table, segment_to_value = models.labelsFromMapping(mapping, VERTEBRAE)
+    assert job_labels is None  # every segment is a base label: the base's head is adapted, no new head
+    base = {"spec": str(tiny_unet.spec), "weights": str(tiny_unet.weights)}
+    real = engine.defaultLauncher(pythonExecutable=sys.executable, pythonpath=[REPO],
+                                  extraEnv={"OMP_NUM_THREADS": "1"})
+    progress = []
+    train = tasks.FinetuneTask([(volume, segmentation)], base, real, segment_to_value, table, job_labels,
+                               steps=2, rank=2, device="cpu", adapterStore=str(tmp_path / "store"),
+                               adapterName="site", onProgress=progress.append)
+    train.start()
+    assert train.waitForCompletion(300) == tasks.DONE, train.errorMessage
+    assert [e["step"] for e in progress if e.get("phase") == "train"][-1] == 2
+    from tcurlora.manifest import read_manifest
+
+    manifest = read_manifest(train.adapterPath)
+    assert manifest["provenance"]["cases"] == 1 and manifest["base"]["name"] == "tiny-unet-vertebrae"
+
+    segment = tasks.SegmentationTask(volume, base, real, adapterPath=train.adapterPath, device="cpu",
+                                     labels=manifest["labels"])
+    segment.start()
+    assert segment.waitForCompletion(300) == tasks.DONE, segment.errorMessage
+    result = segment.outputSegmentation
+    assert set(nodeio.segmentNames(result)) <= {"L2", "L3", "L4"}
+    labels = nodeio.labelArrayFromSegmentation(result, volume)
+    assert labels.shape == nodeio.arrayFromVolume(volume).shape  # on the volume's own grid
+    assert not os.path.exists(segment.workdir)
