@@ -94,7 +94,7 @@ def assert_changed(a, b):
 
 def cli(*args, env=None):
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "tcurlora.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tcurlora.cli", *map(str, args)], capture_output=True, text=True, encoding="utf-8",
                           env=full_env, timeout=120)
 
 

@@ -95,7 +95,7 @@ class TCURStack(nn.Module):
 
     def __init__(self, name: str, members: List[Member], matrices: torch.Tensor, rank: int,
                  selection: str = "deterministic", seed: int = 0, scale: float = 1.0,
-                 indices: Optional[Tuple[List[int], List[int]]] = None) -> None:
+                 indices: Optional[Tuple[List[int], List[int]]] = None, linear: bool = False) -> None:
         super().__init__()
         k, n1, n2 = matrices.shape
         rank = min(int(rank), n1, n2)
@@ -120,10 +120,12 @@ class TCURStack(nn.Module):
                                                    torch.cat([c_hat.imag, c_hat.real], 2)], 1).contiguous(),
                              persistent=False)
         self.register_buffer("r_hat", rfft3(r), persistent=False)
-        # Projected gradient: contract dL/dW_k with 𝒞, ℛ from activations when that is cheaper
-        # than forming the dense n1×n2 weight gradient (true for MLP stacks, not for attention).
+        # Projected gradient (Linear members): contract dL/dW_k with 𝒞, ℛ straight from activations
+        # instead of forming the dense n1×n2 weight gradient, whose path also pays a K·n1·n2 FFT, a
+        # stack of the K slice gradients and a Fourier-domain bmm per stack (hence the 1.5 margin).
+        # True for the paper's MLP and attention stacks at r = 8; large r·K goes the dense way.
         rk = rank * k
-        self.projected = (n1 + n2) * rk + rk * rk < n1 * n2
+        self.projected = linear and (n1 + n2) * rk + rk * rk <= 1.5 * n1 * n2
         if self.projected:
             self.register_buffer("c_flat", c.permute(1, 0, 2).reshape(n1, rk).contiguous(), persistent=False)
             self.register_buffer("r_flat", r.reshape(rk, n2).contiguous(), persistent=False)
@@ -156,8 +158,9 @@ class TCURStack(nn.Module):
         fid = self._state.forward_id if self._state is not None else None
         key = (fid, grad, self.delta_u._version, self.delta_u.device)
         if self._cache_key != key:
-            with torch.set_grad_enabled(grad):
-                du_hat = rfft3(self.delta_u * self.scale if self.scale != 1.0 else self.delta_u)
+            # fp32 outside autocast: torch.fft has no bf16, and the product must not drop to bf16 either
+            with torch.set_grad_enabled(grad), torch.autocast(self.delta_u.device.type, enabled=False):
+                du_hat = rfft3(self.delta_u.float() * self.scale if self.scale != 1.0 else self.delta_u.float())
                 m = du_hat @ self.r_hat  # (F, r, n2), small
                 prod = self.c_block @ torch.cat([m.real, m.imag], 1)  # (F, 2·n1, n2) = [Re; Im] of Ĉ M
                 w_hat = torch.complex(prod[:, :self.n1], prod[:, self.n1:])
@@ -170,11 +173,15 @@ class TCURStack(nn.Module):
 
 
 class _ProjectedLinear(torch.autograd.Function):
-    """y = x (W_k + ΔW_k)ᵀ + b whose backward gives Δ𝒰 its gradient without the dense dL/dW_k."""
+    """y = x (W + ΔW)ᵀ + b whose backward gives Δ𝒰 its gradient without the dense dL/dW.
+
+    ``blocks``: (member index k, first row, last row) of each stack member in this layer's weight (a
+    fused qkv projection holds three); all from one stack.
+    """
 
     @staticmethod
-    def forward(ctx, x, delta_u, weight, bias, stack, k_index):  # noqa: D401
-        ctx.stack, ctx.k_index = stack, k_index
+    def forward(ctx, x, delta_u, weight, bias, stack, blocks):  # noqa: D401
+        ctx.stack, ctx.blocks = stack, blocks
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None and bias.requires_grad
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
@@ -183,18 +190,19 @@ class _ProjectedLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         stack: TCURStack = ctx.stack
-        n1, n2, k, r = stack.n1, stack.n2, stack.k, stack.rank
-        g2 = grad_out.reshape(-1, n1)
+        n2, k, r = stack.n2, stack.k, stack.rank
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, n2)
         grad_x = (g2 @ weight.to(g2.dtype)).reshape(x.shape) if ctx.needs_input_grad[0] else None
         grad_u = None
         if ctx.needs_input_grad[1]:
-            gc = g2.float() @ stack.c_flat  # (T, K·r) = dL/dy · C_a
-            xr = x2.float() @ stack.r_flat.t()  # (T, K·r) = x · R_cᵀ
-            h = (gc.t() @ xr).reshape(k, r, k, r)  # H[a, :, c, :] = C_aᵀ G_k R_cᵀ
-            a = torch.arange(k, device=h.device)
-            shift = stack._shift[ctx.k_index]  # (a, b) -> c
-            grad_u = h[a[:, None], :, shift, :].sum(dim=0)  # (b, r, r)
+            xr = x2.float() @ stack.r_flat.t()  # (T, K·r) = x · R_cᵀ, shared by the blocks
+            a = torch.arange(k, device=xr.device)
+            for index, start, stop in ctx.blocks:
+                gc = g2[:, start:stop].float() @ stack.c_flat  # (T, K·r) = dL/dy · C_a
+                h = (gc.t() @ xr).reshape(k, r, k, r)  # H[a, :, c, :] = C_aᵀ G_k R_cᵀ
+                g = h[a[:, None], :, stack._shift[index], :].sum(dim=0)  # (b, r, r): Σ_a H[a, (k-a-b) mod K]
+                grad_u = g if grad_u is None else grad_u + g
             if stack.scale != 1.0:
                 grad_u = grad_u * stack.scale
             grad_u = grad_u.to(stack.delta_u.dtype)
@@ -265,11 +273,12 @@ class TCURLayer(nn.Module):
             return self.base_layer(x)
         entries = self._entries[active]
         base = self.base_layer
-        if (len(entries) == 1 and entries[0][0].projected and entries[0][2] is None
-                and isinstance(base, nn.Linear) and torch.is_grad_enabled() and entries[0][0].delta_u.requires_grad):
-            stack, index, _ = entries[0]
-            weight = base.weight + stack.delta_w(detached=True)[index].to(base.weight.dtype)
-            return _ProjectedLinear.apply(x, stack.delta_u, weight, base.bias, stack, index)
+        stack = entries[0][0]
+        if (stack.projected and isinstance(base, nn.Linear) and all(e[0] is stack for e in entries)
+                and torch.is_grad_enabled() and stack.delta_u.requires_grad):
+            weight = base.weight + self.delta_weight(active, detached=True).to(base.weight.dtype)
+            blocks = tuple((i, *(rows or (0, base.out_features))) for _, i, rows in entries)
+            return _ProjectedLinear.apply(x, stack.delta_u, weight, base.bias, stack, blocks)
         delta = self.delta_weight(active)
         return self._apply_weight(x, base.weight + delta.to(base.weight.dtype))
 
@@ -438,8 +447,17 @@ def _state_of(model: nn.Module) -> _ForwardState:
         state = _ForwardState()
         model._tcurlora_state = state
 
-        def _next_forward(module, args):  # a new forward pass: stacks rebuild Δ𝒲 once
+        def _next_forward(module, args):
+            # A new forward pass: build each active stack's Δ𝒲 once, here, before any block runs, so that
+            # blocks (and activation checkpointing's recomputation of them) only read the cache.
             state.forward_id += 1
+            if state.active is None or state.merged == state.active:
+                return
+            adapters = getattr(module, ADAPTERS_ATTR, None)
+            if adapters is None or state.active not in adapters:
+                return
+            for stack in adapters[state.active].stacks.values():
+                stack.delta_w(detached=stack.projected and torch.is_grad_enabled() and stack.delta_u.requires_grad)
 
         model.register_forward_pre_hook(_next_forward)
     return state
@@ -533,8 +551,9 @@ def inject_adapter(model: nn.Module, config: TCURLoRAConfig, adapter_name: str =
             matrices = torch.stack([_member_matrix(model, m) for m in spec.members])
         except (AttributeError, RuntimeError) as exc:
             raise AdapterError(f"stack {spec.name}: members do not fit this model ({exc})") from None
+        linear = all(isinstance(_leaf_weighted(model, m.module), nn.Linear) for m in spec.members)
         stack = TCURStack(spec.name, spec.members, matrices, config.rank, config.selection, config.seed,
-                          config.scale, indices).to(device)
+                          config.scale, indices, linear=linear).to(device)
         stack._state = state
         adapter.stacks[spec.name] = stack
         for index, member in enumerate(spec.members):

@@ -202,7 +202,7 @@ def summary(manifest: dict) -> str:
     lines = [
         f"method:      {method['name']} (rank {method.get('config', {}).get('rank', '?')}, "
         f"{len(method['stacks'])} stacks, {method.get('trainable_values', '?')} trained values)",
-        f"base model:  {base['name']} ({base['fingerprint'][:19]}…)",
+        f"base model:  {base['name']} ({base['fingerprint'][:19]}...)",
         f"labels:      {labels}",
         f"trained on:  {prov.get('cases', '?')} case(s), {prov.get('steps', '?')} steps, "
         f"validation Dice {dice}",

@@ -258,6 +258,7 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
         events.warning(f"label(s) {', '.join(absent)} occur in no training case: the adapter cannot learn them")
 
     network = base.network
+    _seed_everything(options.seed)  # new heads and LoRA factors are initialised from the seed
     inject_adapter(network, config, "finetune")
     network.to(device)
     n_trainable = trainable_parameter_count(network)
@@ -266,9 +267,14 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     else:
         where = f"{len(get_adapter(network).stacks)} stacks"
     events.log(f"{config.method}: {n_trainable:,} trainable values ({where}, rank {config.rank}) on {device.type}")
-    params = [p for p in network.parameters() if p.requires_grad]
     lr = options.lr if options.lr is not None else DEFAULT_LR[config.method]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=options.weight_decay)
+    # cores learn at the method's rate; modules trained fully (decoder, new head) at the decoder rate
+    cores = [s.delta_u for s in get_adapter(network).stacks.values()] if config.method in ("tcurlora", "decoder") else []
+    core_ids = {id(p) for p in cores}
+    others = [p for p in network.parameters() if p.requires_grad and id(p) not in core_ids]
+    groups = [g for g in ({"params": cores, "lr": lr},
+                          {"params": others, "lr": lr if not cores else min(lr, DEFAULT_LR["decoder"])}) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=options.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, options.steps) / (options.steps + 1)) ** 0.9)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     prep = dataclasses.replace(base.preprocessing)
