@@ -221,3 +221,22 @@ def cli_subprocess(*args):
     """``[python, -m, tcurlora.cli, *args]`` (the ``tcurlora`` console script runs the same ``main``);
     run it with ``env=SUBPROCESS_ENV``."""
     return [sys.executable, "-m", "tcurlora.cli", *[os.fspath(a) for a in args]]
+
+
+def assert_one_line_error(proc):
+    """A CLI failure as users must see it: exit 2 and one stderr line ``error: ...``, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    return lines[0]
+
+
+class Evil:
+    """A pickle payload that creates a file when unpickled: if that file exists, something was unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

@@ -29,6 +29,7 @@ from tcurlora import (TCURLoRAConfig, base_fingerprint, inject_adapter, load_ada
 from tcurlora.adapter import active_adapter, get_adapter, list_adapters
 from tcurlora.errors import TCURLoRAError
 from tcurlora.manifest import FORMAT_VERSION, METADATA_KEY, ManifestError, parse_manifest, read_header, summary
+from conftest import Evil, assert_one_line_error
 
 LABELS_3 = [{"value": 1, "name": "Grey matter", "color": [0.5, 0.5, 0.5]},
             {"value": 2, "name": "White matter", "color": [0.9, 0.9, 0.8]}]
@@ -98,22 +99,6 @@ def cli(*args, env=None):
                           env=full_env, timeout=120)
 
 
-def assert_one_line_error(proc):
-    assert proc.returncode != 0, proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    return lines[0]
-
-
-class Evil:
-    """A pickle payload that creates a file when unpickled: proof that something was unpickled."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from tcurlora import TCURLoRAConfig, base_fingerprint, inject_adapter, load_adap
 from tcurlora.catalog import get_entry
 from tcurlora.errors import InputError, TCURLoRAError
 from tcurlora.models import BaseModel
+from conftest import Evil, assert_one_line_error
 
 UNET_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8, 8], "strides": [2, 2],
              "num_res_units": 1}
@@ -61,22 +62,6 @@ def cli(*args, env=None):
                           env=full_env, timeout=300)
 
 
-def assert_one_line_error(proc):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    return lines[0]
-
-
-class Evil:
-    """Creates a file when unpickled: if that file exists, something was unpickled."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def evil_checkpoint(path, marker):
