@@ -112,8 +112,10 @@ def read_events(path) -> list:
     return events
 
 
-def write_dicom_series(volume: sitk.Image, folder, series_uid: str = "1.2.826.0.1.3680043.2.1125.7.1") -> Path:
-    """Write a 3D volume as an int16 CT DICOM series (one file per slice, position/orientation tags set)."""
+def write_dicom_series(volume: sitk.Image, folder, series_uid: str = "1.2.826.0.1.3680043.2.1125.7.1",
+                       description: str = "test") -> list:
+    """Write a 3D volume as an int16 DICOM series (one file per slice, position/orientation tags set) into
+    ``folder`` (several series may share it); returns the slice files."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vol = sitk.Cast(volume, sitk.sitkInt16)
@@ -122,9 +124,10 @@ def write_dicom_series(volume: sitk.Image, folder, series_uid: str = "1.2.826.0.
     d = vol.GetDirection()
     common = {
         "0008|0060": "CT", "0008|0021": time.strftime("%Y%m%d"), "0008|0031": time.strftime("%H%M%S"),
-        "0020|000d": "1.2.826.0.1.3680043.2.1125.7", "0020|000e": series_uid, "0008|103e": "tptbox CT",
+        "0020|000d": "1.2.826.0.1.3680043.2.1125.7", "0020|000e": series_uid, "0008|103e": description,
         "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
     }
+    files = []
     for k in range(vol.GetDepth()):
         s = vol[:, :, k]
         for tag, value in common.items():
@@ -132,9 +135,11 @@ def write_dicom_series(volume: sitk.Image, folder, series_uid: str = "1.2.826.0.
         s.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in vol.TransformIndexToPhysicalPoint((0, 0, k))))
         s.SetMetaData("0020|0013", str(k + 1))
         s.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
-        writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
+        path = str(folder / f"s{series_uid.split('.')[-1]}_{k:03d}.dcm")
+        writer.SetFileName(path)
         writer.Execute(s)
-    return folder
+        files.append(path)
+    return files
 
 
 def write_seg_nrrd_by_name(label: sitk.Image, path, values_to_names: dict) -> Path:
@@ -174,7 +179,8 @@ def formats(tmp_path_factory):
         sitk.WriteImage(label, str(lab_path), True)
         pairs[name] = (img_path, lab_path)
     pairs["seg.nrrd"] = (folder / "ct_nrrd.nrrd", write_seg_nrrd_by_name(label, folder / "ct_by_name.seg.nrrd", names))
-    pairs["dicom"] = (write_dicom_series(image, folder / "ct_dicom"), CT_VERT)
+    write_dicom_series(image, folder / "ct_dicom")
+    pairs["dicom"] = (folder / "ct_dicom", CT_VERT)
 
     cases = folder / "cases"
     cases.mkdir()

@@ -39,13 +39,8 @@ LABELS_3 = [{"value": 1, "name": "Grey matter", "color": [0.5, 0.5, 0.5]},
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: intra-op threads only contend (10-50x slower on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny networks: intra-op threads only contend (10-50x slower on a busy 2-core machine)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 UNETR_X = (1, 1, 32, 32, 16)  # 2x2x1 = 4 ViT tokens: attention (q, k) matters; cheap decoder

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import pytest
@@ -12,6 +11,8 @@ import slicerio
 
 from tcurlora import io
 from tcurlora.errors import InputError, TCURLoRAError
+
+from conftest import write_dicom_series
 
 OBLIQUE = (0.9363, -0.2896, 0.1987, 0.3130, 0.9447, -0.0978, -0.1593, 0.1538, 0.9752)  # ~20 deg rotation
 
@@ -91,32 +92,6 @@ def test_read_image_formats(tmp_path, ext):
     assert io.geometry_mismatch(out, img) is None
     np.testing.assert_array_equal(sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(img).astype(np.float32))
     assert out.GetMetaData(io.PATH_KEY).endswith(f"scan{ext}")
-
-
-def write_dicom_series(vol: sitk.Image, folder, series_uid: str, description: str = "test") -> list[str]:
-    """Write a 3D int16 volume as one DICOM file per slice, with the tags a series reader needs."""
-    os.makedirs(folder, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    d = vol.GetDirection()
-    common = {
-        "0008|0060": "MR", "0008|0021": time.strftime("%Y%m%d"), "0008|0031": time.strftime("%H%M%S"),
-        "0020|000d": "1.2.826.0.1.3680043.2.1125.1.1", "0020|000e": series_uid, "0008|103e": description,
-        "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
-    }
-    files = []
-    for k in range(vol.GetDepth()):
-        s = vol[:, :, k]
-        for tag, value in common.items():
-            s.SetMetaData(tag, value)
-        s.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in vol.TransformIndexToPhysicalPoint((0, 0, k))))
-        s.SetMetaData("0020|0013", str(k + 1))
-        s.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
-        path = os.path.join(folder, f"{series_uid[-4:]}_{k:03d}.dcm")
-        writer.SetFileName(path)
-        writer.Execute(s)
-        files.append(path)
-    return files
 
 
 def test_read_dicom_series_picks_largest(tmp_path):

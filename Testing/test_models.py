@@ -28,13 +28,8 @@ UNET_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels":
 X = (1, 1, 16, 16, 16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: intra-op threads only contend (10-50x slower on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny networks: intra-op threads only contend (10-50x slower on a busy 2-core machine)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def reference_unet(seed=0):
