@@ -71,7 +71,7 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
             probabilities: bool = False, sw_batch_size: int = 1, overlap: float = 0.25,
             events: Optional[Events] = None, stop_file: Optional[str] = None) -> dict:
     """Segment each input and write ``.seg.nrrd`` (names, colours) or a plain label map."""
-    from .io import read_image, write_image, write_segmentation
+    from .io import array_to_image, read_image, stem, write_image, write_segmentation
 
     events = events or Events()
     inputs = expand_inputs(inputs)
@@ -107,16 +107,12 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
             label = base.restore(probs, meta, image, [0] + values)
             if largest_component:
                 label = keep_largest_component(label, values)
-            from .io import array_to_image
-
             write_segmentation(dst, array_to_image(label.astype(np.uint16 if max(values, default=0) > 255 else np.uint8), image), labels)
             written.append(str(dst))
             if probabilities:
                 p = base.restore_probabilities(probs, meta, image)
                 pimg = sitk.GetImageFromArray(np.moveaxis(p[1:], 0, -1) if p.shape[0] > 2 else p[1], isVector=p.shape[0] > 2)
-                pimg.CopyInformation(image) if p.shape[0] <= 2 else _copy_geometry(pimg, image)
-                from .io import stem
-
+                _copy_geometry(pimg, image)  # CopyInformation refuses a vector image of a scalar one
                 write_image(Path(dst).parent / f"{stem(dst)}_probabilities.nii.gz", pimg)
             seconds.append(time.time() - t0)
             events.progress("segment", i, len(inputs), eta_s=np.mean(seconds) * (len(inputs) - i))
