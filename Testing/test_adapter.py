@@ -161,13 +161,57 @@ def test_projected_gradient_equals_dense_autograd(rank, expected):
         torch.testing.assert_close(projected[s.name], s.delta_u.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("k", [1, 2, 5, 12, 48])
+def test_inverse_dft_matrix_equals_irfft(k):
+    from tcurlora.adapter import _inverse_dft_matrix
+    x_hat = torch.fft.rfft(torch.randn(k, 7, 3, dtype=torch.float64), dim=0)
+    x_hat += 1j * torch.randn_like(x_hat.real)  # irfft must ignore the imaginary DC / Nyquist parts too
+    stacked = torch.stack([x_hat.real, x_hat.imag], 1).reshape(2 * (k // 2 + 1), -1)
+    got = _inverse_dft_matrix(k).double() @ stacked
+    torch.testing.assert_close(got.reshape(k, 7, 3), torch.fft.irfft(x_hat, n=k, dim=0), rtol=1e-6, atol=1e-6)
+
+
+def test_delta_w_is_the_t_product_of_c_core_r_on_both_paths():
+    from tcurlora.adapter import _member_matrix
+    from tcurlora.tensor import t_product
+    model, x = build("unetr")
+    inject_adapter(model, TCURLoRAConfig(preset="vit", rank=3))
+    for stack in get_adapter(model).stacks.values():
+        with torch.no_grad():
+            stack.delta_u.normal_(0, 0.1)
+        w = torch.stack([_member_matrix(model, m) for m in stack.members]).detach()
+        expected = t_product(t_product(w[:, :, stack.cols], stack.delta_u.detach()), w[:, stack.rows, :])
+        detached = stack.delta_w(detached=True).clone()
+        with_grad = torch.stack(stack.member_slices())
+        assert with_grad.requires_grad
+        torch.testing.assert_close(detached, expected, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(with_grad.detach(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_training_reuses_the_delta_w_buffer_and_merge_releases_it():
+    model, x = build("unetr")
+    inject_adapter(model, TCURLoRAConfig(preset="vit", rank=2))
+    stacks = [s for s in get_adapter(model).stacks.values() if s.projected]
+    assert stacks  # the projected path reads the detached (buffered) Δ𝒲
+    opt = torch.optim.Adam([s.delta_u for s in get_adapter(model).stacks.values()], lr=1e-2)
+    pointers = []
+    for _ in range(2):
+        output(model, x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        pointers.append([s._buffer.data_ptr() for s in stacks])
+    assert pointers[0] == pointers[1]  # no large allocation per step
+    merge_adapter(model)
+    assert all(s._buffer is None for s in stacks) and model._tcurlora_state.scratch is None
+
+
 def test_delta_w_is_built_once_per_forward(monkeypatch):
     model, x = build("unetr")
     inject_adapter(model, TCURLoRAConfig(preset="vit", rank=2))
-    from tcurlora import adapter as adapter_mod
+    from tcurlora.adapter import TCURStack
     calls = []
-    real = adapter_mod.irfft3
-    monkeypatch.setattr(adapter_mod, "irfft3", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = TCURStack._build
+    monkeypatch.setattr(TCURStack, "_build", lambda self, grad: calls.append(1) or real(self, grad))
     output(model, x).sum().backward()
     assert len(calls) == 3  # three stacks, 72 member layers
     output(model, x)
