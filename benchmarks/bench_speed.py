@@ -129,33 +129,32 @@ def run_child(name: str, method: str, args) -> dict:
 
 
 def run(name: str, args) -> dict:
-    samples = {m: [] for m in METHODS}
+    methods = args.methods or METHODS
+    samples = {m: [] for m in methods}
     trainable, base_s, merged_s = {}, [], []
     for round_ in range(args.rounds):
-        for method in METHODS:
+        for method in methods:
             r = run_child(name, method, args)
             samples[method] += r["times"]
             trainable[method] = r["trainable"]
             print(f"  {name:6s} round {round_ + 1} {method:17s} steps " + " ".join(f"{t:.3f}" for t in r["times"]),
                   flush=True)
-        r = run_child(name, "inference", args)
-        base_s += r["base_s"]
-        merged_s += r["merged_s"]
+        if not args.no_inference:
+            r = run_child(name, "inference", args)
+            base_s += r["base_s"]
+            merged_s += r["merged_s"]
     rows = {m: {"train_step_s": statistics.median(samples[m]), "steps_s": samples[m], "trainable": trainable[m]}
-            for m in METHODS}
-    rows["inference"] = {"base_s": statistics.median(base_s), "merged_s": statistics.median(merged_s),
-                         "base_all_s": base_s, "merged_all_s": merged_s}
-    for m in METHODS:
+            for m in methods}
+    for m in methods:
         print(f"  {name:6s} {m:17s} train step {rows[m]['train_step_s']:7.3f} s   "
               f"trainable {rows[m]['trainable']:>11,d}", flush=True)
-    t = {m: rows[m]["train_step_s"] for m in METHODS}
-    ratios = {
-        "tcurlora/lora": t["tcurlora"] / t["lora"],
-        "tcurlora/full": t["tcurlora"] / t["full"],
-        "tcurlora/decoder": t["tcurlora"] / t["decoder"],
-        "tcurlora+decoder/full": t["tcurlora+decoder"] / t["full"],
-        "merged/base inference": rows["inference"]["merged_s"] / rows["inference"]["base_s"],
-    }
+    t = {m: rows[m]["train_step_s"] for m in methods}
+    ratios = {f"{a}/{b}": t[a] / t[b] for a, b in [("tcurlora", "lora"), ("tcurlora", "full"), ("tcurlora", "decoder"),
+                                                   ("tcurlora+decoder", "full")] if a in t and b in t}
+    if base_s:
+        rows["inference"] = {"base_s": statistics.median(base_s), "merged_s": statistics.median(merged_s),
+                             "base_all_s": base_s, "merged_all_s": merged_s}
+        ratios["merged/base inference"] = rows["inference"]["merged_s"] / rows["inference"]["base_s"]
     for k, v in ratios.items():
         print(f"  {name:6s} {k:24s} {v:5.2f}", flush=True)
     return {"config": CONFIGS[name], "rows": rows, "ratios": ratios}
@@ -169,6 +168,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=2, help="fresh-process runs of every method, taking turns")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="a subset of the methods (default: all)")
+    parser.add_argument("--no-inference", action="store_true", help="skip the merged-inference comparison")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--json", help="also write the results here")
