@@ -171,9 +171,13 @@ def test_inverse_dft_matrix_equals_irfft(k):
     torch.testing.assert_close(got.reshape(k, 7, 3), torch.fft.irfft(x_hat, n=k, dim=0), rtol=1e-6, atol=1e-6)
 
 
-def test_delta_w_is_the_t_product_of_c_core_r_on_both_paths():
+@pytest.mark.parametrize("inverse", ["gemm", "irfft"])
+def test_delta_w_is_the_t_product_of_c_core_r_on_both_paths(inverse, monkeypatch):
+    from tcurlora import adapter as adapter_mod
     from tcurlora.adapter import _member_matrix
     from tcurlora.tensor import t_product
+    if inverse == "irfft":  # the path of stacks longer than IDFT_GEMM_MAX_K
+        monkeypatch.setattr(adapter_mod, "IDFT_GEMM_MAX_K", 0)
     model, x = build("unetr")
     inject_adapter(model, TCURLoRAConfig(preset="vit", rank=3))
     for stack in get_adapter(model).stacks.values():
