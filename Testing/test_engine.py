@@ -522,6 +522,33 @@ def test_segment_merges_the_adapter(trained, tiny_unet, tmp_path, monkeypatch):
     assert np.abs(merged - probabilities("plain")).max() > 1e-4
 
 
+def test_segment_stops_between_sliding_windows(tiny_base, tmp_path):
+    """(5) A stop file is honoured between two sliding windows of one volume, not only between volumes:
+    the network ran once, the result says cancelled, and no segmentation was written."""
+    import tcurlora.infer as infer
+
+    stop_file, out = tmp_path / "stop", tmp_path / "ct.seg.nrrd"
+    tiny_base.inference_roi = (16, 16, 16)  # many windows over the CT crop
+    calls = []
+
+    def first_window_requests_a_stop(module, args):
+        calls.append(1)
+        stop_file.touch()
+
+    hook = tiny_base.network.register_forward_pre_hook(first_window_requests_a_stop)
+    result = infer.segment(tiny_base, [str(CT)], str(out), device="cpu", stop_file=str(stop_file))
+    assert result["cancelled"] and result["metrics"]["segmented"] == 0
+    assert len(calls) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == [stop_file]
+
+    stop_file.unlink()  # without the stop request the same call runs every window and writes the output
+    calls.clear()
+    hook.remove()
+    tiny_base.network.register_forward_pre_hook(lambda module, args: calls.append(1))
+    assert not infer.segment(tiny_base, [str(CT)], str(out), device="cpu", stop_file=str(stop_file))["cancelled"]
+    assert len(calls) > 1 and out.exists()
+
+
 def test_segment_outputs_tta_largest_component_and_folders(trained, tiny_unet, oblique_ct, tmp_path,
                                                             capsys):
     """(5) .seg.nrrd with the adapter's segment names, colours and values (read back with slicerio);

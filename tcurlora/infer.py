@@ -15,7 +15,7 @@ from .adapter_file import load_adapter
 from .errors import TCURLoRAError
 from .events import Events
 from .models import BaseModel
-from .train import _StopWatch, pick_device, sliding_window_probabilities
+from .train import InferenceStopped, _StopWatch, pick_device, sliding_window_probabilities
 
 SEGMENTATION_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 
@@ -96,14 +96,17 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
     written, seconds = [], []
     with _StopWatch(stop_file) as stop:
         for i, (src, dst) in enumerate(zip(inputs, outs), start=1):
-            if stop.requested():
-                events.log("stopped before all inputs were segmented")
-                return {"outputs": {"segmentation": written[0] if written else None}, "cancelled": True,
-                        "metrics": {"segmented": len(written)}}
             t0 = time.time()
-            image = read_image(src)
-            x, _, meta = base.prepare(image)
-            probs = _predict(network, x, base, dev, tta, sw_batch_size, overlap, events)
+            try:
+                if stop.requested():
+                    raise InferenceStopped()
+                image = read_image(src)
+                x, _, meta = base.prepare(image)
+                probs = _predict(network, x, base, dev, tta, sw_batch_size, overlap, events, stop.requested)
+            except InferenceStopped:  # asked before each volume and between sliding windows
+                events.log(f"stopped: {len(written)} of {len(inputs)} inputs segmented")
+                return {"outputs": {"segmentation": written[0] if written else None}, "cancelled": True,
+                        "metrics": {"segmented": len(written)}, "files": written}
             label = base.restore(probs, meta, image, [0] + values)
             if largest_component:
                 label = keep_largest_component(label, values)
@@ -129,12 +132,13 @@ def _copy_geometry(dst: sitk.Image, ref: sitk.Image) -> None:
 
 
 def _predict(network, x, base: BaseModel, dev: torch.device, tta: bool, sw_batch_size: int, overlap: float,
-             events: Events) -> torch.Tensor:
+             events: Events, stop=None) -> torch.Tensor:
     """Sliding-window probabilities; on CUDA out-of-memory retry with a smaller window batch, then on the CPU."""
     amp = dev.type == "cuda"
     while True:
         try:
-            return sliding_window_probabilities(network, x, base.inference_roi, dev, amp, sw_batch_size, overlap, tta)
+            return sliding_window_probabilities(network, x, base.inference_roi, dev, amp, sw_batch_size, overlap, tta,
+                                                stop)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if sw_batch_size > 1:

@@ -8,7 +8,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -161,10 +161,26 @@ class _StopWatch:
         return self.signalled or bool(self.stop_file and os.path.exists(self.stop_file))
 
 
+class InferenceStopped(Exception):
+    """A stop was requested between two sliding windows."""
+
+
 def sliding_window_probabilities(network, image: torch.Tensor, roi, device, amp: bool, sw_batch_size: int = 1,
-                                 overlap: float = 0.25, tta: bool = False) -> torch.Tensor:
-    """Softmax probabilities [C, D, H, W] of a model-space image (MONAI sliding window, optional flip TTA)."""
+                                 overlap: float = 0.25, tta: bool = False,
+                                 stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+    """Softmax probabilities [C, D, H, W] of a model-space image (MONAI sliding window, optional flip TTA).
+
+    ``stop`` is asked before every window batch; when it returns True, :class:`InferenceStopped` is raised
+    (a large volume with a small window can take minutes, and a cancel should not wait for all of it).
+    """
     from monai.inferers import sliding_window_inference
+
+    predictor = network
+    if stop is not None:
+        def predictor(window):
+            if stop():
+                raise InferenceStopped()
+            return network(window)
 
     x = image[None].to(device)
     roi = [min(int(r), int(s)) if int(s) >= int(r) else int(r) for r, s in zip(roi, x.shape[2:])]
@@ -173,7 +189,7 @@ def sliding_window_probabilities(network, image: torch.Tensor, roi, device, amp:
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         for dims in flips:
             xi = torch.flip(x, dims) if dims else x
-            logits = sliding_window_inference(xi, roi, sw_batch_size, network, overlap=overlap, mode="gaussian")
+            logits = sliding_window_inference(xi, roi, sw_batch_size, predictor, overlap=overlap, mode="gaussian")
             p = torch.softmax(logits.float(), 1)
             p = torch.flip(p, dims) if dims else p
             total = p if total is None else total + p
