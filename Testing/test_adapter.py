@@ -218,8 +218,47 @@ def test_delta_w_is_built_once_per_forward(monkeypatch):
     monkeypatch.setattr(TCURStack, "_build", lambda self, grad: calls.append(1) or real(self, grad))
     output(model, x).sum().backward()
     assert len(calls) == 3  # three stacks, 72 member layers
-    output(model, x)
-    assert len(calls) == 6
+    autograd_stacks = sum(not s.projected for s in get_adapter(model).stacks.values())
+    assert 0 < autograd_stacks < 3
+    output(model, x)  # a new graph for the autograd stacks; the projected ones' Δ𝒲 is still current
+    assert len(calls) == 3 + autograd_stacks
+    with torch.no_grad():
+        for s in get_adapter(model).stacks.values():
+            s.delta_u.add_(0.01)
+    output(model, x)  # the cores changed: every stack is rebuilt
+    assert len(calls) == 6 + autograd_stacks
+
+
+def test_backward_through_a_rewritten_delta_w_is_refused():
+    """Two forwards with the same cores share the projected layers' Δ𝒲 and backpropagate together; a
+    backward whose Δ𝒲 was rebuilt (the cores changed in between) raises instead of using the new one."""
+    model, x = build("unetr")
+    inject_adapter(model, TCURLoRAConfig(preset="vit", rank=2))
+    stacks = list(get_adapter(model).stacks.values())
+    with torch.no_grad():
+        for s in stacks:
+            s.delta_u.normal_(0, 0.05)
+    output(model, x).square().mean().backward()
+    once = [s.delta_u.grad.clone() for s in stacks]
+    model.zero_grad()
+    (output(model, x).square().mean() + output(model, x).square().mean()).backward()
+    for g, s in zip(once, stacks):
+        torch.testing.assert_close(s.delta_u.grad, 2 * g, rtol=1e-5, atol=1e-8)
+
+    projected = [s for s in stacks if s.projected]
+    assert projected and len(projected) < len(stacks)
+    for rebuild in (False, True):
+        model.zero_grad()
+        loss = output(model, x).square().mean()
+        with torch.no_grad():  # (the autograd stacks save their core: changing it is refused anyway)
+            for s in projected:
+                s.delta_u.add_(0.01)
+        if not rebuild:
+            loss.backward()  # Δ𝒲 untouched since this forward: its gradient is still well defined
+            continue
+        output(model, x)  # rebuilds the projected stacks' Δ𝒲 in their buffers
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
 
 
 def test_explicit_stacks_and_train_modules():

@@ -187,7 +187,10 @@ class TCURStack(nn.Module):
         read it through :meth:`member_slices` (one ``unbind``, see there).
         """
         grad = torch.is_grad_enabled() and not detached
-        fid = self._state.forward_id if self._state is not None else None
+        # With autograd Δ𝒲 belongs to one forward's graph; detached it depends on the core alone, so it is
+        # rebuilt only after the core changed (an optimiser step, a load): a projected layer's backward
+        # reads the same buffer, and autograd's version check refuses a backward whose Δ𝒲 was rewritten.
+        fid = self._state.forward_id if self._state is not None and grad else None
         key = (fid, grad, self.delta_u._version, self.delta_u.device)
         if self._cache_key != key:
             self._cache = self._build(grad)
@@ -240,20 +243,24 @@ class _ProjectedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, delta_u, weight, bias, stack, blocks):  # noqa: D401
+    def forward(ctx, x, delta_u, weight, delta, bias, stack, blocks):  # noqa: D401
         ctx.stack, ctx.blocks = stack, blocks
-        ctx.save_for_backward(x, weight)
+        # keep W (the frozen parameter) and ΔW (a view of the stack's buffer), not their sum: the sums of
+        # all layers would stay alive from forward to backward (0.34 GB fp32 for a ViT-B)
+        ctx.save_for_backward(x, weight, delta)
         ctx.has_bias = bias is not None and bias.requires_grad
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return F.linear(x, (weight + delta.to(weight.dtype)).to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+        x, weight, delta = ctx.saved_tensors
         stack: TCURStack = ctx.stack
         n2, k, r = stack.n2, stack.k, stack.rank
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, n2)
-        grad_x = (g2 @ weight.to(g2.dtype)).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g2 @ (weight + delta.to(weight.dtype)).to(g2.dtype)).reshape(x.shape)
         grad_u = None
         if ctx.needs_input_grad[1]:
             xr = x2.float() @ stack.r_flat.t()  # (T, K·r) = x · R_cᵀ, shared by the blocks
@@ -267,7 +274,7 @@ class _ProjectedLinear(torch.autograd.Function):
                 grad_u = grad_u * stack.scale
             grad_u = grad_u.to(stack.delta_u.dtype)
         grad_b = g2.sum(0) if ctx.has_bias else None
-        return grad_x, grad_u, None, grad_b, None, None
+        return grad_x, grad_u, None, None, grad_b, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,9 +350,9 @@ class TCURLayer(nn.Module):
         stack = entries[0][0]
         if (stack.projected and isinstance(base, nn.Linear) and all(e[0] is stack for e in entries)
                 and torch.is_grad_enabled() and stack.delta_u.requires_grad):
-            weight = base.weight + self.delta_weight(active, detached=True).to(base.weight.dtype)
             blocks = tuple((i, *(rows or (0, base.out_features))) for _, i, rows in entries)
-            return _ProjectedLinear.apply(x, stack.delta_u, weight, base.bias, stack, blocks)
+            return _ProjectedLinear.apply(x, stack.delta_u, base.weight, self.delta_weight(active, detached=True),
+                                          base.bias, stack, blocks)
         delta = self.delta_weight(active)
         return self._apply_weight(x, base.weight + delta.to(base.weight.dtype))
 
