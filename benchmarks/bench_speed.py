@@ -117,7 +117,10 @@ def child(args) -> dict:
     model.train()
     inject_adapter(model, method_config(method, args.rank))
     times = train_step_times(model, x, y, args.steps, args.warmup, device, args.bf16)
-    return {"times": times, "trainable": trainable_parameter_count(model)}
+    import resource  # peak RSS of this process (Linux reports KiB); GPU runs: the host side only
+
+    return {"times": times, "trainable": trainable_parameter_count(model),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def run_child(name: str, method: str, args) -> dict:
@@ -131,23 +134,24 @@ def run_child(name: str, method: str, args) -> dict:
 def run(name: str, args) -> dict:
     methods = args.methods or METHODS
     samples = {m: [] for m in methods}
-    trainable, base_s, merged_s = {}, [], []
+    trainable, peak, base_s, merged_s = {}, {}, [], []
     for round_ in range(args.rounds):
         for method in methods:
             r = run_child(name, method, args)
             samples[method] += r["times"]
             trainable[method] = r["trainable"]
+            peak[method] = max(peak.get(method, 0.0), r["peak_rss_mb"])
             print(f"  {name:6s} round {round_ + 1} {method:17s} steps " + " ".join(f"{t:.3f}" for t in r["times"]),
                   flush=True)
         if not args.no_inference:
             r = run_child(name, "inference", args)
             base_s += r["base_s"]
             merged_s += r["merged_s"]
-    rows = {m: {"train_step_s": statistics.median(samples[m]), "steps_s": samples[m], "trainable": trainable[m]}
-            for m in methods}
+    rows = {m: {"train_step_s": statistics.median(samples[m]), "steps_s": samples[m], "trainable": trainable[m],
+                "peak_rss_mb": peak[m]} for m in methods}
     for m in methods:
         print(f"  {name:6s} {m:17s} train step {rows[m]['train_step_s']:7.3f} s   "
-              f"trainable {rows[m]['trainable']:>11,d}", flush=True)
+              f"trainable {rows[m]['trainable']:>11,d}   peak RSS {rows[m]['peak_rss_mb']:6.0f} MB", flush=True)
     t = {m: rows[m]["train_step_s"] for m in methods}
     ratios = {f"{a}/{b}": t[a] / t[b] for a, b in [("tcurlora", "lora"), ("tcurlora", "full"), ("tcurlora", "decoder"),
                                                    ("tcurlora+decoder", "full")] if a in t and b in t}
