@@ -3,11 +3,12 @@
 A *stack* is K same-shape weight matrices W_1..W_K (n1×n2) taken from K layers (or from parts of a
 layer: a fused qkv projection gives three members).  Its update is Δ𝒲 = 𝒞 * Δ𝒰 * ℛ with frozen
 𝒞 = 𝒲(:, I, :), ℛ = 𝒲(J, :, :) and the trainable real core Δ𝒰 ∈ ℝ^{K×r×r}, zero at start, so the
-adapted model starts exactly at the base model.  Δ𝒲 is built once per forward pass per stack and
-split among its members.  Layers whose stack is cheap to contract (MLP stacks: small r·K relative
-to n1, n2) get the core gradient straight from their activations, never forming the dense
-weight gradient.  Merging writes Δ𝒲 into the base weights (zero inference overhead); unmerging
-restores the exact base weights kept aside at merge time.
+adapted model starts exactly at the base model.  Δ𝒲 is built once per forward pass per stack (one
+real bmm in the Fourier domain, one inverse-DFT GEMM) and split among its members.  Linear layers
+whose stack is cheap to contract (a ViT's MLP and attention stacks at r = 8: r·K small against
+n1, n2) get the core gradient straight from their activations, never forming the dense weight
+gradient.  Merging writes Δ𝒲 into the base weights (zero inference overhead); unmerging restores
+the exact base weights kept aside at merge time.
 """
 
 from __future__ import annotations
