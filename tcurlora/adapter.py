@@ -199,6 +199,10 @@ class TCURStack(nn.Module):
             self._cache_key = key
         return self._cache
 
+    def projects_gradient(self) -> bool:
+        """Whether the core trains through the projected gradient now: then the layers read the detached Δ𝒲."""
+        return self.projected and torch.is_grad_enabled() and self.delta_u.requires_grad
+
     def member_slices(self) -> Tuple[torch.Tensor, ...]:
         """The K slices of the autograd Δ𝒲 from one ``unbind``: its backward stacks the K slice gradients
         once, where indexing the tensor per member would allocate and fill a (K, n1, n2) gradient each."""
@@ -218,14 +222,15 @@ class TCURStack(nn.Module):
             m = du_hat @ self.r_hat  # (F, r, n2), small
             m = torch.cat([m.real, m.imag], 1)  # (F, 2r, n2)
             f, n = self.c_block.shape[0], self.n1 * self.n2
-            if self.k > IDFT_GEMM_MAX_K:  # the GEMM's K + 2 products per value outgrow an FFT's log K
-                prod = self.c_block @ m
+            fft = self.k > IDFT_GEMM_MAX_K  # the GEMM's K + 2 products per value outgrow an FFT's log K
+            if grad or fft:
+                prod = self.c_block @ m  # (F, 2·n1, n2): rows [Re; Im] of Ĉ_f M_f
+            else:
+                prod = torch.bmm(self.c_block, m, out=_scratch(self._state, (f, 2 * self.n1, self.n2), device))
+            if fft:
                 return irfft3(torch.complex(prod[:, :self.n1], prod[:, self.n1:]), self.k)
             if grad:
-                prod = self.c_block @ m  # (F, 2·n1, n2): rows [Re; Im] of Ĉ_f M_f
                 return (self.idft @ prod.view(2 * f, n)).view(self.k, self.n1, self.n2)
-            prod = _scratch(self._state, (f, 2 * self.n1, self.n2), device)
-            torch.bmm(self.c_block, m, out=prod)
             if self._buffer is None or self._buffer.device != device:
                 self._buffer = torch.empty(self.k, self.n1, self.n2, device=device)
             torch.mm(self.idft, prod.view(2 * f, n), out=self._buffer.view(self.k, n))
@@ -349,8 +354,7 @@ class TCURLayer(nn.Module):
         entries = self._entries[active]
         base = self.base_layer
         stack = entries[0][0]
-        if (stack.projected and isinstance(base, nn.Linear) and all(e[0] is stack for e in entries)
-                and torch.is_grad_enabled() and stack.delta_u.requires_grad):
+        if stack.projects_gradient() and all(e[0] is stack for e in entries):  # projected stacks are all Linear
             blocks = tuple((i, *(rows or (0, base.out_features))) for _, i, rows in entries)
             return _ProjectedLinear.apply(x, stack.delta_u, base.weight, self.delta_weight(active, detached=True),
                                           base.bias, stack, blocks)
@@ -532,7 +536,7 @@ def _state_of(model: nn.Module) -> _ForwardState:
             if adapters is None or state.active not in adapters:
                 return
             for stack in adapters[state.active].stacks.values():
-                stack.delta_w(detached=stack.projected and torch.is_grad_enabled() and stack.delta_u.requires_grad)
+                stack.delta_w(detached=stack.projects_gradient())
 
         model.register_forward_pre_hook(_next_forward)
     return state
