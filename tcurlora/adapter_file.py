@@ -119,7 +119,7 @@ def _trained_on_fingerprint(model: nn.Module, described: dict) -> str:
     """The fingerprint of the base the adapter was trained on.
 
     ``full`` (and LoRA's ``train_modules``) train base weights in place, so after training the live weights
-    are no longer the base's: use the fingerprint :class:`tcurlora.models.BaseModel` recorded at load time.
+    are no longer the base's: use the fingerprint :func:`tcurlora.adapter.inject_adapter` recorded before training.
     """
     recorded = getattr(model, "tcurlora_base_fingerprint", None)
     if recorded and described["config"]["method"] in ("full", "lora"):

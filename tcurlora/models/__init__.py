@@ -44,9 +44,6 @@ class BaseModel:
         self.network.tcurlora_base_name = self.name
         self.network.tcurlora_labels = self.labels
         self.network.tcurlora_preprocessing = self.preprocessing.to_dict()
-        from ..adapter_file import base_fingerprint  # 'full'/LoRA adapters change the weights they were trained on
-
-        self.network.tcurlora_base_fingerprint = base_fingerprint(self.network)
         if self.inference_roi is None:
             self.inference_roi = tuple(self.preprocessing.patch_size)
 
@@ -142,11 +139,11 @@ def _preprocessing(data: Any, where: Union[str, Path]) -> Preprocessing:
         raise InputError(where, f"invalid preprocessing ({exc})") from None
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, what: str = "JSON") -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise InputError(path, f"unreadable JSON ({exc})") from None
+        raise InputError(path, f"unreadable {what} ({exc})") from None
 
 
 def read_weights(path: Path) -> Dict[str, torch.Tensor]:
@@ -193,10 +190,7 @@ def _labels_from(entry: dict, out_channels: Optional[int], where: str) -> List[d
 
 def _load_spec(spec_path: Path, weights: Optional[Path]) -> BaseModel:
     spec_path = Path(spec_path)
-    try:
-        spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(spec_path, f"unreadable network spec ({exc})") from None
+    spec = _read_json(spec_path, "network spec")
     if not isinstance(spec, dict) or not isinstance(spec.get("network", {}), dict):
         raise InputError(spec_path, 'a network spec is {"network": {"class": ..., "args": {...}}, ...}')
     network = _monai_network(spec.get("network", {}), str(spec_path))
