@@ -39,6 +39,16 @@ MODELS = {
 GPU_TARGET_GB = 8.0
 
 
+def write_csv(path: Path, rows: list, keys: list) -> None:
+    """``rows`` (dicts) as CSV with columns ``keys``; other fields are left out."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
 def methods_for(model: str) -> list:
     """(label, config kwargs) per method; decoder-only first (the reference)."""
     kind = MODELS[model]["kind"]
@@ -318,8 +328,6 @@ def run(args) -> dict:
 
 
 def write_tables(results: dict, out: Path, stem: str = "resources") -> str:
-    import csv
-
     out.mkdir(parents=True, exist_ok=True)
     rows = results["train"]
     lines = [f"Machine: {results['machine']}; device {results['device']}"
@@ -348,32 +356,22 @@ def write_tables(results: dict, out: Path, stem: str = "resources") -> str:
             g = r.get("gpu_peak_gb")
             line += f" {g:.2f} GB | {'yes' if g <= GPU_TARGET_GB else 'no'} |" if g is not None else " – | – |"
         lines.append(line)
-    with open(out / f"{stem}_train.csv", "w", newline="") as f:
-        keys = list(dict.fromkeys(k for r in flat for k in r))
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(flat)
+    write_csv(out / f"{stem}_train.csv", flat, list(dict.fromkeys(k for r in flat for k in r)))
     if results["infer"]:
         lines += ["", "| model | base forward | merged tCURLoRA forward | merged / base | unmerged (Δ𝒲 rebuilt) / base |",
                   "|---|---|---|---|---|"]
         for r in results["infer"]:
             lines.append(f"| {r['model']} | {r['base_s']:.3f} s | {r['merged_s']:.3f} s | {r['merged_over_base']:.2f} | "
                          f"{r['unmerged_over_base']:.2f} |")
-        with open(out / f"{stem}_inference.csv", "w", newline="") as f:
-            keys = ["model", "base_s", "merged_s", "unmerged_s", "merged_over_base", "unmerged_over_base", "peak_rss_mb"]
-            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(results["infer"])
+        write_csv(out / f"{stem}_inference.csv", results["infer"],
+                  ["model", "base_s", "merged_s", "unmerged_s", "merged_over_base", "unmerged_over_base", "peak_rss_mb"])
     if results["segment"]:
         lines += ["", "| segment a 256³ head (tcurlora.infer.segment, whole pipeline) | time (best of runs) | all runs | peak RSS |",
                   "|---|---|---|---|"]
         for r in results["segment"]:
             lines.append(f"| {r['what']} | {r['segment_s']:.1f} s | {', '.join(f'{t:.1f}' for t in r['segment_s_all'])} s | "
                          f"{r['peak_rss_mb']:,.0f} MB |")
-        with open(out / f"{stem}_segment256.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["what", "segment_s", "peak_rss_mb"], extrasaction="ignore")
-            w.writeheader()
-            w.writerows(results["segment"])
+        write_csv(out / f"{stem}_segment256.csv", results["segment"], ["what", "segment_s", "peak_rss_mb"])
     text = "\n".join(lines) + "\n"
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
