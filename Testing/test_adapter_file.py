@@ -88,6 +88,24 @@ def assert_changed(a, b):
     assert a.shape != b.shape or (a - b).abs().max().item() > 1e-4, "the adapter does not change the output"
 
 
+def adapt_save_reload(make_model, x, config, path, scale=0.05):
+    """Inject ``config`` into ``make_model()``, perturb what it trains (the output must change and stay
+    finite), save the adapter to ``path`` and load it into another ``make_model()``: that one must predict
+    exactly what the saved model did.  Returns the saved manifest."""
+    model = make_model()
+    base_out = run(model, x)
+    inject_adapter(model, config)
+    perturb(model, scale=scale)
+    adapted = run(model, x)
+    assert torch.isfinite(adapted).all()
+    assert_changed(adapted, base_out)
+    manifest = save_adapter(model, path)
+    fresh = make_model()
+    load_adapter(fresh, path)
+    assert_same(run(fresh, x), adapted)
+    return manifest
+
+
 def cli(*args, env=None):
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "tcurlora.cli", *map(str, args)], capture_output=True, text=True, encoding="utf-8",
@@ -146,38 +164,18 @@ def test_tcurlora_unetr_round_trip_and_manifest_contents(tmp_path):
 def test_real_deepbet_linknet3d_round_trip(tmp_path):
     from tcurlora.models.deepbet import load_deepbet
 
-    model = load_deepbet()
     x = x_for((1, 1, 32, 32, 64))  # deepbet downsamples 32x: the bottleneck keeps 1x1x2 voxels
-    base_out = run(model, x)
-    inject_adapter(model, TCURLoRAConfig(rank=4))
-    perturb(model, scale=0.05)
-    adapted = run(model, x)
-    assert torch.isfinite(adapted).all()
-    assert_changed(adapted, base_out)
-    path = tmp_path / "deepbet_site.safetensors"
-    manifest = save_adapter(model, path)
+    manifest = adapt_save_reload(load_deepbet, x, TCURLoRAConfig(rank=4), tmp_path / "deepbet_site.safetensors")
     assert manifest["base"]["fingerprint"] == base_fingerprint(load_deepbet())
-    fresh = load_deepbet()
-    load_adapter(fresh, path)
-    assert_same(run(fresh, x), adapted)
 
 
 def test_decoder_adapter_round_trip(tmp_path):
-    model = small_unetr()
-    x = x_for(UNETR_X)
-    base_out = run(model, x)
-    inject_adapter(model, TCURLoRAConfig(method="decoder", train_modules=["decoder2", "out"]))
-    perturb(model, scale=0.05)
-    adapted = run(model, x)
-    assert_changed(adapted, base_out)
     path = tmp_path / "decoder.safetensors"
-    manifest = save_adapter(model, path)
+    manifest = adapt_save_reload(small_unetr, x_for(UNETR_X),
+                                 TCURLoRAConfig(method="decoder", train_modules=["decoder2", "out"]), path)
     assert manifest["method"]["name"] == "decoder" and manifest["method"]["stacks"] == []
     assert manifest["method"]["trained_modules"] == ["decoder2", "out"]
     assert all(k.startswith(("trained.decoder2.", "trained.out.")) for k in load_file(path))
-    fresh = small_unetr()
-    load_adapter(fresh, path)
-    assert_same(run(fresh, x), adapted)
 
 
 def test_new_head_gives_a_new_label_set(tmp_path):
