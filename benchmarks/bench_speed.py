@@ -27,7 +27,7 @@ import time
 
 import torch
 
-DECODER = ["encoder[1-4]", "decoder[2-5]", "out"]
+from resources import UNETR_DECODER, _sync  # benchmarks/ is on sys.path when run as a script
 CONFIGS = {
     "small": dict(img=64, hidden=192, mlp=768, heads=4, feature=16),
     "vitb": dict(img=96, hidden=768, mlp=3072, heads=12, feature=16),
@@ -49,15 +49,10 @@ def method_config(method: str, rank: int):
     return {
         "tcurlora": TCURLoRAConfig(preset="vit", rank=rank),
         "lora": TCURLoRAConfig(method="lora", preset="vit", rank=rank),
-        "decoder": TCURLoRAConfig(method="decoder", train_modules=DECODER),
-        "tcurlora+decoder": TCURLoRAConfig(preset="vit", rank=rank, train_modules=DECODER),
+        "decoder": TCURLoRAConfig(method="decoder", train_modules=UNETR_DECODER),
+        "tcurlora+decoder": TCURLoRAConfig(preset="vit", rank=rank, train_modules=UNETR_DECODER),
         "full": TCURLoRAConfig(method="full"),
     }[method]
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def train_step_times(model, x, y, steps, warmup, device, bf16):

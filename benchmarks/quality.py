@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from resources import UNETR_DECODER  # benchmarks/ is on sys.path when run as a script
+
 HERE = Path(__file__).resolve().parent
 DIRECTIONS = [("mni152", "robex"), ("robex", "mni152")]
 
@@ -36,7 +38,7 @@ def methods_for(base: str) -> list:
     if base == "unetr":  # the ViT stacks leave the conv decoder frozen: also its conv stacks, and the paper's setting
         rows += [("tCURLoRA r=8 (conv)", {"method": "tcurlora", "rank": 8, "preset": "conv"}),
                  ("tCURLoRA r=8 (vit) + decoder", {"method": "tcurlora", "rank": 8, "preset": "vit",
-                                                   "train_modules": ["encoder[1-4]", "decoder[2-5]", "out"]})]
+                                                   "train_modules": UNETR_DECODER})]
     rows += [("LoRA r=8 (PEFT)", {"method": "lora", "rank": 8, "preset": preset}),
              ("decoder-only", {"method": "decoder"}),
              ("full fine-tuning", {"method": "full"})]

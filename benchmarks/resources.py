@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-UNETR_DECODER = ["encoder[1-4]", "decoder[2-5]", "out"]
+UNETR_DECODER = ["encoder[1-4]", "decoder[2-5]", "out"]  # UNETR's conv decoder: everything but the ViT
 MODELS = {
     "deepbet128": {"kind": "deepbet", "size": 128, "batch": 1},
     "unetr-small": {"kind": "unetr", "size": 48, "batch": 1, "hidden": 192, "mlp": 768, "heads": 4, "feature": 8},

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from resources import UNETR_DECODER  # benchmarks/ is on sys.path when run as a script
+
 HEADS = ["mni152", "robex", "brain1", "brain2", "nibabel_anatomical"]
 NETWORK = {"class": "UNETR", "args": {"in_channels": 1, "out_channels": 2, "img_size": [48, 48, 48],
                                       "feature_size": 8, "hidden_size": 192, "mlp_dim": 768, "num_heads": 4}}
@@ -34,7 +36,6 @@ PREPROCESSING = {"orientation": "RAS", "spacing": [5.0, 5.0, 5.0],
                  "intensity": {"kind": "percentile", "lower": 0.5, "upper": 99.5, "b_min": 0.0, "b_max": 1.0,
                                "clip": True},
                  "patch_size": [48, 48, 48], "divisible_by": 16}
-DECODER = ["encoder[1-4]", "decoder[2-5]", "out"]  # the conv decoder (everything but the ViT), as in bench_speed
 LABELS = [{"value": 1, "name": "Brain", "color": [0.949, 0.757, 0.659]}]  # deepbet's table: no new head
 DEFAULT_STEPS = 120
 RECIPE = {"teacher": "deepbet 1.0.2 zero-shot at 256³ (largest component)", "heads": HEADS,
@@ -50,7 +51,7 @@ def default_dir() -> Path:
 
 def spec_dict(weights_name: str) -> dict:
     return {"name": "unetr-small-distilled", "network": NETWORK, "weights": weights_name, "labels": LABELS,
-            "preprocessing": PREPROCESSING, "head": "out.conv.conv", "decoder_modules": DECODER,
+            "preprocessing": PREPROCESSING, "head": "out.conv.conv", "decoder_modules": UNETR_DECODER,
             "inference_roi": PREPROCESSING["patch_size"]}
 
 
