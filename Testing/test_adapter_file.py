@@ -88,6 +88,15 @@ def assert_changed(a, b):
     assert a.shape != b.shape or (a - b).abs().max().item() > 1e-4, "the adapter does not change the output"
 
 
+def saved_tiny_adapter(path, model=None):
+    """``model`` (default a tiny UNet) with a perturbed rank-2 tCURLoRA adapter saved to ``path``; returns the model."""
+    model = tiny_unet() if model is None else model
+    inject_adapter(model, TCURLoRAConfig(rank=2))
+    perturb(model)
+    save_adapter(model, path)
+    return model
+
+
 def adapt_save_reload(make_model, x, config, path, scale=0.05):
     """Inject ``config`` into ``make_model()``, perturb what it trains (the output must change and stay
     finite), save the adapter to ``path`` and load it into another ``make_model()``: that one must predict
@@ -284,11 +293,8 @@ def _rewrite(src, dst, mutate_manifest=None, mutate_tensors=None):
 
 
 def test_newer_major_format_is_refused_with_upgrade_hint_and_newer_minor_is_read(tmp_path):
-    model = tiny_unet()
-    inject_adapter(model, TCURLoRAConfig(rank=2))
-    perturb(model)
     good = tmp_path / "good.safetensors"
-    save_adapter(model, good)
+    model = saved_tiny_adapter(good)
     major = _rewrite(good, tmp_path / "major.safetensors", lambda m: m.update(format_version="2.0"))
     for call in (lambda: read_manifest(major), lambda: load_adapter(tiny_unet(), major)):
         with pytest.raises(ManifestError, match="upgrade tcurlora") as err:
@@ -419,11 +425,8 @@ def test_several_adapters_switch_by_name_without_reloading(tmp_path):
 
 
 def test_load_with_activate_false_leaves_the_base_active(tmp_path):
-    model = tiny_unet()
-    inject_adapter(model, TCURLoRAConfig(rank=2))
-    perturb(model)
     path = tmp_path / "p.safetensors"
-    save_adapter(model, path)
+    saved_tiny_adapter(path)
     fresh = tiny_unet()
     x = x_for((1, 1, 16, 16, 16))
     base_out = run(fresh, x)
@@ -434,11 +437,8 @@ def test_load_with_activate_false_leaves_the_base_active(tmp_path):
 
 @pytest.mark.parametrize("stem", ["train", "eval", "to", "site 2"])
 def test_default_adapter_name_from_any_file_name(tmp_path, stem):
-    model = tiny_unet()
-    inject_adapter(model, TCURLoRAConfig(rank=2))
-    perturb(model)
     path = tmp_path / f"{stem}.safetensors"
-    save_adapter(model, path)
+    model = saved_tiny_adapter(path)
     fresh = tiny_unet()
     load_adapter(fresh, path)
     x = x_for((1, 1, 16, 16, 16))
@@ -474,12 +474,8 @@ def test_cli_inspect_summary_and_json(tmp_path):
 
 @pytest.fixture(scope="module")
 def good_adapter(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("good")
-    model = named(tiny_unet(), "tiny-unet")
-    inject_adapter(model, TCURLoRAConfig(rank=2))
-    perturb(model)
-    path = folder / "good.safetensors"
-    save_adapter(model, path)
+    path = tmp_path_factory.mktemp("good") / "good.safetensors"
+    saved_tiny_adapter(path, named(tiny_unet(), "tiny-unet"))
     return path
 
 
