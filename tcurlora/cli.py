@@ -24,6 +24,7 @@ def _base_args(p: argparse.ArgumentParser) -> None:
                    help="base model: a catalog name (default: deepbet; see `tcurlora models`), a MONAI bundle "
                         "folder, or a network spec .json (then also --weights)")
     p.add_argument("--weights", metavar="FILE", help="weights for a network spec (.safetensors, or .pt read with weights_only)")
+    p.add_argument("--fold", type=int, metavar="N", help="for an nnU-Net model folder: use fold_N (needed when it has several)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to compute (auto prefers a CUDA GPU)")
     p.add_argument("--events", metavar="FILE|-", help="also write JSON-lines events (progress, log, warning, error, "
@@ -164,7 +165,7 @@ def cmd_finetune(args, events) -> int:
             train += find_cases(args.cases)
         if not args.out:
             raise TCURLoRAError("--out ADAPTER.safetensors is required")
-        job = {"command": "finetune", "base": args.base, "weights": args.weights, "device": args.device,
+        job = {"command": "finetune", "base": args.base, "weights": args.weights, "fold": args.fold, "device": args.device,
                "cases": [{"image": i, "label": l} for i, l in train],
                "validation": [{"image": i, "label": l} for i, l in _pairs(args.val_image, args.val_label, "validation")],
                "labels": _load_labels(args.labels), "out": args.out, "method": args.method, "rank": args.rank,
@@ -178,7 +179,7 @@ def cmd_finetune(args, events) -> int:
 def cmd_segment(args, events) -> int:
     from .worker import run_segment
 
-    job = {"command": "segment", "base": args.base, "weights": args.weights, "device": args.device,
+    job = {"command": "segment", "base": args.base, "weights": args.weights, "fold": args.fold, "device": args.device,
            "inputs": args.inputs, "output": args.output, "adapter": args.adapter, "tta": args.tta,
            "largest_component": args.largest_component, "probabilities": args.probabilities,
            "sw_batch_size": args.sw_batch_size, "stop_file": args.stop_file}

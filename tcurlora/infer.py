@@ -93,6 +93,7 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
     values = [int(l["value"]) for l in labels]
     if largest_component is None:
         largest_component = base.largest_component
+    own_pipeline = hasattr(base, "segment_image")
     written, seconds = [], []
     with _StopWatch(stop_file) as stop:
         for i, (src, dst) in enumerate(zip(inputs, outs), start=1):
@@ -101,19 +102,23 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
                 if stop.requested():
                     raise InferenceStopped()
                 image = read_image(src)
-                x, _, meta = base.prepare(image)
-                probs = _predict(network, x, base, dev, tta, sw_batch_size, overlap, events, stop.requested)
+                if own_pipeline:  # the base's own tool segments (nnU-Net's predictor), with our network
+                    label, p = base.segment_image(image, labels, dev, tta, stop.requested, probabilities, events)
+                else:
+                    x, _, meta = base.prepare(image)
+                    probs = _predict(network, x, base, dev, tta, sw_batch_size, overlap, events, stop.requested)
             except InferenceStopped:  # asked before each volume and between sliding windows
                 events.log(f"stopped: {len(written)} of {len(inputs)} inputs segmented")
                 return {"outputs": {"segmentation": written[0] if written else None}, "cancelled": True,
                         "metrics": {"segmented": len(written)}, "files": written}
-            label = base.restore(probs, meta, image, [0] + values)
+            if not own_pipeline:
+                label = base.restore(probs, meta, image, [0] + values)
             if largest_component:
                 label = keep_largest_component(label, values)
             write_segmentation(dst, array_to_image(label.astype(np.uint16 if max(values, default=0) > 255 else np.uint8), image), labels)
             written.append(str(dst))
             if probabilities:
-                p = base.restore_probabilities(probs, meta, image)
+                p = p if own_pipeline else base.restore_probabilities(probs, meta, image)
                 pimg = sitk.GetImageFromArray(np.moveaxis(p[1:], 0, -1) if p.shape[0] > 2 else p[1], isVector=p.shape[0] > 2)
                 _copy_geometry(pimg, image)  # CopyInformation refuses a vector image of a scalar one
                 write_image(Path(dst).parent / f"{stem(dst)}_probabilities.nii.gz", pimg)

@@ -16,7 +16,7 @@ from .events import Events
 JOB_VERSION = 1
 FINETUNE_KEYS = {"method", "rank", "preset", "train_modules", "steps", "lr", "batch_size", "patch_size", "val_every",
                  "patience", "grad_accum", "checkpointing", "bf16", "seed"}
-COMMON_KEYS = {"version", "command", "base", "weights", "device", "stop_file", "events"}
+COMMON_KEYS = {"version", "command", "base", "weights", "fold", "device", "stop_file", "events"}
 ALLOWED = {
     "finetune": COMMON_KEYS | FINETUNE_KEYS | {"cases", "validation", "labels", "out", "resume"},
     "segment": COMMON_KEYS | {"inputs", "output", "adapter", "tta", "largest_component", "probabilities",
@@ -46,7 +46,7 @@ def read_job(path) -> dict:
 def _base(job: dict):
     from .models import load_base
 
-    return load_base(job.get("base") or "deepbet", weights=job.get("weights"))
+    return load_base(job.get("base") or "deepbet", weights=job.get("weights"), fold=job.get("fold"))
 
 
 def _finish(result: dict, events: Events) -> int:

@@ -309,16 +309,21 @@ def _load_catalog(name: str, local_file: Optional[Path] = None) -> BaseModel:
 
 
 def load_base(spec: Union[str, os.PathLike, dict], weights: Optional[Union[str, os.PathLike]] = None,
-              local_file: Optional[Union[str, os.PathLike]] = None) -> BaseModel:
+              local_file: Optional[Union[str, os.PathLike]] = None, fold: Optional[int] = None) -> BaseModel:
     """Load a base model from a catalog name, a MONAI bundle folder, or a network spec ``.json`` + weights.
 
     ``spec`` may also be ``{"spec": path, "weights": path}`` (the Slicer job format).
     ``local_file``: for catalog models, the pinned wheel for air-gapped sites.
+    ``fold``: for an nnU-Net v2 trained-model folder (or its dataset folder), which ``fold_N`` to use.
     """
     if isinstance(spec, dict):
         return _load_spec(Path(spec["spec"]), Path(spec["weights"]) if spec.get("weights") else None)
     text = os.fspath(spec)
     path = Path(text)
+    from .nnunet import is_nnunet_folder, load_nnunet
+
+    if path.is_dir() and is_nnunet_folder(path):
+        return load_nnunet(path, fold)
     if path.is_dir():
         return _load_bundle(path)
     if path.suffix == ".json" and path.is_file():
