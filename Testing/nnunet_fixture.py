@@ -5,10 +5,10 @@
 From the vendored tptbox CT crop (L2-L4 vertebra labels) it writes an nnU-Net raw dataset of 5 cases (the crop and
 four mirrored copies), runs ``nnUNetv2_plan_and_preprocess`` (3d_fullres, fingerprint and plans only), copies the
 plans as ``nnUNetPlansTiny`` with a narrow network (4..32 features per stage instead of 32..320) and runs
-``nnUNetv2_preprocess`` on them, then trains the stock ``nnUNetTrainer`` on the CPU for 1 epoch of a few iterations.
+``nnUNetv2_preprocess`` on them, then trains the stock ``nnUNetTrainer`` on the CPU for 1 epoch of a few iterations, on folds 0 and 1.
 The result is the layout nnU-Net (and TotalSegmentator, SlicerNNUnet) ships:
 ``nnUNet_results/Dataset901_TPTBoxCT/nnUNetTrainer__nnUNetPlansTiny__3d_fullres/{dataset.json, plans.json,
-dataset_fingerprint.json, fold_0/checkpoint_final.pth}``. It segments nothing well: it is a test model.
+dataset_fingerprint.json, fold_0/checkpoint_final.pth, fold_1/…}``. It segments nothing well: it is a test model.
 
 The trainer is started by this script, not by ``nnUNetv2_train``: that command (and nnU-Net's predictor) looks the
 trainer class up by name by importing nnU-Net's trainer modules one by one, and one of them (the Primus trainers)
@@ -37,6 +37,7 @@ DATASET = f"Dataset{DATASET_ID}_TPTBoxCT"
 PLANS = "nnUNetPlansTiny"
 LABELS = {"background": 0, "L2": 1, "L3": 2, "L4": 3}  # nnU-Net needs consecutive values; tptbox has 21..23
 ITERATIONS = 3
+FOLDS = (0, 1)  # two real folds: an adapter trained on one must be refused on the other
 
 
 def nnunet_env(work: Path) -> dict:
@@ -77,22 +78,22 @@ def narrow_plans(preprocessed: Path) -> None:
     (preprocessed / f"{PLANS}.json").write_text(json.dumps(plans, indent=2))
 
 
-def train(work: Path) -> Path:
-    """Train the stock nnUNetTrainer (fold 0) for one short epoch; returns the trained-model folder."""
+def train(work: Path, fold: int) -> Path:
+    """Train the stock nnUNetTrainer on one fold for one short epoch; returns the trained-model folder."""
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    torch.manual_seed(0)
-    np.random.seed(0)
+    torch.manual_seed(fold)
+    np.random.seed(fold)
     pre = work / "nnUNet_preprocessed" / DATASET
     plans = json.loads((pre / f"{PLANS}.json").read_text())
     plans["continue_training"] = False  # what nnU-Net's run_training passes for a fresh run
     dataset_json = json.loads((pre / "dataset.json").read_text())
-    trainer = nnUNetTrainer(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+    trainer = nnUNetTrainer(plans, "3d_fullres", fold, dataset_json, device=torch.device("cpu"))
     trainer.num_epochs = 1
     trainer.num_iterations_per_epoch = ITERATIONS
     trainer.num_val_iterations_per_epoch = 1
-    trainer.run_training()  # writes plans.json, dataset.json, fold_0/checkpoint_final.pth (no validation export)
+    trainer.run_training()  # writes plans.json, dataset.json, fold_N/checkpoint_final.pth (no validation export)
     return Path(trainer.output_folder_base)
 
 
@@ -110,7 +111,9 @@ def build(work: Path) -> Path:
     narrow_plans(work / "nnUNet_preprocessed" / DATASET)
     subprocess.run([nnunet_command("nnUNetv2_preprocess"), "-d", str(DATASET_ID), "-plans_name", PLANS,
                     "-c", "3d_fullres", "-np", "1"], **quiet)
-    return train(work)
+    for fold in FOLDS:
+        folder = train(work, fold)
+    return folder
 
 
 if __name__ == "__main__":

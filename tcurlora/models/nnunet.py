@@ -407,6 +407,10 @@ def load_nnunet(path: Path, fold: Optional[int] = None) -> NnUNetBase:
         network.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise InputError(checkpoint_path, f"weights do not fit the plans' network ({str(exc).splitlines()[0]})") from None
+    # without deep supervision (how nnU-Net predicts) only the last segmentation layer runs: the coarser ones are
+    # left out, so that adapters neither stack nor store layers that never see data
+    for i in range(len(network.decoder.seg_layers) - 1):
+        network.decoder.seg_layers[i] = nn.Identity()
     mirror_axes = checkpoint.get("inference_allowed_mirroring_axes")
     totalseg = "totalsegmentator" in folder.parent.name.lower()
     patch = [int(p) for p in cm.patch_size]
