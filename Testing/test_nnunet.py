@@ -213,6 +213,25 @@ def test_new_labels_train_a_new_head(nnunet_model, tmp_path, single_thread):
     assert values <= {0, 7} and 7 in values
 
 
+@pytest.mark.slow
+def test_worker_job_keeps_stdout_for_events(nnunet_model, tmp_path):
+    """The Slicer worker on an nnU-Net base: standard output carries only JSON events (nnU-Net's own prints go
+    to stderr), and --probabilities writes nnU-Net's class probabilities on the input grid."""
+    job = tmp_path / "job.json"
+    out = tmp_path / "ct.seg.nrrd"
+    job.write_text(json.dumps({"command": "segment", "base": str(nnunet_model.folder), "fold": 0, "device": "cpu",
+                               "inputs": [str(CT)], "output": str(out), "probabilities": True}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", nnUNet_def_n_proc="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", "tcurlora.worker", str(job)], env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert events[-1]["event"] == "result"
+    probabilities = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ct_probabilities.nii.gz")))
+    assert probabilities.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(CT))).shape + (3,)
+    assert probabilities.min() >= 0 and probabilities.sum(-1).max() <= 1 + 1e-4
+
+
 # ------------------------------------------------------------------------------------------------
 # reading: what is accepted, what is refused (no inference)
 
