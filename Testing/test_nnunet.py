@@ -164,24 +164,23 @@ def test_trained_adapter_changes_output_and_round_trips(nnunet_model, parity_inp
     assert manifest["base"]["kind"] == "nnunet"
     assert manifest["base"]["name"].endswith(f"{FOLDER_NAME}/fold_0")
     assert [l["name"] for l in manifest["labels"]] == ["L2", "L3", "L4"]
-    # every stack learned: the adapter reaches every conv, including those nnU-Net's blocks hold twice
-    # (as .conv and as .all_modules.0, which forward runs)
-    base = load_base(nnunet_model.folder, fold=0)
-    load_adapter(base.network, trained_adapter, "site")
-    untrained = [name for name, stack in get_adapter(base.network).stacks.items() if not stack.delta_u.abs().sum() > 0]
-    assert not untrained, f"stacks with a zero core after training (adapter inert there): {untrained}"
-
     adapted = _segment(nnunet_model.folder, parity_inputs, tmp_path / "adapted", "--adapter", trained_adapter)
     assert any((adapted[c] != ref).mean() > 0.001 for c, ref in nnunet_reference[False].items())
-    # round trip: the file, loaded into a fresh base, predicts what the trained network (merged) predicts
-    merge_adapter(base.network)
-    from tcurlora.io import read_image
-
+    # round trip: the file loaded into a fresh base (as the API does it) predicts what `segment --adapter` wrote
     import torch
 
-    image = read_image(parity_inputs / "ct_0000.nii.gz")
-    direct, _ = base.segment_image(image, manifest["labels"], torch.device("cpu"))
+    from tcurlora.io import read_image
+
+    base = load_base(nnunet_model.folder, fold=0)
+    load_adapter(base.network, trained_adapter, "site")
+    merge_adapter(base.network)
+    direct, _ = base.segment_image(read_image(parity_inputs / "ct_0000.nii.gz"), manifest["labels"],
+                                   torch.device("cpu"))
     np.testing.assert_array_equal(direct, adapted["ct"])
+    # every stack learned: the adapter reaches every conv, including those nnU-Net's blocks hold twice
+    # (as .conv and as .all_modules.0, which forward runs)
+    untrained = [name for name, stack in get_adapter(base.network).stacks.items() if not stack.delta_u.abs().sum() > 0]
+    assert not untrained, f"stacks with a zero core after training (adapter inert there): {untrained}"
 
 
 @pytest.mark.slow
