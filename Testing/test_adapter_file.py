@@ -156,7 +156,7 @@ def test_tcurlora_unetr_round_trip_and_manifest_contents(tmp_path):
     assert len(attn["I"]) == len(attn["J"]) == 4 and attn["k"] == 48 and attn["rank"] == 4
     assert sorted(index) == sorted(f"stacks.{s['name']}.delta_u" for s in method["stacks"])
     assert method["trainable_values"] == sum(s["k"] * 16 for s in method["stacks"])
-    assert manifest["base"] == {"name": "UNETR", "fingerprint": fp}
+    assert manifest["base"] == {"name": "UNETR", "kind": "monai", "fingerprint": fp}
     assert manifest["labels"] == [{"value": 1, "name": "Tumour", "color": [1, 0, 0]}]
     assert manifest["preprocessing"] == {"orientation": "RAS", "spacing": [1.0, 1.0, 1.0]}
     prov = manifest["provenance"]
