@@ -425,8 +425,9 @@ def load_nnunet(path: Path, fold: Optional[int] = None) -> NnUNetBase:
     return NnUNetBase(
         name=f"{folder.parent.name}/{folder.name}/{fold_name}", network=network, labels=labels,
         preprocessing=preprocessing, head=f"decoder.seg_layers.{last_head}",
-        # decoder.encoder is the encoder itself (an alias): the decoder's own parts only
-        decoder_modules=[r"decoder\.(stages|transpconvs|seg_layers)(\..*)?"],
+        # decoder.encoder is the encoder itself (an alias): the decoder's own blocks only, one by one (forward
+        # iterates the ModuleLists, so those stay lists)
+        decoder_modules=[r"decoder\.(stages|transpconvs)\.\d+(\..*)?", rf"decoder\.seg_layers\.{last_head}(\..*)?"],
         inference_roi=tuple(patch), source=f"nnU-Net {folder.name} {fold_name}/{checkpoint_path.name}",
         plans_manager=plans_manager, configuration_manager=cm, dataset_json=dataset_json,
         trainer_name=str(checkpoint.get("trainer_name", folder.name.split("__")[0])),
