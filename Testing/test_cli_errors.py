@@ -226,7 +226,7 @@ def test_other_finetune_errors(tiny_unet, tmp_path, capsys):
     (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
     cases = [
         (["finetune", *tiny_unet.args, "--image", CT, "--out", out], "1 training image(s) but 0 label(s)"),
-        (["finetune", *tiny_unet.args, *good], "--out ADAPTER.safetensors is required"),
+        (["finetune", *tiny_unet.args, *good], "--out: is required"),
         (["finetune", *tiny_unet.args, *good, "--out", out, "--resume"], "a.checkpoint.pt: no checkpoint"),
         (["finetune", *tiny_unet.args, *good, "--out", tmp_path / "a.pt"], "a.pt: the adapter file must end"),
         (["finetune", "--job", tmp_path / "broken.json"], "broken.json: not a valid JSON job file"),

