@@ -230,9 +230,9 @@ def cmd_evaluate(args) -> int:
     writer.writeheader()
     writer.writerows(rows)
     if args.csv:
-        from .io import atomic_write
+        from .atomic import atomic_write_text
 
-        atomic_write(Path(args.csv), lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8"))
+        atomic_write_text(args.csv, buf.getvalue())
     else:
         sys.stdout.write(buf.getvalue())
     print(summary_line(rows), file=sys.stderr if not args.csv else sys.stdout)

@@ -191,7 +191,7 @@ def fetch_archive(pin: PinnedArchive, local_file: Optional[PathLike] = None) -> 
         actual = sha256_file(got)
         if actual != pin.sha256:
             raise _mismatch(pin.filename, pin.sha256, actual)
-        os.replace(got, dest)
+        atomic_copy(got, dest)
     return dest
 
 

@@ -315,8 +315,9 @@ def _checkpoint_bytes(network: torch.nn.Module) -> int:
 class _CheckpointSchedule:
     """Every ``every`` steps, or (None) whenever ``interval_s`` seconds have passed since the last save."""
 
-    def __init__(self, every: Optional[int], interval_s: float = protocol.CHECKPOINT_INTERVAL_S) -> None:
-        self.every, self.interval_s = every, interval_s
+    def __init__(self, every: Optional[int], interval_s: Optional[float] = None) -> None:
+        self.every = every
+        self.interval_s = protocol.CHECKPOINT_INTERVAL_S if interval_s is None else interval_s
         self.last = time.monotonic()
 
     def due(self, step: int) -> bool:
