@@ -549,15 +549,15 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
         c.label = _encode_labels(c.label, table)
     record = run_record(files, train_cases, val_cases, options, config, table, base_fingerprint(base.network))
     state = load_checkpoint(files.checkpoint, record) if resume else None
-    # logged after the checks, so that a bad file leaves exactly one line (the error) on the console
-    events.log(f"read {len(train_cases)} training and {len(val_cases)} validation case(s)")
-    _warn_absent_labels(train_cases, table, events)
 
     network = base.network
     _seed_everything(options.seed)  # new heads and LoRA factors are initialised from the seed
     inject_adapter(network, config, "finetune")
     network.to(device)
     check_writable(files.checkpoint, need_bytes=_checkpoint_bytes(network), what="checkpoint")
+    # logged after the checks, so that a bad file or setting leaves exactly one line (the error) on the console
+    events.log(f"read {len(train_cases)} training and {len(val_cases)} validation case(s)")
+    _warn_absent_labels(train_cases, table, events)
     n_trainable = trainable_parameter_count(network)
     info = describe_adapter(network)
     where = f"{len(info['lora_targets'])} LoRA layers" if "lora_targets" in info else f"{len(info['stacks'])} stacks"
