@@ -29,8 +29,9 @@ def _split_name(name: str):
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
     """Run ``write(tmp)`` for a temporary name next to ``path`` (same extension, so writers pick the format),
-    then rename it onto ``path``: readers see the old file or the whole new one, never half of it. On any
-    error (or interrupt) the temporary file is removed and ``path`` is left as it was."""
+    flush it to disk, then rename it onto ``path``: readers (and a restart after a crash or power loss) see
+    the old file or the whole new one, never half of it. On any error (or interrupt) the temporary file is
+    removed and ``path`` is left as it was."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -39,12 +40,27 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
     tmp = os.path.join(folder, f".{stem}.{uuid.uuid4().hex[:12]}.tmp{ext}")
     try:
         write(tmp)
+        _sync(tmp)  # the data is on disk before the name points at it (power loss, not only a kill)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _sync(folder)  # and the rename itself
     return path
+
+
+def _sync(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # e.g. a folder on Windows, or a file system without fsync
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: PathLike, content: str) -> str:
