@@ -278,10 +278,8 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     inject_adapter(network, config, "finetune")
     network.to(device)
     n_trainable = trainable_parameter_count(network)
-    if config.method == "lora":  # PEFT layers, not a tcurlora adapter module
-        where = f"{len(network._tcurlora_lora['targets'])} LoRA layers"
-    else:
-        where = f"{len(get_adapter(network).stacks)} stacks"
+    record = get_adapter(network)
+    where = f"{len(record.lora_targets)} LoRA layers" if config.method == "lora" else f"{len(record.stacks)} stacks"
     events.log(f"{config.method}: {n_trainable:,} trainable values ({where}, rank {config.rank}) on {device.type}")
     lr = options.lr if options.lr is not None else DEFAULT_LR[config.method]
     # cores learn at the method's rate; modules trained fully (decoder, new head) at the decoder rate
