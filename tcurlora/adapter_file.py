@@ -33,14 +33,17 @@ def base_fingerprint(model: nn.Module) -> str:
     return get_tuner(model).base_fingerprint()
 
 
-def base_name(model: nn.Module) -> str:
+def _base_name(model: nn.Module) -> str:
     return get_tuner(model).base_info.get("name") or type(model).__name__
 
 
 def save_adapter(model: nn.Module, path, *, labels: Optional[List[dict]] = None,
                  preprocessing: Optional[dict] = None, provenance: Optional[dict] = None,
-                 adapter_name: Optional[str] = None) -> dict:
-    """Write the adapter (the active one by default) to ``path``; returns the manifest written."""
+                 adapter_name: Optional[str] = None, base_name: Optional[str] = None) -> dict:
+    """Write the adapter (the active one by default) to ``path``; returns the manifest written.
+
+    ``labels``, ``preprocessing`` and ``base_name`` default to what the base model registered with the tuner.
+    """
     tuner = get_tuner(model)
     described = tuner.describe(adapter_name)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tuner.adapter_state_dict(adapter_name).items()}
@@ -52,7 +55,7 @@ def save_adapter(model: nn.Module, path, *, labels: Optional[List[dict]] = None,
         "format_version": FORMAT_VERSION,
         "method": {"name": described["config"]["method"], **described,
                    "trainable_values": int(sum(t.numel() for t in tensors.values()))},
-        "base": {"name": base_name(model), "fingerprint": tuner.trained_on_fingerprint()},
+        "base": {"name": base_name or _base_name(model), "fingerprint": tuner.trained_on_fingerprint()},
         "labels": labels if labels is not None else list(tuner.base_info.get("labels", [])),
         "preprocessing": preprocessing if preprocessing is not None else dict(tuner.base_info.get("preprocessing", {})),
         "provenance": prov,
@@ -79,7 +82,7 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, act
     if manifest["base"]["fingerprint"] != fingerprint:
         raise TCURLoRAError(
             f"{name}: trained on base model '{manifest['base']['name']}' ({manifest['base']['fingerprint'][7:19]}), "
-            f"but the loaded base is '{base_name(model)}' ({fingerprint[7:19]}); load the matching base model")
+            f"but the loaded base is '{_base_name(model)}' ({fingerprint[7:19]}); load the matching base model")
     tuner = get_tuner(model)
     adapter_name = adapter_name or _default_adapter_name(path)
     if adapter_name in tuner.adapters:

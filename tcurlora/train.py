@@ -415,7 +415,8 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
                   "learning_rate": lr, "patch_size": list(prep.patch_size), "software": f"tcurlora {__version__}",
                   # a CPU run is bit-reproducible for the same seed AND thread count (reduction order)
                   "device": device.type, "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None}
-    save_adapter(network, out, labels=table, preprocessing=base.preprocessing.to_dict(), provenance=provenance)
+    save_adapter(network, out, labels=table, preprocessing=base.preprocessing.to_dict(), provenance=provenance,
+                 base_name=base.name)
     outputs["adapter"] = out
     curve = curve_path(out)
     write_curve(curve, history, f"{config.method} r={config.rank} on {base.name}: {len(train_cases)} case(s)")
