@@ -580,7 +580,7 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     if training.best_state is not None:
         load_adapter_state_dict(network, training.best_state)
     save_adapter(network, files.adapter, labels=table, preprocessing=base.preprocessing.to_dict(),
-                 provenance=_provenance(training, metrics))
+                 provenance=_provenance(training, metrics), base_name=base.name)
     write_curve(files.curve, training.history,
                 f"{config.method} r={config.rank} on {base.name}: {len(train_cases)} case(s)")
     return FinetuneResult(files, metrics, cancelled=False)
