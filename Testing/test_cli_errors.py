@@ -313,6 +313,10 @@ def test_console_script_help():
     (json.dumps({"command": "train"}), 'job needs "command": "finetune" or "segment"'),
     (json.dumps({"command": "finetune", "stpes": 3}), "unknown job keys: stpes"),
     (json.dumps({"command": "finetune", "version": 99}), "newer than this tcurlora"),
+    (json.dumps({"command": "finetune", "cases": [{"image": "a.nii.gz", "label": "b.nii.gz"}],
+                 "out": "a.safetensors", "batch_size": 1000000}), "batch_size: must be an integer from 1 to 64"),
+    ('{"command": "finetune", "cases": [{"image": "a", "label": "b"}], "out": "a.safetensors", "lr": NaN}',
+     "lr: must be a finite number, got nan"),
     (None, "job file not found"),
 ])
 def test_worker_bad_job_file(tmp_path, content, words):
