@@ -101,6 +101,7 @@ def test_kill_9_mid_run_then_resume_reaches_the_same_adapter(reference, tiny_une
     assert not [e for e in events if e["event"] == "result"] and not out.exists()
     killed_at = torch.load(str(checkpoint_path(out)), map_location="cpu", weights_only=True)["step"]
     assert killed_at in (2, 4, 6)
+    print(f"killed at step {killed_at} of {STEPS}")
 
     resumed = subprocess.run(cli_subprocess(*argv, "--resume"), capture_output=True, text=True, timeout=300,
                              env=SUBPROCESS_ENV)
