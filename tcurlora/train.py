@@ -243,7 +243,7 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
 
     Returns the result dict (outputs, metrics, cancelled).  Raises :class:`TCURLoRAError` on bad input.
     """
-    from monai.losses import DiceCELoss
+    from monai.losses import DeepSupervisionLoss, DiceCELoss
 
     from .preprocess import train_transforms
 
@@ -292,7 +292,9 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
                           {"params": others, "lr": lr if not cores else min(lr, DEFAULT_LR["decoder"])}) if g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=options.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, options.steps) / (options.steps + 1)) ** 0.9)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    # deep-supervision nets (SegResNetDS) return one output per level in train mode: weighted sum over the
+    # levels, the target resized to each (what Auto3DSeg's own trainer does); a single output passes through
+    loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))
     prep = dataclasses.replace(base.preprocessing)
     if options.patch_size:
         prep = type(prep).from_dict({**prep.to_dict(), "patch_size": list(options.patch_size)})
@@ -335,7 +337,8 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
         try:
             scores = []
             for case in val_cases:
-                probs = sliding_window_probabilities(network, case.image, base.inference_roi, device, amp)
+                probs = sliding_window_probabilities(network, case.image, base.inference_roi, device, amp,
+                                                     overlap=base.inference_overlap)
                 scores.append(_dice_per_label(probs.argmax(0), case.label[0], len(table)))
         finally:
             if merge:
@@ -435,7 +438,11 @@ def _accumulate(network, transforms, cases, rng, loss_fn, device, amp, options) 
         y = torch.stack([p["label"] for p in patches]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = _forward(network, x, options.checkpointing)
-            loss = loss_fn(logits.float(), y) / options.grad_accum
+            if isinstance(logits, (list, tuple)):
+                # a new head (new labels) replaces the full-resolution head only: the coarser deep-supervision
+                # heads still predict the base's labels and are left out of the loss
+                logits = [l for l in logits if l.shape[1] == logits[0].shape[1]]
+            loss = loss_fn(logits, y.float()) / options.grad_accum
         loss.backward()
         total += float(loss.detach())
     return total

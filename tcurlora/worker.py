@@ -84,7 +84,7 @@ def run_segment(job: dict, events: Events) -> int:
     result = segment(base, inputs, job["output"], adapter=job.get("adapter"), device=job.get("device") or "auto",
                      tta=bool(job.get("tta")), largest_component=job.get("largest_component"),
                      probabilities=bool(job.get("probabilities")), sw_batch_size=int(job.get("sw_batch_size") or 1),
-                     overlap=float(job["overlap"] if job.get("overlap") is not None else 0.25), events=events,
+                     overlap=float(job["overlap"]) if job.get("overlap") is not None else None, events=events,
                      stop_file=job.get("stop_file"))
     return _finish(result, events)
 

