@@ -333,7 +333,8 @@ def load_auto3dseg(path: Path) -> Auto3DSegBase:
     name = container.name if container.is_dir() else path.stem
     return Auto3DSegBase(
         name=name, network=network, labels=labels, preprocessing=prep, head=f"up_layers.{n_up - 1}.head",
-        decoder_modules=[r"up_layers(\..*)?"], inference_roi=tuple(roi), inference_overlap=OVERLAP,
+        # the levels are ModuleDicts (not callable): their callable parts
+        decoder_modules=[r"up_layers\.\d+\.(upsample|blocks|head)"], inference_roi=tuple(roi), inference_overlap=OVERLAP,
         source=f"Auto3DSeg model {name} (epoch {checkpoint.get('epoch', '?')})", kind="auto3dseg", config=config)
 
 
