@@ -195,16 +195,33 @@ def test_adapter_for_another_auto3dseg_model_is_refused(a3d, tmp_path):
     ({"roi_size": [30, 32, 32]}, "unusable config"),
 ])
 def test_bad_configs_are_one_line_errors(a3d, tmp_path, change, message):
+    from tcurlora.errors import InputError
+    from tcurlora.models import load_base
+
+    folder = bad_model(a3d, tmp_path, change)
+    with pytest.raises(InputError) as err:
+        load_base(folder)
+    assert message in str(err.value) and "model.pt" in str(err.value) and "\n" not in str(err.value)
+
+
+def bad_model(a3d, tmp_path, change):
     folder = tmp_path / "bad"
     folder.mkdir()
     checkpoint = torch.load(a3d.model / "model.pt", weights_only=True)
     checkpoint["config"] = {**checkpoint["config"], **change}
     torch.save(checkpoint, folder / "model.pt")
     write_labels_csv(folder / "labels.csv")
+    return folder
+
+
+def test_cli_refuses_a_bad_model_in_one_line_and_writes_nothing(a3d, tmp_path):
+    folder = bad_model(a3d, tmp_path, {"sigmoid": True})
     proc = run("segment", "--base", folder, "--device", "cpu", a3d.ct, "-o", tmp_path / "x.seg.nrrd")
     line = assert_one_line_error(proc)
-    assert message in line and "model.pt" in line
+    assert "model.pt" in line and "sigmoid" in line
     assert not (tmp_path / "x.seg.nrrd").exists()
+    proc = run("segment", "--base", tmp_path / "nothing.zip", "--device", "cpu", a3d.ct, "-o", tmp_path / "x.seg.nrrd")
+    assert "no such base model" in assert_one_line_error(proc)
 
 
 def test_pickled_object_in_model_pt_is_refused_without_running_it(a3d, tmp_path):
