@@ -142,3 +142,20 @@ def extension_inference(model_file: Path, image_file: Path) -> np.ndarray:
     batch_data["pred"] = convert_to_dst_type(pred, batch_data["image"], dtype=pred.dtype, device=pred.device)[0]
     seg = [post_transforms(x)["pred"] for x in decollate_batch(batch_data)][0][0]
     return seg.cpu().numpy().astype(np.uint8)
+
+
+if __name__ == "__main__":  # python Testing/auto3dseg_model.py OUT: the test model, ct.nrrd and ct_label.nrrd in OUT
+    import sys
+
+    import SimpleITK as sitk
+
+    data = Path(__file__).resolve().parent / "Data" / "tptbox"
+    out = Path(sys.argv[1])
+    make_model(out / "model", data / "sub-ct_label-22_ct.nii.gz", data / "sub-ct_seg-vert_label-22_msk.nii.gz")
+    sitk.WriteImage(sitk.ReadImage(str(data / "sub-ct_label-22_ct.nii.gz")), str(out / "ct.nrrd"))
+    vert = sitk.ReadImage(str(data / "sub-ct_seg-vert_label-22_msk.nii.gz"))
+    label = sitk.GetImageFromArray(np.select([sitk.GetArrayFromImage(vert) == v for v in (21, 22, 23)], [1, 2, 3], 0)
+                                   .astype(np.uint8))
+    label.CopyInformation(vert)
+    sitk.WriteImage(label, str(out / "ct_label.nrrd"))
+    print(f"{out / 'model'}: Auto3DSeg-format test model; {out / 'ct.nrrd'}, {out / 'ct_label.nrrd'}: a case")
