@@ -95,6 +95,29 @@ def test_segment_matches_the_extension_with_no_adapter_and_a_zero_adapter(a3d, t
     assert np.array_equal(label_array(out_zero, a3d.ct), a3d.reference)
 
 
+@pytest.mark.parametrize("change", [
+    {"normalize_mode": "meanstd"},
+    {"normalize_mode": "meanstdtanh"},
+    {"normalize_mode": "pet"},
+    {"orientation_ras": False, "crop_foreground": False, "resample_resolution": None},
+])
+def test_other_settings_match_the_extension(a3d, tmp_path, change):
+    """Each normalisation mode, and no reorientation/crop/resampling, as the extension applies them (the same
+    in-process path ``segment`` takes)."""
+    from tcurlora.io import read_image
+    from tcurlora.models import load_base
+    from tcurlora.train import sliding_window_probabilities
+
+    folder = bad_model(a3d, tmp_path, change)
+    base = load_base(folder)
+    image = read_image(a3d.ct)
+    x, _, meta = base.prepare(image)
+    probs = sliding_window_probabilities(base.network, x, base.inference_roi, torch.device("cpu"), False,
+                                         overlap=base.inference_overlap)
+    ours = base.restore(probs, meta, image, [0, 1, 2, 3]).transpose(2, 1, 0)
+    assert np.array_equal(ours, extension_inference(folder / "model.pt", a3d.ct))
+
+
 def test_labels_keep_their_terminology_codes(a3d, tmp_path):
     import slicerio
 
@@ -205,7 +228,8 @@ def test_bad_configs_are_one_line_errors(a3d, tmp_path, change, message):
 
 
 def bad_model(a3d, tmp_path, change):
-    folder = tmp_path / "bad"
+    """The test model with ``change`` made to its config."""
+    folder = tmp_path / "changed"
     folder.mkdir()
     checkpoint = torch.load(a3d.model / "model.pt", weights_only=True)
     checkpoint["config"] = {**checkpoint["config"], **change}
