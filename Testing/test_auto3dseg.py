@@ -151,6 +151,7 @@ def test_trained_adapter_changes_the_output_and_round_trips(a3d, tmp_path):
     base = load_base(a3d.zip)
     manifest = load_adapter(base.network, adapter)
     assert manifest["base"]["kind"] == "auto3dseg" and manifest["labels"] == base.labels
+    assert manifest["base"]["name"] == "vertebrae-test" and base.name == "vertebrae-test-v1.0.0"
     merge_adapter(base.network)
     image = read_image(a3d.ct)
     x, _, meta = base.prepare(image)

@@ -53,12 +53,14 @@ _CODE_FIELDS = ("SegmentedPropertyCategoryCodeSequence", "SegmentedPropertyTypeC
 
 def find_model(path: Path) -> Optional[Tuple[Path, str]]:
     """``(container, prefix)`` when ``path`` is an Auto3DSeg model: a folder holding ``labels.csv`` and
-    ``model.pt`` (at any depth, as the extension looks them up) or a zip of one; else None."""
+    ``model.pt`` (in it or up to two sub-folders down: the extension unpacks release zips that keep them in
+    a sub-folder) or a zip of one; else None."""
     path = Path(path)
     if path.is_dir():
-        for labels in sorted(path.rglob("labels.csv")):
-            if (labels.parent / "model.pt").is_file():
-                return labels.parent, ""
+        for pattern in ("labels.csv", "*/labels.csv", "*/*/labels.csv"):
+            for labels in sorted(path.glob(pattern)):
+                if (labels.parent / "model.pt").is_file():
+                    return labels.parent, ""
         return None
     if path.is_file() and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
@@ -330,7 +332,7 @@ def load_auto3dseg(path: Path) -> Auto3DSegBase:
     except ValueError as exc:
         raise InputError(where, f"unusable config ({exc})") from None
     n_up = len(network.up_layers)
-    name = container.name if container.is_dir() else path.stem
+    name = path.name if path.is_dir() else path.stem  # the model's folder (or zip), not the sub-folder
     return Auto3DSegBase(
         name=name, network=network, labels=labels, preprocessing=prep, head=f"up_layers.{n_up - 1}.head",
         # the levels are ModuleDicts (not callable): their callable parts
