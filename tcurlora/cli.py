@@ -125,6 +125,10 @@ def _models_parser(sub) -> None:
     p = sub.add_parser("models", help="list the base-model catalog and what is cached",
                        description="List catalog base models, their labels and whether their weights are cached.")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--discover", action="store_true", help="list the models already on this machine (TotalSegmentator, "
+                   "nnU-Net, SlicerNNUnet, SlicerMONAIAuto3DSeg, MONAI bundles), usable as --base")
+    p.add_argument("--root", action="append", default=[], metavar="KIND=FOLDER",
+                   help="with --discover: search only these folders (kind: totalsegmentator, nnunet, auto3dseg, bundle)")
 
 
 def _fetch_model_parser(sub) -> None:
@@ -255,6 +259,11 @@ def cmd_inspect(args) -> int:
 
 def cmd_models(args) -> int:
     from .catalog import list_models
+
+    if args.discover:
+        from .models.discover import discover_main
+
+        return discover_main(args.root, args.json)
 
     models = list_models()
     if args.json:

@@ -94,9 +94,11 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
 
 def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Optional[str] = None,
             device: str = "auto", tta: bool = False, largest_component: Optional[bool] = None,
-            probabilities: bool = False, sw_batch_size: int = 1, overlap: float = 0.25,
+            probabilities: bool = False, sw_batch_size: int = 1, overlap: Optional[float] = None,
             events: Optional[Events] = None, stop_file: Optional[str] = None) -> SegmentResult:
-    """Segment each input and write ``.seg.nrrd`` (names, colours) or a plain label map."""
+    """Segment each input and write ``.seg.nrrd`` (names, colours) or a plain label map.
+
+    ``overlap``: sliding-window overlap; default the base's own (``base.inference_overlap``)."""
     from .io import array_to_image, read_image, stem, write_image, write_segmentation
 
     events = events or Events()
@@ -104,6 +106,7 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
     outs = output_paths(inputs, output)
     check_inputs_and_outputs(inputs, outs, adapter)
     dev = pick_device(device)
+    overlap = base.inference_overlap if overlap is None else overlap
     network = base.network
     labels = base.labels
     if adapter:

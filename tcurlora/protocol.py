@@ -356,7 +356,8 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("probabilities", boolean, False, "also write class probabilities (NIfTI)", _S),
     Setting("sw_batch_size", integer(1, MAX_BATCH), 1, "sliding-window batch (default 1)", _S,
             flag="--sw-batch-size", cli_type=int),
-    Setting("overlap", number(0.0, 0.95), 0.25, "sliding-window overlap 0..0.95 (default 0.25)", _S,
+    Setting("overlap", optional(number(0.0, 0.95)), None, "sliding-window overlap 0..0.95 (default: the base "
+            "model's own, 0.25 unless it says otherwise)", _S,
             flag="--overlap", cli_type=float),
 )
 

@@ -357,7 +357,7 @@ class Training:
     def __init__(self, base: BaseModel, network: torch.nn.Module, config: TCURLoRAConfig, options: FinetuneOptions,
                  prep, table: List[dict], train_cases: List[Case], val_cases: List[Case], device: torch.device,
                  events: Events) -> None:
-        from monai.losses import DiceCELoss
+        from monai.losses import DeepSupervisionLoss, DiceCELoss
 
         from .preprocess import train_transforms
 
@@ -376,7 +376,9 @@ class Training:
         steps = options.steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lambda s: (1 - min(s, steps) / (steps + 1)) ** 0.9)
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        # deep-supervision nets (SegResNetDS) return one output per level in train mode: weighted sum over the
+        # levels, the target resized to each (what Auto3DSeg's own trainer does); a single output passes through
+        self.loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))
         self._make_transforms = lambda prep: train_transforms(prep, num_samples=options.batch_size, label_table=table)
         self.transforms = self._make_transforms(prep)
         self.history = {"loss": [], "val_dice": []}
@@ -453,7 +455,7 @@ class Training:
             scores = []
             for case in self.val_cases:
                 probs = sliding_window_probabilities(self.network, case.image, self.base.inference_roi, self.device,
-                                                     self.amp)
+                                                     self.amp, overlap=self.base.inference_overlap)
                 scores.append(_dice_per_label(probs.argmax(0), case.label[0], len(self.table)))
         finally:
             if merge:
@@ -619,7 +621,14 @@ def _accumulate(network, transforms, cases, rng, loss_fn, device, amp, options) 
         y = torch.stack([p["label"] for p in patches]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = _forward(network, x, options.checkpointing)
-            loss = loss_fn(logits.float(), y) / options.grad_accum
+            if isinstance(logits, (list, tuple)):
+                # a new head (new labels) replaces the full-resolution head only: the coarser deep-supervision
+                # heads still predict the base's labels and are left out of the loss
+                logits = [l.float() for l in logits if l.shape[1] == logits[0].shape[1]]
+            else:
+                logits = logits.float()
+            # (float target: the loss resizes it to each level with nearest interpolation)
+            loss = loss_fn(logits, y.float()) / options.grad_accum
         loss.backward()
         total += float(loss.detach())
     return total
