@@ -260,11 +260,6 @@ class NnUNetBase(BaseModel):
         self.totalsegmentator = bool(totalsegmentator)
         super().__init__(*args, **kwargs)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.kind = "nnunet"
-        self.network.tcurlora_base_kind = "nnunet"  # adapter manifests record it
-
     # -- geometry around nnU-Net (TotalSegmentator's wrapping) ----------------------------------
 
     def task_spacing(self) -> Tuple[float, float, float]:
@@ -432,4 +427,4 @@ def load_nnunet(path: Path, fold: Optional[int] = None) -> NnUNetBase:
         plans_manager=plans_manager, configuration_manager=cm, dataset_json=dataset_json,
         trainer_name=str(checkpoint.get("trainer_name", folder.name.split("__")[0])),
         mirror_axes=tuple(mirror_axes) if mirror_axes is not None else None,
-        tile_step=TOTALSEGMENTATOR_STEP if totalseg else DEFAULT_STEP, totalsegmentator=totalseg)
+        tile_step=TOTALSEGMENTATOR_STEP if totalseg else DEFAULT_STEP, totalsegmentator=totalseg, kind="nnunet")
