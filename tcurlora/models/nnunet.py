@@ -42,7 +42,6 @@ from ..errors import InputError, TCURLoRAError
 from ..preprocess import Preprocessing
 from . import BaseModel
 
-NNUNET_REQUIREMENT = "nnunetv2==2.8.1"
 INSTALL_HINT = ("nnU-Net bases need nnunetv2 2.8.1 and dynamic-network-architectures 0.4.4: pip install "
                 "'tcurlora[nnunet]', then pip install --no-deps -r requirements-nnunet.txt (see the README)")
 
@@ -328,10 +327,9 @@ class NnUNetBase(BaseModel):
                       events=None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """Label map (values of ``labels``) on ``image``'s grid, as nnUNetv2_predict computes it with this network,
         and with ``probabilities`` the class probabilities ``[C, z, y, x]`` (background first) on that grid."""
-        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-        from ..train import InferenceStopped
+        from ..runtime import InferenceStopped
 
         mirroring = bool(tta) and self.mirror_axes is not None and not self.totalsegmentator
         if tta and not mirroring and events is not None:
