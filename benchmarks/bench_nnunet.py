@@ -2,11 +2,11 @@
 
 Not a test: it prints what it measured.
 
-    python benchmarks/bench_nnunet.py                       # builds the test model (Testing/nnunet_fixture.py)
+    OMP_NUM_THREADS=1 python benchmarks/bench_nnunet.py     # builds the test model (Testing/nnunet_fixture.py)
     python benchmarks/bench_nnunet.py --model FOLDER --fold 0 --image CT.nii.gz --label LABEL.nii.gz
 
 A training step is one ``finetune`` step (tCURLoRA rank 8, batch 2 patches of the plans' patch size, forward +
-backward + AdamW); a segmentation is ``tcurlora segment`` on one volume (nnU-Net's preprocessing, sliding window
+backward + AdamW), the difference of a 2-step and a (2 + steps)-step run; a segmentation is ``tcurlora segment`` on one volume (nnU-Net's preprocessing, sliding window
 at step 0.5, export), without and with mirroring. Both use the threads torch is given (OMP_NUM_THREADS).
 """
 
@@ -55,13 +55,17 @@ def main() -> None:
     print(f"model {base.name}: {n_params:,} parameters, patch {list(base.preprocessing.patch_size)}, "
           f"{torch.get_num_threads()} thread(s)")
 
-    cpu0 = time.process_time()
-    result = finetune(base, [(args.image, args.label)], work / "adapter.safetensors",
-                      options=FinetuneOptions(steps=args.steps, device="cpu", patience=0))
-    cpu = time.process_time() - cpu0
-    wall = result["metrics"]["seconds"]
-    print(f"training step: {wall / args.steps:.2f} s wall (loop only), {cpu / args.steps:.2f} s CPU "
-          f"(incl. reading the case), {args.steps} steps")
+    # two runs, 2 and 2 + steps long: the difference is the steps alone (no reading, no start-up, no saving)
+    runs = {}
+    for n in (2, 2 + args.steps):
+        base = load_base(model, fold=args.fold)
+        cpu0 = time.process_time()
+        result = finetune(base, [(args.image, args.label)], work / f"adapter{n}.safetensors",
+                          options=FinetuneOptions(steps=n, device="cpu", patience=0))
+        runs[n] = (time.process_time() - cpu0, result.metrics.seconds)
+    cpu = (runs[2 + args.steps][0] - runs[2][0]) / args.steps
+    wall = (runs[2 + args.steps][1] - runs[2][1]) / args.steps
+    print(f"training step: {cpu:.2f} s CPU, {wall:.2f} s wall (mean of {args.steps} steps)")
 
     for tta in (False, True):
         walls, cpus = [], []
