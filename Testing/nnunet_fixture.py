@@ -5,7 +5,8 @@
 From the vendored tptbox CT crop (L2-L4 vertebra labels) it writes an nnU-Net raw dataset of 5 cases (the crop and
 four mirrored copies), runs ``nnUNetv2_plan_and_preprocess`` (3d_fullres, fingerprint and plans only), copies the
 plans as ``nnUNetPlansTiny`` with a narrow network (4..32 features per stage instead of 32..320) and runs
-``nnUNetv2_preprocess`` on them, then trains the stock ``nnUNetTrainer`` on the CPU for 1 epoch of a few iterations, on folds 0 and 1.
+``nnUNetv2_preprocess`` on them, then trains the stock ``nnUNetTrainer`` on the CPU for 1 epoch of a few iterations,
+on folds 0 and 1.
 The result is the layout nnU-Net (and TotalSegmentator, SlicerNNUnet) ships:
 ``nnUNet_results/Dataset901_TPTBoxCT/nnUNetTrainer__nnUNetPlansTiny__3d_fullres/{dataset.json, plans.json,
 dataset_fingerprint.json, fold_0/checkpoint_final.pth, fold_1/…}``. It segments nothing well: it is a test model.

@@ -96,7 +96,8 @@ def _segment(model_folder, inputs, out: Path, *extra) -> dict:
     for f in files:
         assert _cli("segment", "--base", model_folder, "--fold", 0, "--device", "cpu", f,
                     "-o", out / f"{f.name[:-len('_0000.nii.gz')]}.nii.gz", *extra) == 0
-    return {p.name[:-len(".nii.gz")]: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted(out.glob("*.nii.gz"))}
+    return {p.name[:-len(".nii.gz")]: sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
+            for p in sorted(out.glob("*.nii.gz"))}
 
 
 def _zero_adapter(model_folder, path: Path) -> Path:
@@ -190,7 +191,8 @@ def test_adapter_for_another_fold_is_refused(nnunet_model, trained_adapter, tmp_
               "-o", tmp_path / "x.nii.gz", "--adapter", trained_adapter)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
-    assert err[0].startswith("error: site.safetensors: trained on base model") and "fold_0" in err[0] and "fold_1" in err[0]
+    assert err[0].startswith("error: site.safetensors: trained on base model")
+    assert "fold_0" in err[0] and "fold_1" in err[0]
     assert not (tmp_path / "x.nii.gz").exists()
 
 
@@ -254,12 +256,6 @@ def _load_error(*args, **kwargs) -> str:
     message = str(info.value)
     assert "\n" not in message
     return message
-
-
-def _edit_json(path: Path, edit) -> None:
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
 
 
 @pytest.mark.slow

@@ -6,8 +6,9 @@ Not a test: it prints what it measured.
     python benchmarks/bench_nnunet.py --model FOLDER --fold 0 --image CT.nii.gz --label LABEL.nii.gz
 
 A training step is one ``finetune`` step (tCURLoRA rank 8, batch 2 patches of the plans' patch size, forward +
-backward + AdamW), the difference of a 2-step and a (2 + steps)-step run; a segmentation is ``tcurlora segment`` on one volume (nnU-Net's preprocessing, sliding window
-at step 0.5, export), without and with mirroring. Both use the threads torch is given (OMP_NUM_THREADS).
+backward + AdamW), taken as the difference of a 2-step and a (2 + steps)-step run; a segmentation is
+``tcurlora segment`` on one volume (nnU-Net's preprocessing, sliding window at step 0.5, export), without and
+with mirroring. Both use the threads torch is given (OMP_NUM_THREADS).
 """
 
 from __future__ import annotations

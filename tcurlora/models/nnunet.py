@@ -31,7 +31,7 @@ import math
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -89,7 +89,8 @@ def find_model_folder(path: Path) -> Path:
     found = sorted(p for p in path.iterdir() if p.is_dir() and _is_model_folder(p))
     if len(found) != 1:
         names = ", ".join(p.name for p in found)
-        raise InputError(path, f"holds {len(found)} nnU-Net trained-model folders ({names}): pass one of them as --base")
+        raise InputError(path, f"holds {len(found)} nnU-Net trained-model folders ({names}): "
+                               "pass one of them as --base")
     return found[0]
 
 
@@ -205,7 +206,8 @@ def check_plans(plans_manager, configuration: str, where: Path):
         raise InputError(where, f"configuration {configuration!r} is a cascade stage (needs the "
                                 f"{cm.previous_stage_name} model's output): not supported")
     if len(cm.patch_size) != 3:
-        raise InputError(where, f"configuration {configuration!r} is {len(cm.patch_size)}D: tcurlora adapts 3D networks")
+        raise InputError(where, f"configuration {configuration!r} is {len(cm.patch_size)}D: "
+                                "tcurlora adapts 3D networks")
     checks = [("image_reader_writer", plans.get("image_reader_writer"), READERS),
               ("label_manager", plans.get("label_manager", "LabelManager"), {"LabelManager"}),
               ("preprocessor_name", cm.preprocessor_name, {"DefaultPreprocessor"})]
@@ -223,7 +225,8 @@ def build_network(configuration_manager, num_input_channels: int, num_outputs: i
     dna_unet, _ = _import_nnunet()
     class_name = configuration_manager.network_arch_class_name
     if class_name not in NETWORK_CLASSES:
-        raise InputError(where, f"network {class_name!r} is not one of {', '.join(sorted(set(NETWORK_CLASSES.values())))}")
+        accepted = ", ".join(sorted(set(NETWORK_CLASSES.values())))
+        raise InputError(where, f"network {class_name!r} is not one of {accepted}")
     kwargs = dict(configuration_manager.network_arch_init_kwargs)
     for key in configuration_manager.network_arch_init_kwargs_req_import:
         if key not in LAYER_TYPES:
@@ -333,11 +336,15 @@ class NnUNetBase(BaseModel):
 
         mirroring = bool(tta) and self.mirror_axes is not None and not self.totalsegmentator
         if tta and not mirroring and events is not None:
-            events.warning("this nnU-Net model predicts without mirroring (its trainer or TotalSegmentator): --tta ignored")
-        if probabilities and (self.totalsegmentator or self.plans_manager.plans["image_reader_writer"] == "NibabelIOWithReorient"):
+            events.warning("this nnU-Net model predicts without mirroring (its trainer or TotalSegmentator): "
+                           "--tta ignored")
+        reorients = self.totalsegmentator or self.plans_manager.plans["image_reader_writer"] == "NibabelIOWithReorient"
+        if probabilities and reorients:
             raise TCURLoRAError("--probabilities is not available for this nnU-Net model (it reorients the input)")
-        # the label table may be the adapter's (a new head): nnU-Net exports channel indices 0..N, mapped to values below
-        dataset_json = {**self.dataset_json, "labels": {"background": 0, **{l["name"]: i for i, l in enumerate(labels, 1)}}}
+        # the label table may be the adapter's (a new head): nnU-Net exports channel indices 0..N, mapped to
+        # the table's values below
+        channels = {"background": 0, **{label["name"]: i for i, label in enumerate(labels, 1)}}
+        dataset_json = {**self.dataset_json, "labels": channels}
         network = self.network
         with _quiet():
             predictor = nnUNetPredictor(tile_step_size=self.tile_step, use_gaussian=True, use_mirroring=mirroring,
@@ -387,8 +394,9 @@ def load_nnunet(path: Path, fold: Optional[int] = None) -> NnUNetBase:
     labels = labels_from_dataset_json(dataset_json, folder / "dataset.json")
     channels = dataset_json.get("channel_names", dataset_json.get("modality", {}))
     if not isinstance(channels, dict) or len(channels) != 1:
-        raise InputError(folder / "dataset.json", f"the model takes {len(channels) if isinstance(channels, dict) else '?'} "
-                                                 "input channels; tcurlora gives it one image per case")
+        count = len(channels) if isinstance(channels, dict) else "?"
+        raise InputError(folder / "dataset.json", f"the model takes {count} input channels; tcurlora gives it one "
+                                                 "image per case")
     checkpoint = read_checkpoint(checkpoint_path)
     init_args = checkpoint.get("init_args") if isinstance(checkpoint.get("init_args"), dict) else {}
     configuration = init_args.get("configuration") or folder.name.split("__")[-1]
@@ -399,7 +407,8 @@ def load_nnunet(path: Path, fold: Optional[int] = None) -> NnUNetBase:
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise InputError(checkpoint_path, f"weights do not fit the plans' network ({str(exc).splitlines()[0]})") from None
+        first = str(exc).splitlines()[0]
+        raise InputError(checkpoint_path, f"weights do not fit the plans' network ({first})") from None
     # without deep supervision (how nnU-Net predicts) only the last segmentation layer runs: the coarser ones are
     # left out, so that adapters neither stack nor store layers that never see data
     for i in range(len(network.decoder.seg_layers) - 1):
