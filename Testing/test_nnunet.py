@@ -37,7 +37,7 @@ def nnunet_model(tmp_path_factory):
     work = tmp_path_factory.mktemp("nnunet")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, str(REPO / "Testing" / "nnunet_fixture.py"), str(work)], env=env,
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     folder = Path(result.stdout.strip().splitlines()[-1])
     assert folder.name == FOLDER_NAME and (folder / "fold_0" / "checkpoint_final.pth").is_file()
@@ -65,7 +65,8 @@ def _nnunet_predict(model, inputs: Path, out: Path, mirroring: bool) -> subproce
            "-d", str(nnunet_fixture.DATASET_ID), "-c", "3d_fullres", "-p", nnunet_fixture.PLANS, "-f", "0",
            "-device", "cpu", "-npp", "1", "-nps", "1"] + ([] if mirroring else ["--disable_tta"])
     env = dict(nnunet_fixture.nnunet_env(model.work), nnUNet_def_n_proc="1")
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            encoding="utf-8", errors="replace")
 
 
 @pytest.fixture(scope="session")
@@ -224,7 +225,7 @@ def test_worker_job_keeps_stdout_for_events(nnunet_model, tmp_path):
                                "inputs": [str(CT)], "output": str(out), "probabilities": True}))
     env = dict(os.environ, OMP_NUM_THREADS="1", nnUNet_def_n_proc="1", PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-m", "tcurlora.worker", str(job)], env=env, capture_output=True,
-                            text=True)
+                            text=True, encoding="utf-8", errors="replace")
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert events[-1]["event"] == "result"
