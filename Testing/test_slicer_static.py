@@ -390,60 +390,118 @@ def test_a_bad_adapter_file_gives_one_line_for_the_gui(tmp_path):
     assert "\n" not in str(info.value) and "bad.safetensors" in str(info.value)
 
 
-def test_dependency_installer_asks_then_installs_and_keeps_simpleitk(tmp_path):
-    installed = {"scipy"}
-    calls, questions = [], []
+REQS = dependencies.readRequirements()
 
-    def pip(args):
-        calls.append(("pip", list(args)))
-        constraints = args[args.index("-c") + 1]
-        assert open(constraints).read() == "SimpleITK==2.4.0\n"
-        installed.update({"monai", "safetensors", "nibabel", "nrrd", "slicerio", "matplotlib"})
 
-    def torch():
-        calls.append(("torch",))
-        installed.add("torch")
+class FakeEnvironment:
+    """Installed distributions as {name: version}; pip and PyTorchUtils calls recorded."""
+
+    def __init__(self, installed, pipResult=None):
+        self.installed = dict(installed)
+        self.calls, self.questions, self.constraints = [], [], []
+        self.pipResult = pipResult
+
+    def versionOf(self, name):
+        return self.installed.get(name)
+
+    def pip(self, args):
+        self.calls.append(("pip", list(args)))
+        if "-c" in args:
+            self.constraints.append(open(args[args.index("-c") + 1]).read())
+        for req in args:
+            if ">=" in req:
+                name, minimum = req.split(">=")
+                if name == "torch" or "-c" not in args or "torch==" not in self.constraints[-1]:
+                    self.installed[name] = minimum + ".0"
+                else:  # pip would have to keep the pinned torch
+                    self.installed.setdefault(name, minimum + ".0")
+
+    def torch(self, requirement):
+        self.calls.append(("torch", requirement))
+        self.installed["torch"] = "2.13.0"
         return object()
 
-    installer = dependencies.DependencyInstaller(confirm=lambda text: questions.append(text) or True, pipInstall=pip,
-                                                 installTorch=torch, isAvailable=installed.__contains__,
-                                                 log=lambda s: None, environ={}, sitkVersion="2.4.0")
-    assert [p for p, _ in installer.missing()][:2] == ["torch", "monai"]
+    def installer(self, **kwargs):
+        args = dict(confirm=lambda text: self.questions.append(text) or True, pipInstall=self.pip,
+                    installTorch=self.torch, versionOf=self.versionOf, log=lambda s: None, environ={})
+        args.update(kwargs)
+        return dependencies.DependencyInstaller(**args)
+
+
+def test_the_installer_reads_the_engines_requirements_file_which_pyproject_uses():
+    names = [r.text for r in REQS]
+    assert "torch>=2.1" in names and "monai>=1.3" in names and "pynrrd>=1.0" in names
+    pyproject = read(os.path.join(REPO, "pyproject.toml"))
+    assert 'dynamic = ["dependencies"]' in pyproject
+    assert 'dependencies = { file = ["tcurlora/requirements.txt"] }' in pyproject
+    assert "monai>=" not in pyproject.split("[project.optional-dependencies]")[0]  # no second copy
+    assert os.path.samefile(dependencies.requirementsFile(), os.path.join(REPO, "tcurlora", "requirements.txt"))
+
+
+def test_a_bad_requirements_line_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "requirements.txt"
+    bad.write_text("# comment\ntorch>=2.1\nmonai @ https://x\n")
+    with pytest.raises(ValueError, match=r"requirements.txt:3: 'monai @ https://x'"):
+        dependencies.readRequirements(str(bad))
+
+
+@pytest.mark.parametrize("installed,minimum,ok", [("2.13.0+cpu", "2.1", True), ("2.0.1", "2.1", False),
+                                                  ("2.1", "2.1.0", True), ("1.10.0", "1.9", True),
+                                                  (None, "1.0", False), ("0.4.0rc1", None, True)])
+def test_version_minimum(installed, minimum, ok):
+    assert dependencies.satisfies(installed, minimum) is ok
+
+
+def test_dependency_installer_asks_once_installs_torch_first_and_pins_it():
+    env = FakeEnvironment({"scipy": "1.14.0", "SimpleITK": "2.4.0", "numpy": "1.26.4"})
+    installer = env.installer()
+    missing = [m.requirement.name for m in installer.missing()]
+    assert missing[0] == "torch" and "monai" in missing and "scipy" not in missing
     assert installer.ensure() is True
-    assert "torch>=2.1" in questions[0] and "Install them now?" in questions[0]
-    assert calls[0] == ("torch",)
-    pip_args = calls[1][1]
-    assert "scipy>=1.9" not in pip_args and "pynrrd>=1.0" in pip_args and "--no-index" not in pip_args
-    assert not any(a.lower().startswith("simpleitk") for a in pip_args)
-    assert installer.ensure() is True and len(questions) == 1  # nothing missing: no question
+    assert len(env.questions) == 1 and "torch>=2.1" in env.questions[0]
+    assert env.calls[0] == ("torch", ">=2.1")  # PyTorchUtils with our minimum, no question of its own
+    kind, args = env.calls[1]
+    assert kind == "pip" and "monai>=1.3" in args and "scipy>=1.9" not in args
+    # the torch PyTorchUtils just installed, and Slicer's own SimpleITK/numpy, cannot be swapped by pip
+    assert set(env.constraints[0].split()) == {"torch==2.13.0", "SimpleITK==2.4.0", "numpy==1.26.4"}
+    assert not any(a.lower().startswith(("simpleitk", "numpy")) for a in args)
+    assert installer.ensure() is True and len(env.questions) == 1  # nothing missing: no question
 
 
-def test_dependency_installer_declined_and_offline(tmp_path):
-    nothing = dependencies.DependencyInstaller(confirm=lambda text: False, pipInstall=None, isAvailable=lambda n: False,
-                                               environ={}, log=lambda s: None)
-    assert nothing.ensure() is False
+def test_an_old_torch_is_upgraded_through_pytorchutils():
+    everything = {r.name: "99.0" for r in REQS}
+    env = FakeEnvironment(dict(everything, torch="2.0.1"))
+    installer = env.installer()
+    assert [m.describe() for m in installer.missing()] == ["torch>=2.1 (installed: 2.0.1)"]
+    assert installer.ensure() is True
+    assert env.calls == [("torch", ">=2.1")] and "installed: 2.0.1" in env.questions[0]
+
+
+def test_slicer_installer_never_lets_pytorchutils_ask_again():
+    source = read(os.path.join(LIB, "dependencies.py"))
+    assert "askConfirmation=False" in source and "askConfirmation=True" not in source
+
+
+def test_dependency_installer_declined_offline_and_failing(tmp_path):
+    env = FakeEnvironment({})
+    assert env.installer(confirm=lambda text: False).ensure() is False and not env.calls
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    calls = []
-    installed = set()
-
-    def pip(args):
-        calls.append(list(args))
-        installed.update(p for p, _ in dependencies.missingPackages(lambda n: False))
-
-    offline = dependencies.DependencyInstaller(confirm=lambda text: str(wheels) in text, pipInstall=pip,
-                                               installTorch=None, isAvailable=installed.__contains__,
-                                               environ={dependencies.WHEELHOUSE_ENV: str(wheels)},
-                                               log=lambda s: None, sitkVersion="")
-    assert offline.ensure() is True
-    assert calls[0][:3] == ["--no-index", "--find-links", str(wheels)] and calls[0][-1] == "torch>=2.1"
+    offline = FakeEnvironment({"SimpleITK": "2.4.0"})
+    installer = offline.installer(installTorch=None, environ={dependencies.WHEELHOUSE_ENV: str(wheels)})
+    assert installer.ensure() is True and str(wheels) in offline.questions[0]
+    first = offline.calls[0][1]
+    assert first[:3] == ["--no-index", "--find-links", str(wheels)] and first[-1] == "torch>=2.1"
+    assert all(call[1][:3] == ["--no-index", "--find-links", str(wheels)] for call in offline.calls)
     with pytest.raises(ValueError, match="not a folder"):
         dependencies.wheelhouse({dependencies.WHEELHOUSE_ENV: str(tmp_path / "missing")})
-    failing = dependencies.DependencyInstaller(confirm=lambda text: True, pipInstall=lambda args: None,
-                                               installTorch=lambda: None, isAvailable=lambda n: False, environ={},
-                                               log=lambda s: None, sitkVersion="")
+    failing = FakeEnvironment({})
     with pytest.raises(RuntimeError, match="PyTorch was not installed"):
-        failing.ensure()
+        failing.installer(installTorch=lambda requirement: None).ensure()
+    stuck = FakeEnvironment({})
+    stuck.pip = lambda args: None  # pip "succeeds" but installs nothing
+    with pytest.raises(RuntimeError, match="could not be installed: monai>=1.3"):
+        stuck.installer().ensure()
 
 
 def test_engine_paths(tmp_path):
