@@ -656,7 +656,8 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, slicerapp.EngineLogicMixin)
 
 
 class TCURFinetuneTest(ScriptedLoadableModuleTest):
-    """Self-tests. The stand-in worker (``TCURLoRALib/fakeworker.py``) checks the Slicer side without torch; the
+    """Self-tests. The stand-in worker (``Testing/standin_worker.py``, test-only) checks the Slicer side without
+    torch; the
     real engine runs too when its packages are installed and the base model is cached (or
     ``TCURLORA_SELFTEST_ENGINE=1``; ``=0`` skips it)."""
 
@@ -694,11 +695,10 @@ class TCURFinetuneTest(ScriptedLoadableModuleTest):
     def standInLogic(self, stepSeconds=0.005):
         import tempfile
 
-        from TCURLoRALib import fakeworker
-
         registry = models.ModelRegistry(catalog=[{"name": "toy", "title": "Toy model", "labels": self.LABELS,
                                                    "fingerprint": "toy-fingerprint", "cached": True}])
-        launcher = engine.defaultLauncher(script=fakeworker.__file__, pythonpath=[engine.engineRoot()],
+        standIn = engine.testingFile(__file__, "standin_worker.py")
+        launcher = engine.defaultLauncher(script=standIn, pythonpath=[engine.engineRoot()],
                                           extraEnv={"TCURLORA_FAKE_STEP_S": str(stepSeconds)})
         return TCURFinetuneLogic(launcher=launcher, registry=registry, dependencyInstaller=lambda: True,
                                  adapterStore=tempfile.mkdtemp(prefix="tcurlora-test-store-"))

@@ -31,6 +31,24 @@ def addToSysPath(moduleFile: str, packages: Sequence[str] = ("TCURLoRALib", "tcu
     return None
 
 
+TESTING_DIR_ENV = "TCURLORA_TESTING_DIR"
+
+
+def testingFile(moduleFile: str, name: str, environ=None) -> str:
+    """A test-only file of the repository's ``Testing/`` folder (not installed with the extension), for the
+    module self-tests run from the source tree or by ctest; ``TCURLORA_TESTING_DIR`` overrides the folder.
+    FileNotFoundError (naming where it looked) otherwise."""
+    environ = os.environ if environ is None else environ
+    folders = [environ[TESTING_DIR_ENV]] if environ.get(TESTING_DIR_ENV) else []
+    folders += [os.path.join(root, "Testing") for root in candidateRoots(moduleFile)]
+    for folder in folders:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"{name} not found in {', '.join(folders)}: run the self-tests from the source tree "
+                            f"or set {TESTING_DIR_ENV} to its Testing folder")
+
+
 def engineRoot() -> str:
     """The folder that contains the ``tcurlora`` package (what the worker needs on ``PYTHONPATH``)."""
     import tcurlora

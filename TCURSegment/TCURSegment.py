@@ -421,7 +421,8 @@ class TCURSegmentLogic(ScriptedLoadableModuleLogic, slicerapp.EngineLogicMixin):
 
 
 class TCURSegmentTest(ScriptedLoadableModuleTest):
-    """Self-tests. The stand-in worker (``TCURLoRALib/fakeworker.py``) checks the Slicer side without torch; the
+    """Self-tests. The stand-in worker (``Testing/standin_worker.py``, test-only) checks the Slicer side without
+    torch; the
     real engine runs too when its packages are installed and the base model is cached (or
     ``TCURLORA_SELFTEST_ENGINE=1``; ``=0`` skips it)."""
 
@@ -449,11 +450,10 @@ class TCURSegmentTest(ScriptedLoadableModuleTest):
         return nodeio.addVolumeFromArray(slicer.mrmlScene, voxels, ijkToRAS, name)
 
     def standInLogic(self, fingerprint="toy-fingerprint", manifestReader=None):
-        from TCURLoRALib import fakeworker
-
         registry = models.ModelRegistry(catalog=[{"name": "toy", "title": "Toy model", "labels": self.LABELS,
                                                    "fingerprint": fingerprint, "cached": True}])
-        launcher = engine.defaultLauncher(script=fakeworker.__file__, pythonpath=[engine.engineRoot()])
+        standIn = engine.testingFile(__file__, "standin_worker.py")
+        launcher = engine.defaultLauncher(script=standIn, pythonpath=[engine.engineRoot()])
         return TCURSegmentLogic(launcher=launcher, registry=registry, manifestReader=manifestReader,
                                 dependencyInstaller=lambda: True)
 

@@ -318,10 +318,10 @@ def test_cleanup_stops_a_running_worker(tmp_path):
 
 
 def test_stand_in_worker_of_the_slicer_modules_speaks_the_protocol(tmp_path):
-    """TCURLoRALib/fakeworker.py (used by the module self-tests) run as ``-m`` with the repo on PYTHONPATH."""
+    """Testing/standin_worker.py (used by the module self-tests) run as a script with the repo on PYTHONPATH."""
     workdir = str(tmp_path / "w")
     job = WorkerJob({"command": "segment", "inputs": [], "output": "x", "stop_file": os.path.join(workdir, "STOP")},
-                    workdir=workdir, module="TCURLoRALib.fakeworker", pythonpath=[REPO])
+                    workdir=workdir, script=os.path.join(REPO, "Testing", "standin_worker.py"), pythonpath=[REPO])
     events = run_to_end(job)
     assert events[0]["event"] == "error" and "input image missing" in events[0]["message"]
     assert events[-1]["returncode"] == jobs.EXIT_ERROR

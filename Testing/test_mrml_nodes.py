@@ -1,6 +1,6 @@
 """The Slicer side of the job protocol against real MRML (the ``slicer-core`` wheel, no Slicer application):
 node <-> file / array conversion, the training-curve nodes, and whole segmentation / fine-tuning runs with the
-stand-in worker (``TCURLoRALib/fakeworker.py``), and one run of training then segmentation with the real worker."""
+stand-in worker (``Testing/standin_worker.py``), and one run of training then segmentation with the real worker."""
 
 import json
 import os
@@ -19,7 +19,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from TCURLoRALib import engine, fakeworker, models, nodeio, plots, tasks  # noqa: E402
+from TCURLoRALib import engine, models, nodeio, plots, tasks  # noqa: E402
+
+STANDIN_WORKER = os.path.join(REPO, "Testing", "standin_worker.py")
 
 # Oblique, anisotropic, permuted axes: IJK-to-RAS far from identity.
 _ROT = np.array([[0.0, -1.0, 0.0], [0.8, 0.0, 0.6], [-0.6, 0.0, 0.8]])
@@ -57,7 +59,7 @@ def label_array():
 def fake_launcher(**env):
     extra = {"TCURLORA_FAKE_STEP_S": "0.002"}
     extra.update(env)
-    return engine.defaultLauncher(pythonExecutable=sys.executable, script=fakeworker.__file__, pythonpath=[REPO],
+    return engine.defaultLauncher(pythonExecutable=sys.executable, script=STANDIN_WORKER, pythonpath=[REPO],
                                   extraEnv=extra)
 
 
@@ -287,7 +289,7 @@ def test_worker_failures_are_reported(scene, volume, mode, fragment):
 
 
 def test_launch_failure_is_reported_and_cleaned(scene, volume):
-    launcher = engine.defaultLauncher(pythonExecutable="/nonexistent/PythonSlicer", script=fakeworker.__file__)
+    launcher = engine.defaultLauncher(pythonExecutable="/nonexistent/PythonSlicer", script=STANDIN_WORKER)
     task = tasks.SegmentationTask(volume, "deepbet", launcher)
     with pytest.raises(RuntimeError, match="Could not start"):
         task.start()

@@ -263,9 +263,10 @@ def test_import_boundaries():
         roots = _imported_roots(os.path.join(LIB, name))
         if name != "slicerapp.py":
             assert "qt" not in roots and "ctk" not in roots, f"TCURLoRALib/{name} must not need Qt"
-        if name in ("models.py", "dependencies.py", "engine.py", "fakeworker.py"):
+        if name in ("models.py", "dependencies.py", "engine.py"):
             assert not roots & {"slicer", "vtk"}, f"TCURLoRALib/{name} must be plain Python"
-    assert _imported_roots(os.path.join(LIB, "fakeworker.py")) <= {"gzip", "json", "os", "sys", "time"}
+    standin = os.path.join(REPO, "Testing", "standin_worker.py")
+    assert _imported_roots(standin) <= {"gzip", "json", "os", "sys", "time"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -523,3 +524,8 @@ def test_engine_paths(tmp_path):
     assert job.command_line[:3] == ["/x/PythonSlicer", "-m", "tcurlora.worker"]
     assert job.environment()["PYTHONPATH"].split(os.pathsep)[0] == engine.engineRoot()
     job.cleanup()
+    assert engine.testingFile(module_file, "standin_worker.py") == os.path.join(REPO, "Testing", "standin_worker.py")
+    with pytest.raises(FileNotFoundError, match="TCURLORA_TESTING_DIR"):
+        engine.testingFile(str(fake_module), "standin_worker.py", environ={})
+    assert engine.testingFile(str(fake_module), "standin_worker.py",
+                              environ={engine.TESTING_DIR_ENV: os.path.join(REPO, "Testing")}).startswith(REPO)

@@ -1,9 +1,9 @@
 """A stand-in for ``tcurlora.worker`` that speaks the same job/events protocol with the standard library only.
 
-Used by the module self-tests and the pytest suite to exercise the Slicer side (export, process handling,
+Test-only (it is not installed with the extension). Used by the module self-tests and the pytest suite to exercise the Slicer side (export, process handling,
 progress, cancel/resume, import) quickly and without torch. It is never used for real work.
 
-    python fakeworker.py JOB.json
+    python standin_worker.py JOB.json
 
 Behaviour (environment variables):
 
@@ -161,7 +161,7 @@ def finetune(job, mode, step_s):
 
 def main(argv):
     if len(argv) != 1:
-        sys.stderr.write("usage: fakeworker.py JOB.json\n")
+        sys.stderr.write("usage: standin_worker.py JOB.json\n")
         return 2
     mode = os.environ.get("TCURLORA_FAKE_MODE", "ok")
     step_s = float(os.environ.get("TCURLORA_FAKE_STEP_S", "0.01"))
