@@ -37,7 +37,7 @@ def _addLibraryPath():
 
 _addLibraryPath()
 
-from TCURLoRALib import engine, models, nodeio, plots, slicerapp, tasks  # noqa: E402
+from TCURLoRALib import caselibrary, engine, logic, models, nodeio, plots, slicerapp, tasks  # noqa: E402
 
 METHODS = ["tcurlora", "lora", "decoder", "full"]
 CASE_COLUMNS = (("vtkMRMLScalarVolumeNode", "Volume of this training case."),
@@ -82,6 +82,7 @@ class TCURFinetuneParameterNode:
     validationCases (the last N rows), seed - advanced training settings.
     adapterName - name of the trained adapter; lastAdapterPath - the adapter of the last finished training.
     trainingChart - the loss / validation Dice chart.
+    useCaseLibrary - train on the case library's cases (on disk) instead of the case table.
     """
 
     trainingVolumes: list[slicer.vtkMRMLScalarVolumeNode]
@@ -99,6 +100,7 @@ class TCURFinetuneParameterNode:
     adapterName: str = "tcurlora-adapter"
     lastAdapterPath: str = ""
     trainingChart: slicer.vtkMRMLPlotChartNode
+    useCaseLibrary: bool = False
 
 
 #
@@ -126,12 +128,23 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.onLog = self.onLog
         self.logic.onProgress = self.onProgress
         self.logic.onFinished = self.onFinished
+        self.logic.onValidated = self.onValidated
 
         slicerapp.populateDeviceComboBox(self.ui.deviceComboBox)
         slicerapp.setupAddModelMenu(self.ui.addModelButton, self.onAddBundleModel, self.onAddSpecModel)
         self.ui.casesTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
         self.ui.casesTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         self.ui.labelMappingTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
+        self.ui.libraryTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
+        self.ui.libraryTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
+        self.ui.libraryTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
+        self.ui.projectComboBox.connect("currentTextChanged(QString)", self.onProjectChanged)
+        self.ui.libraryFolderButton.connect("clicked(bool)", self.onLibraryFolder)
+        self.ui.addLibraryCaseButton.connect("clicked(bool)", self.onAddLibraryCase)
+        self.ui.previewLibraryCaseButton.connect("clicked(bool)", self.onPreviewLibraryCase)
+        self.ui.toggleValidationButton.connect("clicked(bool)", self.onToggleValidation)
+        self.ui.removeLibraryCaseButton.connect("clicked(bool)", self.onRemoveLibraryCase)
+        self._populateProjects()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -196,6 +209,7 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.startButton.enabled = False
                 return
             self._updateCasesTable(TCURFinetuneLogic.cases(p))
+            self._updateLibraryTable()
             self._updateMappingTable(self.logic.labelMapping(p))
             entry = self.logic.modelEntry(p.model)
             slicerapp.populateModelComboBox(self.ui.modelComboBox, self.logic.models(), p.model)
@@ -206,14 +220,18 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.labelInfoLabel.text = summary
             self.ui.labelInfoLabel.setStyleSheet("" if ok else "color: #c00000;")
             running = self.logic.isRunning()
-            canStart = ok and entry is not None and any(v and s for v, s in TCURFinetuneLogic.cases(p))
+            hasCases = self.logic.libraryHasTrainingCases() if p.useCaseLibrary else \
+                any(v and s for v, s in TCURFinetuneLogic.cases(p))
+            canStart = ok and entry is not None and hasCases
             self.ui.startButton.text = "Cancel" if running else "Start"
             self.ui.startButton.enabled = running or canStart
             self.ui.resumeButton.enabled = not running and self.logic.canResume()
             hasAdapter = bool(p.lastAdapterPath) and os.path.isfile(p.lastAdapterPath)
             self.ui.saveAdapterButton.enabled = hasAdapter and not running
             self.ui.applyInSegmentButton.enabled = hasAdapter and not running
-            for widget in (self.ui.addCaseButton, self.ui.removeCaseButton, self.ui.refreshLabelsButton):
+            for widget in (self.ui.addCaseButton, self.ui.removeCaseButton, self.ui.refreshLabelsButton,
+                           self.ui.addLibraryCaseButton, self.ui.removeLibraryCaseButton,
+                           self.ui.toggleValidationButton, self.ui.projectComboBox, self.ui.libraryFolderButton):
                 widget.enabled = not running
         finally:
             self._updatingGUI = False
@@ -282,7 +300,82 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                          items[MAPPING_LABEL].text(), items[MAPPING_VALUE].text()))
         return rows
 
+    def _updateLibraryTable(self) -> None:
+        table = self.ui.libraryTable
+        try:
+            cases = self.logic.library().cases()
+        except caselibrary.CaseLibraryError as exc:
+            cases = []
+            self.ui.statusLabel.text = str(exc)
+        rows = caselibrary.caseTableRows(cases)
+        table.setRowCount(len(rows))
+        for index, (row, case) in enumerate(zip(rows, cases)):
+            for column, text in enumerate(row):
+                item = qt.QTableWidgetItem(text)
+                item.setData(qt.Qt.UserRole, case["id"])
+                if column == 3 and case.get("dice"):
+                    item.setToolTip("\n".join(f"{k}: {'-' if v is None else f'{v:.3f}'}"
+                                              for k, v in case["dice"].items()))
+                table.setItem(index, column, item)
+
+    def _populateProjects(self) -> None:
+        combo = self.ui.projectComboBox
+        wasBlocked = combo.blockSignals(True)
+        try:
+            combo.clear()
+            current = slicerapp.caseProject()
+            for name in sorted(set(caselibrary.projects(slicerapp.caseLibraryRoot())) | {current}):
+                combo.addItem(name)
+            combo.setCurrentText(current)
+        finally:
+            combo.blockSignals(wasBlocked)
+
+    def _selectedLibraryCase(self) -> Optional[str]:
+        row = self.ui.libraryTable.currentRow()
+        item = self.ui.libraryTable.item(row, 0) if row >= 0 else None
+        return item.data(qt.Qt.UserRole) if item is not None else None
+
     # -- GUI -> parameter node / logic
+
+    def onProjectChanged(self, name: str) -> None:
+        if name.strip():
+            slicerapp.setCaseProject(name.strip())
+            self.updateGUIFromParameterNode()
+
+    def onLibraryFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Case library folder",
+                                                     slicerapp.caseLibraryRoot())
+        if folder:
+            slicerapp.setCaseLibraryRoot(folder)
+            self._populateProjects()
+            self.updateGUIFromParameterNode()
+
+    def onAddLibraryCase(self) -> None:
+        volume, segmentation = slicerapp.segmentEditorSelection()
+        with slicer.util.tryWithErrorDisplay("Could not add the training case.", waitCursor=True):
+            entry = self.logic.library().addCase(volume, segmentation)
+            self.ui.statusLabel.text = f"Added '{entry['name']}' to the case library."
+        self.updateGUIFromParameterNode()
+
+    def onPreviewLibraryCase(self) -> None:
+        caseId = self._selectedLibraryCase()
+        if caseId:
+            with slicer.util.tryWithErrorDisplay("Could not load the case.", waitCursor=True):
+                volume, _ = self.logic.library().loadCase(caseId, slicer.mrmlScene)
+                slicer.util.setSliceViewerLayers(background=volume, fit=True)
+
+    def onToggleValidation(self) -> None:
+        caseId = self._selectedLibraryCase()
+        if caseId:
+            library = self.logic.library()
+            library.setValidation(caseId, not library.case(caseId).get("validation"))
+            self.updateGUIFromParameterNode()
+
+    def onRemoveLibraryCase(self) -> None:
+        caseId = self._selectedLibraryCase()
+        if caseId and slicer.util.confirmYesNoDisplay("Delete this case (and its files) from the case library?"):
+            self.logic.library().removeCase(caseId)
+            self.updateGUIFromParameterNode()
 
     def onCaseNodeChanged(self, node=None) -> None:
         if self._parameterNode is None or self._updatingGUI:
@@ -347,10 +440,11 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = "Cancelling (a checkpoint is kept for Resume)..."
             return
         with slicer.util.tryWithErrorDisplay("The Python packages TCURLoRA needs could not be installed."):
-            if not self.logic.ensureDependencies():
+            if not slicerapp.ensureDependencies(self.logic, self.ui.progressBar, self.ui.statusLabel):
                 return
         with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
             self.ui.logTextEdit.clear()
+            self.ui.progressBar.maximum = 100
             self.ui.progressBar.value = 0
             self.ui.resultLabel.text = ""
             self.ui.statusLabel.text = "Exporting the training cases..."
@@ -389,6 +483,13 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.format = tasks.progressBarFormat(event)
         self.ui.statusLabel.text = text
 
+    def onValidated(self, results) -> None:
+        scores = [v for case in results.values() for v in case.values() if v is not None]
+        if scores:
+            self.ui.resultLabel.text += (f"\nCase library: {len(results)} validation case(s) segmented with the new "
+                                         f"adapter, mean Dice {sum(scores) / len(scores):.3f} (per case in the table).")
+        self.updateGUIFromParameterNode()
+
     def onFinished(self, task) -> None:
         self.ui.progressBar.format = "%p%"
         if task.status == tasks.DONE:
@@ -408,28 +509,35 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class TCURFinetuneLogic(ScriptedLoadableModuleLogic, slicerapp.EngineLogicMixin):
-    """Adapter training without the GUI.
+class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
+    """Adapter training without the GUI (models and dependencies: :class:`TCURLoRALib.logic.EngineLogic`).
 
     :param launcher: ``launcher(job, workdir) -> WorkerJob`` (default: ``PythonSlicer -m tcurlora.worker``).
-    :param registry: :class:`TCURLoRALib.models.ModelRegistry` (default: the catalog + the user's models).
-    :param dependencyInstaller: ``() -> bool`` (default: ask, then install torch and the other packages).
     :param adapterStore: folder where trained adapters are kept until saved (default: Slicer's cache).
+    :param libraryRoot: folder of the case libraries (default: the application setting).
+    :param kwargs: registry, dependencyInstaller, discoverModels, runner, manifestReader (see
+        :class:`TCURLoRALib.logic.SegmentLogic`); the defaults are the application's.
 
     Callbacks ``onLog(text)``, ``onProgress(event)``, ``onFinished(task)`` run on the main thread.
     """
 
-    def __init__(self, launcher=None, registry=None, dependencyInstaller=None, adapterStore=None) -> None:
+    def __init__(self, launcher=None, adapterStore=None, libraryRoot=None, manifestReader=None, **kwargs) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        arguments = dict(slicerapp.engineLogicArguments(), **kwargs)
+        self.runner = arguments.pop("runner")
+        logic.EngineLogic.__init__(self, **arguments)
         self.launcher = launcher
-        self.registry = registry if registry is not None else models.ModelRegistry(custom=slicerapp.loadCustomModels())
-        self.dependencyInstaller = dependencyInstaller
         self.adapterStore = adapterStore
-        self.driver = slicerapp.TaskDriver()
+        self.libraryRoot = libraryRoot
+        # validation cases of the library are segmented with the new adapter by a segmentation logic
+        self.segmentLogic = logic.SegmentLogic(launcher=launcher, manifestReader=manifestReader,
+                                               runner=slicerapp.timerRunner(), **arguments)
         self._parameterNodeOfTask = None
+        self._libraryLoop = None
         self.onLog = None
         self.onProgress = None
         self.onFinished = None
+        self.onValidated = None
 
     def getParameterNode(self):
         return TCURFinetuneParameterNode(super().getParameterNode())
@@ -539,14 +647,14 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, slicerapp.EngineLogicMixin)
     # -- running
 
     def isRunning(self) -> bool:
-        return self.driver.isRunning
+        return self.runner.isRunning
 
     @property
     def task(self):
-        return self.driver.task
+        return self.runner.task
 
     def canResume(self) -> bool:
-        task = self.driver.task
+        task = self.runner.task
         return task is not None and not task.isActive and getattr(task, "canResume", False)
 
     def finetune(self, cases, mapping, modelName: str = "deepbet", method: str = "tcurlora", rank: int = 8,
@@ -564,21 +672,52 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, slicerapp.EngineLogicMixin)
         scene = scene or training[0][0].GetScene()
         curves = plots.TrainingCurves(scene, name=f"{adapterName} training", chartNode=chartNode)
         if self.canResume():
-            self.driver.task.cleanup()  # a new training replaces the checkpoint of a cancelled one
+            self.runner.task.cleanup()  # a new training replaces the checkpoint of a cancelled one
         task = tasks.FinetuneTask(
             training, models.ModelRegistry.jobBase(entry), self.launcher or engine.defaultLauncher(),
             segmentToValue, labelTable, jobLabels, validation=validation, method=method, rank=rank, steps=steps,
             lr=learningRate or None, patchSize=patchSize, seed=seed, device=device,
             adapterStore=self.adapterStore or slicerapp.adapterStoreDir(), adapterName=adapterName, curves=curves,
             onLog=self._log, onProgress=self._progress, onFinished=self._finished)
-        self.driver.run(task)
+        self.runner.run(task)
         return task
+
+    # -- the case library
+
+    def library(self):
+        root = self.libraryRoot or slicerapp.caseLibraryRoot()
+        return caselibrary.CaseLibrary(root, slicerapp.caseProject())
+
+    def libraryHasTrainingCases(self) -> bool:
+        try:
+            return bool(self.library().split()["training"])
+        except caselibrary.CaseLibraryError:
+            return False
+
+    def validateLibrary(self, adapterPath: str, modelName: str, device: str = "auto") -> None:
+        """Segment the library's validation cases with the adapter and record their Dice (in the background);
+        ``onValidated(results)`` when done."""
+        loop = self._libraryLoop or logic.LibraryLogic(self.library(), slicer.mrmlScene, self.segmentLogic)
+
+        def done(results):
+            loop.unload()
+            self._libraryLoop = None
+            if self.onValidated:
+                self.onValidated(results)
+
+        self._libraryLoop = loop
+        loop.validate(adapterPath, modelName, device=device, onDone=done)
 
     def finetuneFromParameterNode(self, parameterNode):
         p = parameterNode
-        task = self.finetune(self.cases(p), self.labelMapping(p), modelName=p.model, method=p.method, rank=p.rank,
+        cases, validationCount = self.cases(p), p.validationCases
+        if p.useCaseLibrary:
+            self._libraryLoop = logic.LibraryLogic(self.library(), slicer.mrmlScene, self.segmentLogic)
+            training, validation = self._libraryLoop.trainingPairs()
+            cases, validationCount = training + validation, len(validation)
+        task = self.finetune(cases, self.labelMapping(p), modelName=p.model, method=p.method, rank=p.rank,
                              steps=p.steps, learningRate=p.learningRate or None,
-                             patchSize=self.parsePatchSize(p.patchSize), validationCount=p.validationCases,
+                             patchSize=self.parsePatchSize(p.patchSize), validationCount=validationCount,
                              seed=p.seed, device=p.device, adapterName=p.adapterName or "tcurlora-adapter",
                              chartNode=p.trainingChart)
         self._parameterNodeOfTask = p
@@ -590,25 +729,33 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, slicerapp.EngineLogicMixin)
     def resume(self):
         if not self.canResume():
             raise RuntimeError("There is no cancelled training to resume.")
-        self.driver.resume(self.driver.task)
-        return self.driver.task
+        self.runner.resume(self.runner.task)
+        return self.runner.task
 
     def cancel(self) -> None:
-        self.driver.cancel()
+        self.runner.cancel()
 
     def waitForCompletion(self, timeoutSeconds: float = 600.0):
-        return self.driver.waitForCompletion(timeoutSeconds)
+        status = self.runner.waitForCompletion(timeoutSeconds, idle=slicer.app.processEvents)
+        self.segmentLogic.waitForCompletion(timeoutSeconds, idle=slicer.app.processEvents)  # library validation
+        return status
 
     def shutdown(self) -> None:
-        self.driver.shutdown()
+        """End any run now (module cleanup, scene close): afterwards Start works again."""
+        self.runner.shutdown()
+        self.segmentLogic.shutdown()
+        if self._libraryLoop is not None:
+            self._libraryLoop.loaded = {}  # the scene is being closed: its nodes go with it
+            self._libraryLoop = None
 
     @staticmethod
     def resultDescription(task) -> str:
         lines = [f"Adapter: {task.adapterPath}"]
-        dice = task.metrics.get("validation_dice")
-        if isinstance(dice, (int, float)):
+        diceKeys = ("best_validation_dice", "validation_dice")
+        dice = next((task.metrics[k] for k in diceKeys if isinstance(task.metrics.get(k), (int, float))), None)
+        if dice is not None:
             lines.append(f"Validation Dice: {dice:.3f}")
-        others = {k: v for k, v in task.metrics.items() if k != "validation_dice" and isinstance(v, (int, float))}
+        others = {k: v for k, v in task.metrics.items() if k not in diceKeys and isinstance(v, (int, float))}
         if others:
             lines.append(", ".join(f"{k}: {v:g}" for k, v in sorted(others.items())))
         return "\n".join(lines)
@@ -648,6 +795,12 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, slicerapp.EngineLogicMixin)
             p.lastAdapterPath = task.adapterPath
         if self.onFinished:
             self.onFinished(task)
+        if self._libraryLoop is not None:
+            if task.status == tasks.DONE and self._libraryLoop.library.split()["validation"]:
+                self.validateLibrary(task.adapterPath, p.model if p is not None else "deepbet", task.device)
+            else:
+                self._libraryLoop.unload()
+                self._libraryLoop = None
 
 
 #
@@ -745,7 +898,7 @@ class TCURFinetuneTest(ScriptedLoadableModuleTest):
         mapping = models.defaultLabelMapping(["Brain"], self.LABELS)
         task = logic.finetune([(volume, segmentation)], mapping, modelName="toy", steps=400)
         deadline = time.monotonic() + 30
-        while task.lastProgress is None and time.monotonic() < deadline:
+        while (task.lastProgress or {}).get("phase") != "train" and time.monotonic() < deadline:
             task.processEvents()
             slicer.app.processEvents()
             time.sleep(0.02)

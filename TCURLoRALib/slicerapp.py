@@ -1,6 +1,6 @@
 """Pieces that need the running Slicer application (``qt``, ``slicer.app``), shared by both modules.
 
-* :class:`TaskDriver` - polls a running task from a ``qt.QTimer`` on the main thread (the GUI never blocks);
+* :func:`timerRunner` - polls a running task from a ``qt.QTimer`` on the main thread (the GUI never blocks);
 * custom base models remembered across sessions (application settings);
 * small widget helpers (model / device combo boxes, the "Add model..." menu, file dialogs).
 
@@ -22,98 +22,35 @@ CUSTOM_MODELS_SETTINGS_KEY = "TCURLoRA/CustomModels"
 POLL_INTERVAL_MS = 200
 
 
-class TaskDriver:
-    """Runs one :class:`TCURLoRALib.tasks.WorkerTask` at a time; its events are handled on the main thread by a
-    timer, so callbacks may touch the scene and the GUI."""
+def timerRunner(intervalMs: int = POLL_INTERVAL_MS):
+    """A :class:`TCURLoRALib.tasks.TaskRunner` polled by a ``qt.QTimer`` on the main thread, so the task's
+    callbacks may touch the scene and the GUI."""
+    from .tasks import TaskRunner
 
-    def __init__(self, intervalMs: int = POLL_INTERVAL_MS) -> None:
-        self.task = None
-        self.timer = qt.QTimer()
-        self.timer.setInterval(intervalMs)
-        self.timer.connect("timeout()", self._onTimeout)
-
-    @property
-    def isRunning(self) -> bool:
-        return self.task is not None and self.task.isActive
-
-    def run(self, task) -> None:
-        if self.isRunning:
-            raise RuntimeError("A TCURLoRA job is already running; cancel it first.")
-        self.task = task
-        task.start()
-        self.timer.start()
-
-    def resume(self, task) -> None:
-        self.task = task
-        task.resume()
-        self.timer.start()
-
-    def _onTimeout(self) -> None:
-        if self.task is None or not self.task.processEvents():
-            self.timer.stop()
-
-    def cancel(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-
-    def waitForCompletion(self, timeoutSeconds: float = 600.0) -> Optional[str]:
-        """Block (self-tests, scripts) while keeping the application responsive."""
-        if self.task is None:
-            return None
-        try:
-            return self.task.waitForCompletion(timeoutSeconds, idle=slicer.app.processEvents)
-        finally:
-            if not self.task.isActive:
-                self.timer.stop()
-
-    def shutdown(self) -> None:
-        """Stop polling and stop/clean the task (module cleanup, scene close)."""
-        self.timer.stop()
-        if self.task is not None:
-            self.task.cleanup()
+    timer = qt.QTimer()
+    timer.setInterval(intervalMs)
+    runner = TaskRunner(timer)
+    timer.connect("timeout()", runner.poll)
+    return runner
 
 
-class EngineLogicMixin:
-    """Base models and dependencies, shared by both module logics (which set ``self.registry`` and
-    ``self.dependencyInstaller``)."""
+def engineLogicArguments() -> dict:
+    """What :class:`TCURLoRALib.logic.EngineLogic` gets inside Slicer: the user's models from the application
+    settings, saved back there, the models found on this computer, and a timer-driven runner."""
+    return {"registry": ModelRegistry(custom=loadCustomModels()), "saveCustomModels": saveCustomModels,
+            "discoverModels": discoverModelsFunction(), "runner": timerRunner()}
 
-    registry = None
-    dependencyInstaller = None
 
-    def models(self):
-        return self.registry.entries()
+def discoverModelsFunction():
+    """The engine's finder of base models already on this computer, as model entries (None when the engine
+    has none)."""
+    try:
+        from tcurlora.models.discover import discover_models
+    except ImportError:
+        return None
+    from .models import discoveredEntries
 
-    def modelEntry(self, name: str):
-        return self.registry.ensure(name)
-
-    @staticmethod
-    def modelDescription(entry) -> str:
-        from .models import labelsText
-
-        text = f"Labels: {labelsText(entry.get('labels', []))}"
-        if entry.get("kind") == "catalog" and not entry.get("cached", True):
-            text += " - the weights are downloaded on first use."
-        return text
-
-    def addBundleModel(self, folder: str):
-        entry = self.registry.addBundle(folder)
-        saveCustomModels(self.registry)
-        return entry
-
-    def addSpecModel(self, spec: str, weights: str):
-        entry = self.registry.addSpec(spec, weights)
-        saveCustomModels(self.registry)
-        return entry
-
-    def ensureDependencies(self) -> bool:
-        """True when the engine's packages are importable (asking, then installing, if they are not)."""
-        if self.dependencyInstaller is not None:
-            return self.dependencyInstaller()
-        import logging
-
-        from .dependencies import slicerInstaller
-
-        return slicerInstaller(log=logging.info).ensure()
+    return lambda: discoveredEntries(discover_models())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,14 +96,38 @@ def populateModelComboBox(comboBox, entries, selectedName: str) -> None:
         comboBox.blockSignals(wasBlocked)
 
 
-def populateDeviceComboBox(comboBox) -> None:
+def populateChoiceComboBox(comboBox, choices) -> None:
+    """(text, value) items; the value is the item data."""
     wasBlocked = comboBox.blockSignals(True)
     try:
         comboBox.clear()
-        for text, value in DEVICE_CHOICES:
+        for text, value in choices:
             comboBox.addItem(text, value)
     finally:
         comboBox.blockSignals(wasBlocked)
+
+
+def populateDeviceComboBox(comboBox) -> None:
+    populateChoiceComboBox(comboBox, DEVICE_CHOICES)
+
+
+def ensureDependencies(engineLogic, progressBar=None, statusLabel=None) -> bool:
+    """Install what the engine needs (one question), showing each step in the module's progress bar."""
+    if engineLogic.dependencyInstaller is not None:
+        return engineLogic.dependencyInstaller()
+    import logging
+
+    from .dependencies import slicerInstaller
+
+    def progress(done, total, text):
+        if progressBar is not None:
+            progressBar.maximum = max(total, 1)
+            progressBar.value = done
+        if statusLabel is not None:
+            statusLabel.text = text
+        slicer.app.processEvents()  # pip runs on this thread (Slicer's pip_install): show the step first
+
+    return slicerInstaller(log=logging.info, progress=progress).ensure()
 
 
 def selectComboData(comboBox, value) -> None:
@@ -218,3 +179,56 @@ def showChart(chartNode) -> None:
     if chartNode is None or not hasattr(slicer.modules, "plots"):
         return
     slicer.modules.plots.logic().ShowChartInLayout(chartNode)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# case library location (application settings)
+
+CASE_LIBRARY_ROOT_KEY = "TCURLoRA/CaseLibraryFolder"
+CASE_PROJECT_KEY = "TCURLoRA/CaseLibraryProject"
+DEFAULT_PROJECT = "My site"
+
+
+def caseLibraryRoot() -> str:
+    """Where the case libraries live (default: ``TCURLoRA/CaseLibrary`` in the user's documents folder)."""
+    folder = qt.QSettings().value(CASE_LIBRARY_ROOT_KEY, "")
+    if not folder:
+        documents = qt.QStandardPaths.writableLocation(qt.QStandardPaths.DocumentsLocation) or os.path.expanduser("~")
+        folder = os.path.join(documents, "TCURLoRA", "CaseLibrary")
+    return folder
+
+
+def setCaseLibraryRoot(folder: str) -> None:
+    qt.QSettings().setValue(CASE_LIBRARY_ROOT_KEY, folder)
+
+
+def caseProject() -> str:
+    return qt.QSettings().value(CASE_PROJECT_KEY, "") or DEFAULT_PROJECT
+
+
+def setCaseProject(name: str) -> None:
+    qt.QSettings().setValue(CASE_PROJECT_KEY, name)
+
+
+def openCaseLibrary():
+    from .caselibrary import CaseLibrary
+
+    return CaseLibrary(caseLibraryRoot(), caseProject())
+
+
+def segmentEditorSelection():
+    """(source volume, segmentation) selected in the Segment Editor module, or (None, None)."""
+    try:
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        return editor.sourceVolumeNode(), editor.segmentationNode()
+    except AttributeError:
+        return None, None
+
+
+def showModelCard(card, parent=None) -> None:
+    from .logic import modelCardText
+
+    if not card:
+        return
+    slicer.util.infoDisplay(modelCardText(card), windowTitle=f"Model card: {card['title']}",
+                            detailedText=card.get("text") or None, parent=parent)

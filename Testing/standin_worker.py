@@ -169,6 +169,13 @@ def main(argv):
         job = json.load(f)
     if mode == "error":
         fail("fake failure requested")
+    if mode == "stubborn":
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        emit("progress", phase=job.get("command"), step=0, total=1, loss=None, dice=None, eta_s=None)
+        while True:
+            time.sleep(0.05)
     if mode == "crash":
         sys.stderr.write("Traceback (most recent call last):\n  File \"worker.py\"\nRuntimeError: fake crash\n")
         return 1

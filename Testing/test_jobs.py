@@ -76,7 +76,7 @@ def test_segment_job_fields(tmp_path):
     assert job["version"] == 1 and job["command"] == "segment"
     assert job["inputs"] == [str(tmp_path / "input.nrrd")]
     assert job["adapter"] == str(tmp_path / "a.safetensors")
-    assert job["tta"] is True and job["largest_component"] is False and job["device"] == "cuda"
+    assert job["tta"] is True and job["largest_component"] is None and job["device"] == "cuda"  # base decides
     json.dumps(job)  # serialisable
     assert jobs.segment_job(base={"spec": "s.json", "weights": "w.pt"}, inputs=["i"], output="o",
                             stop_file="s")["base"] == {"spec": "s.json", "weights": "w.pt"}

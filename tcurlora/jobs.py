@@ -46,7 +46,8 @@ EXIT_OK = 0
 EXIT_ERROR = 2
 EXIT_CANCELLED = 3
 
-DEFAULT_GRACE_S = 15.0
+DEFAULT_GRACE_S = 1.0  # stop file, then SIGTERM, then SIGKILL after CANCEL_TERM_WAIT_S: gone within 2 s
+CANCEL_TERM_WAIT_S = 0.5
 JOB_FILE_NAME = "job.json"
 STOP_FILE_NAME = "STOP"
 WORKDIR_PREFIX = "tcurlora-"
@@ -76,8 +77,9 @@ def _check_device(device: str) -> str:
 
 
 def segment_job(*, base: Any, inputs: Sequence[str], output: str, stop_file: str, adapter: Optional[str] = None,
-                device: str = "auto", tta: bool = False, largest_component: bool = False) -> Dict[str, Any]:
-    """The job dictionary of a ``segment`` command."""
+                device: str = "auto", tta: bool = False,
+                largest_component: Optional[bool] = None) -> Dict[str, Any]:
+    """The job dictionary of a ``segment`` command (``largest_component=None``: the base model decides)."""
     if not inputs:
         raise ValueError("a segment job needs at least one input image")
     return {
@@ -90,7 +92,7 @@ def segment_job(*, base: Any, inputs: Sequence[str], output: str, stop_file: str
         "output": os.fspath(output),
         "adapter": os.fspath(adapter) if adapter else None,
         "tta": bool(tta),
-        "largest_component": bool(largest_component),
+        "largest_component": None if largest_component is None else bool(largest_component),
     }
 
 
@@ -422,17 +424,17 @@ class WorkerJob:
 
         def kill_later() -> None:
             if not self._finished.wait(grace_s):
-                self.kill()
+                self.kill(CANCEL_TERM_WAIT_S)
 
         threading.Thread(target=kill_later, daemon=True).start()
 
-    def kill(self) -> None:
-        """Kill the worker and its children now."""
+    def kill(self, term_wait_s: float = 2.0) -> None:
+        """Kill the worker and its children now (SIGTERM, then SIGKILL after ``term_wait_s``)."""
         with self._lock:
             if self.proc is None or self.proc.poll() is not None:
                 return
             self._killed = True
-            _kill_tree(self.proc)
+            _kill_tree(self.proc, term_wait_s)
 
     def cleanup(self, timeout_s: float = 10.0) -> None:
         """Stop the process if it is still running and remove the temporary folder (unless ``keep_workdir``).
