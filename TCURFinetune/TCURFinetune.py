@@ -810,8 +810,7 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
 
 class TCURFinetuneTest(ScriptedLoadableModuleTest):
     """Self-tests. The stand-in worker (``Testing/standin_worker.py``, test-only) checks the Slicer side without
-    torch; the
-    real engine runs too when its packages are installed and the base model is cached (or
+    torch; the real engine runs too when its packages are installed and the base model is cached (or
     ``TCURLORA_SELFTEST_ENGINE=1``; ``=0`` skips it)."""
 
     LABELS = [{"value": 1, "name": "Brain", "color": [0.9, 0.7, 0.6]}]
@@ -824,6 +823,8 @@ class TCURFinetuneTest(ScriptedLoadableModuleTest):
         self.test_FinetuneWithStandInWorker()
         self.setUp()
         self.test_CancelAndResume()
+        self.setUp()
+        self.test_SceneCloseEndsTraining()
         self.setUp()
         self.test_NewLabelTrainsNewHead()
         self.setUp()
@@ -913,6 +914,22 @@ class TCURFinetuneTest(ScriptedLoadableModuleTest):
         self.assertEqual(steps, [float(s) for s in range(1, 401)])  # resumed where it stopped, not restarted
         self.assertFalse(os.path.exists(task.workdir))
         self.delayDisplay("Cancel and resume a training: passed")
+
+    def test_SceneCloseEndsTraining(self):
+        self.delayDisplay("Closing the scene during training ends it; Start works again")
+        logic = self.standInLogic(stepSeconds=0.05)
+        volume, segmentation = self.makeCase()
+        mapping = models.defaultLabelMapping(["Brain"], self.LABELS)
+        task = logic.finetune([(volume, segmentation)], mapping, modelName="toy", steps=400)
+        self.assertTrue(logic.isRunning())
+        logic.shutdown()  # what the widget's scene-close handler calls
+        self.assertFalse(logic.isRunning())
+        self.assertEqual(task.status, tasks.CANCELLED)
+        slicer.mrmlScene.Clear()
+        volume, segmentation = self.makeCase("After")
+        task = logic.finetune([(volume, segmentation)], mapping, modelName="toy", steps=3)
+        self.assertEqual(logic.waitForCompletion(60), tasks.DONE, task.errorMessage)
+        self.delayDisplay("Closing the scene during training: passed")
 
     def test_NewLabelTrainsNewHead(self):
         self.delayDisplay("A new label asks for a new head")

@@ -389,8 +389,7 @@ class TCURSegmentLogic(ScriptedLoadableModuleLogic, logic.SegmentLogic):
 
 class TCURSegmentTest(ScriptedLoadableModuleTest):
     """Self-tests. The stand-in worker (``Testing/standin_worker.py``, test-only) checks the Slicer side without
-    torch; the
-    real engine runs too when its packages are installed and the base model is cached (or
+    torch; the real engine runs too when its packages are installed and the base model is cached (or
     ``TCURLORA_SELFTEST_ENGINE=1``; ``=0`` skips it)."""
 
     LABELS = [{"value": 1, "name": "Brain", "color": [0.9, 0.7, 0.6]}]
@@ -401,6 +400,8 @@ class TCURSegmentTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_SegmentWithStandInWorker()
+        self.setUp()
+        self.test_ApplyTwiceReplacesTheNewSegmentation()
         self.setUp()
         self.test_RefuseAdapterForOtherBase()
         self.setUp()
@@ -442,6 +443,21 @@ class TCURSegmentTest(ScriptedLoadableModuleTest):
         self.assertTrue(segmentation.GetSegmentation().ContainsRepresentation("Closed surface"))
         self.assertFalse(os.path.exists(task.workdir), "temporary folder left behind")
         self.delayDisplay("Segment with the stand-in worker: passed")
+
+    def test_ApplyTwiceReplacesTheNewSegmentation(self):
+        self.delayDisplay("Apply twice with 'Create new segmentation': one new node, replaced")
+        volume = self.makeVolume()
+        logic = self.standInLogic()
+        p = logic.getParameterNode()
+        p.inputVolume, p.outputSegmentation, p.model, p.device = volume, None, "toy", "cpu"
+        self.assertEqual(p.largestComponent, "default")  # the base model decides (deepbet: keep largest)
+        for _ in range(2):
+            logic.segmentFromParameters(p)
+            self.assertEqual(logic.waitForCompletion(60), tasks.DONE, logic.task.errorMessage)
+            self.assertIsNone(logic.task.jobDict["largest_component"])
+        self.assertIs(p.outputSegmentation, logic.task.outputSegmentation)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), 1)
+        self.delayDisplay("Apply twice: passed")
 
     def test_RefuseAdapterForOtherBase(self):
         self.delayDisplay("Refuse an adapter trained on another base model")

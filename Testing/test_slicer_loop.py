@@ -357,3 +357,43 @@ def test_models_found_on_the_computer_are_listed_and_custom_entries_can_be_remov
             engineLogic.removeModel(name)
     broken = logic.EngineLogic(registry=toy_registry(), discoverModels=lambda: 1 / 0)
     assert [e["name"] for e in broken.models()] == ["toy"]  # a failing search never stops the module
+
+
+def test_the_loop_with_the_real_worker(scene, tiny_unet, tmp_path):
+    """The library's files are what the real engine reads: the real tptbox CT with its vertebra labels is
+    added as a training case and again as a validation case; the real worker trains an adapter on the tiny
+    base, then segments the validation case with it; its Dice per label is recorded in the library."""
+    from conftest import CT, CT_VERT, VERTEBRAE
+
+    volume = nodeio.readVolume(scene, str(CT), name="CT")
+    segmentation = nodeio.readSegmentation(str(CT_VERT), scene=scene, name="CT vertebrae")
+    nodeio.applyLabels(segmentation, VERTEBRAE)
+    library = caselibrary.CaseLibrary(str(tmp_path / "library"), "Spine site")
+    library.addCase(volume, segmentation, name="train")
+    library.addCase(volume, segmentation, name="validate", validation=True)
+    base = {"spec": str(tiny_unet.spec), "weights": str(tiny_unet.weights)}
+    registry = models.ModelRegistry(catalog=[])
+    registry.addSpec(base["spec"], base["weights"])
+    modelName = registry.custom[0]["name"]
+    real = engine.defaultLauncher(pythonExecutable=sys.executable, pythonpath=[REPO],
+                                  extraEnv={"OMP_NUM_THREADS": "1"})
+    segmentLogic = logic.SegmentLogic(launcher=real, registry=registry, dependencyInstaller=lambda: True)
+    loop = logic.LibraryLogic(library, scene, segmentLogic)
+    training, validation = loop.trainingPairs()
+    names = nodeio.segmentNames(training[0][1])
+    assert sorted(names) == sorted(e["name"] for e in VERTEBRAE if e["name"] in names) and names
+    job_labels, table, segment_to_value = models.labelsFromMapping(models.defaultLabelMapping(names, VERTEBRAE),
+                                                                   VERTEBRAE)
+    runner = tasks.TaskRunner()
+    train = runner.run(tasks.FinetuneTask(training, base, real, segment_to_value, table, job_labels, steps=2,
+                                          rank=2, device="cpu", adapterStore=str(tmp_path / "store")))
+    assert runner.waitForCompletion(300) == tasks.DONE, train.errorMessage
+    results = {}
+    loop.validate(train.adapterPath, modelName, device="cpu", onDone=results.update)
+    assert segmentLogic.waitForCompletion(300) == tasks.DONE, segmentLogic.task.errorMessage
+    [(caseId, scores)] = results.items()
+    assert caseId == library.split()["validation"][0] and set(scores) == set(names)
+    assert all(v is None or 0.0 <= v <= 1.0 for v in scores.values())
+    assert caselibrary.CaseLibrary(str(tmp_path / "library"), "Spine site").case(caseId)["dice"] == \
+        {k: (None if v is None else round(v, 4)) for k, v in scores.items()}
+    loop.unload()
