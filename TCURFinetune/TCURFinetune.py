@@ -524,19 +524,15 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
     def __init__(self, launcher=None, adapterStore=None, libraryRoot=None, manifestReader=None, **kwargs) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         arguments = dict(slicerapp.engineLogicArguments(), **kwargs)
-        self.runner = arguments.pop("runner")
         logic.EngineLogic.__init__(self, **arguments)
         self.launcher = launcher
         self.adapterStore = adapterStore
         self.libraryRoot = libraryRoot
         # validation cases of the library are segmented with the new adapter by a segmentation logic
         self.segmentLogic = logic.SegmentLogic(launcher=launcher, manifestReader=manifestReader,
-                                               runner=slicerapp.timerRunner(), **arguments)
+                                               **dict(arguments, runner=slicerapp.timerRunner()))
         self._parameterNodeOfTask = None
         self._libraryLoop = None
-        self.onLog = None
-        self.onProgress = None
-        self.onFinished = None
         self.onValidated = None
 
     def getParameterNode(self):
@@ -646,13 +642,6 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
 
     # -- running
 
-    def isRunning(self) -> bool:
-        return self.runner.isRunning
-
-    @property
-    def task(self):
-        return self.runner.task
-
     def canResume(self) -> bool:
         task = self.runner.task
         return task is not None and not task.isActive and getattr(task, "canResume", False)
@@ -732,17 +721,14 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
         self.runner.resume(self.runner.task)
         return self.runner.task
 
-    def cancel(self) -> None:
-        self.runner.cancel()
-
     def waitForCompletion(self, timeoutSeconds: float = 600.0):
-        status = self.runner.waitForCompletion(timeoutSeconds, idle=slicer.app.processEvents)
+        status = logic.EngineLogic.waitForCompletion(self, timeoutSeconds, idle=slicer.app.processEvents)
         self.segmentLogic.waitForCompletion(timeoutSeconds, idle=slicer.app.processEvents)  # library validation
         return status
 
     def shutdown(self) -> None:
         """End any run now (module cleanup, scene close): afterwards Start works again."""
-        self.runner.shutdown()
+        logic.EngineLogic.shutdown(self)
         self.segmentLogic.shutdown()
         if self._libraryLoop is not None:
             self._libraryLoop.loaded = {}  # the scene is being closed: its nodes go with it
@@ -780,14 +766,6 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
 
         parameterNode = TCURSegment.TCURSegmentLogic().getParameterNode()  # shared with the module's widget
         TCURSegment.TCURSegmentLogic.addAdapter(parameterNode, adapterPath, modelName)
-
-    def _log(self, text):
-        if self.onLog:
-            self.onLog(text)
-
-    def _progress(self, event):
-        if self.onProgress:
-            self.onProgress(event)
 
     def _finished(self, task):
         p = self._parameterNodeOfTask

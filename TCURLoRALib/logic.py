@@ -94,16 +94,50 @@ class EngineLogic:
     :param dependencyInstaller: ``() -> bool`` (default: ask once, then install what is missing).
     :param discoverModels: ``() -> [model entry]`` of bases found on this computer (TotalSegmentator,
         SlicerNNUnet, MONAIAuto3DSeg, MONAI bundles); listed after the catalog.
+    :param runner: :class:`TCURLoRALib.tasks.TaskRunner` (a timer-driven one in Slicer).
+
+    Callbacks ``onLog(text)``, ``onProgress(event)``, ``onFinished(task)`` run on the main thread.
     """
 
     def __init__(self, registry=None, saveCustomModels: Optional[Callable] = None,
                  dependencyInstaller: Optional[Callable[[], bool]] = None,
-                 discoverModels: Optional[Callable[[], Sequence[Dict[str, Any]]]] = None) -> None:
+                 discoverModels: Optional[Callable[[], Sequence[Dict[str, Any]]]] = None, runner=None) -> None:
         self.registry = registry if registry is not None else models.ModelRegistry()
         self.saveCustomModels = saveCustomModels or (lambda registry: None)
         self.dependencyInstaller = dependencyInstaller
         self.discoverModels = discoverModels
         self._discovered: Optional[List[Dict[str, Any]]] = None
+        self.runner = runner if runner is not None else tasks.TaskRunner()
+        self.onLog = None
+        self.onProgress = None
+        self.onFinished = None
+
+    # -- the one run at a time
+
+    def isRunning(self) -> bool:
+        return self.runner.isRunning
+
+    @property
+    def task(self):
+        return self.runner.task
+
+    def cancel(self) -> None:
+        self.runner.cancel()
+
+    def waitForCompletion(self, timeoutSeconds: float = 600.0, idle=None):
+        return self.runner.waitForCompletion(timeoutSeconds, idle=idle)
+
+    def shutdown(self) -> None:
+        """End any run now (module cleanup, scene close): afterwards a new run may start."""
+        self.runner.shutdown()
+
+    def _log(self, text):
+        if self.onLog:
+            self.onLog(text)
+
+    def _progress(self, event):
+        if self.onProgress:
+            self.onProgress(event)
 
     # -- models
 
@@ -173,23 +207,17 @@ class EngineLogic:
 
 
 class SegmentLogic(EngineLogic):
-    """Segmentation runs. Callbacks ``onLog(text)``, ``onProgress(event)``, ``onFinished(task)`` run on the
-    main thread.
+    """Segmentation runs (and the :class:`EngineLogic` parameters).
 
     :param launcher: ``launcher(job, workdir) -> WorkerJob`` (default: ``PythonSlicer -m tcurlora.worker``).
     :param manifestReader: ``path -> manifest dict`` (default: ``tcurlora.manifest.read_manifest``).
-    :param runner: :class:`TCURLoRALib.tasks.TaskRunner` (a timer-driven one in Slicer).
     """
 
-    def __init__(self, launcher=None, manifestReader=None, runner=None, **kwargs) -> None:
+    def __init__(self, launcher=None, manifestReader=None, **kwargs) -> None:
         EngineLogic.__init__(self, **kwargs)
         self.launcher = launcher
         self.manifestReader = manifestReader
-        self.runner = runner if runner is not None else tasks.TaskRunner()
         self._manifestCache: Dict[Any, Dict[str, Any]] = {}
-        self.onLog = None
-        self.onProgress = None
-        self.onFinished = None
 
     # -- adapters
 
@@ -220,13 +248,6 @@ class SegmentLogic(EngineLogic):
                 "labels": list(manifest.get("labels") or []), "manifest": manifest}
 
     # -- running
-
-    def isRunning(self) -> bool:
-        return self.runner.isRunning
-
-    @property
-    def task(self):
-        return self.runner.task
 
     def segment(self, inputVolume, modelName: str = "deepbet", adapterPath: Optional[str] = None,
                 device: str = "auto", outputSegmentation=None, tta: bool = False,
@@ -273,23 +294,6 @@ class SegmentLogic(EngineLogic):
                             outputSegmentation=p.outputSegmentation, tta=p.testTimeAugmentation,
                             largestComponent=tasks.largestComponentOption(p.largestComponent),
                             createSurfaces=p.showIn3D, onDone=remember)
-
-    def cancel(self) -> None:
-        self.runner.cancel()
-
-    def waitForCompletion(self, timeoutSeconds: float = 600.0, idle=None):
-        return self.runner.waitForCompletion(timeoutSeconds, idle=idle)
-
-    def shutdown(self) -> None:
-        self.runner.shutdown()
-
-    def _log(self, text):
-        if self.onLog:
-            self.onLog(text)
-
-    def _progress(self, event):
-        if self.onProgress:
-            self.onProgress(event)
 
 
 class LibraryLogic:

@@ -26,20 +26,11 @@ if REPO not in sys.path:
 
 from TCURLoRALib import caselibrary, engine, logic, models, nodeio, plots, tasks  # noqa: E402
 
-STANDIN_WORKER = os.path.join(REPO, "Testing", "standin_worker.py")
+from test_mrml_nodes import STANDIN_WORKER, converter_rules, scene  # noqa: E402,F401  (shared fixtures)
+
 LABELS = [{"value": 1, "name": "Brain", "color": [0.9, 0.7, 0.6]}]
 SHAPE = (12, 14, 16)  # K, J, I
 IJK_TO_RAS = np.array([[0, -1.2, 0, 20.0], [1.1, 0, 0, -15.0], [0, 0, 1.5, 5.0], [0, 0, 0, 1]])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def converter_rules():
-    nodeio.registerSegmentationConverterRules()
-
-
-@pytest.fixture
-def scene():
-    return slicer.vtkMRMLScene()
 
 
 def standin(**env):
