@@ -154,7 +154,7 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
 
     def onSceneStartClose(self, caller, event) -> None:
-        self.logic.cancel()
+        self.logic.shutdown()  # ends the run now: nothing is imported into the closing scene
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:

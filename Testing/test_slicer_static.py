@@ -197,8 +197,13 @@ def test_extension_index_entry_and_icon():
 
 def test_docs_exist():
     text = read(os.path.join(REPO, "docs", "slicer.md"))
-    for needle in ("TCURLORA_WHEELHOUSE", "Additional module paths", "ctest", "PyTorch"):
-        assert needle in text
+    for needle in ("TCURLORA_WHEELHOUSE", "Additional module paths", "ctest", "PyTorch", "Add as training case",
+                   "## Troubleshooting", "No GPU", "proxy", "Out of memory", "tcurlora/requirements.txt"):
+        assert needle in text, needle
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(pictures) >= 2
+    for picture in pictures:
+        assert os.path.isfile(os.path.join(REPO, "docs", picture)), picture
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -365,7 +370,7 @@ MANIFEST = {
 
 
 def test_adapter_summary_and_base_check(tmp_path):
-    manifest = MANIFEST  # the manifest layout of DESIGN §4 / tcurlora.manifest (read from real files in the
+    manifest = MANIFEST  # the manifest layout of tcurlora.manifest (read from real files in the
     text = models.adapterSummary(manifest)  # module self-tests and by the lead's real-worker test)
     assert "Labels: 1 Brain" in text and "rank 8" in text and "3 training cases" in text
     assert "validation Dice 0.912" in text and "abababababab" in text
