@@ -10,7 +10,7 @@ A *parameters* object is anything with the parameter node's attributes (the type
 
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -107,6 +107,7 @@ class EngineLogic:
         self.dependencyInstaller = dependencyInstaller
         self.discoverModels = discoverModels
         self._discovered: Optional[List[Dict[str, Any]]] = None
+        self._warningsCache: Tuple[Any, List[str]] = (None, [])
         self.runner = runner if runner is not None else tasks.TaskRunner()
         self.onLog = None
         self.onProgress = None
@@ -175,7 +176,14 @@ class EngineLogic:
         return modelCard(self.modelEntry(name))
 
     def inputWarnings(self, volumeNode, modelName: str) -> List[str]:
-        return inputWarnings(volumeNode, self.modelCard(modelName))
+        """:func:`inputWarnings`, remembered for the last volume version (the GUI asks on every update)."""
+        if volumeNode is None:
+            return []
+        image = volumeNode.GetImageData()
+        key = (volumeNode.GetID(), volumeNode.GetMTime(), image.GetMTime() if image is not None else 0, modelName)
+        if self._warningsCache[0] != key:
+            self._warningsCache = (key, inputWarnings(volumeNode, self.modelCard(modelName)))
+        return self._warningsCache[1]
 
     def isCustomModel(self, name: str) -> bool:
         return any(e["name"] == name for e in self.registry.custom)

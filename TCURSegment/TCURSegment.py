@@ -197,7 +197,7 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelCardLabel.text = logic.modelCardText(card)
             self.ui.modelCardButton.enabled = bool(card and card["text"])
             self.ui.removeModelButton.enabled = self.logic.isCustomModel(p.model)
-            self.ui.inputWarningLabel.text = "\n".join(logic.inputWarnings(p.inputVolume, card))
+            self.ui.inputWarningLabel.text = "\n".join(self.logic.inputWarnings(p.inputVolume, p.model))
             self._populateAdapterComboBox(p)
             slicerapp.selectComboData(self.ui.deviceComboBox, p.device)
             slicerapp.selectComboData(self.ui.largestComponentComboBox, p.largestComponent)

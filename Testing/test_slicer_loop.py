@@ -324,6 +324,12 @@ def test_warnings_when_the_volume_is_far_from_the_base(scene):
     assert "spacing 1 x 1 x 5 mm" in warning
     mri.SetAttribute("DICOM.Modality", "PT")
     assert any("looks like PT" in w for w in logic.inputWarnings(mri, card))
+    # the module logic: the shipped deepbet card, remembered per volume version
+    engineLogic = logic.EngineLogic()
+    assert engineLogic.inputWarnings(coarse, "deepbet") == [warning]
+    assert engineLogic.inputWarnings(ct, "deepbet")[0].startswith("The base model expects MR images")
+    nodeio.updateVolumeFromArray(ct, (500 + 400 * k).astype(np.int16), np.diag([1.0, 1.0, 1.0, 1.0]))
+    assert engineLogic.inputWarnings(ct, "deepbet") == []  # new voxels: checked again
 
 
 def test_models_found_on_the_computer_are_listed_and_custom_entries_can_be_removed(tmp_path):
