@@ -497,7 +497,8 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = "Training finished."
             self.ui.resultLabel.text = self.logic.resultDescription(task)
         elif task.status == tasks.CANCELLED:
-            self.ui.statusLabel.text = "Cancelled. Resume continues from the last checkpoint."
+            self.ui.statusLabel.text = "Cancelled. Resume continues from the last checkpoint." if task.canResume \
+                else "Cancelled before a checkpoint was written: Start trains again."
         else:
             self.ui.statusLabel.text = "Failed: " + task.errorMessage
             slicer.util.errorDisplay("Training failed:\n\n" + task.errorMessage, windowTitle="TCUR Finetune")

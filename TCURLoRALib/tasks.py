@@ -100,8 +100,6 @@ class WorkerTask:
     ``onLog(text)``, ``onProgress(event)``, ``onFinished(task)``.
     """
 
-    keepWorkdirOnCancel = False
-
     def __init__(self, launcher: Callable, onLog: Optional[Callable[[str], None]] = None,
                  onProgress: Optional[Callable[[Dict[str, Any]], None]] = None,
                  onFinished: Optional[Callable[["WorkerTask"], None]] = None,
@@ -125,6 +123,7 @@ class WorkerTask:
         self._background: Optional[Background] = None
         self._onBackgroundDone: Optional[Callable[[Any], None]] = None
         self._cancelRequested = False
+        self._aborted = False
 
     # -- state
 
@@ -296,7 +295,7 @@ class WorkerTask:
         elapsed = time.monotonic() - self.startTime if self.startTime else 0.0
         self._log(f"Finished: {self.status} ({elapsed:.1f} s)" + (f" - {self.errorMessage}"
                                                                   if self.status == ERROR else ""))
-        if not (self.status == CANCELLED and self.keepWorkdirOnCancel and self.jobDict is not None):
+        if not (self.status == CANCELLED and not self._aborted and self._keepsWorkdir()):
             self.cleanup()
         if self.onFinished:
             self.onFinished(self)
@@ -318,9 +317,13 @@ class WorkerTask:
         if not self.isActive:
             self.cleanup()
             return
-        self.keepWorkdirOnCancel = False  # nothing to resume into: the scene is gone
+        self._aborted = True  # nothing to resume into: the scene is gone
         self._log("Stopped: the scene was closed")
         self._end(CANCELLED)
+
+    def _keepsWorkdir(self) -> bool:
+        """Whether a cancelled run keeps its folder (to be resumed)."""
+        return False
 
     def _removeWorkdir(self) -> None:
         if self.workdir and os.path.isdir(self.workdir):
@@ -501,8 +504,6 @@ class FinetuneTask(WorkerTask):
     to ``adapterStore`` (:attr:`adapterPath`); a cancelled run keeps its folder so it can be resumed.
     """
 
-    keepWorkdirOnCancel = True
-
     def __init__(self, cases: Sequence[Tuple[Any, Any]], base: Any, launcher: Callable,
                  segmentToValue: Dict[str, int], labelTable: Sequence[Dict[str, Any]],
                  jobLabels: Optional[Sequence[Dict[str, Any]]] = None,
@@ -570,9 +571,17 @@ class FinetuneTask(WorkerTask):
                                  seed=self.seed, device=self.device)
 
     @property
+    def checkpoint(self) -> Optional[str]:
+        """The checkpoint a cancelled worker reported (None when it was killed before reaching one)."""
+        path = ((self.result or {}).get("outputs") or {}).get("checkpoint")
+        return path if path and os.path.isfile(path) else None
+
+    def _keepsWorkdir(self) -> bool:
+        return self.checkpoint is not None
+
+    @property
     def canResume(self) -> bool:
-        return self.status == CANCELLED and bool(self.workdir) and os.path.isdir(self.workdir) \
-            and self.jobDict is not None
+        return self.status == CANCELLED and self.jobDict is not None and self.checkpoint is not None
 
     def resume(self) -> "FinetuneTask":
         """Run the cancelled job again with ``"resume": true`` in the same folder."""

@@ -164,6 +164,23 @@ def test_cancel_stops_a_stuck_worker_within_two_seconds(scene):
     assert elapsed < 2.0, f"the worker took {elapsed:.1f} s to stop"
 
 
+@pytest.mark.skipif(os.name == "nt", reason="SIGTERM is a POSIX signal")
+def test_a_training_killed_before_its_checkpoint_offers_no_resume(scene, tmp_path):
+    task = finetune_task([add_case(scene)], standin(TCURLORA_FAKE_MODE="stubborn"), tmp_path)
+    runner = tasks.TaskRunner()
+    runner.run(task)
+    deadline = time.monotonic() + 30
+    while (task.lastProgress or {}).get("phase") != "finetune" and time.monotonic() < deadline:
+        runner.poll()
+        time.sleep(0.01)
+    runner.cancel()
+    assert runner.waitForCompletion(10) == tasks.CANCELLED
+    assert task.checkpoint is None and not task.canResume
+    assert not os.path.exists(task.workdir)  # nothing to resume: the folder is not kept
+    with pytest.raises(RuntimeError, match="no cancelled training to resume"):
+        task.resume()
+
+
 def test_files_are_written_and_read_off_the_main_thread(scene, monkeypatch):
     volume, _ = add_case(scene)
     threads = {}

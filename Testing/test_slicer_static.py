@@ -95,6 +95,32 @@ def test_slicer_parameter_names_are_parameter_node_fields(module):
 
 
 @pytest.mark.parametrize("module", MODULES)
+def test_every_widget_and_logic_method_called_exists(module):
+    """``self.X(...)`` and callbacks ``self.X`` in the Widget and Logic classes name methods or attributes that
+    the class (or its TCURLoRALib base) defines: the module scripts cannot be imported without Slicer, so a
+    typo there would only show in the application."""
+    tree = ast.parse(read(os.path.join(REPO, module, module + ".py")))
+    bases_source = read(os.path.join(LIB, "logic.py")) + read(os.path.join(REPO, "TCURSegment", "TCURSegment.py"))
+    inherited = set(re.findall(r"def (\w+)\(", bases_source)) | set(
+        re.findall(r"self\.(\w+)(?:: [^=]+)? = ", bases_source)) | {
+        "layout", "parent", "resourcePath", "addObserver", "removeObserver", "removeObservers", "delayDisplay",
+        "assertEqual", "assertTrue", "assertFalse", "assertIsNone", "assertIsNotNone", "assertIs", "assertIn",
+        "assertLess", "assertGreater", "assertGreaterEqual", "assertRaises", "getParameterNode"}
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        defined = {f.name for f in cls.body if isinstance(f, ast.FunctionDef)} | inherited | {
+            t.id for n in cls.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        for node in ast.walk(cls):
+            if isinstance(node, ast.Assign):
+                defined |= {t.attr for t in node.targets if isinstance(t, ast.Attribute)}
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Attribute):
+                defined.add(node.target.attr)
+        used = {n.attr for n in ast.walk(cls) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                and n.value.id == "self" and isinstance(n.ctx, ast.Load)}
+        missing = sorted(used - defined)
+        assert not missing, f"{cls.name} uses self.{missing}, which nothing defines"
+
+
+@pytest.mark.parametrize("module", MODULES)
 def test_module_script_defines_the_four_classes(module):
     tree = ast.parse(read(os.path.join(REPO, module, module + ".py")))
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
