@@ -139,6 +139,7 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.libraryTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         self.ui.libraryTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
         self.ui.projectComboBox.connect("currentTextChanged(QString)", self.onProjectChanged)
+        self.ui.useLibraryCheckBox.connect("toggled(bool)", self.onLibraryChanged)
         self.ui.libraryFolderButton.connect("clicked(bool)", self.onLibraryFolder)
         self.ui.addLibraryCaseButton.connect("clicked(bool)", self.onAddLibraryCase)
         self.ui.previewLibraryCaseButton.connect("clicked(bool)", self.onPreviewLibraryCase)
@@ -340,6 +341,12 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onProjectChanged(self, name: str) -> None:
         if name.strip():
             slicerapp.setCaseProject(name.strip())
+            self.onLibraryChanged()
+
+    def onLibraryChanged(self, *args) -> None:
+        """The case library, or whether to train on it, changed: its segment names feed the label table."""
+        if self._parameterNode is not None and not self._updatingGUI:
+            self.logic.refreshLabelMapping(self._parameterNode)
             self.updateGUIFromParameterNode()
 
     def onLibraryFolder(self) -> None:
@@ -348,14 +355,14 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if folder:
             slicerapp.setCaseLibraryRoot(folder)
             self._populateProjects()
-            self.updateGUIFromParameterNode()
+            self.onLibraryChanged()
 
     def onAddLibraryCase(self) -> None:
         volume, segmentation = slicerapp.segmentEditorSelection()
         with slicer.util.tryWithErrorDisplay("Could not add the training case.", waitCursor=True):
             entry = self.logic.library().addCase(volume, segmentation)
             self.ui.statusLabel.text = f"Added '{entry['name']}' to the case library."
-        self.updateGUIFromParameterNode()
+        self.onLibraryChanged()
 
     def onPreviewLibraryCase(self) -> None:
         caseId = self._selectedLibraryCase()
@@ -375,7 +382,7 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         caseId = self._selectedLibraryCase()
         if caseId and slicer.util.confirmYesNoDisplay("Delete this case (and its files) from the case library?"):
             self.logic.library().removeCase(caseId)
-            self.updateGUIFromParameterNode()
+            self.onLibraryChanged()
 
     def onCaseNodeChanged(self, node=None) -> None:
         if self._parameterNode is None or self._updatingGUI:
@@ -605,8 +612,15 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
         return list(entry.get("labels") or []) if entry else []
 
     def refreshLabelMapping(self, parameterNode):
-        """Rows for the segment names of the current cases, keeping the user's earlier choices."""
-        names, colors = self.segmentInfo([s for _, s in self.cases(parameterNode)])
+        """Rows for the segment names of the current cases (the case library's or the scene's), keeping the
+        user's earlier choices."""
+        if parameterNode.useCaseLibrary:
+            try:
+                names, colors = self.library().segmentInfo()
+            except caselibrary.CaseLibraryError:
+                names, colors = [], {}
+        else:
+            names, colors = self.segmentInfo([s for _, s in self.cases(parameterNode)])
         rows = models.mergeLabelMapping(self.labelMapping(parameterNode), names, self.baseLabels(parameterNode.model),
                                         colors)
         self.setLabelMapping(parameterNode, rows)

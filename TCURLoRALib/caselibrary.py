@@ -6,7 +6,7 @@ One folder per project (a site, a task)::
     <root>/<project>/cases/<id>/image.nrrd         the volume (LPS NRRD, as Slicer writes it)
     <root>/<project>/cases/<id>/label.seg.nrrd     every segment of the correction, on the volume's grid
 
-A case entry: ``{"id", "name", "added" (ISO date), "segments" [names], "validation" (bool), "dice"
+A case entry: ``{"id", "name", "added" (ISO date), "segments" [names], "colors" {name: RGB}, "validation" (bool), "dice"
 ({label name: Dice} of the last validation, or null), "adapter" (the adapter that Dice was measured with)}``.
 The index is rewritten through a temporary file and a rename, so a crash never leaves it half-written; a
 case folder is written completely before it enters the index. It survives restarting Slicer: everything is
@@ -115,12 +115,18 @@ class CaseLibrary:
         folder = os.path.join(self.folder, "cases", self.case(caseId)["id"])
         return {"image": os.path.join(folder, "image.nrrd"), "label": os.path.join(folder, "label.seg.nrrd")}
 
-    def segmentNames(self) -> List[str]:
-        """Every segment name of the library's cases, in first-seen order (for the label mapping)."""
+    def segmentInfo(self):
+        """Every segment name of the library's cases in first-seen order, and a colour per name (for the
+        label mapping, like the scene's cases)."""
         names: List[str] = []
+        colors: Dict[str, List[float]] = {}
         for entry in self._index["cases"]:
-            names += [n for n in entry.get("segments", []) if n not in names]
-        return names
+            for name in entry.get("segments", []):
+                if name not in names:
+                    names.append(name)
+                    if name in (entry.get("colors") or {}):
+                        colors[name] = entry["colors"][name]
+        return names, colors
 
     def split(self) -> Dict[str, List[str]]:
         """Case ids for training and validation."""
@@ -160,7 +166,8 @@ class CaseLibrary:
                 shutil.rmtree(partial, ignore_errors=True)
         entry = {"id": caseId, "name": name or volumeNode.GetName(),
                  "added": datetime.datetime.now().isoformat(timespec="seconds"),
-                 "segments": [s["name"] for s in segments], "validation": bool(validation), "dice": None,
+                 "segments": [s["name"] for s in segments], "colors": {s["name"]: s["color"] for s in segments},
+                 "validation": bool(validation), "dice": None,
                  "adapter": None}
         self._index["cases"].append(entry)
         self._write()

@@ -213,7 +213,8 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             canApply = bool(p.inputVolume) and entry is not None and (info is None or info["compatible"])
             self.ui.applyButton.enabled = running or canApply
             self.ui.applyButton.toolTip = "Stop the running segmentation." if running else (
-                "Segment the input volume." if canApply else "Select an input volume, a base model and a matching adapter.")
+                "Segment the input volume." if canApply
+                else "Select an input volume, a base model and a matching adapter.")
             self.ui.addTrainingCaseButton.enabled = not running
         finally:
             self._updatingGUI = False

@@ -1,7 +1,8 @@
 """A stand-in for ``tcurlora.worker`` that speaks the same job/events protocol with the standard library only.
 
-Test-only (it is not installed with the extension). Used by the module self-tests and the pytest suite to exercise the Slicer side (export, process handling,
-progress, cancel/resume, import) quickly and without torch. It is never used for real work.
+Test-only (it is not installed with the extension). Used by the module self-tests and the pytest suite to
+exercise the Slicer side (export, process handling, progress, cancel/resume, import) quickly and without
+torch. It is never used for real work.
 
     python standin_worker.py JOB.json
 

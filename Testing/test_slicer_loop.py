@@ -247,6 +247,8 @@ def test_case_library_add_list_persist_preview_remove(scene, tmp_path):
     np.testing.assert_array_equal(nodeio.labelArrayFromSegmentation(loadedSegmentation, loadedVolume),
                                   nodeio.labelArrayFromSegmentation(segmentation, volume))
     assert nodeio.segmentNames(loadedSegmentation) == ["Brain"]
+    names, colors = again.segmentInfo()  # what the label table of TCUR Finetune offers
+    assert names == ["Brain"] and np.allclose(colors["Brain"], LABELS[0]["color"])
     again.recordDice(second["id"], {"Brain": 0.91234}, "a.safetensors")
     assert caselibrary.CaseLibrary(str(tmp_path), "Site A").case(second["id"])["dice"] == {"Brain": 0.9123}
     assert caselibrary.caseTableRows(again.cases())[1] == ["second", "validation", "Brain", "0.912"]
