@@ -486,7 +486,8 @@ def test_version_minimum(installed, minimum, ok):
 
 def test_dependency_installer_asks_once_installs_torch_first_and_pins_it():
     env = FakeEnvironment({"scipy": "1.14.0", "SimpleITK": "2.4.0", "numpy": "1.26.4"})
-    installer = env.installer()
+    steps = []
+    installer = env.installer(progress=lambda done, total, text: steps.append((done, total, text)))
     missing = [m.requirement.name for m in installer.missing()]
     assert missing[0] == "torch" and "monai" in missing and "scipy" not in missing
     assert installer.ensure() is True
@@ -497,6 +498,9 @@ def test_dependency_installer_asks_once_installs_torch_first_and_pins_it():
     # the torch PyTorchUtils just installed, and Slicer's own SimpleITK/numpy, cannot be swapped by pip
     assert set(env.constraints[0].split()) == {"torch==2.13.0", "SimpleITK==2.4.0", "numpy==1.26.4"}
     assert not any(a.lower().startswith(("simpleitk", "numpy")) for a in args)
+    # the progress bar shows each installation step
+    assert [s[:2] for s in steps] == [(0, 2), (1, 2), (2, 2)]
+    assert "PyTorch" in steps[0][2] and "monai>=1.3" in steps[1][2]
     assert installer.ensure() is True and len(env.questions) == 1  # nothing missing: no question
 
 
