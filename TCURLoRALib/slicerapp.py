@@ -232,3 +232,30 @@ def showModelCard(card, parent=None) -> None:
         return
     slicer.util.infoDisplay(modelCardText(card), windowTitle=f"Model card: {card['title']}",
                             detailedText=card.get("text") or None, parent=parent)
+
+
+def showIn3D(segmentationNode, show: bool, pollMs: int = 100) -> None:
+    """Show or hide a segmentation in the 3D view; missing closed surfaces are built on a background thread
+    (from a detached copy) and taken over on the main thread when ready."""
+    from . import nodeio
+    from .tasks import Background
+
+    nodeio.showSegmentation(segmentationNode, surfaces=False)
+    displayNode = segmentationNode.GetDisplayNode()
+    displayNode.SetVisibility3D(show)
+    segmentation = segmentationNode.GetSegmentation()
+    if not show or segmentation.ContainsRepresentation("Closed surface") \
+            or segmentation.GetNumberOfSegments() == 0:
+        return
+    copy = nodeio.surfaceCopy(segmentationNode)
+    job = Background(lambda report: nodeio.buildSurfaces(copy))
+
+    def check():
+        if not job.done:
+            qt.QTimer.singleShot(pollMs, check)
+            return
+        job.outcome()
+        if segmentationNode.GetScene() is not None:
+            nodeio.adoptSurfaces(segmentationNode, copy)
+
+    qt.QTimer.singleShot(pollMs, check)

@@ -251,9 +251,8 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onShow3DToggled(self, show: bool) -> None:
         node = self._parameterNode.outputSegmentation if self._parameterNode else None
         if node is not None and not self.logic.isRunning():
-            with slicer.util.tryWithErrorDisplay("Could not show the segmentation in 3D.", waitCursor=True):
-                nodeio.showSegmentation(node, surfaces=show)
-                node.GetDisplayNode().SetVisibility3D(show)
+            with slicer.util.tryWithErrorDisplay("Could not show the segmentation in 3D."):
+                slicerapp.showIn3D(node, show)
 
     def onRemoveModel(self) -> None:
         p = self._parameterNode
