@@ -165,7 +165,9 @@ class EngineLogic:
 
     @staticmethod
     def modelDescription(entry) -> str:
-        text = f"Labels: {models.labelsText(entry.get('labels', []))}"
+        names = entry.get("labelNames")
+        text = "Labels: " + (", ".join(names) if names and not entry.get("labels") else
+                             models.labelsText(entry.get("labels", [])))
         if entry.get("kind") == "catalog" and not entry.get("cached", True):
             text += " - the weights are downloaded on first use."
         if entry.get("discovered"):

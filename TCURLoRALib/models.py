@@ -158,18 +158,24 @@ class ModelRegistry:
 
 
 def discoveredEntries(found: Sequence[Any]) -> List[Dict[str, Any]]:
-    """Model entries for bases found on this computer: each item a folder path or a dict with ``"path"`` (and
-    optionally ``"title"``, ``"kind"`` such as nnunet / auto3dseg / bundle, ``"labels"``)."""
+    """Model entries for bases found on this computer (``tcurlora.models.discover.discover_models()``: dicts
+    with ``kind`` such as totalsegmentator / nnunet / auto3dseg / bundle, ``name``, ``base`` = the folder to
+    pass as the job's base, ``labels`` = label names, ``problem`` when it cannot be used as is). A model with a
+    problem is left out (and logged); label names are shown, their values come from the model at run time."""
     entries = []
     for item in found:
-        item = {"path": item} if isinstance(item, (str, os.PathLike)) else dict(item)
-        path = os.fspath(item.get("path") or "")
+        item = {"base": item} if isinstance(item, (str, os.PathLike)) else dict(item)
+        path = os.fspath(item.get("base") or item.get("path") or "")
         if not path:
+            continue
+        if item.get("problem"):
+            logging.warning(f"TCURLoRA: the model in {path} is not offered: {item['problem']}")
             continue
         what = item.get("kind") or "model"
         title = item.get("title") or item.get("name") or os.path.basename(path.rstrip(os.sep))
+        names = [str(n) for n in item.get("labels") or []]
         entries.append({"name": "found:" + path, "title": f"{title} ({what}, on this computer)", "kind": FOUND_KIND,
-                        "source": what, "path": path, "labels": list(item.get("labels") or []),
+                        "source": what, "path": path, "labels": [], "labelNames": names,
                         "fingerprint": item.get("fingerprint")})
     return entries
 

@@ -357,13 +357,18 @@ def test_models_found_on_the_computer_are_listed_and_custom_entries_can_be_remov
     bundle = tmp_path / "my_bundle"
     (bundle / "configs").mkdir(parents=True)
     saved = []
+    found = [{"kind": "nnunet", "name": "Dataset001_Liver/nnUNetTrainer__nnUNetPlans__3d_fullres",
+              "base": str(found_folder), "labels": ["liver", "tumour"]},
+             {"kind": "bundle", "name": "broken", "base": str(tmp_path / "broken"), "labels": [],
+              "problem": "no weights in models/"}]
     engineLogic = logic.EngineLogic(registry=toy_registry(), saveCustomModels=lambda r: saved.append(r.customEntries()),
-                                    discoverModels=lambda: models.discoveredEntries(
-                                        [{"path": str(found_folder), "kind": "nnunet", "title": "Liver"}]))
+                                    discoverModels=lambda: models.discoveredEntries(found))
     names = [e["name"] for e in engineLogic.models()]
-    assert names == ["toy", "found:" + str(found_folder)]
+    assert names == ["toy", "found:" + str(found_folder)]  # the one with a problem is not offered
     entry = engineLogic.modelEntry("found:" + str(found_folder))
-    assert models.ModelRegistry.jobBase(entry) == str(found_folder) and "on this computer" in entry["title"]
+    assert models.ModelRegistry.jobBase(entry) == str(found_folder)
+    assert entry["title"] == "Dataset001_Liver/nnUNetTrainer__nnUNetPlans__3d_fullres (nnunet, on this computer)"
+    assert engineLogic.modelDescription(entry).startswith("Labels: liver, tumour")
     added = engineLogic.addBundleModel(str(bundle))
     assert engineLogic.isCustomModel(added["name"]) and len(saved[-1]) == 1
     engineLogic.removeModel(added["name"])
