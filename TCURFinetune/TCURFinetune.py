@@ -359,10 +359,13 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onAddLibraryCase(self) -> None:
         volume, segmentation = slicerapp.segmentEditorSelection()
-        with slicer.util.tryWithErrorDisplay("Could not add the training case.", waitCursor=True):
-            entry = self.logic.library().addCase(volume, segmentation)
+        def added(entry):
             self.ui.statusLabel.text = f"Added '{entry['name']}' to the case library."
-        self.onLibraryChanged()
+            self.onLibraryChanged()
+
+        with slicer.util.tryWithErrorDisplay("Could not add the training case."):
+            slicerapp.addTrainingCase(self.logic.library(), volume, segmentation, added)
+            self.ui.statusLabel.text = "Storing the training case..."
 
     def onPreviewLibraryCase(self) -> None:
         caseId = self._selectedLibraryCase()

@@ -138,7 +138,14 @@ class CaseLibrary:
 
     def addCase(self, volumeNode, segmentationNode, name: Optional[str] = None, validation: bool = False
                 ) -> Dict[str, Any]:
-        """Store the volume and every segment of the segmentation (on the volume's grid) as a new case."""
+        """Store the volume and every segment of the segmentation (on the volume's grid) as a new case:
+        :meth:`takeCase` (main thread), :meth:`writeCase` (any thread), :meth:`commitCase` (main thread)."""
+        return self.commitCase(self.writeCase(self.takeCase(volumeNode, segmentationNode, name, validation)))
+
+    @staticmethod
+    def takeCase(volumeNode, segmentationNode, name: Optional[str] = None, validation: bool = False
+                 ) -> Dict[str, Any]:
+        """The arrays and names of a case, taken from the scene (main thread)."""
         from . import nodeio
 
         if volumeNode is None or segmentationNode is None:
@@ -151,24 +158,33 @@ class CaseLibrary:
         if not label.any():
             raise CaseLibraryError(f"'{segmentationNode.GetName()}' has no labelled voxel inside "
                                    f"'{volumeNode.GetName()}'.")
-        labels = [{"value": v, "name": s["name"], "color": s["color"]} for v, s in zip(values, segments)]
+        return {"name": name or volumeNode.GetName(), "validation": bool(validation), "label": label,
+                "image": nodeio.arrayFromVolume(volumeNode), "geometry": nodeio.ijkToRAS(volumeNode),
+                "labels": [{"value": v, "name": s["name"], "color": s["color"]} for v, s in zip(values, segments)]}
+
+    def writeCase(self, case: Dict[str, Any]) -> Dict[str, Any]:
+        """Write a taken case's files into a new case folder (any thread: no MRML); returns its index entry."""
+        from . import nodeio
+
         caseId = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         folder = os.path.join(self.folder, "cases", caseId)
         partial = folder + ".partial"
         os.makedirs(partial)
         try:
-            geometry = nodeio.ijkToRAS(volumeNode)
-            nodeio.writeVolumeArray(os.path.join(partial, "image.nrrd"), nodeio.arrayFromVolume(volumeNode), geometry)
-            nodeio.writeLabelArray(os.path.join(partial, "label.seg.nrrd"), label, geometry, labels)
+            nodeio.writeVolumeArray(os.path.join(partial, "image.nrrd"), case["image"], case["geometry"])
+            nodeio.writeLabelArray(os.path.join(partial, "label.seg.nrrd"), case["label"], case["geometry"],
+                                   case["labels"])
             os.replace(partial, folder)
         finally:
             if os.path.isdir(partial):
                 shutil.rmtree(partial, ignore_errors=True)
-        entry = {"id": caseId, "name": name or volumeNode.GetName(),
-                 "added": datetime.datetime.now().isoformat(timespec="seconds"),
-                 "segments": [s["name"] for s in segments], "colors": {s["name"]: s["color"] for s in segments},
-                 "validation": bool(validation), "dice": None,
-                 "adapter": None}
+        return {"id": caseId, "name": case["name"], "added": datetime.datetime.now().isoformat(timespec="seconds"),
+                "segments": [e["name"] for e in case["labels"]],
+                "colors": {e["name"]: e["color"] for e in case["labels"]},
+                "validation": case["validation"], "dice": None, "adapter": None}
+
+    def commitCase(self, entry: Dict[str, Any]) -> Dict[str, Any]:
+        """Enter a written case into the index."""
         self._index["cases"].append(entry)
         self._write()
         return dict(entry)

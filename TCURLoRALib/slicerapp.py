@@ -259,3 +259,21 @@ def showIn3D(segmentationNode, show: bool, pollMs: int = 100) -> None:
             nodeio.adoptSurfaces(segmentationNode, copy)
 
     qt.QTimer.singleShot(pollMs, check)
+
+
+def addTrainingCase(library, volumeNode, segmentationNode, onDone: Callable, pollMs: int = 100) -> None:
+    """Add a case to the library: the arrays are taken now, the files written on a background thread, the
+    index updated on the main thread; then ``onDone(entry)``. Errors are shown in a dialog."""
+    from .tasks import Background
+
+    case = library.takeCase(volumeNode, segmentationNode)  # raises with a readable message on bad input
+    job = Background(lambda report: library.writeCase(case))
+
+    def check():
+        if not job.done:
+            qt.QTimer.singleShot(pollMs, check)
+            return
+        with slicer.util.tryWithErrorDisplay("Could not add the training case."):
+            onDone(library.commitCase(job.outcome()))
+
+    qt.QTimer.singleShot(pollMs, check)

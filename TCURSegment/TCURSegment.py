@@ -272,11 +272,15 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume, segmentation = (p.inputVolume, p.outputSegmentation) if p else (None, None)
         if segmentation is None:
             volume, segmentation = slicerapp.segmentEditorSelection()
-        with slicer.util.tryWithErrorDisplay("Could not add the training case.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay("Could not add the training case."):
             library = slicerapp.openCaseLibrary()
-            entry = library.addCase(volume, segmentation)
-            self.ui.statusLabel.text = (f"Added '{entry['name']}' to the case library '{library.project}' "
-                                        f"({len(library.cases())} cases). Fine-tune in TCUR Finetune.")
+
+            def added(entry):
+                self.ui.statusLabel.text = (f"Added '{entry['name']}' to the case library '{library.project}' "
+                                            f"({len(library.cases())} cases). Fine-tune in TCUR Finetune.")
+
+            slicerapp.addTrainingCase(library, volume, segmentation, added)
+            self.ui.statusLabel.text = "Storing the training case..."
 
     def onAdapterSelected(self, index: int) -> None:
         if not self._parameterNode or index < 0 or self._updatingGUI:

@@ -233,7 +233,13 @@ def test_case_library_add_list_persist_preview_remove(scene, tmp_path):
     library = caselibrary.CaseLibrary(str(tmp_path), "Site A")
     entry = library.addCase(volume, segmentation)
     assert entry["name"] == "Patient 7 volume" and entry["segments"] == ["Brain"] and not entry["validation"]
-    second = library.addCase(*add_case(scene, "Other", 2), name="second", validation=True)
+    taken = library.takeCase(*add_case(scene, "Other", 2), name="second", validation=True)
+    written = {}
+    writer = threading.Thread(target=lambda: written.update(library.writeCase(taken)))  # as the GUI does
+    writer.start()
+    writer.join()
+    assert [c["id"] for c in library.cases()] == [entry["id"]]  # written, not yet in the index
+    second = library.commitCase(written)
     # a new instance (Slicer restarted) reads the same cases from disk
     again = caselibrary.CaseLibrary(str(tmp_path), "Site A")
     assert [c["id"] for c in again.cases()] == [entry["id"], second["id"]]
