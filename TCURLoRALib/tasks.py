@@ -1,9 +1,10 @@
 """Segmentation and fine-tuning runs: export the inputs, drive the worker process, import the results.
 
-A task touches the MRML scene only in :meth:`WorkerTask.start` and :meth:`WorkerTask.processEvents`, which the
-module logic calls from the main thread (``processEvents`` from a ``qt.QTimer``); the worker's output is read
-by :class:`tcurlora.jobs.WorkerJob`'s threads into a queue. Nothing here blocks except
-:meth:`WorkerTask.waitForCompletion`, meant for tests and headless scripts.
+A task touches the MRML scene only in :meth:`WorkerTask.start` (taking the input arrays) and
+:meth:`WorkerTask.processEvents` (putting the results in), which the module logic calls from the main thread
+(``processEvents`` from a ``qt.QTimer``, see :class:`TaskRunner`). Input and output files are written and read
+on a :class:`Background` thread; the worker's output is read by :class:`tcurlora.jobs.WorkerJob`'s threads
+into a queue. Nothing here blocks except the ``waitForCompletion`` methods, meant for tests and scripts.
 
 The launcher is injected: ``launcher(job: dict, workdir: str) -> WorkerJob`` (see
 :func:`TCURLoRALib.engine.defaultLauncher`).
