@@ -5,7 +5,6 @@ import sys
 from typing import Annotated, Optional
 
 import qt
-import vtk
 
 import slicer
 from slicer.ScriptedLoadableModule import (
@@ -108,7 +107,7 @@ class TCURFinetuneParameterNode:
 #
 
 
-class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class TCURFinetuneWidget(slicerapp.ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -130,8 +129,7 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.onFinished = self.onFinished
         self.logic.onValidated = self.onValidated
 
-        slicerapp.populateDeviceComboBox(self.ui.deviceComboBox)
-        slicerapp.setupAddModelMenu(self.ui.addModelButton, self.onAddBundleModel, self.onAddSpecModel)
+        self.setupModelWidgets()
         self.ui.casesTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
         self.ui.casesTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         self.ui.labelMappingTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
@@ -147,58 +145,16 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.removeLibraryCaseButton.connect("clicked(bool)", self.onRemoveLibraryCase)
         self._populateProjects()
 
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
         self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
         self.ui.removeCaseButton.connect("clicked(bool)", self.onRemoveCase)
         self.ui.refreshLabelsButton.connect("clicked(bool)", self.onRefreshLabels)
         self.ui.labelMappingTable.connect("itemChanged(QTableWidgetItem*)", self.onMappingEdited)
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
-        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceSelected)
         self.ui.startButton.connect("clicked(bool)", self.onStartButton)
         self.ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
         self.ui.saveAdapterButton.connect("clicked(bool)", self.onSaveAdapter)
         self.ui.applyInSegmentButton.connect("clicked(bool)", self.onApplyInSegment)
 
         self.initializeParameterNode()
-
-    def cleanup(self) -> None:
-        self.removeObservers()
-        if self.logic:
-            self.logic.shutdown()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.logic.shutdown()
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-
-    def setParameterNode(self, inputParameterNode: Optional[TCURFinetuneParameterNode]) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-        self.updateGUIFromParameterNode()
-
-    # -- parameter node -> GUI
 
     def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
         if self._updatingGUI:
@@ -212,11 +168,7 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateCasesTable(TCURFinetuneLogic.cases(p))
             self._updateLibraryTable()
             self._updateMappingTable(self.logic.labelMapping(p))
-            entry = self.logic.modelEntry(p.model)
-            slicerapp.populateModelComboBox(self.ui.modelComboBox, self.logic.models(), p.model)
-            self.ui.modelInfoLabel.text = self.logic.modelDescription(entry) if entry else \
-                f"Model '{p.model}' is not available: select another one."
-            slicerapp.selectComboData(self.ui.deviceComboBox, p.device)
+            entry = self.updateModelWidgets(p)
             ok, summary = self.logic.mappingSummary(p)
             self.ui.labelInfoLabel.text = summary
             self.ui.labelInfoLabel.setStyleSheet("" if ok else "color: #c00000;")
@@ -424,25 +376,9 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.setLabelMapping(self._parameterNode, rows)
 
     def onModelSelected(self, index: int) -> None:
+        slicerapp.ModuleWidgetMixin.onModelSelected(self, index)
         if self._parameterNode and index >= 0 and not self._updatingGUI:
-            self._parameterNode.model = self.ui.modelComboBox.itemData(index)
             self.logic.refreshLabelMapping(self._parameterNode)
-
-    def onDeviceSelected(self, index: int) -> None:
-        if self._parameterNode and index >= 0 and not self._updatingGUI:
-            self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
-
-    def onAddBundleModel(self) -> None:
-        folder = slicerapp.askBundleFolder(slicer.util.mainWindow())
-        if folder:
-            with slicer.util.tryWithErrorDisplay("Could not add the model."):
-                self._parameterNode.model = self.logic.addBundleModel(folder)["name"]
-
-    def onAddSpecModel(self) -> None:
-        spec, weights = slicerapp.askSpecAndWeights(slicer.util.mainWindow())
-        if spec and weights:
-            with slicer.util.tryWithErrorDisplay("Could not add the model."):
-                self._parameterNode.model = self.logic.addSpecModel(spec, weights)["name"]
 
     def onStartButton(self) -> None:
         if self.logic.isRunning():

@@ -12,6 +12,7 @@ import os
 from typing import Callable, List, Optional
 
 import qt
+import vtk
 
 import slicer
 
@@ -277,3 +278,106 @@ def addTrainingCase(library, volumeNode, segmentationNode, onDone: Callable, pol
             onDone(library.commitCase(job.outcome()))
 
     qt.QTimer.singleShot(pollMs, check)
+
+
+class ModuleWidgetMixin:
+    """What both module widgets share: the parameter node wiring of Slicer's scripted-module template, scene
+    close, and the base-model / device widgets (``modelComboBox``, ``addModelButton``, ``removeModelButton``,
+    ``modelCardButton``, ``modelInfoLabel``, ``modelCardLabel``, ``deviceComboBox``). The widget sets
+    ``self.ui``, ``self.logic`` (an :class:`TCURLoRALib.logic.EngineLogic`) and ``self._parameterNode`` /
+    ``self._parameterNodeGuiTag`` / ``self._updatingGUI``, and defines ``updateGUIFromParameterNode``."""
+
+    def setupModelWidgets(self) -> None:
+        populateDeviceComboBox(self.ui.deviceComboBox)
+        setupAddModelMenu(self.ui.addModelButton, self.onAddBundleModel, self.onAddSpecModel)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
+        self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
+        self.ui.modelCardButton.connect("clicked(bool)", self.onModelCard)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceSelected)
+
+    def updateModelWidgets(self, p):
+        """Fill the model widgets from the parameter node; returns the selected model entry (or None)."""
+        from .logic import modelCard, modelCardText
+
+        entry = self.logic.modelEntry(p.model)
+        populateModelComboBox(self.ui.modelComboBox, self.logic.models(), p.model)
+        self.ui.modelInfoLabel.text = self.logic.modelDescription(entry) if entry else \
+            f"Model '{p.model}' is not available: select another one."
+        card = modelCard(entry)
+        self.ui.modelCardLabel.text = modelCardText(card)
+        self.ui.modelCardButton.enabled = bool(card and card["text"])
+        self.ui.removeModelButton.enabled = self.logic.isCustomModel(p.model)
+        selectComboData(self.ui.deviceComboBox, p.device)
+        return entry
+
+    # -- life cycle (Slicer's scripted-module template)
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        if self.logic:
+            self.logic.shutdown()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.logic.shutdown()  # ends any run now: nothing is imported into the closing scene
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+
+    # -- model and device choices
+
+    def onModelSelected(self, index: int) -> None:
+        if self._parameterNode and index >= 0 and not self._updatingGUI:
+            self._parameterNode.model = self.ui.modelComboBox.itemData(index)
+
+    def onDeviceSelected(self, index: int) -> None:
+        if self._parameterNode and index >= 0 and not self._updatingGUI:
+            self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
+
+    def onAddBundleModel(self) -> None:
+        folder = askBundleFolder(slicer.util.mainWindow())
+        if folder:
+            with slicer.util.tryWithErrorDisplay("Could not add the model."):
+                self._parameterNode.model = self.logic.addBundleModel(folder)["name"]
+
+    def onAddSpecModel(self) -> None:
+        spec, weights = askSpecAndWeights(slicer.util.mainWindow())
+        if spec and weights:
+            with slicer.util.tryWithErrorDisplay("Could not add the model."):
+                self._parameterNode.model = self.logic.addSpecModel(spec, weights)["name"]
+
+    def onRemoveModel(self) -> None:
+        p = self._parameterNode
+        if p and slicer.util.confirmYesNoDisplay(f"Remove '{p.model}' from the model list? Its files stay on disk."):
+            with slicer.util.tryWithErrorDisplay("Could not remove the model."):
+                self.logic.removeModel(p.model)
+                p.model = self.logic.models()[0]["name"] if self.logic.models() else ""
+
+    def onModelCard(self) -> None:
+        if self._parameterNode:
+            showModelCard(self.logic.modelCard(self._parameterNode.model), slicer.util.mainWindow())

@@ -3,7 +3,6 @@ import sys
 from typing import Annotated, Optional
 
 import qt
-import vtk
 
 import slicer
 from slicer.ScriptedLoadableModule import (
@@ -99,7 +98,7 @@ class TCURSegmentParameterNode:
 #
 
 
-class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class TCURSegmentWidget(slicerapp.ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -120,18 +119,9 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.onProgress = self.onProgress
         self.logic.onFinished = self.onFinished
 
-        slicerapp.populateDeviceComboBox(self.ui.deviceComboBox)
+        self.setupModelWidgets()
         slicerapp.populateChoiceComboBox(self.ui.largestComponentComboBox, LARGEST_COMPONENT_CHOICES)
-        slicerapp.setupAddModelMenu(self.ui.addModelButton, self.onAddBundleModel, self.onAddSpecModel)
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
-        self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
-        self.ui.modelCardButton.connect("clicked(bool)", self.onModelCard)
         self.ui.adapterComboBox.connect("currentIndexChanged(int)", self.onAdapterSelected)
-        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceSelected)
         self.ui.largestComponentComboBox.connect("currentIndexChanged(int)", self.onLargestComponentSelected)
         self.ui.show3DCheckBox.connect("toggled(bool)", self.onShow3DToggled)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -139,46 +129,12 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.initializeParameterNode()
 
-    def cleanup(self) -> None:
-        self.removeObservers()
-        if self.logic:
-            self.logic.shutdown()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.logic.shutdown()  # ends the run now: nothing is imported into the closing scene
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        slicerapp.ModuleWidgetMixin.initializeParameterNode(self)
         if not self._parameterNode.inputVolume:
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode:
                 self._parameterNode.inputVolume = firstVolumeNode
-
-    def setParameterNode(self, inputParameterNode: Optional[TCURSegmentParameterNode]) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-        self.updateGUIFromParameterNode()
-
-    # -- parameter node -> GUI
 
     def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
         if self._updatingGUI:
@@ -189,17 +145,9 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if p is None:
                 self.ui.applyButton.enabled = False
                 return
-            entry = self.logic.modelEntry(p.model)
-            slicerapp.populateModelComboBox(self.ui.modelComboBox, self.logic.models(), p.model)
-            self.ui.modelInfoLabel.text = self.logic.modelDescription(entry) if entry else \
-                f"Model '{p.model}' is not available: select another one."
-            card = logic.modelCard(entry)
-            self.ui.modelCardLabel.text = logic.modelCardText(card)
-            self.ui.modelCardButton.enabled = bool(card and card["text"])
-            self.ui.removeModelButton.enabled = self.logic.isCustomModel(p.model)
+            entry = self.updateModelWidgets(p)
             self.ui.inputWarningLabel.text = "\n".join(self.logic.inputWarnings(p.inputVolume, p.model))
             self._populateAdapterComboBox(p)
-            slicerapp.selectComboData(self.ui.deviceComboBox, p.device)
             slicerapp.selectComboData(self.ui.largestComponentComboBox, p.largestComponent)
             info = self.logic.describeAdapter(p.adapterPath, p.model) if p.adapterPath else None
             if info is None:
@@ -236,14 +184,6 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- GUI -> parameter node / logic
 
-    def onModelSelected(self, index: int) -> None:
-        if self._parameterNode and index >= 0 and not self._updatingGUI:
-            self._parameterNode.model = self.ui.modelComboBox.itemData(index)
-
-    def onDeviceSelected(self, index: int) -> None:
-        if self._parameterNode and index >= 0 and not self._updatingGUI:
-            self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
-
     def onLargestComponentSelected(self, index: int) -> None:
         if self._parameterNode and index >= 0 and not self._updatingGUI:
             self._parameterNode.largestComponent = self.ui.largestComponentComboBox.itemData(index)
@@ -253,17 +193,6 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is not None and not self.logic.isRunning():
             with slicer.util.tryWithErrorDisplay("Could not show the segmentation in 3D."):
                 slicerapp.showIn3D(node, show)
-
-    def onRemoveModel(self) -> None:
-        p = self._parameterNode
-        if p and slicer.util.confirmYesNoDisplay(f"Remove '{p.model}' from the model list? Its files stay on disk."):
-            with slicer.util.tryWithErrorDisplay("Could not remove the model."):
-                self.logic.removeModel(p.model)
-                p.model = self.logic.models()[0]["name"] if self.logic.models() else ""
-
-    def onModelCard(self) -> None:
-        if self._parameterNode:
-            slicerapp.showModelCard(self.logic.modelCard(self._parameterNode.model), slicer.util.mainWindow())
 
     def onAddTrainingCase(self) -> None:
         """One click: the input volume and the corrected output segmentation (else Segment Editor's current
@@ -294,18 +223,6 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.updateGUIFromParameterNode()  # back to the previous choice
             return
         self._parameterNode.adapterPath = value or ""
-
-    def onAddBundleModel(self) -> None:
-        folder = slicerapp.askBundleFolder(slicer.util.mainWindow())
-        if folder:
-            with slicer.util.tryWithErrorDisplay("Could not add the model."):
-                self._parameterNode.model = self.logic.addBundleModel(folder)["name"]
-
-    def onAddSpecModel(self) -> None:
-        spec, weights = slicerapp.askSpecAndWeights(slicer.util.mainWindow())
-        if spec and weights:
-            with slicer.util.tryWithErrorDisplay("Could not add the model."):
-                self._parameterNode.model = self.logic.addSpecModel(spec, weights)["name"]
 
     def onApplyButton(self) -> None:
         if self.logic.isRunning():

@@ -52,6 +52,8 @@ def test_every_ui_name_used_exists_in_the_ui_file(module):
     _, widgets = ui_widgets(module)
     code = read(os.path.join(REPO, module, module + ".py"))
     used = set(re.findall(r"\bself\.ui\.(\w+)", code))
+    if "slicerapp.ModuleWidgetMixin" in code:  # the widgets both modules share
+        used |= set(re.findall(r"\bself\.ui\.(\w+)", read(os.path.join(LIB, "slicerapp.py"))))
     assert used, "the widget uses no self.ui names?"
     missing = sorted(used - set(widgets))
     assert not missing, f"{module}.py uses self.ui.{missing} that {module}.ui does not define"
@@ -100,7 +102,8 @@ def test_every_widget_and_logic_method_called_exists(module):
     the class (or its TCURLoRALib base) defines: the module scripts cannot be imported without Slicer, so a
     typo there would only show in the application."""
     tree = ast.parse(read(os.path.join(REPO, module, module + ".py")))
-    bases_source = read(os.path.join(LIB, "logic.py")) + read(os.path.join(REPO, "TCURSegment", "TCURSegment.py"))
+    bases_source = read(os.path.join(LIB, "logic.py")) + read(os.path.join(LIB, "slicerapp.py")) + read(
+        os.path.join(REPO, "TCURSegment", "TCURSegment.py"))
     inherited = set(re.findall(r"def (\w+)\(", bases_source)) | set(
         re.findall(r"self\.(\w+)(?:: [^=]+)? = ", bases_source)) | {
         "layout", "parent", "resourcePath", "addObserver", "removeObserver", "removeObservers", "delayDisplay",
