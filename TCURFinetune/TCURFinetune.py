@@ -479,7 +479,6 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
         self.segmentLogic = logic.SegmentLogic(launcher=launcher, manifestReader=manifestReader,
                                                **dict(arguments, runner=slicerapp.timerRunner()))
         self._parameterNodeOfTask = None
-        self._libraryLoop = None
         self.onValidated = None
 
     def getParameterNode(self):
@@ -603,8 +602,9 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
     def finetune(self, cases, mapping, modelName: str = "deepbet", method: str = "tcurlora", rank: int = 8,
                  steps: int = 300, learningRate: Optional[float] = None, patchSize=None, validationCount: int = 0,
                  seed: int = 0, device: str = "auto", adapterName: str = "tcurlora-adapter", chartNode=None,
-                 scene=None):
-        """Start training in the background; returns the task (see :meth:`waitForCompletion`)."""
+                 scene=None, onEnd=None):
+        """Start training in the background; returns the task (see :meth:`waitForCompletion`). ``onEnd(task)``
+        runs when it ends (after ``onFinished``)."""
         entry = self.modelEntry(modelName)
         if entry is None:
             raise ValueError(f"The base model '{modelName}' is not available.")
@@ -621,7 +621,8 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
             segmentToValue, labelTable, jobLabels, validation=validation, method=method, rank=rank, steps=steps,
             lr=learningRate or None, patchSize=patchSize, seed=seed, device=device,
             adapterStore=self.adapterStore or slicerapp.adapterStoreDir(), adapterName=adapterName, curves=curves,
-            onLog=self._log, onProgress=self._progress, onFinished=self._finished)
+            onLog=self._log, onProgress=self._progress,
+            onFinished=lambda task: (self._finished(task), onEnd(task) if onEnd else None))
         self.runner.run(task)
         return task
 
@@ -637,32 +638,24 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
         except caselibrary.CaseLibraryError:
             return False
 
-    def validateLibrary(self, adapterPath: str, modelName: str, device: str = "auto") -> None:
-        """Segment the library's validation cases with the adapter and record their Dice (in the background);
-        ``onValidated(results)`` when done."""
-        loop = self._libraryLoop or logic.LibraryLogic(self.library(), slicer.mrmlScene, self.segmentLogic)
-
-        def done(results):
-            loop.unload()
-            self._libraryLoop = None
-            if self.onValidated:
-                self.onValidated(results)
-
-        self._libraryLoop = loop
-        loop.validate(adapterPath, modelName, device=device, onDone=done)
-
     def finetuneFromParameterNode(self, parameterNode):
+        """Train with the parameter node's choices: on the case library (then its validation cases are
+        segmented with the new adapter and their Dice recorded, ``onValidated(results)``) or the case table."""
         p = parameterNode
-        cases, validationCount = self.cases(p), p.validationCases
+
+        def start(cases, validationCount, onEnd=None):
+            return self.finetune(cases, self.labelMapping(p), modelName=p.model, method=p.method, rank=p.rank,
+                                 steps=p.steps, learningRate=p.learningRate or None,
+                                 patchSize=self.parsePatchSize(p.patchSize), validationCount=validationCount,
+                                 seed=p.seed, device=p.device, adapterName=p.adapterName or "tcurlora-adapter",
+                                 chartNode=p.trainingChart, onEnd=onEnd)
+
         if p.useCaseLibrary:
-            self._libraryLoop = logic.LibraryLogic(self.library(), slicer.mrmlScene, self.segmentLogic)
-            training, validation = self._libraryLoop.trainingPairs()
-            cases, validationCount = training + validation, len(validation)
-        task = self.finetune(cases, self.labelMapping(p), modelName=p.model, method=p.method, rank=p.rank,
-                             steps=p.steps, learningRate=p.learningRate or None,
-                             patchSize=self.parsePatchSize(p.patchSize), validationCount=validationCount,
-                             seed=p.seed, device=p.device, adapterName=p.adapterName or "tcurlora-adapter",
-                             chartNode=p.trainingChart)
+            loop = logic.LibraryLogic(self.library(), slicer.mrmlScene, self.segmentLogic)
+            task = loop.train(start, p.model, p.device, onValidated=lambda results: self.onValidated and
+                              self.onValidated(results))
+        else:
+            task = start(self.cases(p), p.validationCases)
         self._parameterNodeOfTask = p
         with slicer.util.NodeModify(p):
             p.trainingChart = task.curves.chartNode
@@ -684,9 +677,6 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
         """End any run now (module cleanup, scene close): afterwards Start works again."""
         logic.EngineLogic.shutdown(self)
         self.segmentLogic.shutdown()
-        if self._libraryLoop is not None:
-            self._libraryLoop.loaded = {}  # the scene is being closed: its nodes go with it
-            self._libraryLoop = None
 
     @staticmethod
     def resultDescription(task) -> str:
@@ -727,12 +717,6 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
             p.lastAdapterPath = task.adapterPath
         if self.onFinished:
             self.onFinished(task)
-        if self._libraryLoop is not None:
-            if task.status == tasks.DONE and self._libraryLoop.library.split()["validation"]:
-                self.validateLibrary(task.adapterPath, p.model if p is not None else "deepbet", task.device)
-            else:
-                self._libraryLoop.unload()
-                self._libraryLoop = None
 
 
 #

@@ -343,6 +343,32 @@ class LibraryLogic:
             raise ValueError("The case library has no training case yet: add one with 'Add as training case'.")
         return self.load(split["training"]), self.load(split["validation"])
 
+    def train(self, startFinetune: Callable, modelName: str, device: str = "auto",
+              onValidated: Optional[Callable[[Dict[str, Dict[str, Optional[float]]]], None]] = None):
+        """The loop after "Add as training case": load the cases, start the training with
+        ``startFinetune(pairs, validationCount, onEnd) -> task`` (the last ``validationCount`` pairs validate;
+        ``onEnd(task)`` is called when it ends), then segment each validation case with the new adapter and
+        record its Dice (:meth:`validate`), ``onValidated(results)``; the loaded cases leave the scene at the
+        end. Returns the training task."""
+        training, validation = self.trainingPairs()
+
+        def validated(results):
+            self.unload()
+            if onValidated:
+                onValidated(results)
+
+        def ended(task):
+            if task.status == tasks.DONE and validation:
+                self.validate(task.adapterPath, modelName, device=device, onDone=validated)
+            else:
+                self.unload()
+
+        try:
+            return startFinetune(training + validation, len(validation), ended)
+        except Exception:
+            self.unload()
+            raise
+
     def validate(self, adapterPath: str, modelName: str, device: str = "auto",
                  onCase: Optional[Callable[[str, Dict[str, Optional[float]]], None]] = None,
                  onDone: Optional[Callable[[Dict[str, Dict[str, Optional[float]]]], None]] = None) -> None:

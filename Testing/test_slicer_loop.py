@@ -292,25 +292,28 @@ def test_the_loop_add_cases_finetune_validate_per_case_then_resegment(scene, tmp
     curves = plots.TrainingCurves(scene)
     before = scene.GetNumberOfNodes()
     loop = logic.LibraryLogic(library, scene, segmentLogic)
-    training, validation = loop.trainingPairs()
-    assert len(training) == 2 and len(validation) == 1
-    task = finetune_task(training, standin(), tmp_path, steps=12, curves=curves)
-    task.validation = validation
     runner = tasks.TaskRunner()
-    runner.run(task)
+    started = []
+
+    def start(pairs, validationCount, onEnd):  # what TCUR Finetune's logic does with its settings
+        task = finetune_task(pairs[:len(pairs) - validationCount], standin(), tmp_path, steps=12, curves=curves)
+        task.validation = pairs[len(pairs) - validationCount:]
+        task.onFinished = onEnd
+        started.append(task)
+        return runner.run(task)
+
+    scores = []
+    task = loop.train(start, "toy", onValidated=lambda results: scores.append(results))
+    assert len(task.cases) == 2 and len(task.validation) == 1
     assert runner.waitForCompletion(60) == tasks.DONE, task.errorMessage
     assert len(curves.values("loss")[0]) == 12 and curves.values("dice")[0] == [5.0, 10.0]  # live chart data
-    scores = []
-    loop.validate(task.adapterPath, "toy", onCase=lambda caseId, s: scores.append((caseId, s)),
-                  onDone=lambda results: scores.append("done"))
-    assert segmentLogic.waitForCompletion(60) == tasks.DONE
+    assert segmentLogic.waitForCompletion(60) == tasks.DONE  # the validation case, segmented with the adapter
     validationId = library.split()["validation"][0]
-    assert scores[-1] == "done" and scores[0][0] == validationId
-    dice = scores[0][1]["Brain"]
+    [results] = scores
+    dice = results[validationId]["Brain"]
     assert 0.0 < dice < 1.0  # the stand-in's box against the case's sphere: a real, imperfect overlap
     assert library.case(validationId)["dice"]["Brain"] == pytest.approx(dice, abs=1e-4)
     assert library.case(validationId)["adapter"] == task.adapterPath
-    loop.unload()
     assert scene.GetNumberOfNodes() == before  # the loaded cases and validation outputs are gone again
     # re-segment a new volume with the adapter; its provenance is shown before applying
     info = segmentLogic.describeAdapter(task.adapterPath, "toy")
@@ -320,6 +323,21 @@ def test_the_loop_add_cases_finetune_validate_per_case_then_resegment(scene, tmp
     segmentLogic.segment(newVolume, modelName="toy", adapterPath=task.adapterPath)
     assert segmentLogic.waitForCompletion(60) == tasks.DONE
     assert nodeio.segmentNames(segmentLogic.task.outputSegmentation) == ["Brain"]
+
+
+def test_a_loop_that_cannot_start_leaves_the_scene_as_it_was(scene, tmp_path):
+    library = caselibrary.CaseLibrary(str(tmp_path), "p")
+    with pytest.raises(ValueError, match="no training case"):
+        logic.LibraryLogic(library, scene, segment_logic()).train(lambda *args: None, "toy")
+    library.addCase(*add_case(scene))
+    before = scene.GetNumberOfNodes()
+
+    def refuse(pairs, validationCount, onEnd):
+        raise ValueError("No segment is mapped to a label")
+
+    with pytest.raises(ValueError, match="No segment is mapped"):
+        logic.LibraryLogic(library, scene, segment_logic()).train(refuse, "toy")
+    assert scene.GetNumberOfNodes() == before
 
 
 # ----------------------------------------------------------------------------------------------------------
