@@ -2,7 +2,8 @@
 
 * :class:`EngineLogic` - base models (catalog, models found on this computer, the user's own entries), the
   model card, input checks against the base, dependency installation;
-* :class:`SegmentLogic` - segmentation runs and the adapters shown before applying them.
+* :class:`SegmentLogic` - segmentation runs and the adapters shown before applying them;
+* :class:`LibraryLogic` - the loop on a case library: train, segment each validation case, record its Dice.
 
 The module scripts (``TCURSegment.py``, ``TCURFinetune.py``) add only the parameter node and the widgets.
 A *parameters* object is anything with the parameter node's attributes (the typed parameter node in Slicer).
@@ -27,7 +28,7 @@ def guessModality(volumeNode) -> Optional[str]:
         value = volumeNode.GetAttribute(key) if hasattr(volumeNode, "GetAttribute") else None
         if value:
             return str(value).upper()
-    array = nodeio.arrayFromVolume(volumeNode)
+    array = nodeio.arrayFromVolume(volumeNode)[::2, ::2, ::2]  # a sample is enough for a percentile
     if array.size and float(np.percentile(array, 1)) < -700.0:
         return "CT"
     return None
@@ -40,9 +41,11 @@ def inputWarnings(volumeNode, card: Optional[Dict[str, Any]]) -> List[str]:
     warnings = []
     expected = (card.get("modality") or "").upper()
     found = guessModality(volumeNode)
-    if expected and (found or "MR") != expected and (found is not None or expected == "CT"):
-        warnings.append(f"The base model expects {expected} images; this volume looks like "
-                        f"{found or 'a non-CT image'}.")
+    if expected and found is not None and found != expected:
+        warnings.append(f"The base model expects {expected} images; this volume looks like {found}.")
+    elif expected == "CT" and found is None:
+        warnings.append("The base model expects CT images; this volume does not look like a CT (no air at "
+                        "about -1000 HU).")
     spacing = card.get("spacing_mm")
     if spacing:
         have = [float(s) for s in volumeNode.GetSpacing()]

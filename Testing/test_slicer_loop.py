@@ -365,6 +365,8 @@ def test_warnings_when_the_volume_is_far_from_the_base(scene):
     coarse = nodeio.addVolumeFromArray(scene, (500 + 400 * k).astype(np.int16), np.diag([1.0, 1.0, 5.0, 1.0]), "thick")
     [warning] = logic.inputWarnings(coarse, card)
     assert "spacing 1 x 1 x 5 mm" in warning
+    assert logic.inputWarnings(mri, {"modality": "CT"})[0].startswith("The base model expects CT images; this "
+                                                                      "volume does not look like a CT")
     mri.SetAttribute("DICOM.Modality", "PT")
     assert any("looks like PT" in w for w in logic.inputWarnings(mri, card))
     # the module logic: the shipped deepbet card, remembered per volume version
