@@ -109,7 +109,6 @@ class EngineLogic:
         self.saveCustomModels = saveCustomModels or (lambda registry: None)
         self.dependencyInstaller = dependencyInstaller
         self.discoverModels = discoverModels
-        self._discovered: Optional[List[Dict[str, Any]]] = None
         self._warningsCache: Tuple[Any, List[str]] = (None, [])
         self.runner = runner if runner is not None else tasks.TaskRunner()
         self.onLog = None
@@ -145,16 +144,15 @@ class EngineLogic:
 
     # -- models
 
-    def discovered(self, refresh: bool = False) -> List[Dict[str, Any]]:
+    def discovered(self) -> List[Dict[str, Any]]:
+        """Entries of ``discoverModels`` (which caches its own search, see :class:`engine.ModelDiscovery`)."""
         if self.discoverModels is None:
             return []
-        if self._discovered is None or refresh:
-            try:
-                self._discovered = [dict(e, discovered=True) for e in self.discoverModels()]
-            except Exception as exc:  # a broken model folder must not stop the module from opening
-                logging.error(f"TCURLoRA: looking for models on this computer failed: {exc}")
-                self._discovered = []
-        return self._discovered
+        try:
+            return [dict(e, discovered=True) for e in self.discoverModels()]
+        except Exception as exc:  # a broken model folder must not stop the module from opening
+            logging.error(f"TCURLoRA: looking for models on this computer failed: {exc}")
+            return []
 
     def models(self) -> List[Dict[str, Any]]:
         known = set(self.registry.names())

@@ -17,7 +17,7 @@ MAX_LABEL_VALUE = 65535
 
 def defaultColor(value: int) -> List[float]:
     """The engine's colour for a label value (one palette for the GUI, the worker and the files)."""
-    from tcurlora.io import default_color
+    from tcurlora.protocol import default_color
 
     return default_color(value)
 

@@ -39,19 +39,19 @@ def engineLogicArguments() -> dict:
     """What :class:`TCURLoRALib.logic.EngineLogic` gets inside Slicer: the user's models from the application
     settings, saved back there, the models found on this computer, and a timer-driven runner."""
     return {"registry": ModelRegistry(custom=loadCustomModels()), "saveCustomModels": saveCustomModels,
-            "discoverModels": discoverModelsFunction(), "runner": timerRunner()}
+            "discoverModels": modelDiscovery(), "runner": timerRunner()}
 
 
-def discoverModelsFunction():
-    """The engine's finder of base models already on this computer, as model entries (None when the engine
-    has none)."""
-    try:
-        from tcurlora.models.discover import discover_models
-    except ImportError:
-        return None
-    from .models import discoveredEntries
+_DISCOVERY = []
 
-    return lambda: discoveredEntries(discover_models())
+
+def modelDiscovery():
+    """One search for the models on this computer per Slicer session, shared by both modules."""
+    from .engine import ModelDiscovery
+
+    if not _DISCOVERY:
+        _DISCOVERY.append(ModelDiscovery())
+    return _DISCOVERY[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -128,7 +128,11 @@ def ensureDependencies(engineLogic, progressBar=None, statusLabel=None) -> bool:
             statusLabel.text = text
         slicer.app.processEvents()  # pip runs on this thread (Slicer's pip_install): show the step first
 
-    return slicerInstaller(log=logging.info, progress=progress).ensure()
+    if not slicerInstaller(log=logging.info, progress=progress).ensure():
+        return False
+    if hasattr(engineLogic.discoverModels, "retryIfFailed"):
+        engineLogic.discoverModels.retryIfFailed()  # the search needs the packages just installed
+    return True
 
 
 def selectComboData(comboBox, value) -> None:
@@ -288,6 +292,8 @@ class ModuleWidgetMixin:
     ``self._parameterNodeGuiTag`` / ``self._updatingGUI``, and defines ``updateGUIFromParameterNode``."""
 
     def setupModelWidgets(self) -> None:
+        self.logic.models()  # starts the search for models on this computer (in the background)
+        self._refreshWhenModelsFound()
         populateDeviceComboBox(self.ui.deviceComboBox)
         setupAddModelMenu(self.ui.addModelButton, self.onAddBundleModel, self.onAddSpecModel)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -311,6 +317,12 @@ class ModuleWidgetMixin:
         self.ui.removeModelButton.enabled = self.logic.isCustomModel(p.model)
         selectComboData(self.ui.deviceComboBox, p.device)
         return entry
+
+    def _refreshWhenModelsFound(self, pollMs: int = 500) -> None:
+        if not getattr(self.logic.discoverModels, "done", True):
+            qt.QTimer.singleShot(pollMs, self._refreshWhenModelsFound)
+        elif self._parameterNode is not None:
+            self.updateGUIFromParameterNode()
 
     # -- life cycle (Slicer's scripted-module template)
 

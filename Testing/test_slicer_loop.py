@@ -340,6 +340,33 @@ def test_a_loop_that_cannot_start_leaves_the_scene_as_it_was(scene, tmp_path):
     assert scene.GetNumberOfNodes() == before
 
 
+def test_models_on_this_computer_are_found_by_a_separate_process(tmp_path):
+    """The real ``tcurlora models --discover --json`` in a separate process (Slicer never imports torch): an
+    nnU-Net results folder is listed; one with region-based labels is left out; the catalog stays first."""
+    from test_discover import nnunet_folder
+
+    results = tmp_path / "nnUNet_results"
+    spine = nnunet_folder(results, "Dataset501_Spine", "nnUNetTrainer__nnUNetPlans__3d_fullres",
+                          {"background": 0, "L2": 1, "L3": 2})
+    nnunet_folder(results, "Dataset502_Brats", "nnUNetTrainer__nnUNetPlans__3d_fullres",
+                  {"background": 0, "whole tumour": [1, 2, 3], "core": [2, 3]})
+    discovery = engine.ModelDiscovery(pythonExecutable=sys.executable, pythonpath=[REPO],
+                                      roots={"nnunet": [str(results)]})
+    engineLogic = logic.EngineLogic(registry=toy_registry(), discoverModels=discovery)
+    assert [e["name"] for e in engineLogic.models()] == ["toy"]  # the search runs in the background
+    assert discovery.wait(300) and discovery.error == ""
+    names = [e["name"] for e in engineLogic.models()]
+    assert names == ["toy", "found:" + str(spine)]
+    entry = engineLogic.modelEntry("found:" + str(spine))
+    assert entry["title"].endswith("(nnunet, on this computer)") and entry["labelNames"] == ["L2", "L3"]
+    assert models.ModelRegistry.jobBase(entry) == str(spine)
+    broken = engine.ModelDiscovery(pythonExecutable=sys.executable, pythonpath=[REPO], roots={"nowhere": ["x"]})
+    broken()
+    assert broken.wait(300) and "nowhere" in broken.error and broken() == []
+    broken.retryIfFailed()
+    assert not broken.done
+
+
 # ----------------------------------------------------------------------------------------------------------
 # before trusting a model
 
