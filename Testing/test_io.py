@@ -94,20 +94,32 @@ def test_read_image_formats(tmp_path, ext):
     assert out.GetMetaData(io.PATH_KEY).endswith(f"scan{ext}")
 
 
-def test_read_dicom_series_picks_largest(tmp_path):
+def test_read_dicom_folder_with_several_series_is_refused_with_the_list_or_read_by_uid(tmp_path):
     big = make_image(shape_zyx=(9, 10, 11), spacing=(0.7, 0.7, 2.0), dtype=np.int16)
     small = make_image(shape_zyx=(3, 10, 11), spacing=(0.7, 0.7, 2.0), dtype=np.int16, seed=1)
     folder = tmp_path / "dicom"
-    files = write_dicom_series(big, folder, "1.2.826.0.1.3680043.2.1125.2.1111")
-    write_dicom_series(small, folder, "1.2.826.0.1.3680043.2.1125.2.2222", "localizer")
-    out = io.read_image(folder)
-    assert out.GetSize() == big.GetSize()
-    np.testing.assert_allclose(out.GetSpacing(), big.GetSpacing(), rtol=1e-4)
-    np.testing.assert_allclose(out.GetOrigin(), big.GetOrigin(), atol=1e-3)
-    np.testing.assert_allclose(out.GetDirection(), big.GetDirection(), atol=1e-5)
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(big))
+    big_uid, small_uid = "1.2.826.0.1.3680043.2.1125.2.1111", "1.2.826.0.1.3680043.2.1125.2.2222"
+    files = write_dicom_series(big, folder, big_uid)
+    small_files = write_dicom_series(small, folder, small_uid, "localizer")
+    # no guessing (the old reader took the series with the most files)
+    with pytest.raises(InputError) as e:
+        io.read_image(folder)
+    assert_input_error(e, "dicom: holds 2 DICOM series", f"{big_uid} (test, 9 files)",
+                       f"{small_uid} (localizer, 3 files)", "--series UID")
+    for uid, volume in ((big_uid, big), (small_uid, small)):
+        out = io.read_image(io.pick_dicom_series(folder, uid))
+        assert out.GetSize() == volume.GetSize()
+        np.testing.assert_allclose(out.GetSpacing(), volume.GetSpacing(), rtol=1e-4)
+        np.testing.assert_allclose(out.GetOrigin(), volume.GetOrigin(), atol=1e-3)
+        np.testing.assert_allclose(out.GetDirection(), volume.GetDirection(), atol=1e-5)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(volume))
     # One file of the series stands for the series.
     assert io.read_image(files[0]).GetSize() == big.GetSize()
+    assert io.read_image(small_files[-1]).GetSize() == small.GetSize()
+    with pytest.raises(InputError) as e:
+        io.pick_dicom_series(folder, "1.2.3")
+    assert_input_error(e, "has no DICOM series 1.2.3", big_uid, small_uid)
+    assert io.pick_dicom_series(tmp_path / "scan.nii.gz", big_uid) == str(tmp_path / "scan.nii.gz")
 
 
 def test_read_dicom_empty_folder(tmp_path):

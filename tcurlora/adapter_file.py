@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
+import math
 import re
 from pathlib import Path
 from typing import List, Optional
@@ -17,15 +17,16 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors, save_file
 
 from . import __version__
 from .adapter import (AdapterError, ModuleSwitch, TCURLayer, adapter_state_dict, base_state_dict, delete_adapter,
                       describe_adapter, inject_adapter, list_adapters, load_adapter_state_dict, set_active_adapter)
 from .config import TCURLoRAConfig
 from .errors import TCURLoRAError, display_name
-from .io import atomic_write
-from .manifest import FORMAT_VERSION, METADATA_KEY, ManifestError, check_tensors, read_header, parse_manifest
+from .io import atomic_write, validate_label_table
+from .manifest import (FORMAT_VERSION, METADATA_KEY, ManifestError, check_tensors, parse_manifest,
+                       read_adapter_bytes)
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -49,10 +50,16 @@ def save_adapter(model: nn.Module, path, *, labels: Optional[List[dict]] = None,
     """Write the adapter (the active one by default) to ``path``; returns the manifest written."""
     described = describe_adapter(model, adapter_name)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    bad = _non_finite(tensors)
+    if bad:  # a diverged training (NaN/inf) must not become a file that segments everything as background
+        raise TCURLoRAError(f"{display_name(path)}: not written: tensor {bad} holds NaN or infinite values "
+                            "(the training diverged; try a lower learning rate)")
     prov = {"software": f"tcurlora {__version__}", "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
             "cases": None, "steps": None, "validation_dice": None}
     prov.update(provenance or {})
+    # JSON has no NaN/inf (and the reader refuses them): a metric that could not be computed is recorded as null
+    prov = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in prov.items()}
     manifest = {
         "format_version": FORMAT_VERSION,
         "method": {"name": described["config"]["method"], **described,
@@ -75,11 +82,16 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, act
     is left as it was.
     """
     name = display_name(path)
-    metadata, index = read_header(path)
+    # One read of the whole file: header and tensors come from the same bytes (no memory map to fault on)
+    data, metadata, index = read_adapter_bytes(path)
     if METADATA_KEY not in metadata:
         raise ManifestError(f"{name}: is a safetensors file but not a tcurlora adapter (no manifest)")
     manifest = parse_manifest(metadata[METADATA_KEY], name)
     check_tensors(manifest, index, name)
+    try:
+        validate_label_table(manifest["labels"])  # what segment will write: checked before any work
+    except TCURLoRAError as exc:
+        raise ManifestError(f"{name}: {exc}") from None
     fingerprint = base_fingerprint(model)
     if manifest["base"]["fingerprint"] != fingerprint:
         raise TCURLoRAError(
@@ -88,14 +100,19 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, act
     adapter_name = adapter_name or _default_adapter_name(path)
     if adapter_name in list_adapters(model):
         raise TCURLoRAError(f"{name}: an adapter named {adapter_name!r} is already loaded")
+    _check_new_head(model, manifest["method"]["config"].get("new_head"), index, name)
     try:
         config = TCURLoRAConfig.from_dict(manifest["method"]["config"])
     except (TypeError, ValueError) as exc:
         raise ManifestError(f"{name}: invalid adapter config ({exc})") from None
     try:
-        tensors = load_file(os.fspath(path))
-    except (SafetensorError, OSError, ValueError) as exc:
+        tensors = load_tensors(data)
+    except (SafetensorError, ValueError) as exc:
         raise ManifestError(f"{name}: unreadable tensors ({exc})") from None
+    del data
+    bad = _non_finite(tensors)
+    if bad:
+        raise ManifestError(f"{name}: tensor {bad} holds NaN or infinite values")
     if manifest["method"]["name"] == "lora":  # PEFT puts the adapter's name in its keys: lora_A.<name>.weight
         tensors = {re.sub(r"\.(lora_[AB])\.[^.]+\.", rf".\1.{adapter_name}.", k): v for k, v in tensors.items()}
     previous = getattr(getattr(model, "_tcurlora_state", None), "active", None)
@@ -113,6 +130,36 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, act
     model.tcurlora_adapter_labels = getattr(model, "tcurlora_adapter_labels", {})
     model.tcurlora_adapter_labels[adapter_name] = manifest["labels"]
     return manifest
+
+
+def _non_finite(tensors: dict) -> Optional[str]:
+    """The first floating-point tensor holding NaN or ±inf, by name; None if all are finite."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
+
+
+def _check_new_head(model: nn.Module, head: Optional[dict], index: dict, name: str) -> None:
+    """A new output layer is built before its tensors load: its stored weight must have exactly the shape the
+    layer will have, so a crafted ``out_channels`` cannot allocate more than the file holds."""
+    if not head:
+        return
+    try:
+        module = model.get_submodule(head["module"])
+    except AttributeError:
+        raise ManifestError(f"{name}: does not fit this base model: new_head module {head['module']} not found") from None
+    module = getattr(module, "base_module", module)  # an earlier adapter's switch or stack wrapper
+    module = getattr(module, "base_layer", module)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        raise ManifestError(f"{name}: does not fit this base model: new_head {head['module']} is not a Linear/Conv layer")
+    shape = list(weight.shape)
+    shape[1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0] = head["out_channels"]
+    stored = index[f"trained.{head['module'].replace('.', '__')}.weight"]["shape"]
+    if stored != shape:
+        raise ManifestError(f"{name}: does not fit this base model: new_head weight is {stored} in the file, "
+                            f"the layer needs {shape}")
 
 
 def _trained_on_fingerprint(model: nn.Module, described: dict) -> str:
