@@ -29,6 +29,7 @@ def _base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", metavar="FILE|-", help="also write JSON-lines events (progress, log, warning, error, "
                                                         "result) to FILE, or to standard output with -")
     p.add_argument("--stop-file", metavar="FILE", help="end cleanly (with a resumable checkpoint) when FILE appears")
+    p.add_argument("--series", metavar="UID", help="the DICOM series to read from input folders holding several")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,6 +280,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {Path(args.events).name}: cannot write the events file ({exc.strerror or exc})", file=sys.stderr)
         return EXIT_ERROR
     try:
+        if getattr(args, "series", None):  # a DICOM folder input stands for one file of the chosen series
+            from .io import pick_dicom_series
+
+            for field in ("image", "val_image", "inputs"):
+                if hasattr(args, field):
+                    setattr(args, field, [pick_dicom_series(p, args.series) for p in getattr(args, field)])
         if args.command == "finetune":
             return cmd_finetune(args, events)
         if args.command == "segment":

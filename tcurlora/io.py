@@ -153,6 +153,10 @@ def validate_label_table(label_table: Sequence[dict]) -> LabelTable:
                 raise TCURLoRAError(f"label table: the {what} of label {value} holds the control character {bad}")
         if len(name) > MAX_NAME:
             raise TCURLoRAError(f"label table: the name of label {value} is longer than {MAX_NAME} characters")
+        if not name.isascii():  # pynrrd writes .seg.nrrd headers as ASCII (and its reader drops other bytes)
+            first = next(ch for ch in name if not ch.isascii())
+            raise TCURLoRAError(f"label table: the name of label {value} holds {first!r}; .seg.nrrd segment names "
+                                "must be ASCII")
         if value in seen_values:
             raise TCURLoRAError(f"label table: value {value} is listed twice")
         if name.lower() in seen_names:
