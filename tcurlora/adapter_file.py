@@ -116,12 +116,13 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, act
     if manifest["method"]["name"] == "lora":  # PEFT puts the adapter's name in its keys: lora_A.<name>.weight
         tensors = {re.sub(r"\.(lora_[AB])\.[^.]+\.", rf".\1.{adapter_name}.", k): v for k, v in tensors.items()}
     previous = getattr(getattr(model, "_tcurlora_state", None), "active", None)
+    had_lora = hasattr(model, "_tcurlora_lora")
     try:
         inject_adapter(model, config, adapter_name, stacks=manifest["method"]["stacks"])
         load_adapter_state_dict(model, tensors, adapter_name)
     except (AdapterError, TypeError, ValueError, IndexError, KeyError, AttributeError, RuntimeError, re.error) as exc:
         # a crafted config (train_modules: 5, a bad regex, scale: "x") fails outside AdapterError too
-        _discard(model, adapter_name, previous)
+        _discard(model, adapter_name, previous, drop_lora=not had_lora)
         raise ManifestError(f"{name}: does not fit this base model: {exc}") from None
     if not activate:
         set_active_adapter(model, previous)
@@ -180,8 +181,17 @@ def _default_adapter_name(path) -> str:
     return f"adapter_{name}" if hasattr(nn.ModuleDict(), name) else name
 
 
-def _discard(model: nn.Module, adapter_name: str, previous: Optional[str]) -> None:
-    """Undo a failed load, including a partly built adapter (inject_adapter registers it only at the end)."""
+def _discard(model: nn.Module, adapter_name: str, previous: Optional[str], drop_lora: bool = False) -> None:
+    """Undo a failed load, including a partly built adapter (inject_adapter registers it only at the end) and
+    PEFT LoRA layers this load injected (``drop_lora``)."""
+    if drop_lora and hasattr(model, "_tcurlora_lora"):
+        from peft.tuners.lora import LoraLayer
+
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoraLayer):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+        del model._tcurlora_lora
     if adapter_name in list_adapters(model):
         delete_adapter(model, adapter_name)
     for module in model.modules():
