@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+from tcurlora.tuners import get_tuner
 import torch
 from safetensors.torch import load_file
 
@@ -509,7 +510,7 @@ def test_segment_merges_the_adapter(trained, tiny_unet, tmp_path, monkeypatch):
     base = load_base(str(tiny_unet.spec), weights=str(tiny_unet.weights))
     infer.segment(base, [str(CT)], str(tmp_path / "merged.nii.gz"), adapter=str(trained.adapter), device="cpu",
                   probabilities=True)
-    assert base.network._tcurlora_state.merged == "segment"
+    assert get_tuner(base.network).merged == "segment"
     merged = probabilities("merged")
     assert merged.min() >= 0 and merged.max() <= 1
 

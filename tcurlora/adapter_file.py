@@ -20,36 +20,34 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors, save_file
 
 from . import __version__
-from .adapter import (AdapterError, ModuleSwitch, TCURLayer, adapter_state_dict, base_state_dict, delete_adapter,
-                      describe_adapter, inject_adapter, list_adapters, load_adapter_state_dict, set_active_adapter)
 from .config import TCURLoRAConfig
 from .errors import TCURLoRAError, display_name
 from .io import atomic_write, validate_label_table
-from .manifest import (FORMAT_VERSION, METADATA_KEY, ManifestError, check_tensors, parse_manifest,
+from .manifest import (FORMAT_VERSION, LORA_KEY, METADATA_KEY, ManifestError, check_tensors, parse_manifest,
                        read_adapter_bytes)
+from .tuners import AdapterError, get_tuner
+from .tuners.strategies import strategy_for
 
 
 def base_fingerprint(model: nn.Module) -> str:
     """sha256 over the frozen base weights in canonical order: sorted names, dtype, shape, bytes."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(base_state_dict(model).items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}\0{str(t.dtype).replace('torch.', '')}\0{tuple(t.shape)}\0".encode())
-        # reshape(-1): a 0-dim tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return "sha256:" + digest.hexdigest()
+    return get_tuner(model).base_fingerprint()
 
 
-def base_name(model: nn.Module) -> str:
-    return getattr(model, "tcurlora_base_name", type(model).__name__)
+def _base_name(model: nn.Module) -> str:
+    return get_tuner(model).base_info.get("name") or type(model).__name__
 
 
 def save_adapter(model: nn.Module, path, *, labels: Optional[List[dict]] = None,
                  preprocessing: Optional[dict] = None, provenance: Optional[dict] = None,
-                 adapter_name: Optional[str] = None) -> dict:
-    """Write the adapter (the active one by default) to ``path``; returns the manifest written."""
-    described = describe_adapter(model, adapter_name)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+                 adapter_name: Optional[str] = None, base_name: Optional[str] = None) -> dict:
+    """Write the adapter (the active one by default) to ``path``; returns the manifest written.
+
+    ``labels``, ``preprocessing`` and ``base_name`` default to what the base model registered with the tuner.
+    """
+    tuner = get_tuner(model)
+    described = tuner.describe(adapter_name)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tuner.adapter_state_dict(adapter_name).items()}
     bad = _non_finite(tensors)
     if bad:  # a diverged training (NaN/inf) must not become a file that segments everything as background
         raise TCURLoRAError(f"{display_name(path)}: not written: tensor {bad} holds NaN or infinite values "
@@ -64,9 +62,9 @@ def save_adapter(model: nn.Module, path, *, labels: Optional[List[dict]] = None,
         "format_version": FORMAT_VERSION,
         "method": {"name": described["config"]["method"], **described,
                    "trainable_values": int(sum(t.numel() for t in tensors.values()))},
-        "base": {"name": base_name(model), "fingerprint": _trained_on_fingerprint(model, described)},
-        "labels": labels if labels is not None else list(getattr(model, "tcurlora_labels", [])),
-        "preprocessing": preprocessing if preprocessing is not None else dict(getattr(model, "tcurlora_preprocessing", {})),
+        "base": {"name": base_name or _base_name(model), "fingerprint": tuner.trained_on_fingerprint()},
+        "labels": labels if labels is not None else list(tuner.base_info.get("labels", [])),
+        "preprocessing": preprocessing if preprocessing is not None else dict(tuner.base_info.get("preprocessing", {})),
         "provenance": prov,
     }
     text = json.dumps(manifest, separators=(",", ":"))
@@ -96,11 +94,12 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, act
     if manifest["base"]["fingerprint"] != fingerprint:
         raise TCURLoRAError(
             f"{name}: trained on base model '{manifest['base']['name']}' ({manifest['base']['fingerprint'][7:19]}), "
-            f"but the loaded base is '{base_name(model)}' ({fingerprint[7:19]}); load the matching base model")
+            f"but the loaded base is '{_base_name(model)}' ({fingerprint[7:19]}); load the matching base model")
+    tuner = get_tuner(model)
     adapter_name = adapter_name or _default_adapter_name(path)
-    if adapter_name in list_adapters(model):
+    if adapter_name in tuner.adapters:
         raise TCURLoRAError(f"{name}: an adapter named {adapter_name!r} is already loaded")
-    _check_new_head(model, manifest["method"]["config"].get("new_head"), index, name)
+    _check_layers_fit(model, manifest["method"], index, name)
     try:
         config = TCURLoRAConfig.from_dict(manifest["method"]["config"])
     except (TypeError, ValueError) as exc:
@@ -113,23 +112,23 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, act
     bad = _non_finite(tensors)
     if bad:
         raise ManifestError(f"{name}: tensor {bad} holds NaN or infinite values")
-    if manifest["method"]["name"] == "lora":  # PEFT puts the adapter's name in its keys: lora_A.<name>.weight
-        tensors = {re.sub(r"\.(lora_[AB])\.[^.]+\.", rf".\1.{adapter_name}.", k): v for k, v in tensors.items()}
-    previous = getattr(getattr(model, "_tcurlora_state", None), "active", None)
-    had_lora = hasattr(model, "_tcurlora_lora")
+    strategy = strategy_for(config.method)
+    tensors = strategy.tensors_from_file(tensors, adapter_name)
+    previous = tuner.active
     try:
-        inject_adapter(model, config, adapter_name, stacks=manifest["method"]["stacks"])
-        load_adapter_state_dict(model, tensors, adapter_name)
-    except (AdapterError, TypeError, ValueError, IndexError, KeyError, AttributeError, RuntimeError, re.error) as exc:
-        # a crafted config (train_modules: 5, a bad regex, scale: "x") fails outside AdapterError too
-        _discard(model, adapter_name, previous, drop_lora=not had_lora)
+        # the stored layout (resolved module names, CUR indices): no pattern from the file is evaluated
+        tuner.add_adapter(config, adapter_name, layout=manifest["method"], labels=manifest["labels"])
+        tuner.load_adapter_state_dict(tensors, adapter_name)
+    except (AdapterError, TypeError, ValueError, IndexError, KeyError, AttributeError, RuntimeError) as exc:
+        # a crafted layout (members: 5, scale: "x") fails outside AdapterError too
+        if adapter_name in tuner.adapters:
+            tuner.delete_adapter(adapter_name)
+        tuner.active = previous
         raise ManifestError(f"{name}: does not fit this base model: {exc}") from None
     if not activate:
-        set_active_adapter(model, previous)
+        tuner.set_active(previous)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.tcurlora_adapter_labels = getattr(model, "tcurlora_adapter_labels", {})
-    model.tcurlora_adapter_labels[adapter_name] = manifest["labels"]
     return manifest
 
 
@@ -141,64 +140,65 @@ def _non_finite(tensors: dict) -> Optional[str]:
     return None
 
 
-def _check_new_head(model: nn.Module, head: Optional[dict], index: dict, name: str) -> None:
-    """A new output layer is built before its tensors load: its stored weight must have exactly the shape the
-    layer will have, so a crafted ``out_channels`` cannot allocate more than the file holds."""
-    if not head:
-        return
-    try:
-        module = model.get_submodule(head["module"])
-    except AttributeError:
-        raise ManifestError(f"{name}: does not fit this base model: new_head module {head['module']} not found") from None
-    module = getattr(module, "base_module", module)  # an earlier adapter's switch or stack wrapper
-    module = getattr(module, "base_layer", module)
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
-        raise ManifestError(f"{name}: does not fit this base model: new_head {head['module']} is not a Linear/Conv layer")
-    shape = list(weight.shape)
-    shape[1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0] = head["out_channels"]
-    stored = index[f"trained.{head['module'].replace('.', '__')}.weight"]["shape"]
-    if stored != shape:
-        raise ManifestError(f"{name}: does not fit this base model: new_head weight is {stored} in the file, "
-                            f"the layer needs {shape}")
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
-def _trained_on_fingerprint(model: nn.Module, described: dict) -> str:
-    """The fingerprint of the base the adapter was trained on.
+def _check_layers_fit(model: nn.Module, method: dict, index: dict, name: str) -> None:
+    """Layers a load builds before its tensors arrive must match the file's tensors exactly, shape and dtype:
+    a new output head (a crafted ``out_channels`` would allocate beyond the file) and PEFT's LoRA matrices
+    (PEFT cannot take them out again once injected, so a misfit must be found before)."""
+    def layer(path: str) -> nn.Module:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise ManifestError(f"{name}: does not fit this base model: no module {path}") from None
+        module = getattr(module, "base_module", module)  # an earlier adapter's switch or stack wrapper
+        module = getattr(module, "base_layer", module)
+        if not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.dim() < 2:
+            raise ManifestError(f"{name}: does not fit this base model: {path} is not a Linear/Conv layer")
+        return module
 
-    ``full`` (and LoRA's ``train_modules``) train base weights in place, so after training the live weights
-    are no longer the base's: use the fingerprint :func:`tcurlora.adapter.inject_adapter` recorded before training.
-    """
-    recorded = getattr(model, "tcurlora_base_fingerprint", None)
-    if recorded and described["config"]["method"] in ("full", "lora"):
-        return recorded
-    return base_fingerprint(model)
+    def expect(key: str, shape: list, dtype: torch.dtype) -> None:
+        stored = index.get(key)
+        wanted = _SAFETENSORS_DTYPES.get(dtype, str(dtype))
+        if stored is None or stored["shape"] != shape or stored["dtype"] != wanted:
+            got = "missing" if stored is None else f"{stored['dtype']} {stored['shape']}"
+            raise ManifestError(f"{name}: does not fit this base model: tensor {key} is {got}, the layer needs "
+                                f"{wanted} {shape}")
+
+    head = method["config"].get("new_head")
+    if head:
+        module = layer(head["module"])
+        shape = list(module.weight.shape)
+        shape[1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0] = head["out_channels"]
+        expect(f"trained.{head['module'].replace('.', '__')}.weight", shape, module.weight.dtype)
+    if method["name"] == "lora":
+        rank = method["config"].get("rank", TCURLoRAConfig.rank)
+        for target in method["lora_targets"]:
+            module = layer(target)
+            if isinstance(module, nn.Linear):
+                a, b = [rank, module.in_features], [module.out_features, rank]
+            elif isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+                ones = [1] * len(module.kernel_size)  # PEFT: A = conv(in, r, kernel), B = conv(r, out, 1, groups)
+                a = [rank, module.in_channels, *module.kernel_size]
+                b = [module.out_channels, rank // module.groups, *ones]
+            else:
+                raise ManifestError(f"{name}: does not fit this base model: {target} is not a layer PEFT LoRA adapts")
+            keys = {}
+            for key in index:
+                match = LORA_KEY.fullmatch(key)
+                if match and match.group("target") == target:
+                    keys[match.group("ab")] = key
+            expect(keys.get("A", f"{target}.lora_A"), a, module.weight.dtype)
+            expect(keys.get("B", f"{target}.lora_B"), b, module.weight.dtype)
+        params = dict(model.named_parameters())
+        for path in method.get("trained_modules") or []:
+            for key in (k for k in index if k.startswith(f"{path}.")):
+                if key not in params:
+                    raise ManifestError(f"{name}: does not fit this base model: no parameter {key}")
+                expect(key, list(params[key].shape), params[key].dtype)
 
 
 def _default_adapter_name(path) -> str:
-    """The adapter name taken from a file name; 'train', 'eval', 'to'... are ModuleDict attributes, so prefixed."""
-    name = re.sub(r"[^A-Za-z0-9_\-]", "_", Path(path).name.split(".")[0]) or "adapter"
-    return f"adapter_{name}" if hasattr(nn.ModuleDict(), name) else name
-
-
-def _discard(model: nn.Module, adapter_name: str, previous: Optional[str], drop_lora: bool = False) -> None:
-    """Undo a failed load, including a partly built adapter (inject_adapter registers it only at the end) and
-    PEFT LoRA layers this load injected (``drop_lora``)."""
-    if drop_lora and hasattr(model, "_tcurlora_lora"):
-        from peft.tuners.lora import LoraLayer
-
-        for name, module in list(model.named_modules()):
-            if isinstance(module, LoraLayer):
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
-        del model._tcurlora_lora
-    if adapter_name in list_adapters(model):
-        delete_adapter(model, adapter_name)
-    for module in model.modules():
-        if isinstance(module, TCURLayer):
-            module._entries.pop(adapter_name, None)
-        elif isinstance(module, ModuleSwitch):
-            module._copies.pop(adapter_name, None)
-    state = getattr(model, "_tcurlora_state", None)
-    if state is not None:
-        state.active = previous
+    """The adapter name taken from a file name (letters, digits, '_' and '-')."""
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", Path(path).name.split(".")[0]) or "adapter"

@@ -38,7 +38,7 @@ MAX_REPEATS = 3
 CONFIG_FIELDS = set(TCURLoRAConfig.__dataclass_fields__)
 _MODULE_PATH = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 # PEFT's LoRA keys: <target>.lora_A.<adapter name>.weight
-_LORA_KEY = re.compile(r"(?P<target>.+)\.lora_(?P<ab>[AB])\.[^.]+\.weight")
+LORA_KEY = re.compile(r"(?P<target>.+)\.lora_(?P<ab>[AB])\.[^.]+\.weight")
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 METHOD_NAMES = CONFIG_METHODS
 PICKLE_PROBLEM = "is a PyTorch pickle/zip checkpoint, not a safetensors adapter; it was not opened"
@@ -434,7 +434,7 @@ def _check_lora_tensors(method: dict, index: Dict[str, dict], where: str) -> Non
     trained = tuple(f"{m}." for m in method.get("trained_modules") or [])
     found = set()
     for key, info in index.items():
-        match = _LORA_KEY.fullmatch(key)
+        match = LORA_KEY.fullmatch(key)
         if match and match.group("target") in targets:
             dim = 0 if match.group("ab") == "A" else 1
             if len(info["shape"]) < 2 or info["shape"][dim] != rank:

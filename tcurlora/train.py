@@ -278,10 +278,8 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     inject_adapter(network, config, "finetune")
     network.to(device)
     n_trainable = trainable_parameter_count(network)
-    if config.method == "lora":  # PEFT layers, not a tcurlora adapter module
-        where = f"{len(network._tcurlora_lora['targets'])} LoRA layers"
-    else:
-        where = f"{len(get_adapter(network).stacks)} stacks"
+    record = get_adapter(network)
+    where = f"{len(record.lora_targets)} LoRA layers" if config.method == "lora" else f"{len(record.stacks)} stacks"
     events.log(f"{config.method}: {n_trainable:,} trainable values ({where}, rank {config.rank}) on {device.type}")
     lr = options.lr if options.lr is not None else DEFAULT_LR[config.method]
     # cores learn at the method's rate; modules trained fully (decoder, new head) at the decoder rate
@@ -417,7 +415,8 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
                   "learning_rate": lr, "patch_size": list(prep.patch_size), "software": f"tcurlora {__version__}",
                   # a CPU run is bit-reproducible for the same seed AND thread count (reduction order)
                   "device": device.type, "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None}
-    save_adapter(network, out, labels=table, preprocessing=base.preprocessing.to_dict(), provenance=provenance)
+    save_adapter(network, out, labels=table, preprocessing=base.preprocessing.to_dict(), provenance=provenance,
+                 base_name=base.name)
     outputs["adapter"] = out
     curve = curve_path(out)
     write_curve(curve, history, f"{config.method} r={config.rank} on {base.name}: {len(train_cases)} case(s)")

@@ -41,9 +41,10 @@ class BaseModel:
         for p in self.network.parameters():
             p.requires_grad_(False)
         # adapter files record these
-        self.network.tcurlora_base_name = self.name
-        self.network.tcurlora_labels = self.labels
-        self.network.tcurlora_preprocessing = self.preprocessing.to_dict()
+        from ..tuners import get_tuner
+
+        get_tuner(self.network).base_info = {"name": self.name, "labels": self.labels,
+                                             "preprocessing": self.preprocessing.to_dict()}
         if self.inference_roi is None:
             self.inference_roi = tuple(self.preprocessing.patch_size)
 
