@@ -967,7 +967,7 @@ def test_crafted_sources_load(crafted_sources):
         assert torch.isfinite(out).all() and (out.shape != base.shape or not torch.equal(out, base)), name
 
 
-def test_save_adapter_refuses_non_finite_tensors_and_scale(tmp_path):
+def test_save_adapter_refuses_non_finite_tensors(tmp_path):
     model = tiny_unet()
     inject_adapter(model, TCURLoRAConfig(rank=2))
     perturb(model)
@@ -977,10 +977,6 @@ def test_save_adapter_refuses_non_finite_tensors_and_scale(tmp_path):
     with pytest.raises(TCURLoRAError, match="NaN or infinite values") as exc:
         save_adapter(model, path)
     assert "\n" not in str(exc.value)
-    model = tiny_unet()
-    inject_adapter(model, TCURLoRAConfig(rank=2, scale=float("inf")))
-    with pytest.raises(TCURLoRAError, match="non-finite"):
-        save_adapter(model, path)
     assert not list(tmp_path.iterdir())
     # a metric that could not be computed is written as null, not as NaN (which JSON does not have)
     model = tiny_unet()

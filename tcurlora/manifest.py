@@ -78,11 +78,19 @@ def read_adapter_bytes(path) -> Tuple[bytes, Dict[str, str], Dict[str, dict]]:
     name = display_name(path)
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            head = f.read(8)
+            size = os.fstat(f.fileno()).st_size
+            n = _header_length(head, size, name)
+            raw = f.read(n)
+            metadata, index = _parse_header(head, raw, size - 8 - n, name)
+            # then the header again and exactly the tensors' bytes (not trailing junk), in one buffer
+            end = 8 + n + max((info["data_offsets"][1] for info in index.values()), default=0)
+            f.seek(0)
+            data = f.read(end)
     except OSError as exc:
         raise _fail(name, f"cannot read ({exc.strerror or exc})") from None
-    n = _header_length(data[:8], len(data), name)
-    metadata, index = _parse_header(data[:8], data[8:8 + n], len(data) - 8 - n, name)
+    if len(data) < end or data[:8 + n] != head + raw:
+        raise _fail(name, "truncated or changed while it was being read")
     return data, metadata, index
 
 
