@@ -169,10 +169,16 @@ def test_small_file_claiming_a_big_volume_is_refused_from_its_header(tmp_path, e
     assert_input_error(e, f"claims{ext}: ", "truncated")
 
 
-@pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz", "huge.nrrd"])
+@pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz", "huge.nrrd", "huge.seg.nrrd"])
 def test_absurd_volume_size_is_refused_before_allocating(tmp_path, name):
     path = tmp_path / name
-    if name.endswith(".nrrd"):
+    if name == "huge.seg.nrrd":  # a gzip bomb: 40 bytes of data that would decompress to 32767^3 voxels
+        import gzip
+
+        path.write_bytes(b"NRRD0004\ntype: unsigned char\ndimension: 3\nsizes: 32767 32767 32767\n"
+                         b"encoding: gzip\nSegment0_ID:=Segment_1\nSegment0_Name:=a\nSegment0_LabelValue:=1\n"
+                         b"Segment0_Layer:=0\n\n" + gzip.compress(b"\0" * 4096))
+    elif name.endswith(".nrrd"):
         path.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 32767 32767 32767\nencoding: raw\n"
                          b"endian: little\n\n" + b"\0" * 64)
     else:
@@ -180,7 +186,7 @@ def test_absurd_volume_size_is_refused_before_allocating(tmp_path, name):
     for read in (io.read_image, lambda p: io.read_label(p, io.read_image(CT))):
         with pytest.raises(InputError) as e:
             read(path)
-        assert_input_error(e, f"{name}: ", "32767x32767x32767 voxels needs about", "GB of memory", "available")
+        assert_input_error(e, f"{name}: ", "of 32767x32767x32767 voxels needs about", "GB of memory", "available")
 
 
 def test_memory_limit_follows_the_available_memory(tmp_path, monkeypatch):

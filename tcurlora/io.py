@@ -520,8 +520,15 @@ def _segment_value_map(segments: list[dict], label_table: Optional[LabelTable], 
 
 
 def _read_slicer_segmentation(path: str) -> dict:
+    import nrrd
     import slicerio
 
+    try:
+        sizes = [int(s) for s in nrrd.read_header(path).get("sizes", [])]
+    except Exception:  # slicerio below names the problem
+        sizes = []
+    if sizes:  # the voxels are decompressed whole: check the size the header claims first (8-bit voxels)
+        _check_memory(path, sizes, 1, "a segmentation")
     try:
         seg = slicerio.read_segmentation(path)
     except Exception as exc:  # slicerio raises IOError/ValueError/KeyError on malformed headers
