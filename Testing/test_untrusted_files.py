@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -102,24 +103,48 @@ def rewrite_manifest(src, dst, mutate):
     return dst
 
 
+EVIL = "(.*.*)*X"
+
+
 @pytest.mark.parametrize("field", ["train_modules", "exclude_modules", "stacks"])
-def test_pathological_regex_in_an_adapter_is_refused_by_inspect_and_segment(tiny_unet, spec_adapter, tmp_path, field,
-                                                                              capsys):
+def test_pathological_regex_in_an_adapter_is_refused_by_inspect_and_load(tiny_unet, spec_adapter, tmp_path, field,
+                                                                        capsys):
     """`(.*.*)*X` backtracks exponentially: it hung `segment` while `inspect` showed the adapter as normal."""
-    evil = "(.*.*)*X"
-    value = {"s": [evil]} if field == "stacks" else [evil]
+    from tcurlora import load_adapter
+    from tcurlora.errors import TCURLoRAError
+    from tcurlora.models import load_base
+
+    value = {"s": [EVIL]} if field == "stacks" else [EVIL]
     crafted = rewrite_manifest(spec_adapter, tmp_path / "evil.safetensors",
                                lambda m: m["method"]["config"].update({field: value}))
     code, err = run_cli(capsys, "inspect", crafted)
     assert code == 2 and len(err) == 1, err
-    line = err[0]
-    assert line.startswith("error: evil.safetensors: ") and "nests repetitions" in line, line
-    # a subprocess with a time limit: on a hang the test fails instead of hanging too
-    t0 = time.monotonic()
-    proc = subprocess.run(cli_subprocess("segment", *tiny_unet.args, "--adapter", crafted, CT, "-o", tmp_path / "x.seg.nrrd"),
+    assert err[0].startswith("error: evil.safetensors: ") and "nests repetitions" in err[0], err
+    base = load_base(str(tiny_unet.spec), weights=str(tiny_unet.weights))
+
+    def hang(signum, frame):  # re checks for signals while it backtracks: a hang fails the test, not the run
+        raise TimeoutError("load_adapter ran for 30 s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(30)
+    try:
+        with pytest.raises(TCURLoRAError, match="nests repetitions"):
+            load_adapter(base.network, crafted)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_pathological_regex_never_hangs_segment(tiny_unet, spec_adapter, tmp_path):
+    crafted = rewrite_manifest(spec_adapter, tmp_path / "evil.safetensors",
+                               lambda m: m["method"]["config"].update(train_modules=[EVIL]))
+    out = tmp_path / "x.seg.nrrd"
+    t0 = time.monotonic()  # a subprocess with a time limit: on a hang the test fails instead of hanging too
+    proc = subprocess.run(cli_subprocess("segment", *tiny_unet.args, "--adapter", crafted, CT, "-o", out),
                           capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
-    assert assert_one_line_error(proc) == line and time.monotonic() - t0 < 60
-    assert not (tmp_path / "x.seg.nrrd").exists()
+    line = assert_one_line_error(proc)
+    assert line.startswith("error: evil.safetensors: ") and "nests repetitions" in line, line
+    assert time.monotonic() - t0 < 60 and not out.exists()
 
 
 LOADER = textwrap.dedent("""
