@@ -920,6 +920,8 @@ CRAFTED = {
     "lora-rank-mismatch": ("lora", _set("method.config.rank", 4000), "not rank 4000", True),
     "lora-no-targets": ("lora", _set("method.lora_targets", []), "lora_targets", True),
     "lora-target-missing": ("lora", lambda m: m["method"]["lora_targets"].append("model.2.conv"), "is missing", True),
+    "lora-trained-module-missing": ("lora", _set("method.trained_modules", ["model.2.conv"]),
+                                    "tensor model.2.conv.bias is missing, the layer needs", False),
 }
 
 

@@ -1,5 +1,5 @@
 """Seeded fuzz of adapter files: real adapters of the tiny UNet (tCURLoRA, tCURLoRA with a new head, decoder,
-PEFT LoRA), mutated in their manifest, their safetensors header and their bytes, then read by ``inspect``
+PEFT LoRA with a fully trained output layer), mutated in their manifest, their safetensors header and their bytes, then read by ``inspect``
 and loaded into a fresh base.
 
 Every case must end in a clean refusal (a :class:`TCURLoRAError` with a one-line message, the model left
@@ -67,7 +67,7 @@ def sources(tmp_path_factory):
         "tcurlora": TCURLoRAConfig(rank=2),
         "head": TCURLoRAConfig(rank=2, new_head={"module": "model.2.conv", "out_channels": 3}),
         "decoder": TCURLoRAConfig(method="decoder", train_modules=[r"model\.2(\..*)?"]),
-        "lora": TCURLoRAConfig(method="lora", rank=2),
+        "lora": TCURLoRAConfig(method="lora", rank=2, train_modules=[r"model\.2\.conv"]),
     }
     out = {}
     for name, config in configs.items():

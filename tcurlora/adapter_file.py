@@ -195,7 +195,8 @@ def _check_layers_fit(model: nn.Module, method: dict, index: dict, name: str) ->
             expect(keys.get("B", f"{target}.lora_B"), b, module.weight.dtype)
         params = dict(model.named_parameters())
         for path in method.get("trained_modules") or []:
-            for key in (k for k in index if k.startswith(f"{path}.")):
+            own = {k for k in params if k.startswith(f"{path}.")}
+            for key in sorted(own | {k for k in index if k.startswith(f"{path}.")}):
                 if key not in params:
                     raise ManifestError(f"{name}: does not fit this base model: no parameter {key}")
                 expect(key, list(params[key].shape), params[key].dtype)
