@@ -556,6 +556,8 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     _seed_everything(options.seed)  # new heads and LoRA factors are initialised from the seed
     inject_adapter(network, config, "finetune")
     network.to(device)
+    if options.checkpointing:
+        enable_activation_checkpointing(network)
     check_writable(files.checkpoint, need_bytes=_checkpoint_bytes(network), what="checkpoint")
     # logged after the checks, so that a bad file or setting leaves exactly one line (the error) on the console
     events.log(f"read {len(train_cases)} training and {len(val_cases)} validation case(s)")
@@ -620,7 +622,7 @@ def _accumulate(network, transforms, cases, rng, loss_fn, device, amp, options) 
         x = torch.stack([p["image"] for p in patches]).to(device)
         y = torch.stack([p["label"] for p in patches]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = _forward(network, x, options.checkpointing)
+            logits = network(x)
             if isinstance(logits, (list, tuple)):
                 # a new head (new labels) replaces the full-resolution head only: the coarser deep-supervision
                 # heads still predict the base's labels and are left out of the loss
@@ -653,12 +655,6 @@ def _optimizer_to(optimizer, device) -> None:
                 state[k] = v.to(device)
 
 
-def _forward(network, x, checkpointing: bool):
-    if checkpointing and not getattr(network, "_tcurlora_checkpointing", False):
-        enable_activation_checkpointing(network)
-    return network(x)
-
-
 def enable_activation_checkpointing(network: torch.nn.Module) -> None:
     """Recompute block activations in backward: the blocks of every ModuleList (ViT/Swin blocks),
     else the root's children (encoder/decoder stages).  Trades compute for memory on small GPUs."""
@@ -676,4 +672,3 @@ def enable_activation_checkpointing(network: torch.nn.Module) -> None:
             return _plain(*args, **kwargs)
 
         block.forward = wrapped
-    network._tcurlora_checkpointing = True
