@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
+from .config import METHODS
 from .errors import TCURLoRAError
 
 EXIT_ERROR = 2
@@ -57,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the adapter's label table (a JSON file [{value, name, color}]), or 'from-segmentation' "
                         "to take it from the first .seg.nrrd; labels that differ from the base's train a new head")
     p.add_argument("--out", required=False, metavar="ADAPTER.safetensors", help="where to write the adapter")
-    p.add_argument("--method", default="tcurlora", choices=["tcurlora", "lora", "decoder", "full"],
-                   help="tcurlora (default), or a baseline: lora (PEFT LoRA, same layers), decoder, full")
+    p.add_argument("--method", default="tcurlora", choices=list(METHODS),
+                   help="tcurlora (default), or a baseline: lora, pissa, dora (HF PEFT, same layers), curlora "
+                        "(matrix CUR per layer), lorapt (t-SVD of the same stacks), decoder, full")
     p.add_argument("--rank", type=int, default=8, help="CUR rank r (default 8)")
     p.add_argument("--preset", default="auto", choices=["auto", "vit", "conv", "none"], help="which stacks to adapt")
     p.add_argument("--train-modules", nargs="*", default=[], metavar="REGEX",

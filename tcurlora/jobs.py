@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional, Sequence
 JOB_VERSION = 1
 COMMANDS = ("segment", "finetune")
 DEVICES = ("auto", "cpu", "cuda")
-METHODS = ("tcurlora", "lora", "decoder", "full")
+METHODS = ("tcurlora", "lora", "decoder", "full", "pissa", "dora", "curlora", "lorapt")
 
 EXIT_OK = 0
 EXIT_ERROR = 2

@@ -19,7 +19,7 @@ FORMAT_VERSION = "1.0"
 METADATA_KEY = "tcurlora"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-METHOD_NAMES = ("tcurlora", "lora", "decoder", "full")
+METHOD_NAMES = ("tcurlora", "lora", "decoder", "full", "pissa", "dora", "curlora", "lorapt")
 PICKLE_PROBLEM = "is a PyTorch pickle/zip checkpoint, not a safetensors adapter; it was not opened"
 
 
@@ -155,12 +155,12 @@ def _is_version(text: str) -> bool:
 def check_tensors(manifest: dict, index: Dict[str, dict], where: str = "adapter") -> None:
     """The file's tensors (its header index) must be those its manifest describes.
 
-    Checked for ``tcurlora``/``decoder`` adapters, whose keys are ``stacks.<stack>.delta_u`` (F32, K×r×r)
+    Checked for ``tcurlora``/``decoder``/``curlora`` adapters, whose keys are ``stacks.<stack>.delta_u`` (F32, K×r×r)
     and ``trained.<module path with __>.<param>``: so ``tcurlora inspect`` already refuses a file with
     missing, extra or misshapen cores, before any base model is loaded.
     """
     method = manifest["method"]
-    if method["name"] not in ("tcurlora", "decoder"):
+    if method["name"] not in ("tcurlora", "decoder", "curlora"):
         return
     stacks = {f"stacks.{s['name']}.delta_u": s for s in method["stacks"]}
     for key, stack in stacks.items():

@@ -22,8 +22,10 @@ from .config import TCURLoRAConfig
 from .errors import InputError, TCURLoRAError
 from .events import Events, StopRequested
 from .models import BaseModel
+from .tuners.strategies import PEFT_METHODS
 
-DEFAULT_LR = {"tcurlora": 1e-2, "lora": 1e-3, "decoder": 1e-3, "full": 1e-4}
+DEFAULT_LR = {"tcurlora": 1e-2, "lora": 1e-3, "decoder": 1e-3, "full": 1e-4,
+              "pissa": 1e-3, "dora": 1e-3, "curlora": 1e-2, "lorapt": 1e-3}
 
 
 @dataclass
@@ -279,11 +281,11 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     network.to(device)
     n_trainable = trainable_parameter_count(network)
     record = get_adapter(network)
-    where = f"{len(record.lora_targets)} LoRA layers" if config.method == "lora" else f"{len(record.stacks)} stacks"
+    where = f"{len(record.lora_targets)} LoRA layers" if record.lora_targets else f"{len(record.stacks)} stacks"
     events.log(f"{config.method}: {n_trainable:,} trainable values ({where}, rank {config.rank}) on {device.type}")
     lr = options.lr if options.lr is not None else DEFAULT_LR[config.method]
     # cores learn at the method's rate; modules trained fully (decoder, new head) at the decoder rate
-    cores = [s.delta_u for s in get_adapter(network).stacks.values()] if config.method in ("tcurlora", "decoder") else []
+    cores = [p for s in get_adapter(network).stacks.values() for p in s.parameters()]
     core_ids = {id(p) for p in cores}
     others = [p for p in network.parameters() if p.requires_grad and id(p) not in core_ids]
     groups = [g for g in ({"params": cores, "lr": lr},
@@ -326,8 +328,8 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
             return None
         network.eval()
         # Merge Δ𝒲 into the weights for the sliding window (else every window rebuilds it); the exact base
-        # weights are restored afterwards.  PEFT LoRA unmerges by subtraction (not exact): left unmerged.
-        merge = config.method != "lora"
+        # weights are restored afterwards.  PEFT layers stay unmerged (PEFT cannot merge every conv layer).
+        merge = config.method not in PEFT_METHODS
         if merge:
             merge_adapter(network)
         try:
