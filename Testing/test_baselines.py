@@ -221,3 +221,17 @@ def test_every_method_has_one_strategy_and_a_config():
     assert set(METHODS) == set(STRATEGIES)
     for method in METHODS:
         assert TCURLoRAConfig(method=method).method == method
+
+
+def test_pissa_rank_above_a_conv_matrix_rank_leaves_the_extra_components_zero():
+    model = nn.Sequential(nn.Conv3d(6, 3, 1), nn.ReLU(), nn.Conv3d(3, 3, 3, padding=1))
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 4, 4, 4)
+    with torch.no_grad():
+        before = model(x)
+    inject_adapter(model, TCURLoRAConfig(method="pissa", rank=4, preset="conv"))
+    layer = model[0]
+    assert layer.lora_A["default"].weight.shape[0] == 4
+    assert torch.equal(layer.lora_A["default"].weight[3], torch.zeros_like(layer.lora_A["default"].weight[3]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)

@@ -64,8 +64,9 @@ def _pissa_init_conv(layer, adapter: str) -> None:
     b = v[:, :r] @ torch.diag(s.sqrt())  # (out, r): lora_B's 1×…×1 kernel
     lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     with torch.no_grad():
-        lora_a.copy_(a.reshape(lora_a.shape))
-        lora_b.copy_(b.reshape(lora_b.shape))
+        # a rank above the matrix's (a 4×16 kernel at r = 8): the components past it are zero, and stay so
+        lora_a.zero_().view(r, -1)[:len(s)] = a
+        lora_b.zero_().view(-1, r)[:, :len(s)] = b
         weight.copy_((matrix - scaling * b @ a).reshape(weight.shape).to(weight.dtype))
 
 
