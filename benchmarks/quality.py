@@ -301,22 +301,25 @@ def plot(summary: list, rows: list, out: Path) -> None:
     fig.savefig(out / "quality.png")
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(bases), figsize=(6.5 * len(bases), 4.2), dpi=100, squeeze=False)
-    for ax, base in zip(axes[0], bases):
-        for s in (s for s in summary if s["setting"] == base):
-            if s["trainable"]:
-                ax.errorbar(s["trainable"], s["dice_mean"], yerr=s["dice_sd"], fmt="o", capsize=3, label=s["method"])
-            else:
-                ax.axhline(s["dice_mean"], ls="--", lw=0.9, color="grey", label="zero-shot")
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable values (log)")
-        ax.set_ylabel("Dice, site convention (mean ± sd over runs)")
-        ax.set_title(base, fontsize=10)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "quality_dice_vs_trainable.png")
-    plt.close(fig)
+    for key, xlabel, name in (("trainable", "trainable values (log)", "quality_dice_vs_trainable.png"),
+                              ("train_s_median", "training time, median s (log; a shared 2-core VM)",
+                               "quality_dice_vs_time.png")):
+        fig, axes = plt.subplots(1, len(bases), figsize=(6.5 * len(bases), 4.2), dpi=100, squeeze=False)
+        for ax, base in zip(axes[0], bases):
+            for s in (s for s in summary if s["setting"] == base):
+                if s["trainable"]:
+                    ax.errorbar(s[key], s["dice_mean"], yerr=s["dice_sd"], fmt="o", capsize=3, label=s["method"])
+                else:
+                    ax.axhline(s["dice_mean"], ls="--", lw=0.9, color="grey", label="zero-shot")
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("Dice, site convention (mean ± sd over runs)")
+            ax.set_title(base, fontsize=10)
+            ax.legend(fontsize=6, ncol=2)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
 
 
 def main(argv=None) -> int:
