@@ -9,7 +9,7 @@ from tcurlora import TCURLoRAConfig, inject_adapter, merge_adapter, trainable_pa
 from tcurlora.adapter import base_state_dict, get_adapter
 from tcurlora.adapter_file import base_fingerprint, load_adapter, save_adapter
 from tcurlora.config import METHODS
-from tcurlora.manifest import read_manifest
+from tcurlora.manifest import read_manifest, summary
 from tcurlora.tensor import curlora_indices, t_product, t_svd_factors
 from tcurlora.tuners import STRATEGIES, get_tuner
 from tcurlora.tuners.baselines import TSVDStack
@@ -215,6 +215,9 @@ def test_lorapt_delta_is_the_change_of_the_principal_product():
     assert {k.rsplit(".", 1)[1] for k in state} == {"principal_left", "principal_right"}
     described = get_tuner(model).describe()
     assert described["stacks"] == [] and len(described["tsvd_stacks"]) == len(stacks)
+    manifest = {"method": {"name": "lorapt", **described}, "base": {"name": "b", "fingerprint": "sha256:0"},
+                "labels": [], "provenance": {}, "format_version": "1.0"}
+    assert f"{len(stacks)} stacks" in summary(manifest)
 
 
 def test_every_method_has_one_strategy_and_a_config():

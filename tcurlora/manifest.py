@@ -196,12 +196,14 @@ def summary(manifest: dict) -> str:
     """A few readable lines about an adapter (``tcurlora inspect`` and the Slicer module)."""
     method, base, prov = manifest["method"], manifest["base"], manifest["provenance"]
     labels = ", ".join(f"{l['value']}={l['name']}" for l in manifest["labels"]) or "(none)"
+    tsvd = method.get("tsvd_stacks")  # lorapt lists its t-SVD stacks apart (they have no CUR indices)
+    stacks = method["stacks"] or (tsvd if isinstance(tsvd, list) else [])
     dice = prov.get("validation_dice")  # provenance is free-form: format only a number
     dice = format(dice, ".3f") if isinstance(dice, (int, float)) and not isinstance(dice, bool) else \
         "n/a" if dice is None else str(dice)
     lines = [
         f"method:      {method['name']} (rank {method.get('config', {}).get('rank', '?')}, "
-        f"{len(method['stacks'])} stacks, {method.get('trainable_values', '?')} trained values)",
+        f"{len(stacks)} stacks, {method.get('trainable_values', '?')} trained values)",
         f"base model:  {base['name']} ({base['fingerprint'][:19]}...)",
         f"labels:      {labels}",
         f"trained on:  {prov.get('cases', '?')} case(s), {prov.get('steps', '?')} steps, "

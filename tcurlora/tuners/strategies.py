@@ -187,8 +187,9 @@ class Strategy:
                     module.unmerge()
 
     def describe(self, tuner: "TCURTuner", record: AdapterRecord) -> dict:
-        return {"config": record.config.to_dict(), "stacks": [],
-                self.layout_key: [s.describe() for s in record.stacks.values()], "trained_modules": list(record.trained)}
+        described = {"config": record.config.to_dict(), "stacks": [], "trained_modules": list(record.trained)}
+        described[self.layout_key] = [s.describe() for s in record.stacks.values()]
+        return described
 
     def tensors_from_file(self, tensors: Dict[str, torch.Tensor], adapter_name: str) -> Dict[str, torch.Tensor]:
         return tensors
@@ -339,5 +340,7 @@ def strategy_for(method: str) -> Strategy:
         return STRATEGIES[method]
     except KeyError:
         raise AdapterError(f"unknown method {method!r}; choose one of {', '.join(STRATEGIES)}") from None
+
+
 # HF PEFT's layers: training and inference run them unmerged (PEFT's merge covers not every conv layer: groups)
 PEFT_METHODS = tuple(m for m, s in STRATEGIES.items() if isinstance(s, LoraStrategy))
