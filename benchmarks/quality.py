@@ -150,6 +150,11 @@ def run(args) -> list:
     for label, kwargs in methods_for(args.base):
         if args.methods and not any(m in label for m in args.methods):
             continue
+        if args.lr_scale != 1:  # a learning-rate sensitivity row: its own label, so its own runs
+            if kwargs is None:
+                continue
+            label = f"{label} lr×{args.lr_scale:g}"
+            kwargs = {**kwargs, "lr": DEFAULT_LR[kwargs["method"]] * args.lr_scale}
         for train, test in directions:
             seeds = [None] if kwargs is None else args.seeds
             for seed in seeds:
@@ -178,7 +183,7 @@ def run(args) -> list:
                     trainable = result["metrics"]["trainable_values"]
                     final_loss = result["metrics"]["final_loss"]
                     size = adapter.stat().st_size
-                    lr = DEFAULT_LR[kwargs["method"]]
+                    lr = kwargs.get("lr", DEFAULT_LR[kwargs["method"]])
                     Path(result["outputs"]["checkpoint"]).unlink(missing_ok=True)  # resume state only (~3× the weights for full)
                     base.network = copy.deepcopy(pristine)
                     t0 = time.time()
@@ -306,11 +311,18 @@ def plot(summary: list, rows: list, out: Path) -> None:
                                "quality_dice_vs_time.png")):
         fig, axes = plt.subplots(1, len(bases), figsize=(6.5 * len(bases), 4.2), dpi=100, squeeze=False)
         for ax, base in zip(axes[0], bases):
-            for s in (s for s in summary if s["setting"] == base):
-                if s["trainable"]:
-                    ax.errorbar(s[key], s["dice_mean"], yerr=s["dice_sd"], fmt="o", capsize=3, label=s["method"])
+            for k, s in enumerate(s for s in summary if s["setting"] == base):
+                if s["trainable"]:  # the colours repeat after ten rows: the marker tells them apart
+                    ax.errorbar(s[key], s["dice_mean"], yerr=s["dice_sd"], fmt="osD^"[k // 10 % 4], capsize=3,
+                                label=s["method"])
                 else:
                     ax.axhline(s["dice_mean"], ls="--", lw=0.9, color="grey", label="zero-shot")
+            zero = [s["dice_mean"] for s in summary if s["setting"] == base and not s["trainable"]]
+            low = [s["method"] for s in summary if s["setting"] == base and zero and s["dice_mean"] < zero[0] - 0.1]
+            if low:  # a diverged run would squash the rest: leave it off the scale, named
+                ax.set_ylim(bottom=zero[0] - 0.1)
+                ax.text(0.99, 0.01, "below the scale: " + ", ".join(low), transform=ax.transAxes, fontsize=6,
+                        ha="right")
             ax.set_xscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel("Dice, site convention (mean ± sd over runs)")
@@ -333,6 +345,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=128, help="deepbet model input (256 = its real setting)")
     parser.add_argument("--unetr-spec", help="network spec JSON of the distilled UNETR (benchmarks/vit_base.py)")
     parser.add_argument("--methods", nargs="*", help="only methods whose label contains one of these strings")
+    parser.add_argument("--lr-scale", type=float, default=1.0,
+                        help="train at the method's default learning rate times this (rows labelled 'lr×…')")
     parser.add_argument("--budgets", action="store_true",
                         help="only write budgets_<base>.md: trainable values per method and rank (no training)")
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks-results"))
