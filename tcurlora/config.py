@@ -8,8 +8,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-METHODS = ("tcurlora", "lora", "decoder", "full", "pissa", "dora", "curlora", "lorapt")
-PRESETS = ("auto", "vit", "conv", "none")
+from .protocol import METHODS, PRESETS
+
 SELECTIONS = ("deterministic", "sampled")
 
 

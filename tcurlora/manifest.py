@@ -14,12 +14,13 @@ import struct
 from typing import Dict, Tuple
 
 from .errors import TCURLoRAError, display_name
+from .protocol import METHODS
 
 FORMAT_VERSION = "1.0"
 METADATA_KEY = "tcurlora"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-METHOD_NAMES = ("tcurlora", "lora", "decoder", "full", "pissa", "dora", "curlora", "lorapt")
+METHOD_NAMES = METHODS
 PICKLE_PROBLEM = "is a PyTorch pickle/zip checkpoint, not a safetensors adapter; it was not opened"
 
 
