@@ -350,11 +350,12 @@ def test_validation_leaves_the_base_weights_exact(tiny_base, tmp_path):
         assert torch.equal(before[key], after[key]), key
 
 
-def test_lora_adapter_can_be_applied(tiny_unet, tmp_path):
-    """(3)/(5) A --method lora baseline adapter is applied by `segment` too (merged into the weights)."""
+@pytest.mark.parametrize("method", ["lora", "pissa", "dora", "curlora", "lorapt"])
+def test_baseline_adapters_can_be_applied(tiny_unet, tmp_path, method):
+    """(3)/(5) A baseline adapter (--method lora, pissa, …) is trained by `finetune` and applied by `segment`."""
     out = tmp_path / "lora.safetensors"
     assert run(["finetune", *tiny_unet.args, "--image", CT, "--label", CT_VERT, "--out", out, "--steps", "2",
-                "--batch-size", "1", "--method", "lora", "--rank", "2", "--lr", "0.05"]) == 0
+                "--batch-size", "1", "--method", method, "--rank", "2", "--lr", "0.05"]) == 0
     assert run(["segment", *tiny_unet.args, "--adapter", out, CT, "-o", tmp_path / "lora.nii.gz",
                 "--probabilities"]) == 0
     assert run(["segment", *tiny_unet.args, CT, "-o", tmp_path / "plain.nii.gz", "--probabilities"]) == 0
