@@ -231,3 +231,35 @@ def test_pissa_rank_above_a_conv_matrix_rank_leaves_the_extra_components_zero():
     assert torch.equal(layer.lora_A["default"].weight[3], torch.zeros_like(layer.lora_A["default"].weight[3]))
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_removing_a_pissa_adapter_puts_the_original_weights_back():
+    from tcurlora.adapter import delete_adapter
+
+    model = seeded(ConvNet)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    inject_adapter(model, TCURLoRAConfig(method="pissa", rank=2))
+    assert not torch.equal(model.dec[0].base_layer.weight, original["dec.0.weight"])  # the residual
+    delete_adapter(model, "default")
+    after = model.state_dict()
+    assert set(after) == set(original) and all(torch.equal(after[k], v) for k, v in original.items())
+
+
+def test_a_lorapt_manifest_with_malformed_tsvd_stacks_is_refused(tmp_path):
+    import json
+
+    from tcurlora.manifest import ManifestError, parse_manifest
+
+    model = seeded(TinyViT)
+    inject_adapter(model, TCURLoRAConfig(method="lorapt", rank=2))
+    manifest = save_adapter(model, tmp_path / "t.safetensors")
+    parse_manifest(json.dumps(manifest))
+    for bad in ({"rank": 0}, {"members": []}, {"k": 99}, {"name": "a.b"}):
+        broken = json.loads(json.dumps(manifest))
+        broken["method"]["tsvd_stacks"][0].update(bad)
+        with pytest.raises(ManifestError, match="malformed stack"):
+            parse_manifest(json.dumps(broken))
+    broken = json.loads(json.dumps(manifest))
+    broken["method"]["name"] = broken["method"]["config"]["method"] = "tcurlora"
+    with pytest.raises(ManifestError, match="malformed stack"):  # only lorapt lists t-SVD stacks
+        parse_manifest(json.dumps(broken))

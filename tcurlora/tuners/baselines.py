@@ -43,13 +43,21 @@ class PissaStrategy(LoraStrategy):
     def initialise(self, tuner, record) -> None:
         from peft.tuners.lora import Linear as LoraLinear
 
-        for layer in self._lora_layers(tuner):
-            if record.name not in layer.lora_A:
-                continue
+        layers = [layer for layer in self._lora_layers(tuner) if record.name in layer.lora_A]
+        # kept for remove(): a failed load or a deleted adapter must leave the original weights, not the residual
+        record.base_backup = [(p, p.detach().clone()) for p in (layer.get_base_layer().weight for layer in layers)]
+        for layer in layers:
             if isinstance(layer, LoraLinear):
                 layer.pissa_init(record.name, "pissa")  # PEFT's own
             else:
                 _pissa_init_conv(layer, record.name)
+
+    def remove(self, tuner, record) -> None:
+        with torch.no_grad():
+            for weight, value in record.base_backup:
+                weight.data = value  # PEFT's pissa_init replaced the tensor: put the original back the same way
+        record.base_backup = []
+        super().remove(tuner, record)
 
 
 def _pissa_init_conv(layer, adapter: str) -> None:

@@ -39,6 +39,7 @@ class AdapterRecord:
     lora_targets: List[str] = field(default_factory=list)
     labels: Optional[list] = None  # the label table of an adapter loaded from a file
     merge_backup: list = field(default_factory=list)  # (parameter, its value before a PEFT merge)
+    base_backup: list = field(default_factory=list)  # (parameter, its value before injection changed it: PiSSA)
 
     def parameters(self):
         for stack in self.stacks.values():
@@ -268,7 +269,14 @@ class LoraStrategy(Strategy):
         return [m for m in tuner.model.modules() if isinstance(m, LoraLayer)]
 
     def remove(self, tuner, record) -> None:
-        raise AdapterError("a LoRA adapter cannot be removed from its model; reload the base")
+        """Put every layer PEFT wrapped back as it was (a failed load leaves the model untouched)."""
+        from peft.tuners.lora import LoraLayer
+
+        model = tuner.model
+        for parent in list(model.modules()):
+            for attr, child in list(parent._modules.items()):
+                if isinstance(child, LoraLayer):
+                    parent._modules[attr] = child.get_base_layer()
 
     def trainable(self, tuner, record):
         params = [p for n, p in tuner.model.named_parameters() if "lora_" in n]
