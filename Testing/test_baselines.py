@@ -263,3 +263,26 @@ def test_a_lorapt_manifest_with_malformed_tsvd_stacks_is_refused(tmp_path):
     broken["method"]["name"] = broken["method"]["config"]["method"] = "tcurlora"
     with pytest.raises(ManifestError, match="malformed stack"):  # only lorapt lists t-SVD stacks
         parse_manifest(json.dumps(broken))
+
+
+def test_inspect_refuses_a_lorapt_file_whose_factors_do_not_fit_its_manifest(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tcurlora.manifest import METADATA_KEY, ManifestError, read_header
+
+    model = seeded(TinyViT)
+    inject_adapter(model, TCURLoRAConfig(method="lorapt", rank=2))
+    path = tmp_path / "t.safetensors"
+    save_adapter(model, path)
+    metadata, _ = read_header(path)
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("principal_left"))
+    for change in ("drop", "rank"):
+        bad = dict(tensors)
+        if change == "drop":
+            del bad[key]
+        else:
+            bad[key] = torch.zeros(*bad[key].shape[:2], 3)
+        save_file(bad, tmp_path / "bad.safetensors", metadata={METADATA_KEY: metadata[METADATA_KEY]})
+        with pytest.raises(ManifestError, match="principal_left"):
+            read_manifest(tmp_path / "bad.safetensors")

@@ -412,7 +412,7 @@ def _is_version(text: str) -> bool:
 def check_tensors(manifest: dict, index: Dict[str, dict], where: str = "adapter") -> None:
     """The file's tensors (its header index) must be those its manifest describes.
 
-    ``tcurlora``/``decoder``/``curlora`` adapters: keys ``stacks.<stack>.delta_u`` (F32, K×r×r) and
+    ``tcurlora``/``decoder``/``curlora`` adapters (``lorapt``: 𝒜, ℬ per t-SVD stack): keys ``stacks.<stack>.delta_u`` (F32, K×r×r) and
     ``trained.<module path with __>.<param>``, and a ``new_head`` has its weight in the file with
     ``out_channels`` outputs.  ``lora``/``pissa``/``dora``: one ``lora_A`` (r rows) and ``lora_B`` (r columns) per target, r the
     config's rank.  So ``tcurlora inspect`` already refuses a file with missing, extra or misshapen tensors, and
@@ -422,7 +422,7 @@ def check_tensors(manifest: dict, index: Dict[str, dict], where: str = "adapter"
     if method["name"] in PEFT_METHOD_NAMES:
         _check_lora_tensors(method, index, where)
         return
-    if method["name"] not in ("tcurlora", "decoder", "curlora"):
+    if method["name"] not in ("tcurlora", "decoder", "curlora", "lorapt"):
         return
     stacks = {f"stacks.{s['name']}.delta_u": s for s in method["stacks"]}
     for key, stack in stacks.items():
@@ -432,6 +432,18 @@ def check_tensors(manifest: dict, index: Dict[str, dict], where: str = "adapter"
         k, rank = len(stack["members"]), len(stack["I"])
         if info["dtype"] != "F32" or info["shape"] != [k, rank, rank]:
             raise _fail(where, f"tensor {key!r} is {info['dtype']} {info['shape']}, the manifest says F32 {[k, rank, rank]}")
+    for stack in method.get("tsvd_stacks") or []:  # lorapt: 𝒜 (K, n1, r) and ℬ (K, r, n2) per stack
+        k, rank = len(stack["members"]), stack["rank"]
+        for part, rank_dim in (("principal_left", 2), ("principal_right", 1)):
+            key = f"stacks.{stack['name']}.{part}"
+            info = index.get(key)
+            if info is None:
+                raise _fail(where, f"tensor {key!r} is missing")
+            shape = info["shape"]
+            if info["dtype"] != "F32" or len(shape) != 3 or shape[0] != k or shape[rank_dim] != rank:
+                raise _fail(where, f"tensor {key!r} is {info['dtype']} {info['shape']}, the manifest says F32 with "
+                                   f"K = {k} and rank {rank}")
+            stacks[key] = stack
     trained = method.get("trained_modules")
     prefixes = (tuple(f"trained.{m.replace('.', '__')}." for m in trained)
                 if isinstance(trained, list) else ("trained.",))

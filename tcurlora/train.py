@@ -340,7 +340,8 @@ STACK_PARAMETERS = ("delta_u", "principal_left", "principal_right")
 def _core_parameters(network: torch.nn.Module) -> List[torch.nn.Parameter]:
     """The stack parameters: tCURLoRA/CURLoRA cores Δ𝒰, LoRA-PT's 𝒜 and ℬ (they learn at the method's rate;
     fully trained weights at the decoder rate)."""
-    return [p for name, p in network.named_parameters() if p.requires_grad and name.rsplit(".", 1)[-1] in STACK_PARAMETERS]
+    return [p for name, p in network.named_parameters()
+            if p.requires_grad and name.rsplit(".", 1)[-1] in STACK_PARAMETERS]
 
 
 def _dice_per_label(pred: torch.Tensor, ref: torch.Tensor, n: int) -> float:
