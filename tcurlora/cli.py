@@ -108,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", metavar="ADAPTER.safetensors")
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
 
+    p = sub.add_parser("aggregate", help="average adapters trained at several sites into one (exact for tCURLoRA)",
+                       description="Weighted average of adapters trained on the same base with the same layout: "
+                                   "for tCURLoRA the mean of the cores is exactly the mean of the weight updates. "
+                                   "Refuses adapters of other bases, stacks, ranks, indices or labels, and LoRA "
+                                   "(whose factors do not average).",
+                       epilog="example: tcurlora aggregate siteA.safetensors siteB.safetensors -o merged.safetensors")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER.safetensors")
+    p.add_argument("--weights", type=float, nargs="+", metavar="N",
+                   help="one weight per adapter (default: each adapter's number of training cases)")
+    p.add_argument("-o", "--output", required=True, metavar="MERGED.safetensors")
+
     p = sub.add_parser("models", help="list the base-model catalog and what is cached",
                        description="List catalog base models, their labels and whether their weights are cached.")
     p.add_argument("--json", action="store_true")
@@ -241,6 +252,15 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_aggregate(args) -> int:
+    from .aggregate import aggregate
+
+    done = aggregate(args.adapters, args.output, args.weights)
+    share = ", ".join(f"{Path(a).name} x{w:g}" for a, w in zip(args.adapters, done["weights"]))
+    print(f"{Path(args.output).name}: weighted mean of {share}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .catalog import list_models
 
@@ -287,6 +307,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_evaluate(args)
         if args.command == "inspect":
             return cmd_inspect(args)
+        if args.command == "aggregate":
+            return cmd_aggregate(args)
         if args.command == "models":
             return cmd_models(args)
         if args.command == "fetch-model":
