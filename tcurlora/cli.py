@@ -119,6 +119,53 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one weight per adapter (default: each adapter's number of training cases)")
     p.add_argument("-o", "--output", required=True, metavar="MERGED.safetensors")
 
+    p = sub.add_parser("federated", help="federated fine-tuning across sites on Flower (only adapter cores travel)",
+                       description="One server and several sites train one adapter without moving a scan: each "
+                                   "round the sites run K steps of finetune on their own cases from the global "
+                                   "adapter and the server averages their cores (exact for tCURLoRA). TLS by default. "
+                                   "Needs: pip install \"tcurlora[federated]\".")
+    fed = p.add_subparsers(dest="federated_command", metavar="ROLE", required=True)
+    f = fed.add_parser("server", help="run the rounds and average the sites' adapters",
+                       epilog="example: tcurlora federated server --address 0.0.0.0:9092 --tls-dir certs "
+                              "--rounds 5 --local-steps 20 --min-clients 3 --out global.safetensors")
+    _base_args(f)
+    f.add_argument("--address", default="127.0.0.1:9092", metavar="HOST:PORT", help="where to listen (default 127.0.0.1:9092)")
+    f.add_argument("--rounds", type=int, default=3, help="federated rounds R (default 3)")
+    f.add_argument("--local-steps", type=int, default=20, help="training steps K each site runs per round (default 20)")
+    f.add_argument("--min-clients", type=int, default=2, help="sites that must join each round (default 2)")
+    f.add_argument("--method", default="tcurlora", choices=["tcurlora", "decoder", "full"],
+                   help="what the sites train (LoRA is not offered: its factors do not average)")
+    f.add_argument("--rank", type=int, default=8, help="CUR rank r (default 8)")
+    f.add_argument("--preset", default="auto", choices=["auto", "vit", "conv", "none"])
+    f.add_argument("--train-modules", nargs="*", default=[], metavar="REGEX")
+    f.add_argument("--labels", metavar="JSON", help="the adapter's label table (default: the base's)")
+    f.add_argument("--lr", type=float, default=None)
+    f.add_argument("--batch-size", type=int, default=2)
+    f.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"))
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", required=True, metavar="GLOBAL.safetensors",
+                   help="the final global adapter (each round's is kept as GLOBAL.roundN.safetensors)")
+    f.add_argument("--tls-dir", metavar="DIR", help="ca.crt, server.pem, server.key (see `tcurlora federated certs`)")
+    f.add_argument("--insecure", action="store_true", help="no TLS (tests on one machine only)")
+    f = fed.add_parser("client", help="train at this site in every round",
+                       epilog="example: tcurlora federated client --server fl.example.org:9092 --root-cert ca.crt "
+                              "--cases my_cases/ --out site.safetensors")
+    _base_args(f)
+    f.add_argument("--server", required=True, metavar="HOST:PORT", help="the federation server")
+    f.add_argument("--cases", metavar="FOLDER", help="this site's cases (imagesTr/labelsTr, or X + X_label side by side)")
+    f.add_argument("--image", action="append", default=[], metavar="FILE")
+    f.add_argument("--label", action="append", default=[], metavar="FILE")
+    f.add_argument("--out", required=True, metavar="ADAPTER.safetensors",
+                   help="the global adapter after the last round (this site's own round results: ADAPTER.roundN...)")
+    f.add_argument("--root-cert", metavar="CA.crt", help="the federation's CA certificate (TLS)")
+    f.add_argument("--insecure", action="store_true", help="no TLS (tests on one machine only)")
+    f.add_argument("--site", default=None, help="this site's name in the server's log (default: the host name)")
+    f.add_argument("--seed", type=int, default=0)
+    f = fed.add_parser("certs", help="make a self-signed CA and server certificate (for trying it out)")
+    f.add_argument("--out", required=True, metavar="DIR")
+    f.add_argument("--host", action="append", default=[], metavar="NAME|IP",
+                   help="the server's host name or IP address (repeat; default 127.0.0.1 and localhost)")
+
     p = sub.add_parser("models", help="list the base-model catalog and what is cached",
                        description="List catalog base models, their labels and whether their weights are cached.")
     p.add_argument("--json", action="store_true")
@@ -261,6 +308,46 @@ def cmd_aggregate(args) -> int:
     return 0
 
 
+def cmd_federated(args, events) -> int:
+    if args.federated_command == "certs":
+        from .federated.tls import generate_certificates
+
+        folder = generate_certificates(args.out, args.host or ["127.0.0.1", "localhost"])
+        print(f"{folder}: ca.crt (give to every site), server.pem and server.key (keep on the server)")
+        return 0
+    from functools import partial
+
+    from .models import load_base
+
+    load = partial(load_base, args.base, weights=args.weights)
+    if args.federated_command == "server":
+        from .federated.server import run_server
+        from .train import FinetuneOptions
+
+        options = FinetuneOptions(method=args.method, rank=args.rank, preset=args.preset, steps=args.local_steps,
+                                  lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                                  patch_size=tuple(args.patch_size) if args.patch_size else None,
+                                  train_modules=args.train_modules, device=args.device)
+        result = run_server(load(), options, labels=_load_labels(args.labels), address=args.address,
+                            rounds=args.rounds, min_clients=args.min_clients, out=args.out, tls_dir=args.tls_dir,
+                            insecure=args.insecure, events=events)
+    else:
+        import socket
+
+        from .federated.client import run_client
+
+        pairs = _pairs(args.image, args.label, "training")
+        if args.cases:
+            from .io import find_cases
+
+            pairs += find_cases(args.cases)
+        result = run_client(load, pairs, server=args.server, out=args.out, root_cert=args.root_cert,
+                            insecure=args.insecure, seed=args.seed, device=args.device,
+                            site=args.site or socket.gethostname(), events=events)
+    events.result(result["outputs"], result["metrics"])
+    return 0
+
+
 def cmd_models(args) -> int:
     from .catalog import list_models
 
@@ -294,7 +381,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .events import Events
 
     try:
-        events = Events.for_cli(getattr(args, "events", None)) if args.command in ("finetune", "segment") else None
+        events = Events.for_cli(getattr(args, "events", None)) if args.command in ("finetune", "segment", "federated") else None
     except OSError as exc:  # e.g. --events in a folder that does not exist: one line, no traceback
         print(f"error: {Path(args.events).name}: cannot write the events file ({exc.strerror or exc})", file=sys.stderr)
         return EXIT_ERROR
@@ -307,6 +394,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_evaluate(args)
         if args.command == "inspect":
             return cmd_inspect(args)
+        if args.command == "federated":
+            return cmd_federated(args, events)
         if args.command == "aggregate":
             return cmd_aggregate(args)
         if args.command == "models":

@@ -238,8 +238,11 @@ def curve_path(out: Path) -> Path:
 
 def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
              val_pairs: Sequence[Tuple[str, str]] = (), labels=None, options: Optional[FinetuneOptions] = None,
-             events: Optional[Events] = None, stop_file: Optional[str] = None, resume: bool = False) -> dict:
+             events: Optional[Events] = None, stop_file: Optional[str] = None, resume: bool = False,
+             initial_state: Optional[dict] = None) -> dict:
     """Train an adapter on ``base`` and write it to ``out`` (plus curve PNG and checkpoint beside it).
+
+    ``initial_state`` (an adapter state, e.g. a federated round's global cores) replaces the fresh adapter's.
 
     Returns the result dict (outputs, metrics, cancelled).  Raises :class:`TCURLoRAError` on bad input.
     """
@@ -276,6 +279,8 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     network = base.network
     _seed_everything(options.seed)  # new heads and LoRA factors are initialised from the seed
     inject_adapter(network, config, "finetune")
+    if initial_state is not None:
+        load_adapter_state_dict(network, initial_state)
     network.to(device)
     n_trainable = trainable_parameter_count(network)
     if config.method == "lora":  # PEFT layers, not a tcurlora adapter module
