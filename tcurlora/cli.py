@@ -378,10 +378,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_ERROR
+    from .distributed import is_main_process
     from .events import Events
 
     try:
         events = Events.for_cli(getattr(args, "events", None)) if args.command in ("finetune", "segment", "federated") else None
+        if events is not None and not is_main_process():  # a torchrun rank other than 0: rank 0 reports
+            events.close()
+            events = Events()
     except OSError as exc:  # e.g. --events in a folder that does not exist: one line, no traceback
         print(f"error: {Path(args.events).name}: cannot write the events file ({exc.strerror or exc})", file=sys.stderr)
         return EXIT_ERROR

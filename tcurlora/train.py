@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .adapter import (adapter_state_dict, get_adapter, inject_adapter, load_adapter_state_dict, merge_adapter,
                       trainable_parameter_count, unmerge_adapter)
 from .adapter_file import save_adapter
@@ -258,7 +258,10 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     ckpt = checkpoint_path(out)
     if resume and not ckpt.is_file():  # before reading any case: fail fast, with one line
         raise TCURLoRAError(f"{ckpt.name}: no checkpoint to resume from")
-    device = pick_device(options.device)
+    ctx = distributed.context(options.device)  # one process, or this rank of a torchrun launch
+    device = ctx.device
+    if not ctx.is_main:
+        events = Events()  # rank 0 alone reports
     amp = device.type == "cuda" and options.bf16
     table = resolve_labels(base, labels, train_pairs[0][1] if train_pairs else None)
     config = build_adapter_config(base, options, table)
@@ -339,16 +342,17 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
             merge_adapter(network)
         try:
             scores = []
-            for case in val_cases:
+            for case in val_cases[ctx.rank::ctx.world_size]:  # each rank scores its share
                 probs = sliding_window_probabilities(network, case.image, base.inference_roi, device, amp)
                 scores.append(_dice_per_label(probs.argmax(0), case.label[0], len(table)))
         finally:
             if merge:
                 unmerge_adapter(network)
             network.train()
-        return float(np.mean(scores))
+        return float(np.mean(ctx.gather(scores)))
 
     transforms = train_transforms(prep, num_samples=options.batch_size, label_table=table)
+    model = ctx.wrap(network)  # what training forwards run through (DistributedDataParallel across ranks)
     network.train()
     t0 = time.time()
     cancelled = False
@@ -363,9 +367,11 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
                     rng = np.random.RandomState(step_seed % (2 ** 32))
                     optimizer.zero_grad(set_to_none=True)
                     try:
-                        total = _accumulate(network, transforms, train_cases, rng, loss_fn, device, amp, options)
+                        total = _accumulate(model, transforms, train_cases, rng, loss_fn, device, amp, options, ctx)
                         break
                     except torch.cuda.OutOfMemoryError:
+                        if ctx.distributed:  # every rank would have to shrink alike: stop with the error
+                            raise
                         optimizer.zero_grad(set_to_none=True)
                         torch.cuda.empty_cache()
                         smaller = _smaller_patch(prep)
@@ -398,17 +404,20 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
                     events.log(f"early stop at step {step}: validation Dice has not improved for "
                                f"{options.patience} validations (best {best['dice']:.3f} at step {best['step']})")
                     break
-                if stop.requested():
+                if ctx.any(stop.requested()):
                     raise StopRequested()
         except StopRequested:
             cancelled = True
 
-    save_checkpoint(step)
+    if ctx.is_main:
+        save_checkpoint(step)
     outputs = {"checkpoint": ckpt}
     metrics = {"steps": step, "total_steps": options.steps, "seconds": round(time.time() - t0, 1),
                "trainable_values": n_trainable, "final_loss": history["loss"][-1][1] if history["loss"] else None,
                "best_validation_dice": best["dice"] if best["state"] is not None else None,
                "best_step": best["step"] if best["state"] is not None else None}
+    if cancelled or not ctx.is_main:
+        distributed.finish(ctx)
     if cancelled:
         events.log(f"stopped at step {step} of {options.steps}; a checkpoint to resume from is in {ckpt.name}")
         network.eval()
@@ -417,6 +426,8 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     if best["state"] is not None:
         load_adapter_state_dict(network, best["state"])
     network.eval()
+    if not ctx.is_main:
+        return {"outputs": {}, "metrics": metrics, "cancelled": False}
     provenance = {"cases": len(train_cases), "validation_cases": len(val_cases), "steps": step,
                   "validation_dice": metrics["best_validation_dice"], "seed": options.seed,
                   "learning_rate": lr, "patch_size": list(prep.patch_size), "software": f"tcurlora {__version__}",
@@ -427,23 +438,34 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     curve = curve_path(out)
     write_curve(curve, history, f"{config.method} r={config.rank} on {base.name}: {len(train_cases)} case(s)")
     outputs["curve"] = curve
+    distributed.finish(ctx)
     return {"outputs": outputs, "metrics": metrics, "cancelled": False}
 
 
-def _accumulate(network, transforms, cases, rng, loss_fn, device, amp, options) -> float:
-    """Forward/backward of ``grad_accum`` batches of patches; returns the summed loss."""
+def _accumulate(network, transforms, cases, rng, loss_fn, device, amp, options, ctx=None) -> float:
+    """Forward/backward of ``grad_accum`` batches of patches (per rank); returns the summed loss.
+
+    Across ranks every rank draws all ``grad_accum × world`` batches of the step and computes its own share
+    (see :mod:`tcurlora.distributed`); DDP averages the gradients over ranks.
+    """
+    ctx = ctx or distributed.Context(device=device)
+    count = options.grad_accum * ctx.world_size
+    last = max(i for i in range(count) if ctx.mine(i))
     total = 0.0
-    for _ in range(options.grad_accum):
+    for i in range(count):
         case = cases[rng.randint(len(cases))]
         patches = transforms({"image": case.image, "label": case.label})
+        if not ctx.mine(i):
+            continue
         x = torch.stack([p["image"] for p in patches]).to(device)
         y = torch.stack([p["label"] for p in patches]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = _forward(network, x, options.checkpointing)
-            loss = loss_fn(logits.float(), y) / options.grad_accum
-        loss.backward()
+        with ctx.no_sync(network, i == last):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = _forward(network, x, options.checkpointing)
+                loss = loss_fn(logits.float(), y) / options.grad_accum
+            loss.backward()
         total += float(loss.detach())
-    return total
+    return ctx.mean(total)
 
 
 def _smaller_patch(prep) -> Optional[Tuple[int, ...]]:
