@@ -28,6 +28,9 @@ LORA_REFUSAL = ("LoRA adapters cannot be averaged exactly: the mean of the sites
 # fields that may differ between sites without changing what a core means (the CUR indices, compared
 # separately, pin the layout; the seed only drives patch sampling and head initialisation)
 CONFIG_FREE = ("seed",)
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def layout(manifest: dict) -> dict:
@@ -142,7 +145,7 @@ def write_adapter_tensors(path, manifest: dict, tensors: Dict[str, torch.Tensor]
     text = json.dumps(manifest, separators=(",", ":"))
     where = display_name(path)
     parse_manifest(text, where)
-    index = {k: {"dtype": {torch.float32: "F32"}.get(v.dtype, str(v.dtype)), "shape": list(v.shape)}
+    index = {k: {"dtype": SAFETENSORS_DTYPES.get(v.dtype, str(v.dtype)), "shape": list(v.shape)}
              for k, v in tensors.items()}
     check_tensors(manifest, index, where)
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
