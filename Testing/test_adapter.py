@@ -10,7 +10,8 @@ from monai.networks.nets import UNETR, DynUNet, SegResNet, SwinUNETR, UNet
 import tcurlora
 from tcurlora import (TCURLoRAConfig, adapter_state_dict, inject_adapter, merge_adapter,
                       trainable_parameter_count, unmerge_adapter)
-from tcurlora.adapter import TCURStack, get_adapter, list_adapters, set_active_adapter
+from tcurlora.adapter import get_adapter, list_adapters, set_active_adapter
+from tcurlora.tuners import TCURStack, get_tuner
 
 
 def small_unetr():
@@ -163,27 +164,27 @@ def test_projected_gradient_equals_dense_autograd(rank, expected):
 
 @pytest.mark.parametrize("k", [1, 2, 5, 12, 48])
 def test_inverse_dft_matrix_equals_irfft(k):
-    from tcurlora.adapter import _inverse_dft_matrix
+    from tcurlora.tuners.fourier import inverse_dft_matrix
     x_hat = torch.fft.rfft(torch.randn(k, 7, 3, dtype=torch.float64), dim=0)
     x_hat += 1j * torch.randn_like(x_hat.real)  # irfft must ignore the imaginary DC / Nyquist parts too
     stacked = torch.stack([x_hat.real, x_hat.imag], 1).reshape(2 * (k // 2 + 1), -1)
-    got = _inverse_dft_matrix(k).double() @ stacked
+    got = inverse_dft_matrix(k).double() @ stacked
     torch.testing.assert_close(got.reshape(k, 7, 3), torch.fft.irfft(x_hat, n=k, dim=0), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("inverse", ["gemm", "irfft"])
 def test_delta_w_is_the_t_product_of_c_core_r_on_both_paths(inverse, monkeypatch):
-    from tcurlora import adapter as adapter_mod
-    from tcurlora.adapter import _member_matrix
+    from tcurlora.tuners import fourier
+    from tcurlora.tuners.stacks import member_matrix
     from tcurlora.tensor import t_product
     if inverse == "irfft":  # the path of stacks longer than IDFT_GEMM_MAX_K
-        monkeypatch.setattr(adapter_mod, "IDFT_GEMM_MAX_K", 0)
+        monkeypatch.setattr(fourier, "IDFT_GEMM_MAX_K", 0)
     model, x = build("unetr")
     inject_adapter(model, TCURLoRAConfig(preset="vit", rank=3))
     for stack in get_adapter(model).stacks.values():
         with torch.no_grad():
             stack.delta_u.normal_(0, 0.1)
-        w = torch.stack([_member_matrix(model, m) for m in stack.members]).detach()
+        w = torch.stack([member_matrix(model, m) for m in stack.members]).detach()
         expected = t_product(t_product(w[:, :, stack.cols], stack.delta_u.detach()), w[:, stack.rows, :])
         detached = stack.delta_w(detached=True).clone()
         with_grad = torch.stack(stack.member_slices())
@@ -206,13 +207,12 @@ def test_training_reuses_the_delta_w_buffer_and_merge_releases_it():
         pointers.append([s._buffer.data_ptr() for s in stacks])
     assert pointers[0] == pointers[1]  # no large allocation per step
     merge_adapter(model)
-    assert all(s._buffer is None for s in stacks) and model._tcurlora_state.scratch is None
+    assert all(s._buffer is None for s in stacks) and get_tuner(model)._work is None
 
 
 def test_delta_w_is_built_once_per_forward(monkeypatch):
     model, x = build("unetr")
     inject_adapter(model, TCURLoRAConfig(preset="vit", rank=2))
-    from tcurlora.adapter import TCURStack
     calls = []
     real = TCURStack._build
     monkeypatch.setattr(TCURStack, "_build", lambda self, grad: calls.append(1) or real(self, grad))

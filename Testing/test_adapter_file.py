@@ -27,6 +27,7 @@ import tcurlora.adapter_file as adapter_file
 from tcurlora import (TCURLoRAConfig, base_fingerprint, inject_adapter, load_adapter, merge_adapter, read_manifest,
                       save_adapter, set_active_adapter, unmerge_adapter)
 from tcurlora.adapter import active_adapter, get_adapter, list_adapters
+from tcurlora.tuners import get_tuner
 from tcurlora.errors import TCURLoRAError
 from tcurlora.manifest import FORMAT_VERSION, METADATA_KEY, ManifestError, parse_manifest, read_header, summary
 from conftest import Evil, assert_one_line_error
@@ -57,7 +58,7 @@ def tiny_unet(seed=0):
 
 
 def named(model, name):
-    model.tcurlora_base_name = name
+    get_tuner(model).base_info["name"] = name
     return model
 
 
@@ -208,7 +209,7 @@ def test_new_head_gives_a_new_label_set(tmp_path):
     out = run(fresh, x)
     assert out.shape[1] == 3
     assert_same(out, adapted)
-    assert fresh.tcurlora_adapter_labels["tissues"] == LABELS_3
+    assert get_adapter(fresh, "tissues").labels == LABELS_3
     set_active_adapter(fresh, None)  # the base keeps its own head
     assert_same(run(fresh, x), base_out)
 

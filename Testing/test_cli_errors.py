@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def test_other_finetune_errors(tiny_unet, tmp_path, capsys):
     (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
     cases = [
         (["finetune", *tiny_unet.args, "--image", CT, "--out", out], "1 training image(s) but 0 label(s)"),
-        (["finetune", *tiny_unet.args, *good], "--out ADAPTER.safetensors is required"),
+        (["finetune", *tiny_unet.args, *good], "--out: is required"),
         (["finetune", *tiny_unet.args, *good, "--out", out, "--resume"], "a.checkpoint.pt: no checkpoint"),
         (["finetune", *tiny_unet.args, *good, "--out", tmp_path / "a.pt"], "a.pt: the adapter file must end"),
         (["finetune", "--job", tmp_path / "broken.json"], "broken.json: not a valid JSON job file"),
@@ -312,6 +313,10 @@ def test_console_script_help():
     (json.dumps({"command": "train"}), 'job needs "command": "finetune" or "segment"'),
     (json.dumps({"command": "finetune", "stpes": 3}), "unknown job keys: stpes"),
     (json.dumps({"command": "finetune", "version": 99}), "newer than this tcurlora"),
+    (json.dumps({"command": "finetune", "cases": [{"image": "a.nii.gz", "label": "b.nii.gz"}],
+                 "out": "a.safetensors", "batch_size": 1000000}), "batch_size: must be an integer from 1 to 64"),
+    ('{"command": "finetune", "cases": [{"image": "a", "label": "b"}], "out": "a.safetensors", "lr": NaN}',
+     "lr: must be a finite number, got nan"),
     (None, "job file not found"),
 ])
 def test_worker_bad_job_file(tmp_path, content, words):
@@ -344,3 +349,135 @@ def test_worker_bad_case_file_is_an_error_event(tiny_unet, tmp_path, capsys):
     assert [e["event"] for e in events] == ["error"]
     assert events[0]["message"].startswith(f"{path.name}: ") and "2D" in events[0]["message"]
     assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "a.checkpoint.pt").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# settings: one validation layer for flags and job keys (types, ranges, finiteness), before any work
+
+
+BAD_FLAGS = [
+    (["--steps", "0"], "--steps: must be an integer from 1"),
+    (["--steps", "-3"], "--steps: must be an integer from 1"),
+    (["--grad-accum", "0"], "--grad-accum: must be an integer from 1"),
+    (["--rank", "0"], "--rank: must be an integer from 1"),
+    (["--batch-size", "0"], "--batch-size: must be an integer from 1 to 64"),
+    (["--batch-size", "1000000"], "--batch-size: must be an integer from 1 to 64"),
+    (["--val-every", "0"], "--val-every: must be an integer from 1"),
+    (["--lr", "nan"], "--lr: must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr: must be a finite number"),
+    (["--lr", "-0.1"], "--lr: must be > 0"),
+    (["--patience", "-1"], "--patience: must be an integer from 0"),
+    (["--seed", "-1"], "--seed: must be an integer from 0"),
+    (["--checkpoint-every", "0"], "--checkpoint-every: must be an integer from 1"),
+    (["--steps", "ten"], "--steps: invalid int value: 'ten'"),
+    (["--method", "adalora"], "--method: invalid choice: 'adalora'"),
+]
+
+
+@pytest.mark.parametrize("extra,words", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_setting_flag_is_one_line_before_any_work(extra, words, tiny_unet, tmp_path, capsys):
+    """--steps 0/-3 and --grad-accum 0 trained nothing and exited 0; --rank 0, --batch-size 0, --val-every 0 gave
+    tracebacks; --lr nan wrote NaN cores. Now: exit 2, one line naming the flag, nothing read or written (the
+    image given does not even exist: settings are checked first)."""
+    out_dir = tmp_path / "out"
+    capsys.readouterr()
+    try:
+        rc = run(["finetune", *tiny_unet.args, "--image", tmp_path / "missing.nii.gz", "--label", CT_VERT,
+                  "--out", out_dir / "a.safetensors", *extra])
+    except SystemExit as exc:  # argparse's own type/choice errors (same one-line format and status)
+        rc = exc.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    assert not out_dir.exists()
+
+
+def test_patch_size_the_base_cannot_take(tiny_unet, tmp_path, capsys):
+    """--patch-size 7 7 7 (the tiny base down-samples twice: it needs multiples of 8) was a traceback."""
+    out = tmp_path / "a.safetensors"
+    rc = run(["finetune", *tiny_unet.args, "--image", CT, "--label", CT_VERT, "--out", out, "--patch-size", "7", "7",
+              "7"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: patch_size: each side must be a multiple of 8 (what this base's down-sampling needs), "
+                   "got 7x7x7"]
+    assert_nothing_trained(tmp_path)
+
+
+JOB_BASE = {"command": "finetune", "device": "cpu", "cases": [{"image": str(CT), "label": str(CT_VERT)}]}
+BAD_JOB_VALUES = [("steps", 0), ("steps", -3), ("steps", "100"), ("steps", 1.5), ("steps", True), ("grad_accum", 0),
+                  ("rank", 0), ("rank", 10 ** 6), ("batch_size", 0), ("batch_size", 1000000), ("val_every", 0),
+                  ("patience", -2), ("lr", "NaN"), ("lr", 0), ("weight_decay", "Infinity"), ("patch_size", [7, 7]),
+                  ("patch_size", "64"), ("seed", -1), ("method", "adalora"), ("preset", 1), ("device", "tpu"),
+                  ("checkpointing", "no"), ("bf16", 0), ("resume", 1), ("train_modules", "decoder"),
+                  ("cases", []), ("validation", {"image": "a"}), ("labels", 5), ("out", "a.pt"), ("base", ["x"]),
+                  ("checkpoint_every", -5), ("stop_file", 3)]
+
+
+def test_bad_job_values_are_one_error_event_each(tiny_unet, tmp_path, capsys):
+    """32 wrong-type or out-of-range job values (25 of them were "internal error" tracebacks, batch_size
+    1000000 hung): each one `error` event `job.json: <key>: ...`, exit 2, within a second, nothing written.
+    ``NaN``/``Infinity`` are what Python's JSON writer emits for non-finite floats."""
+    from tcurlora import worker
+
+    job_file = tmp_path / "job.json"
+    for key, value in BAD_JOB_VALUES:
+        job = dict(JOB_BASE, base=str(tiny_unet.spec), weights=str(tiny_unet.weights),
+                   out=str(tmp_path / "a.safetensors"))
+        job[key] = float(value) if value in ("NaN", "Infinity") else value
+        job_file.write_text(json.dumps(job), encoding="utf-8")
+        capsys.readouterr()
+        t0 = time.monotonic()
+        assert worker.main([str(job_file)]) == 2, (key, value)
+        assert time.monotonic() - t0 < 5
+        events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [e["event"] for e in events] == ["error"], (key, value, events)
+        assert events[0]["message"].startswith(f"job.json: {key}: "), events[0]["message"]
+        assert "internal error" not in events[0]["message"]
+    assert sorted(os.listdir(tmp_path)) == ["job.json"]
+
+
+def test_unwritable_out_is_found_before_training(tiny_unet, tmp_path, capsys):
+    """An --out whose folder cannot be made (a file is in the way) was a traceback (exit 1) after training;
+    now one line naming the adapter, exit 2, before a single case is read or a step taken."""
+    blocker = tmp_path / "results"
+    blocker.write_text("a file, not a folder", encoding="utf-8")
+    ev = tmp_path / "ev.jsonl"
+    rc = run(["finetune", *tiny_unet.args, "--image", CT, "--label", CT_VERT, "--out", blocker / "a.safetensors",
+              "--steps", "2", "--batch-size", "1", "--events", ev])
+    assert rc == 2
+    assert_one_error_line(capsys.readouterr().err, Path("a.safetensors"), ["cannot create the adapter folder"])
+    events = read_events(ev)
+    assert [e["event"] for e in events] == ["error"]
+
+
+def test_full_disk_is_found_before_training(tiny_unet, tmp_path, capsys, monkeypatch):
+    """A disk without room for the checkpoint and adapter (the file system reports 1 KB free; a real full disk
+    is not something a test can make portably): one line, exit 2, no training step."""
+    from tcurlora import atomic
+
+    class AlmostFull:
+        free = 1024
+
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda folder: AlmostFull)
+    ev = tmp_path / "ev.jsonl"
+    rc = run(["finetune", *tiny_unet.args, "--image", CT, "--label", CT_VERT, "--out", tmp_path / "a.safetensors",
+              "--steps", "2", "--batch-size", "1", "--events", ev])
+    assert rc == 2
+    assert_one_error_line(capsys.readouterr().err, Path("a.checkpoint.pt"), ["not enough free space"])
+    assert not [e for e in read_events(ev) if e["event"] in ("progress", "result")]
+    assert_nothing_trained(tmp_path)
+
+
+def test_segment_checks_its_output_before_inference(tiny_unet, tmp_path, capsys, monkeypatch):
+    """segment: an output folder that cannot be made is refused before the base runs a single window."""
+    import tcurlora.infer as infer
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("inference ran")
+
+    monkeypatch.setattr(infer, "_predict", no_inference)
+    blocker = tmp_path / "results"
+    blocker.write_text("x", encoding="utf-8")
+    assert run(["segment", *tiny_unet.args, CT, "-o", blocker / "ct.seg.nrrd"]) == 2
+    assert_one_error_line(capsys.readouterr().err, Path("ct.seg.nrrd"), ["cannot create the segmentation folder"])

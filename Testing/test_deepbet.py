@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from tcurlora.models import deepbet as db
-from tcurlora.models.deepbet import (DEEPBET_MEMBERS, DEEPBET_PIN, DEEPBET_PREPROCESSING, LinkNet3d,
-                                     deepbet_segment, load_deepbet)
+from deepbet_reference import deepbet_segment
+from tcurlora.models.deepbet import DEEPBET_MEMBERS, DEEPBET_PIN, DEEPBET_PREPROCESSING, LinkNet3d, load_deepbet
 
 # Parameter names and shapes of deepbet 1.0.2's TorchScript model.pt / bbox_model.pt (38 tensors).
 EXPECTED_SHAPES = {

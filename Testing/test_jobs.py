@@ -97,15 +97,15 @@ def test_finetune_job_fields():
     assert job["steps"] == 300 and job["lr"] is None and job["resume"] is False and job["seed"] == 0
     assert job["validation"] == [] and job["patch_size"] == [64, 64, 32]
     assert job["labels"] == [{"value": 2, "name": "Lesion", "color": [1.0, 0.0, 0.0], "terminology": "t"}]
-    assert jobs.finetune_job(base="deepbet", cases=cases, out="x", stop_file="s")["labels"] is None
+    assert jobs.finetune_job(base="deepbet", cases=cases, out="x.safetensors", stop_file="s")["labels"] is None
     for bad in ({"method": "adalora"}, {"rank": 0}, {"steps": 0}, {"lr": 0.0}, {"patch_size": [1, 2]},
                 {"device": "tpu"}):
         with pytest.raises(ValueError):
-            jobs.finetune_job(base="deepbet", cases=cases, out="x", stop_file="s", **bad)
+            jobs.finetune_job(base="deepbet", cases=cases, out="x.safetensors", stop_file="s", **bad)
     with pytest.raises(ValueError):
-        jobs.finetune_job(base="deepbet", cases=[], out="x", stop_file="s")
+        jobs.finetune_job(base="deepbet", cases=[], out="x.safetensors", stop_file="s")
     with pytest.raises(ValueError):
-        jobs.finetune_job(base="deepbet", cases=[{"image": "a.nrrd"}], out="x", stop_file="s")
+        jobs.finetune_job(base="deepbet", cases=[{"image": "a.nrrd"}], out="x.safetensors", stop_file="s")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from tcurlora import TCURLoRAConfig, base_fingerprint, inject_adapter, load_adap
 from tcurlora.catalog import get_entry
 from tcurlora.errors import InputError, TCURLoRAError
 from tcurlora.models import BaseModel
+from tcurlora.adapter import get_adapter
+from tcurlora.tuners import get_tuner
 from conftest import Evil, assert_one_line_error
 
 UNET_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8, 8], "strides": [2, 2],
@@ -104,8 +106,8 @@ def test_catalog_deepbet_has_the_torchscript_names_weights_and_labels(deepbet_wh
         ours = module.state_dict()
         assert list(ours) == list(scripted)
         assert all(torch.equal(ours[k], scripted[k]) for k in scripted)
-    assert base.labels == entry["labels"] and base.network.tcurlora_labels == entry["labels"]
-    assert base.network.tcurlora_base_name == "deepbet"
+    assert base.labels == entry["labels"] and get_tuner(base.network).base_info["labels"] == entry["labels"]
+    assert get_tuner(base.network).base_info["name"] == "deepbet"
     assert base_fingerprint(base.network) == entry["fingerprint"]  # the catalog pins the weights
     assert not any(p.requires_grad for p in base.network.parameters())
 
@@ -176,7 +178,7 @@ def test_monai_bundle_folder(tmp_path):
     # an adapter trained on the bundle's base records it, and loads onto the same bundle loaded again
     inject_adapter(base.network, TCURLoRAConfig(rank=2))
     with torch.no_grad():
-        for p in base.network.tcurlora_adapters.parameters():
+        for p in get_adapter(base.network).parameters():
             p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
         adapted = base.network(x)
     path = tmp_path / "liver_site.safetensors"
@@ -260,7 +262,7 @@ def test_network_spec_with_weights(tmp_path, kind):
     for base in (load_base(spec, weights=weights), load_base({"spec": str(spec), "weights": str(weights)})):
         assert type(base.network) is UNet and base.name == "liver-unet"
         assert_same_weights(base.network, net)
-        assert base.labels == LABELS and base.network.tcurlora_labels == LABELS
+        assert base.labels == LABELS and get_tuner(base.network).base_info["labels"] == LABELS
         assert base.preprocessing.spacing == (1.5, 1.5, 2.0) and tuple(base.preprocessing.patch_size) == (32, 32, 32)
         x = x_input()
         with torch.no_grad():

@@ -364,7 +364,7 @@ MANIFEST = {
 
 
 def test_adapter_summary_and_base_check(tmp_path):
-    manifest = MANIFEST  # the manifest layout of DESIGN §4 / tcurlora.manifest (read from real files in the
+    manifest = MANIFEST  # the manifest layout of tcurlora.manifest (read from real files in the
     text = models.adapterSummary(manifest)  # module self-tests and by the lead's real-worker test)
     assert "Labels: 1 Brain" in text and "rank 8" in text and "3 training cases" in text
     assert "validation Dice 0.912" in text and "abababababab" in text

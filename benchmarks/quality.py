@@ -141,11 +141,11 @@ def run(args) -> list:
                     t0 = time.time()
                     result = finetune(base, [cases[train]], adapter, options=options, events=Events())
                     train_s = time.time() - t0
-                    trainable = result["metrics"]["trainable_values"]
-                    final_loss = result["metrics"]["final_loss"]
+                    trainable = result.metrics.trainable_values
+                    final_loss = result.metrics.final_loss
                     size = adapter.stat().st_size
                     lr = DEFAULT_LR[kwargs["method"]]
-                    Path(result["outputs"]["checkpoint"]).unlink(missing_ok=True)  # resume state only (~3× the weights for full)
+                    result.files.checkpoint.unlink(missing_ok=True)  # resume state only (~3× the weights for full)
                     base.network = copy.deepcopy(pristine)
                     t0 = time.time()
                     if kwargs["method"] == "lora":

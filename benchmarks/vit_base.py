@@ -114,19 +114,19 @@ def build(out: Path, steps: int = DEFAULT_STEPS, force: bool = False, log=print)
     with open(folder / "distill_events.jsonl", "w") as stream:  # progress, one JSON line per step
         result = finetune(base, pairs, folder / "distill.safetensors", options=options, events=Events(stream))
     state = load_file(str(folder / "distill.safetensors"))
-    meta = {"recipe": json.dumps({**RECIPE, "steps": steps, "final_loss": result["metrics"]["final_loss"]}),
+    meta = {"recipe": json.dumps({**RECIPE, "steps": steps, "final_loss": result.metrics.final_loss}),
             "network": json.dumps(NETWORK)}
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "unetr_small_distilled.safetensors"),
               metadata=meta)
     spec = spec_dict("unetr_small_distilled.safetensors")
     spec["provenance"] = {**RECIPE, "steps": steps, "seconds": round(time.time() - t0, 1),
-                          "final_loss": result["metrics"]["final_loss"]}
+                          "final_loss": result.metrics.final_loss}
     spec_path.write_text(json.dumps(spec, indent=2))
     for tmp in ("distill.safetensors", "distill.checkpoint.pt", "init.safetensors", "init.json"):
         (folder / tmp).unlink(missing_ok=True)
     load_base(str(spec_path))  # loads as any user's spec + weights would
     log(f"distilled UNETR written: {spec_path} ({time.time() - t0:.0f} s, final loss "
-        f"{result['metrics']['final_loss']:.3f})")
+        f"{result.metrics.final_loss:.3f})")
     return spec_path
 
 

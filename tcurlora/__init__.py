@@ -20,7 +20,10 @@ _LAZY = {
     "base_state_dict": "adapter",
     "save_adapter": "adapter_file",
     "load_adapter": "adapter_file",
-    "base_fingerprint": "adapter_file",
+    "base_fingerprint": "adapter",
+    "describe_adapter": "adapter",
+    "get_tuner": "tuners",
+    "TCURTuner": "tuners",
     "read_manifest": "manifest",
     "load_base": "models",
 }

@@ -20,35 +20,33 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .adapter import (AdapterError, ModuleSwitch, TCURLayer, adapter_state_dict, base_state_dict, delete_adapter,
-                      describe_adapter, inject_adapter, list_adapters, load_adapter_state_dict, set_active_adapter)
 from .config import TCURLoRAConfig
 from .errors import TCURLoRAError, display_name
 from .io import atomic_write
 from .manifest import FORMAT_VERSION, METADATA_KEY, ManifestError, check_tensors, read_header, parse_manifest
+from .tuners import AdapterError, get_tuner
+from .tuners.strategies import strategy_for
 
 
 def base_fingerprint(model: nn.Module) -> str:
     """sha256 over the frozen base weights in canonical order: sorted names, dtype, shape, bytes."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(base_state_dict(model).items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}\0{str(t.dtype).replace('torch.', '')}\0{tuple(t.shape)}\0".encode())
-        # reshape(-1): a 0-dim tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return "sha256:" + digest.hexdigest()
+    return get_tuner(model).base_fingerprint()
 
 
-def base_name(model: nn.Module) -> str:
-    return getattr(model, "tcurlora_base_name", type(model).__name__)
+def _base_name(model: nn.Module) -> str:
+    return get_tuner(model).base_info.get("name") or type(model).__name__
 
 
 def save_adapter(model: nn.Module, path, *, labels: Optional[List[dict]] = None,
                  preprocessing: Optional[dict] = None, provenance: Optional[dict] = None,
-                 adapter_name: Optional[str] = None) -> dict:
-    """Write the adapter (the active one by default) to ``path``; returns the manifest written."""
-    described = describe_adapter(model, adapter_name)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+                 adapter_name: Optional[str] = None, base_name: Optional[str] = None) -> dict:
+    """Write the adapter (the active one by default) to ``path``; returns the manifest written.
+
+    ``labels``, ``preprocessing`` and ``base_name`` default to what the base model registered with the tuner.
+    """
+    tuner = get_tuner(model)
+    described = tuner.describe(adapter_name)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tuner.adapter_state_dict(adapter_name).items()}
     prov = {"software": f"tcurlora {__version__}", "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
             "cases": None, "steps": None, "validation_dice": None}
@@ -57,9 +55,11 @@ def save_adapter(model: nn.Module, path, *, labels: Optional[List[dict]] = None,
         "format_version": FORMAT_VERSION,
         "method": {"name": described["config"]["method"], **described,
                    "trainable_values": int(sum(t.numel() for t in tensors.values()))},
-        "base": {"name": base_name(model), "fingerprint": _trained_on_fingerprint(model, described)},
-        "labels": labels if labels is not None else list(getattr(model, "tcurlora_labels", [])),
-        "preprocessing": preprocessing if preprocessing is not None else dict(getattr(model, "tcurlora_preprocessing", {})),
+        "base": {"name": base_name or _base_name(model), "fingerprint": tuner.trained_on_fingerprint(),
+                 # what the base is (auto3dseg, nnunet, ...), when it was loaded as a base model
+                 **({"kind": tuner.base_info["kind"]} if tuner.base_info.get("kind") else {})},
+        "labels": labels if labels is not None else list(tuner.base_info.get("labels", [])),
+        "preprocessing": preprocessing if preprocessing is not None else dict(tuner.base_info.get("preprocessing", {})),
         "provenance": prov,
     }
     text = json.dumps(manifest, separators=(",", ":"))
@@ -84,9 +84,10 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, act
     if manifest["base"]["fingerprint"] != fingerprint:
         raise TCURLoRAError(
             f"{name}: trained on base model '{manifest['base']['name']}' ({manifest['base']['fingerprint'][7:19]}), "
-            f"but the loaded base is '{base_name(model)}' ({fingerprint[7:19]}); load the matching base model")
+            f"but the loaded base is '{_base_name(model)}' ({fingerprint[7:19]}); load the matching base model")
+    tuner = get_tuner(model)
     adapter_name = adapter_name or _default_adapter_name(path)
-    if adapter_name in list_adapters(model):
+    if adapter_name in tuner.adapters:
         raise TCURLoRAError(f"{name}: an adapter named {adapter_name!r} is already loaded")
     try:
         config = TCURLoRAConfig.from_dict(manifest["method"]["config"])
@@ -96,52 +97,26 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, act
         tensors = load_file(os.fspath(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ManifestError(f"{name}: unreadable tensors ({exc})") from None
-    if manifest["method"]["name"] == "lora":  # PEFT puts the adapter's name in its keys: lora_A.<name>.weight
-        tensors = {re.sub(r"\.(lora_[AB])\.[^.]+\.", rf".\1.{adapter_name}.", k): v for k, v in tensors.items()}
-    previous = getattr(getattr(model, "_tcurlora_state", None), "active", None)
+    strategy = strategy_for(config.method)
+    tensors = strategy.tensors_from_file(tensors, adapter_name)
+    previous = tuner.active
     try:
-        inject_adapter(model, config, adapter_name, stacks=manifest["method"]["stacks"])
-        load_adapter_state_dict(model, tensors, adapter_name)
-    except (AdapterError, TypeError, ValueError, IndexError, KeyError, AttributeError, RuntimeError, re.error) as exc:
-        # a crafted config (train_modules: 5, a bad regex, scale: "x") fails outside AdapterError too
-        _discard(model, adapter_name, previous)
+        # the stored layout (resolved module names, CUR indices): no pattern from the file is evaluated
+        tuner.add_adapter(config, adapter_name, layout=manifest["method"], labels=manifest["labels"])
+        tuner.load_adapter_state_dict(tensors, adapter_name)
+    except (AdapterError, TypeError, ValueError, IndexError, KeyError, AttributeError, RuntimeError) as exc:
+        # a crafted layout (members: 5, scale: "x") fails outside AdapterError too
+        if adapter_name in tuner.adapters:
+            tuner.delete_adapter(adapter_name)
+        tuner.active = previous
         raise ManifestError(f"{name}: does not fit this base model: {exc}") from None
     if not activate:
-        set_active_adapter(model, previous)
+        tuner.set_active(previous)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.tcurlora_adapter_labels = getattr(model, "tcurlora_adapter_labels", {})
-    model.tcurlora_adapter_labels[adapter_name] = manifest["labels"]
     return manifest
 
 
-def _trained_on_fingerprint(model: nn.Module, described: dict) -> str:
-    """The fingerprint of the base the adapter was trained on.
-
-    ``full`` (and LoRA's ``train_modules``) train base weights in place, so after training the live weights
-    are no longer the base's: use the fingerprint :func:`tcurlora.adapter.inject_adapter` recorded before training.
-    """
-    recorded = getattr(model, "tcurlora_base_fingerprint", None)
-    if recorded and described["config"]["method"] in ("full", "lora"):
-        return recorded
-    return base_fingerprint(model)
-
-
 def _default_adapter_name(path) -> str:
-    """The adapter name taken from a file name; 'train', 'eval', 'to'... are ModuleDict attributes, so prefixed."""
-    name = re.sub(r"[^A-Za-z0-9_\-]", "_", Path(path).name.split(".")[0]) or "adapter"
-    return f"adapter_{name}" if hasattr(nn.ModuleDict(), name) else name
-
-
-def _discard(model: nn.Module, adapter_name: str, previous: Optional[str]) -> None:
-    """Undo a failed load, including a partly built adapter (inject_adapter registers it only at the end)."""
-    if adapter_name in list_adapters(model):
-        delete_adapter(model, adapter_name)
-    for module in model.modules():
-        if isinstance(module, TCURLayer):
-            module._entries.pop(adapter_name, None)
-        elif isinstance(module, ModuleSwitch):
-            module._copies.pop(adapter_name, None)
-    state = getattr(model, "_tcurlora_state", None)
-    if state is not None:
-        state.active = previous
+    """The adapter name taken from a file name (letters, digits, '_' and '-')."""
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", Path(path).name.split(".")[0]) or "adapter"

@@ -1,7 +1,10 @@
-"""The ``tcurlora`` command line: finetune, segment, evaluate, inspect, models, fetch-model, demo.
+"""The ``tcurlora`` command line: finetune, segment, evaluate, inspect, aggregate, federated, models, fetch-model,
+demo.
 
-Every user-facing error is one line (``error: <file>: <problem>``) with exit status 2; a cancelled
-run exits 3 after writing a resumable checkpoint.
+One parser function and one handler per subcommand (:data:`COMMAND_HANDLERS`). The flags of job settings
+come from :mod:`tcurlora.protocol` (names, defaults, checks), so the CLI, job files and Slicer agree.
+Every user-facing error is one line (``error: <file or setting>: <problem>``) with exit status 2, before any
+training starts; a cancelled run exits 3 after writing a resumable checkpoint.
 """
 
 from __future__ import annotations
@@ -12,38 +15,58 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from . import __version__
+from . import __version__, protocol
 from .errors import TCURLoRAError
+from .protocol import EXIT_CANCELLED, EXIT_ERROR, SETTINGS_BY_KEY
 
-EXIT_ERROR = 2
-EXIT_CANCELLED = 3
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error (and the same exit status)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"error: {message.replace('argument ', '', 1)} (see {self.prog} --help)\n")
+
+
+def _add_setting(p: argparse.ArgumentParser, key: str, **overrides) -> None:
+    """The CLI flag of a job key: name, type, choices, help and default all from :mod:`tcurlora.protocol`.
+    The flag's default stays None so that the job gets the protocol's default (and its check)."""
+    s = SETTINGS_BY_KEY[key]
+    kwargs = {"dest": key, "default": None, "help": s.help, "metavar": s.metavar, "nargs": s.nargs,
+              "type": s.cli_type, "choices": getattr(s.check, "options", None)}
+    kwargs.update(overrides)
+    p.add_argument(s.flag, **{k: v for k, v in kwargs.items() if v is not None or k == "default"})
+
+
+def _add_switch(p: argparse.ArgumentParser, flag: str, key: str, value: bool = True, help: str = None) -> None:
+    """An on/off flag for a boolean job key (store ``value`` when given)."""
+    p.add_argument(flag, dest=key, action="store_const", const=value, default=None,
+                   help=help or SETTINGS_BY_KEY[key].help)
 
 
 def _base_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", default="deepbet", metavar="NAME|PATH",
-                   help="base model: a catalog name (default: deepbet; see `tcurlora models`), a MONAI bundle "
-                        "folder, or a network spec .json (then also --weights)")
-    p.add_argument("--weights", metavar="FILE", help="weights for a network spec (.safetensors, or .pt read with weights_only)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where to compute (auto prefers a CUDA GPU)")
-    p.add_argument("--events", metavar="FILE|-", help="also write JSON-lines events (progress, log, warning, error, "
-                                                        "result) to FILE, or to standard output with -")
-    p.add_argument("--stop-file", metavar="FILE", help="end cleanly (with a resumable checkpoint) when FILE appears")
+    for key in ("base", "weights", "device", "events", "stop_file"):
+        _add_setting(p, key)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tcurlora",
         description="Adapt a pretrained 3D segmentation network to your site from a few annotated cases with "
                     "tCURLoRA, and apply or share the tiny adapter file.",
         epilog="Start with `tcurlora demo`. Each command has its own --help.")
     parser.add_argument("--version", action="version", version=f"tcurlora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_finetune_parser, _segment_parser, _evaluate_parser, _inspect_parser, _aggregate_parser,
+                _federated_parser, _models_parser, _fetch_model_parser, _demo_parser):
+        add(sub)
+    return parser
 
+
+def _finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="train an adapter from (image, label) cases",
                        description="Train a tCURLoRA adapter (or a baseline) on annotated cases and write it as "
                                    "one .safetensors file, with a training-curve PNG and a resumable checkpoint "
-                                   "beside it.",
+                                   "beside it (NAME.safetensors -> NAME.curve.png, NAME.checkpoint.pt).",
                        epilog="example: tcurlora finetune --image t1.nii.gz --label brain.seg.nrrd "
                               "--out site.safetensors")
     _base_args(p)
@@ -53,30 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", metavar="FOLDER", help="a folder of cases (imagesTr/labelsTr, or X + X_label side by side)")
     p.add_argument("--val-image", action="append", default=[], metavar="FILE", help="a validation image")
     p.add_argument("--val-label", action="append", default=[], metavar="FILE", help="its label")
-    p.add_argument("--labels", metavar="JSON|from-segmentation",
-                   help="the adapter's label table (a JSON file [{value, name, color}]), or 'from-segmentation' "
-                        "to take it from the first .seg.nrrd; labels that differ from the base's train a new head")
-    p.add_argument("--out", required=False, metavar="ADAPTER.safetensors", help="where to write the adapter")
-    p.add_argument("--method", default="tcurlora", choices=["tcurlora", "lora", "decoder", "full"],
-                   help="tcurlora (default), or a baseline: lora (PEFT LoRA, same layers), decoder, full")
-    p.add_argument("--rank", type=int, default=8, help="CUR rank r (default 8)")
-    p.add_argument("--preset", default="auto", choices=["auto", "vit", "conv", "none"], help="which stacks to adapt")
-    p.add_argument("--train-modules", nargs="*", default=[], metavar="REGEX",
-                   help="modules to train fully as well (e.g. a decoder); opt-in")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 100)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default depends on the method)")
-    p.add_argument("--batch-size", type=int, default=None, help="patches per step (default 2)")
-    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help="training patch (default: the base's)")
-    p.add_argument("--val-every", type=int, default=None, help="validate every N steps (default 25)")
-    p.add_argument("--patience", type=int, default=None, help="early stop after N validations without gain (default 4; 0 = never)")
-    p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps (default 1)")
-    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (less GPU memory, slower)")
-    p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
-    p.add_argument("--seed", type=int, default=0, help="random seed; on a CPU the same seed (and the same number of threads) gives the same adapter")
-    p.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint, to the same end")
+    for key in ("labels", "out", "method", "rank", "preset", "train_modules", "steps", "lr", "weight_decay",
+                "batch_size", "patch_size", "val_every", "patience", "grad_accum", "checkpoint_every", "seed"):
+        _add_setting(p, key)
+    _add_switch(p, "--checkpointing", "checkpointing")
+    _add_switch(p, "--no-bf16", "bf16", False, help="no bf16 autocast on CUDA")
+    _add_switch(p, "--resume", "resume")
     p.add_argument("--job", metavar="JOB.json", help="read all settings from a job file (the Slicer worker format)")
 
+
+def _segment_parser(sub) -> None:
     p = sub.add_parser("segment", help="segment volumes with a base model and optionally an adapter",
                        description="Segment one volume, several, or a folder. The adapter is merged into the "
                                    "weights first, so it costs nothing at inference. Output: .seg.nrrd with segment "
@@ -86,15 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, DICOM folders or folders of images")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
                    help="output file (one input) or folder (several)")
-    p.add_argument("--adapter", metavar="ADAPTER.safetensors", help="a tCURLoRA adapter for this base")
-    p.add_argument("--tta", action="store_true", help="average over mirrored inputs (slower, smoother)")
-    p.add_argument("--largest-component", dest="largest_component", action="store_true", default=None,
-                   help="keep only the largest connected component per label (default: the base's choice)")
-    p.add_argument("--all-components", dest="largest_component", action="store_false",
-                   help="keep every component")
-    p.add_argument("--probabilities", action="store_true", help="also write class probabilities (NIfTI)")
-    p.add_argument("--sw-batch-size", type=int, default=1, help="sliding-window batch (default 1)")
+    _add_setting(p, "adapter")
+    _add_switch(p, "--tta", "tta")
+    _add_switch(p, "--largest-component", "largest_component",
+                help="keep only the largest connected component per label (default: the base's choice)")
+    _add_switch(p, "--all-components", "largest_component", False, help="keep every component")
+    _add_switch(p, "--probabilities", "probabilities")
+    _add_setting(p, "sw_batch_size")
+    _add_setting(p, "overlap")
 
+
+def _evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="Dice and HD95 of predictions against references",
                        description="Dice and HD95 (95th percentile of surface distances, in mm) per label and case.",
                        epilog="example: tcurlora evaluate pred.seg.nrrd ref.nii.gz --json")
@@ -103,11 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON to standard output instead of CSV")
     p.add_argument("--csv", metavar="FILE", help="write the CSV here (default: standard output)")
 
+
+def _inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="show what an adapter file holds",
                        description="Read an adapter's manifest (never its code: there is none) and summarise it.")
     p.add_argument("adapter", metavar="ADAPTER.safetensors")
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
 
+
+def _aggregate_parser(sub) -> None:
     p = sub.add_parser("aggregate", help="average adapters trained at several sites into one (exact for tCURLoRA)",
                        description="Weighted average of adapters trained on the same base with the same layout: "
                                    "for tCURLoRA the mean of the cores is exactly the mean of the weight updates. "
@@ -119,17 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one weight per adapter (default: each adapter's number of training cases)")
     p.add_argument("-o", "--output", required=True, metavar="MERGED.safetensors")
 
+
+def _federated_parser(sub) -> None:
     p = sub.add_parser("federated", help="federated fine-tuning across sites on Flower (only adapter cores travel)",
                        description="One server and several sites train one adapter without moving a scan: each "
                                    "round the sites run K steps of finetune on their own cases from the global "
-                                   "adapter and the server averages their cores (exact for tCURLoRA). TLS by default. "
-                                   "Needs: pip install \"tcurlora[federated]\".")
+                                   "adapter and the server averages their cores (exact for tCURLoRA). TLS by "
+                                   "default. Needs: pip install \"tcurlora[federated]\".")
     fed = p.add_subparsers(dest="federated_command", metavar="ROLE", required=True)
     f = fed.add_parser("server", help="run the rounds and average the sites' adapters",
                        epilog="example: tcurlora federated server --address 0.0.0.0:9092 --tls-dir certs "
                               "--rounds 5 --local-steps 20 --min-clients 3 --out global.safetensors")
     _base_args(f)
-    f.add_argument("--address", default="127.0.0.1:9092", metavar="HOST:PORT", help="where to listen (default 127.0.0.1:9092)")
+    f.add_argument("--address", default="127.0.0.1:9092", metavar="HOST:PORT",
+                   help="where to listen (default 127.0.0.1:9092)")
     f.add_argument("--rounds", type=int, default=3, help="federated rounds R (default 3)")
     f.add_argument("--local-steps", type=int, default=20, help="training steps K each site runs per round (default 20)")
     f.add_argument("--min-clients", type=int, default=2, help="sites that must join each round (default 2)")
@@ -166,16 +184,26 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--host", action="append", default=[], metavar="NAME|IP",
                    help="the server's host name or IP address (repeat; default 127.0.0.1 and localhost)")
 
+
+def _models_parser(sub) -> None:
     p = sub.add_parser("models", help="list the base-model catalog and what is cached",
                        description="List catalog base models, their labels and whether their weights are cached.")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--discover", action="store_true", help="list the models already on this machine (TotalSegmentator, "
+                   "nnU-Net, SlicerNNUnet, SlicerMONAIAuto3DSeg, MONAI bundles), usable as --base")
+    p.add_argument("--root", action="append", default=[], metavar="KIND=FOLDER",
+                   help="with --discover: search only these folders (kind: totalsegmentator, nnunet, auto3dseg, bundle)")
 
+
+def _fetch_model_parser(sub) -> None:
     p = sub.add_parser("fetch-model", help="download a catalog model into the cache (pinned, hash-checked)",
                        description="Fetch a catalog base model once into the cache (TCURLORA_CACHE overrides "
                                    "where). For air-gapped sites, pass the pinned file with --from.")
     p.add_argument("name", help="catalog name, e.g. deepbet")
     p.add_argument("--from", dest="local_file", metavar="FILE", help="use this local copy of the pinned archive")
 
+
+def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the whole promise on real scans, in minutes on a CPU",
                        description="Fine-tune a tCURLoRA adapter for deepbet on a real head MRI annotated with a "
                                    "site's brain-mask convention, apply it to a held-out real scan, and compare "
@@ -183,9 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-output", help="output folder (default ./demo-output)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 24)")
     p.add_argument("--compare", action="store_true", help="also train LoRA and decoder-only with the same budget")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default=protocol.default("device"), choices=protocol.DEVICES)
     p.add_argument("--quick", action="store_true", help="a reduced run (fewer steps, lower resolution) for tests")
-    return parser
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,40 +234,35 @@ def _load_labels(value):
         raise TCURLoRAError(f"{path.name}: cannot read the label table ({exc})") from None
 
 
+def _settings_from_args(args, command: str) -> dict:
+    """The job keys given as flags (None = not given: the protocol's default applies)."""
+    return {s.key: getattr(args, s.key) for s in protocol.settings_for(command)
+            if getattr(args, s.key, None) is not None}
+
+
 def cmd_finetune(args, events) -> int:
-    from .worker import run_finetune
+    from .worker import read_job, run_finetune
 
     if args.job:
-        from .worker import read_job
+        return run_finetune(read_job(args.job), events)
+    train = _pairs(args.image, args.label, "training")
+    if args.cases:
+        from .io import find_cases
 
-        job = read_job(args.job)
-    else:
-        train = _pairs(args.image, args.label, "training")
-        if args.cases:
-            from .io import find_cases
-
-            train += find_cases(args.cases)
-        if not args.out:
-            raise TCURLoRAError("--out ADAPTER.safetensors is required")
-        job = {"command": "finetune", "base": args.base, "weights": args.weights, "device": args.device,
-               "cases": [{"image": i, "label": l} for i, l in train],
-               "validation": [{"image": i, "label": l} for i, l in _pairs(args.val_image, args.val_label, "validation")],
-               "labels": _load_labels(args.labels), "out": args.out, "method": args.method, "rank": args.rank,
-               "preset": args.preset, "train_modules": args.train_modules, "steps": args.steps, "lr": args.lr,
-               "batch_size": args.batch_size, "patch_size": args.patch_size, "val_every": args.val_every,
-               "patience": args.patience, "grad_accum": args.grad_accum, "checkpointing": args.checkpointing,
-               "bf16": not args.no_bf16, "seed": args.seed, "resume": args.resume, "stop_file": args.stop_file}
-    return run_finetune(job, events)
+        train += find_cases(args.cases)
+    job = {**_settings_from_args(args, "finetune"), "command": "finetune",
+           "cases": [{"image": i, "label": l} for i, l in train],
+           "validation": [{"image": i, "label": l} for i, l in _pairs(args.val_image, args.val_label, "validation")],
+           "labels": _load_labels(args.labels)}
+    return run_finetune(protocol.validate_job(job, style="cli"), events)
 
 
 def cmd_segment(args, events) -> int:
     from .worker import run_segment
 
-    job = {"command": "segment", "base": args.base, "weights": args.weights, "device": args.device,
-           "inputs": args.inputs, "output": args.output, "adapter": args.adapter, "tta": args.tta,
-           "largest_component": args.largest_component, "probabilities": args.probabilities,
-           "sw_batch_size": args.sw_batch_size, "stop_file": args.stop_file}
-    return run_segment(job, events)
+    job = {**_settings_from_args(args, "segment"), "command": "segment", "inputs": args.inputs,
+           "output": args.output}
+    return run_segment(protocol.validate_job(job, style="cli"), events)
 
 
 def cmd_evaluate(args) -> int:
@@ -276,9 +298,9 @@ def cmd_evaluate(args) -> int:
     writer.writeheader()
     writer.writerows(rows)
     if args.csv:
-        from .io import atomic_write
+        from .atomic import atomic_write_text
 
-        atomic_write(Path(args.csv), lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8"))
+        atomic_write_text(args.csv, buf.getvalue())
     else:
         sys.stdout.write(buf.getvalue())
     print(summary_line(rows), file=sys.stderr if not args.csv else sys.stdout)
@@ -299,57 +321,13 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_aggregate(args) -> int:
-    from .aggregate import aggregate
-
-    done = aggregate(args.adapters, args.output, args.weights)
-    share = ", ".join(f"{Path(a).name} x{w:g}" for a, w in zip(args.adapters, done["weights"]))
-    print(f"{Path(args.output).name}: weighted mean of {share}")
-    return 0
-
-
-def cmd_federated(args, events) -> int:
-    if args.federated_command == "certs":
-        from .federated.tls import generate_certificates
-
-        folder = generate_certificates(args.out, args.host or ["127.0.0.1", "localhost"])
-        print(f"{folder}: ca.crt (give to every site), server.pem and server.key (keep on the server)")
-        return 0
-    from functools import partial
-
-    from .models import load_base
-
-    load = partial(load_base, args.base, weights=args.weights)
-    if args.federated_command == "server":
-        from .federated.server import run_server
-        from .train import FinetuneOptions
-
-        options = FinetuneOptions(method=args.method, rank=args.rank, preset=args.preset, steps=args.local_steps,
-                                  lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                                  patch_size=tuple(args.patch_size) if args.patch_size else None,
-                                  train_modules=args.train_modules, device=args.device)
-        result = run_server(load(), options, labels=_load_labels(args.labels), address=args.address,
-                            rounds=args.rounds, min_clients=args.min_clients, out=args.out, tls_dir=args.tls_dir,
-                            insecure=args.insecure, events=events)
-    else:
-        import socket
-
-        from .federated.client import run_client
-
-        pairs = _pairs(args.image, args.label, "training")
-        if args.cases:
-            from .io import find_cases
-
-            pairs += find_cases(args.cases)
-        result = run_client(load, pairs, server=args.server, out=args.out, root_cert=args.root_cert,
-                            insecure=args.insecure, seed=args.seed, device=args.device,
-                            site=args.site or socket.gethostname(), events=events)
-    events.result(result["outputs"], result["metrics"])
-    return 0
-
-
 def cmd_models(args) -> int:
     from .catalog import list_models
+
+    if args.discover:
+        from .models.discover import discover_main
+
+        return discover_main(args.root, args.json)
 
     models = list_models()
     if args.json:
@@ -372,6 +350,77 @@ def cmd_fetch_model(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_aggregate(args) -> int:
+    from .aggregate import aggregate
+
+    done = aggregate(args.adapters, args.output, args.weights)
+    share = ", ".join(f"{Path(a).name} x{w:g}" for a, w in zip(args.adapters, done["weights"]))
+    print(f"{Path(args.output).name}: weighted mean of {share}")
+    return 0
+
+
+def cmd_federated(args, events) -> int:
+    if args.federated_command == "certs":
+        from .federated.tls import generate_certificates
+
+        folder = generate_certificates(args.out, args.host or ["127.0.0.1", "localhost"])
+        print(f"{folder}: ca.crt (give to every site), server.pem and server.key (keep on the server)")
+        return 0
+    from functools import partial
+
+    from .models import load_base
+
+    device = args.device or protocol.default("device")
+    load = partial(load_base, args.base or protocol.default("base"), weights=args.weights)
+    if args.federated_command == "server":
+        from .federated.server import run_server
+        from .train import FinetuneOptions
+
+        options = FinetuneOptions(method=args.method, rank=args.rank, preset=args.preset, steps=args.local_steps,
+                                  lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                                  patch_size=tuple(args.patch_size) if args.patch_size else None,
+                                  train_modules=args.train_modules, device=device)
+        result = run_server(load(), options, labels=_load_labels(args.labels), address=args.address,
+                            rounds=args.rounds, min_clients=args.min_clients, out=args.out, tls_dir=args.tls_dir,
+                            insecure=args.insecure, events=events)
+    else:
+        import socket
+
+        from .federated.client import run_client
+
+        pairs = _pairs(args.image, args.label, "training")
+        if args.cases:
+            from .io import find_cases
+
+            pairs += find_cases(args.cases)
+        result = run_client(load, pairs, server=args.server, out=args.out, root_cert=args.root_cert,
+                            insecure=args.insecure, seed=args.seed, device=device,
+                            site=args.site or socket.gethostname(), events=events)
+    events.result(result["outputs"], result["metrics"])
+    return 0
+
+
+#: One handler per subcommand; the ones that take ``events`` are those that run a job.
+COMMAND_HANDLERS = {
+    "finetune": cmd_finetune,
+    "segment": cmd_segment,
+    "evaluate": lambda args, events: cmd_evaluate(args),
+    "inspect": lambda args, events: cmd_inspect(args),
+    "aggregate": lambda args, events: cmd_aggregate(args),
+    "federated": cmd_federated,
+    "models": lambda args, events: cmd_models(args),
+    "fetch-model": lambda args, events: cmd_fetch_model(args),
+    "demo": lambda args, events: cmd_demo(args),
+}
+JOB_COMMANDS = ("finetune", "segment", "federated")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -382,7 +431,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .events import Events
 
     try:
-        events = Events.for_cli(getattr(args, "events", None)) if args.command in ("finetune", "segment", "federated") else None
+        events = Events.for_cli(getattr(args, "events", None)) if args.command in JOB_COMMANDS else None
         if events is not None and not is_main_process():  # a torchrun rank other than 0: rank 0 reports
             events.close()
             events = Events()
@@ -390,26 +439,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {Path(args.events).name}: cannot write the events file ({exc.strerror or exc})", file=sys.stderr)
         return EXIT_ERROR
     try:
-        if args.command == "finetune":
-            return cmd_finetune(args, events)
-        if args.command == "segment":
-            return cmd_segment(args, events)
-        if args.command == "evaluate":
-            return cmd_evaluate(args)
-        if args.command == "inspect":
-            return cmd_inspect(args)
-        if args.command == "federated":
-            return cmd_federated(args, events)
-        if args.command == "aggregate":
-            return cmd_aggregate(args)
-        if args.command == "models":
-            return cmd_models(args)
-        if args.command == "fetch-model":
-            return cmd_fetch_model(args)
-        if args.command == "demo":
-            from .demo import run_demo
-
-            return run_demo(args)
+        return COMMAND_HANDLERS[args.command](args, events)
     except TCURLoRAError as exc:
         if events is not None and events.stream is not None:
             events.error(str(exc))
@@ -422,7 +452,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if events is not None:
             events.close()
-    return EXIT_ERROR
 
 
 if __name__ == "__main__":

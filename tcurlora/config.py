@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-METHODS = ("tcurlora", "lora", "decoder", "full")
-PRESETS = ("auto", "vit", "conv", "none")
+from .protocol import METHODS, PRESETS
+
 SELECTIONS = ("deterministic", "sampled")
+
+
+MAX_HEAD_CHANNELS = 1024  # labels of one segmentation; far beyond any real label table
+
+
+def _check_patterns(name: str, patterns) -> None:
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"{name} must be a list of regular expressions (strings)")
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise ValueError(f"{name}: invalid regular expression {p!r} ({exc})") from None
 
 
 @dataclass
@@ -53,10 +68,29 @@ class TCURLoRAConfig:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
-        if int(self.rank) < 1:
-            raise ValueError(f"rank must be ≥ 1, got {self.rank}")
-        if self.new_head is not None and set(self.new_head) != {"module", "out_channels"}:
-            raise ValueError("new_head must be {'module': name, 'out_channels': n}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be a whole number ≥ 1, got {self.rank!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be a whole number, got {self.seed!r}")
+        for name in ("scale", "lora_alpha"):
+            value = getattr(self, name)
+            if value is None and name == "lora_alpha":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        _check_patterns("train_modules", self.train_modules)
+        _check_patterns("exclude_modules", self.exclude_modules)
+        if not isinstance(self.stacks, dict) or not all(isinstance(k, str) for k in self.stacks):
+            raise ValueError("stacks must map stack names to lists of regular expressions")
+        for stack_name, patterns in self.stacks.items():
+            _check_patterns(f"stacks[{stack_name!r}]", patterns)
+        if self.new_head is not None:
+            if not isinstance(self.new_head, dict) or set(self.new_head) != {"module", "out_channels"}:
+                raise ValueError("new_head must be {'module': name, 'out_channels': n}")
+            channels = self.new_head["out_channels"]
+            if not isinstance(self.new_head["module"], str) or isinstance(channels, bool) or not isinstance(channels, int) \
+                    or not 1 <= channels <= MAX_HEAD_CHANNELS:
+                raise ValueError(f"new_head needs a module name and 1..{MAX_HEAD_CHANNELS} out_channels")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

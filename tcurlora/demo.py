@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_write, atomic_write_text
 from .events import Events
 
 SITE_MARGIN_MM = 3.0
@@ -44,7 +45,7 @@ def overlay_png(image_path: str, reference: str, predictions: dict, out: Path, t
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_write, read_image, read_label_unchecked
+    from .io import read_image, read_label_unchecked
 
     def ras(img: sitk.Image) -> np.ndarray:
         # (x, y, z) array with x -> R, y -> A, z -> S whatever the file's direction (display only)
@@ -129,9 +130,9 @@ def run_demo(args) -> int:
         base.network = copy.deepcopy(pristine)
         seg = out / f"{TEST_SCAN}_{method}.seg.nrrd"
         segment(base, [str(test_img)], str(seg), adapter=str(adapter), device=args.device, events=Events())
-        results[method] = {"segmentation": seg, "trainable": result["metrics"]["trainable_values"],
+        results[method] = {"segmentation": seg, "trainable": result.metrics.trainable_values,
                            "adapter_bytes": adapter.stat().st_size, "train_s": train_s,
-                           "adapter": adapter, "curve": result["outputs"]["curve"]}
+                           "adapter": adapter, "curve": result.files.curve}
 
     say("\n5/5 results on the held-out scan (site convention)")
     rows = []
@@ -168,9 +169,7 @@ def run_demo(args) -> int:
                "results": {k: {kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in v.items()}
                            for k, v in results.items()},
                "verdict": verdict, "credits": scan_credits()}
-    from .io import atomic_write
-
-    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2), encoding="utf-8"))
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
     say(f"\nwritten to {out}/: adapter_tcurlora.safetensors, {results['tcurlora']['segmentation'].name}, "
         f"adapter_tcurlora.curve.png, {overlay.name}, results.json  ({time.time() - t_start:.0f} s in all)")
     say(f"open the segmentation in 3D Slicer, or: tcurlora inspect {out}/adapter_tcurlora.safetensors")

@@ -109,7 +109,7 @@ def is_main_process() -> bool:
 
 def context(device_name: str) -> Context:
     """This process's place in a torchrun launch (joining the process group once), or a single-process context."""
-    from .train import pick_device
+    from .runtime import pick_device
 
     n = world_size()
     if n <= 1:

@@ -1,4 +1,4 @@
-"""Job events: one JSON object per line (the Slicer ↔ worker protocol), plus a terminal progress bar."""
+"""Job events: one JSON object per line (names in :mod:`tcurlora.protocol`), plus a terminal progress bar."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import sys
 import time
 from typing import IO, Optional
+
+from .protocol import EVENT_ERROR, EVENT_LOG, EVENT_PROGRESS, EVENT_RESULT, EVENT_WARNING
 
 
 class Events:
@@ -41,20 +43,20 @@ class Events:
             self._echo(record)
 
     def log(self, message: str) -> None:
-        self.emit("log", message=message)
+        self.emit(EVENT_LOG, message=message)
 
     def warning(self, message: str) -> None:
-        self.emit("warning", message=message)
+        self.emit(EVENT_WARNING, message=message)
 
     def error(self, message: str) -> None:
-        self.emit("error", message=message)
+        self.emit(EVENT_ERROR, message=message)
 
     def progress(self, phase: str, step: int, total: int, loss=None, dice=None, eta_s=None, **extra) -> None:
-        self.emit("progress", phase=phase, step=step, total=total, loss=_num(loss), dice=_num(dice),
+        self.emit(EVENT_PROGRESS, phase=phase, step=step, total=total, loss=_num(loss), dice=_num(dice),
                   eta_s=_num(eta_s), **extra)
 
     def result(self, outputs: dict, metrics: Optional[dict] = None, cancelled: bool = False) -> None:
-        self.emit("result", outputs={k: str(v) for k, v in outputs.items() if v is not None},
+        self.emit(EVENT_RESULT, outputs={k: str(v) for k, v in outputs.items() if v is not None},
                   metrics=metrics or {}, cancelled=cancelled)
 
     def close(self) -> None:
@@ -71,7 +73,7 @@ class Events:
     def _echo(self, r: dict) -> None:
         out = self.console
         kind = r["event"]
-        if kind == "progress":
+        if kind == EVENT_PROGRESS:
             frac = r["step"] / max(1, r["total"])
             parts = [f"{r['phase']} {r['step']}/{r['total']}"]
             if r.get("loss") is not None:
@@ -88,13 +90,13 @@ class Events:
                     self._end_bar()
             elif r["step"] == r["total"] or r.get("dice") is not None or r["step"] % 10 == 0:
                 out.write("  ".join(parts) + "\n")
-        elif kind == "result":
+        elif kind == EVENT_RESULT:
             self._end_bar()
             for k, v in r["outputs"].items():
                 out.write(f"{k}: {v}\n")
         else:
             self._end_bar()
-            prefix = {"log": "", "warning": "warning: ", "error": "error: "}.get(kind, "")
+            prefix = {EVENT_WARNING: "warning: ", EVENT_ERROR: "error: "}.get(kind, "")
             out.write(prefix + str(r.get("message", "")) + "\n")
         out.flush()
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Optional, Union
 
+from .atomic import atomic_copy, atomic_write
 from .errors import TCURLoRAError
 
 __all__ = [
@@ -109,23 +110,6 @@ def _mismatch(name: str, expected: str, actual: str) -> FetchError:
     return FetchError(f"sha256 mismatch for {name}: expected {expected}, got {actual}")
 
 
-def _copy_atomically(src: Path, dest: Path) -> None:
-    """Copy ``src`` to ``dest`` through a temp name in ``dest``'s folder, then rename.
-
-    Same folder => same filesystem => ``os.replace`` is atomic: readers see no file or the whole one.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _pip_download(pin: PinnedArchive, workdir: Path) -> Path:
     """Run pip in a subprocess; return the downloaded file inside ``workdir``."""
     # The hash goes to pip too (--require-hashes mode), so pip refuses a wrong file before it
@@ -193,7 +177,7 @@ def fetch_archive(pin: PinnedArchive, local_file: Optional[PathLike] = None) -> 
         actual = sha256_file(src)
         if actual != pin.sha256:
             raise _mismatch(str(src), pin.sha256, actual)
-        _copy_atomically(src, dest)
+        atomic_copy(src, dest)
         return dest
 
     if offline():
@@ -207,7 +191,7 @@ def fetch_archive(pin: PinnedArchive, local_file: Optional[PathLike] = None) -> 
         actual = sha256_file(got)
         if actual != pin.sha256:
             raise _mismatch(pin.filename, pin.sha256, actual)
-        os.replace(got, dest)
+        atomic_copy(got, dest)
     return dest
 
 
@@ -234,19 +218,15 @@ def extract_member(pin: PinnedArchive, member: str, local_file: Optional[PathLik
     if dest.is_file():
         return dest
     archive = fetch_archive(pin, local_file)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "wb") as out:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as out:
             if zipfile.is_zipfile(archive):
                 _copy_zip_member(archive, str(rel), out)
             else:
                 _copy_tar_member(archive, rel, out)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(dest, write)
     return dest
 
 

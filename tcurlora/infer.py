@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -12,12 +14,36 @@ import torch
 
 from .adapter import merge_adapter, set_active_adapter
 from .adapter_file import load_adapter
-from .errors import TCURLoRAError
+from .atomic import check_writable
+from .errors import InputError, TCURLoRAError
 from .events import Events
 from .models import BaseModel
-from .train import InferenceStopped, _StopWatch, pick_device, sliding_window_probabilities
+from .runtime import InferenceStopped, StopWatch, pick_device, sliding_window_probabilities, with_oom_fallback
 
 SEGMENTATION_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+@dataclass
+class SegmentResult:
+    """What :func:`segment` wrote: ``files`` (one per segmented input, in input order)."""
+
+    output: Path
+    files: List[str] = field(default_factory=list)
+    total: int = 0
+    seconds_per_volume: Optional[float] = None
+    cancelled: bool = False
+
+    @property
+    def outputs(self) -> Dict[str, Optional[str]]:
+        if self.cancelled:
+            return {"segmentation": self.files[0] if self.files else None}
+        return {"segmentation": self.files[0] if len(self.files) == 1 else str(self.output)}
+
+    def metrics_dict(self) -> dict:
+        out = {"segmented": len(self.files)}
+        if self.seconds_per_volume is not None:
+            out["seconds_per_volume"] = self.seconds_per_volume
+        return out
 
 
 def keep_largest_component(label: np.ndarray, values: Sequence[int]) -> np.ndarray:
@@ -68,15 +94,19 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
 
 def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Optional[str] = None,
             device: str = "auto", tta: bool = False, largest_component: Optional[bool] = None,
-            probabilities: bool = False, sw_batch_size: int = 1, overlap: float = 0.25,
-            events: Optional[Events] = None, stop_file: Optional[str] = None) -> dict:
-    """Segment each input and write ``.seg.nrrd`` (names, colours) or a plain label map."""
+            probabilities: bool = False, sw_batch_size: int = 1, overlap: Optional[float] = None,
+            events: Optional[Events] = None, stop_file: Optional[str] = None) -> SegmentResult:
+    """Segment each input and write ``.seg.nrrd`` (names, colours) or a plain label map.
+
+    ``overlap``: sliding-window overlap; default the base's own (``base.inference_overlap``)."""
     from .io import array_to_image, read_image, stem, write_image, write_segmentation
 
     events = events or Events()
     inputs = expand_inputs(inputs)
     outs = output_paths(inputs, output)
+    check_inputs_and_outputs(inputs, outs, adapter)
     dev = pick_device(device)
+    overlap = base.inference_overlap if overlap is None else overlap
     network = base.network
     labels = base.labels
     if adapter:
@@ -93,8 +123,9 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
     values = [int(l["value"]) for l in labels]
     if largest_component is None:
         largest_component = base.largest_component
-    written, seconds = [], []
-    with _StopWatch(stop_file) as stop:
+    result = SegmentResult(output=Path(output), total=len(inputs))
+    seconds = []
+    with StopWatch(stop_file) as stop:
         for i, (src, dst) in enumerate(zip(inputs, outs), start=1):
             t0 = time.time()
             try:
@@ -104,14 +135,14 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
                 x, _, meta = base.prepare(image)
                 probs = _predict(network, x, base, dev, tta, sw_batch_size, overlap, events, stop.requested)
             except InferenceStopped:  # asked before each volume and between sliding windows
-                events.log(f"stopped: {len(written)} of {len(inputs)} inputs segmented")
-                return {"outputs": {"segmentation": written[0] if written else None}, "cancelled": True,
-                        "metrics": {"segmented": len(written)}, "files": written}
+                events.log(f"stopped: {len(result.files)} of {len(inputs)} inputs segmented")
+                result.cancelled = True
+                return result
             label = base.restore(probs, meta, image, [0] + values)
             if largest_component:
                 label = keep_largest_component(label, values)
             write_segmentation(dst, array_to_image(label.astype(np.uint16 if max(values, default=0) > 255 else np.uint8), image), labels)
-            written.append(str(dst))
+            result.files.append(str(dst))
             if probabilities:
                 p = base.restore_probabilities(probs, meta, image)
                 pimg = sitk.GetImageFromArray(np.moveaxis(p[1:], 0, -1) if p.shape[0] > 2 else p[1], isVector=p.shape[0] > 2)
@@ -120,9 +151,23 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
             seconds.append(time.time() - t0)
             events.progress("segment", i, len(inputs), eta_s=np.mean(seconds) * (len(inputs) - i))
             events.log(f"{Path(src).name} -> {dst} ({seconds[-1]:.1f} s)")
-    return {"outputs": {"segmentation": written[0] if len(written) == 1 else Path(output)},
-            "metrics": {"segmented": len(written), "seconds_per_volume": round(float(np.mean(seconds)), 2)},
-            "cancelled": False, "files": written}
+    result.seconds_per_volume = round(float(np.mean(seconds)), 2) if seconds else None
+    return result
+
+
+def check_inputs_and_outputs(inputs: Sequence[str], outs: Sequence[Path], adapter: Optional[str]) -> None:
+    """Before any work: every input and the adapter exist and can be opened, every output folder takes a file."""
+    for path in list(inputs) + ([adapter] if adapter else []):
+        if not os.path.exists(path):
+            raise InputError(path, "file not found")
+        if os.path.isfile(path):
+            try:
+                with open(path, "rb") as f:
+                    f.read(1)
+            except OSError as exc:
+                raise InputError(path, f"cannot be read ({exc.strerror or exc})") from None
+    for one_per_folder in {Path(o).parent: o for o in outs}.values():
+        check_writable(one_per_folder, what="segmentation")
 
 
 def _copy_geometry(dst: sitk.Image, ref: sitk.Image) -> None:
@@ -134,17 +179,20 @@ def _copy_geometry(dst: sitk.Image, ref: sitk.Image) -> None:
 def _predict(network, x, base: BaseModel, dev: torch.device, tta: bool, sw_batch_size: int, overlap: float,
              events: Events, stop=None) -> torch.Tensor:
     """Sliding-window probabilities; on CUDA out-of-memory retry with a smaller window batch, then on the CPU."""
-    amp = dev.type == "cuda"
-    while True:
-        try:
-            return sliding_window_probabilities(network, x, base.inference_roi, dev, amp, sw_batch_size, overlap, tta,
-                                                stop)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if sw_batch_size > 1:
-                sw_batch_size //= 2
-                events.warning(f"out of GPU memory: retrying with sliding-window batch {sw_batch_size}")
-            else:
-                events.warning("out of GPU memory: continuing on the CPU (slower)")
-                network.to("cpu")
-                dev, amp = torch.device("cpu"), False
+    state = {"dev": dev, "batch": sw_batch_size}
+
+    def attempt() -> torch.Tensor:
+        return sliding_window_probabilities(network, x, base.inference_roi, state["dev"], state["dev"].type == "cuda",
+                                            state["batch"], overlap, tta, stop)
+
+    def shrink() -> Optional[str]:
+        if state["batch"] <= 1:
+            return None
+        state["batch"] //= 2
+        return f"out of GPU memory: retrying with sliding-window batch {state['batch']}"
+
+    def to_cpu() -> None:
+        network.to("cpu")
+        state["dev"] = torch.device("cpu")
+
+    return with_oom_fallback(attempt, shrink, to_cpu, events, "sliding-window batch 1")

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_write  # noqa: F401  (re-exported: the one atomic writer lives in atomic.py)
 from .errors import InputError, TCURLoRAError, display_name
+from .protocol import default_color  # noqa: F401  (re-exported: the one label palette)
 
 PathLike = Union[str, "os.PathLike[str]"]
 LabelTable = list[dict]
@@ -39,13 +40,6 @@ WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 # Geometry tolerance: NIfTI stores geometry in float32, and Slicer/ITK round-trips introduce ~1e-6 noise.
 GEOMETRY_RTOL = 1e-4
 
-# Distinct default colours for labels without a colour (Slicer-like soft tones).
-_PALETTE = [
-    (0.502, 0.682, 0.502), (0.945, 0.839, 0.569), (0.694, 0.478, 0.396), (0.435, 0.722, 0.824),
-    (0.847, 0.396, 0.310), (0.867, 0.510, 0.396), (0.565, 0.933, 0.565), (0.753, 0.408, 0.690),
-    (0.863, 0.961, 0.078), (0.306, 0.247, 0.000), (1.000, 0.980, 0.863), (0.902, 0.863, 0.275),
-    (0.784, 0.784, 0.922), (0.980, 0.980, 0.824), (0.957, 0.839, 0.584), (0.000, 0.592, 0.808),
-]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -109,11 +103,6 @@ def _smallest_label_dtype(max_value: int) -> tuple[Any, int]:
 
 # ----------------------------------------------------------------------------------------------------------
 # label tables
-
-
-def default_color(value: int) -> list[float]:
-    """A deterministic default colour for a label value."""
-    return [float(c) for c in _PALETTE[(int(value) - 1) % len(_PALETTE)]]
 
 
 def validate_label_table(label_table: Sequence[dict]) -> LabelTable:
@@ -536,24 +525,6 @@ def label_table_from_segmentation(path: PathLike) -> LabelTable:
 
 # ----------------------------------------------------------------------------------------------------------
 # writing
-
-
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
-    """Run ``write(tmp)`` for a temporary name next to ``path`` (same extension), then rename onto ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    ext = extension(path)
-    # Same folder (os.replace is atomic only within one file system); same extension so writers pick the format.
-    tmp = os.path.join(folder, f".{stem(path)}.{uuid.uuid4().hex[:12]}.tmp{ext}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _check_write_extension(path: str, allowed: Sequence[str]) -> str:

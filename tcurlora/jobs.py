@@ -1,6 +1,6 @@
 """Run the tcurlora worker in a separate process and stream its JSON events.
 
-This is the Slicer-facing half of the job protocol (DESIGN §3). It imports neither ``slicer`` nor ``qt`` and
+This is the Slicer-facing half of the job protocol (keys, defaults and checks: :mod:`tcurlora.protocol`). It imports neither ``slicer`` nor ``qt`` and
 needs only the standard library, so the Slicer modules, the CLI and the tests share it::
 
     job = WorkerJob(segment_job(base="deepbet", inputs=[...], output=..., stop_file=...), workdir=tmp)
@@ -37,14 +37,9 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-JOB_VERSION = 1
-COMMANDS = ("segment", "finetune")
-DEVICES = ("auto", "cpu", "cuda")
-METHODS = ("tcurlora", "lora", "decoder", "full")
-
-EXIT_OK = 0
-EXIT_ERROR = 2
-EXIT_CANCELLED = 3
+from . import protocol
+from .atomic import atomic_write_text
+from .protocol import COMMANDS, DEVICES, EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, JOB_VERSION, METHODS  # noqa: F401
 
 DEFAULT_GRACE_S = 15.0
 JOB_FILE_NAME = "job.json"
@@ -62,95 +57,38 @@ def new_workdir(prefix: str = WORKDIR_PREFIX) -> str:
 
 
 def _check_base(base: Any) -> Any:
-    if isinstance(base, str) and base:
-        return base
-    if isinstance(base, dict) and base.get("spec") and base.get("weights"):
-        return {"spec": os.fspath(base["spec"]), "weights": os.fspath(base["weights"])}
-    raise ValueError(f"base must be a model name, a bundle folder or {{'spec': ..., 'weights': ...}}, got {base!r}")
-
-
-def _check_device(device: str) -> str:
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-    return device
+    if isinstance(base, dict) and not (base.get("spec") and base.get("weights")):
+        raise protocol.SettingError("base", "a network spec needs {'spec': FILE, 'weights': FILE}, got "
+                                            f"{base!r}")
+    return base
 
 
 def segment_job(*, base: Any, inputs: Sequence[str], output: str, stop_file: str, adapter: Optional[str] = None,
-                device: str = "auto", tta: bool = False, largest_component: bool = False) -> Dict[str, Any]:
-    """The job dictionary of a ``segment`` command."""
-    if not inputs:
-        raise ValueError("a segment job needs at least one input image")
-    return {
-        "version": JOB_VERSION,
-        "command": "segment",
-        "base": _check_base(base),
-        "device": _check_device(device),
-        "stop_file": os.fspath(stop_file),
-        "inputs": [os.fspath(p) for p in inputs],
-        "output": os.fspath(output),
-        "adapter": os.fspath(adapter) if adapter else None,
-        "tta": bool(tta),
-        "largest_component": bool(largest_component),
-    }
-
-
-def _check_cases(cases: Sequence[Dict[str, str]], what: str) -> List[Dict[str, str]]:
-    out = []
-    for case in cases:
-        if not case.get("image") or not case.get("label"):
-            raise ValueError(f"each {what} case needs 'image' and 'label', got {case!r}")
-        out.append({"image": os.fspath(case["image"]), "label": os.fspath(case["label"])})
-    return out
+                device: str = "auto", tta: bool = False, largest_component: Optional[bool] = False,
+                **settings: Any) -> Dict[str, Any]:
+    """The job dictionary of a ``segment`` command, checked and completed by :func:`tcurlora.protocol.validate_job`
+    (``settings``: any other segment key, e.g. ``sw_batch_size``). Raises ``ValueError`` naming the setting."""
+    return protocol.validate_job({
+        **settings, "version": JOB_VERSION, "command": "segment", "base": _check_base(base), "device": device,
+        "stop_file": stop_file, "inputs": list(inputs), "output": output, "adapter": adapter, "tta": tta,
+        "largest_component": largest_component})
 
 
 def finetune_job(*, base: Any, cases: Sequence[Dict[str, str]], out: str, stop_file: str,
                  validation: Sequence[Dict[str, str]] = (), labels: Optional[Sequence[Dict[str, Any]]] = None,
-                 method: str = "tcurlora", rank: int = 8, steps: int = 300, lr: Optional[float] = None,
-                 patch_size: Optional[Sequence[int]] = None, resume: bool = False, seed: int = 0,
-                 device: str = "auto") -> Dict[str, Any]:
-    """The job dictionary of a ``finetune`` command (``labels=None``: the base model's labels)."""
-    if not cases:
-        raise ValueError("a finetune job needs at least one training case")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if int(rank) < 1:
-        raise ValueError(f"rank must be at least 1, got {rank}")
-    if int(steps) < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    if lr is not None and not float(lr) > 0:
-        raise ValueError(f"learning rate must be positive, got {lr}")
-    if patch_size is not None:
-        patch_size = [int(v) for v in patch_size]
-        if len(patch_size) != 3 or min(patch_size) < 1:
-            raise ValueError(f"patch size must be three positive integers, got {patch_size}")
-    if labels is not None:
-        checked = []
-        for e in labels:
-            entry = {"value": int(e["value"]), "name": str(e["name"])}
-            if e.get("color") is not None:
-                entry["color"] = [float(c) for c in e["color"]][:3]
-            if e.get("terminology"):
-                entry["terminology"] = str(e["terminology"])
-            checked.append(entry)
-        labels = checked
-    return {
-        "version": JOB_VERSION,
-        "command": "finetune",
-        "base": _check_base(base),
-        "device": _check_device(device),
-        "stop_file": os.fspath(stop_file),
-        "cases": _check_cases(cases, "training"),
-        "validation": _check_cases(validation, "validation"),
-        "labels": labels,
-        "method": method,
-        "rank": int(rank),
-        "steps": int(steps),
-        "lr": float(lr) if lr is not None else None,
-        "patch_size": patch_size,
-        "out": os.fspath(out),
-        "resume": bool(resume),
-        "seed": int(seed),
-    }
+                 method: str = protocol.default("method"), rank: int = protocol.default("rank"),
+                 steps: int = protocol.default("steps"), lr: Optional[float] = None,
+                 patch_size: Optional[Sequence[int]] = None, resume: bool = False, seed: int = protocol.default("seed"),
+                 device: str = protocol.default("device"), **settings: Any) -> Dict[str, Any]:
+    """The job dictionary of a ``finetune`` command (``labels=None``: the base model's labels), checked and
+    completed by :func:`tcurlora.protocol.validate_job` (``settings``: any other finetune key, e.g.
+    ``batch_size``). Raises ``ValueError`` naming the setting."""
+    return protocol.validate_job({
+        **settings, "version": JOB_VERSION, "command": "finetune", "base": _check_base(base), "device": device,
+        "stop_file": stop_file, "cases": list(cases), "validation": list(validation),
+        "labels": list(labels) if labels is not None else None, "method": method, "rank": rank, "steps": steps,
+        "lr": lr, "patch_size": list(patch_size) if patch_size is not None else None, "out": out,
+        "resume": resume, "seed": seed})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -327,12 +265,7 @@ class WorkerJob:
 
     def write_job(self) -> str:
         """Write the job file (atomically) and return its path."""
-        tmp = self.job_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.job, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, self.job_path)
-        return self.job_path
+        return atomic_write_text(self.job_path, json.dumps(self.job, indent=2) + "\n")
 
     def start(self) -> "WorkerJob":
         if self.proc is not None:

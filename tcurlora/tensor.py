@@ -55,10 +55,10 @@ def t_pinv(a: torch.Tensor, rcond: Optional[float] = None) -> torch.Tensor:
     return irfft3(pinv_hat, k)
 
 
-def _frequency_weights(k: int, device: torch.device) -> torch.Tensor:
-    # rfft keeps one of each conjugate pair: weight those twice so scores equal the full-FFT sums.
-    f = k // 2 + 1
-    w = torch.full((f,), 2.0, device=device)
+def frequency_weights(k: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """Weight of each rfft frequency in a full-spectrum sum: rfft keeps one of each conjugate pair, so those
+    count twice; DC and (even K) Nyquist once."""
+    w = torch.full((k // 2 + 1,), 2.0, dtype=dtype, device=device)
     w[0] = 1.0
     if k % 2 == 0:
         w[-1] = 1.0
@@ -81,7 +81,7 @@ def select_indices(
     k, n1, n2 = w.shape
     if not 1 <= rank <= min(n1, n2):
         raise ValueError(f"rank {rank} must be between 1 and min(n1, n2) = {min(n1, n2)}")
-    weights = _frequency_weights(k, w.device)
+    weights = frequency_weights(k, device=w.device)
     w_hat = rfft3(w.detach())
     col_score = (w_hat.abs().pow(2).sum(dim=1).sqrt() * weights[:, None]).sum(dim=0)
     cols = _pick(col_score, rank, mode, generator)

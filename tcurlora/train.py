@@ -1,54 +1,77 @@
-"""Fine-tuning: cases -> adapter file, with events, checkpoints, resume and a training curve."""
+"""Fine-tuning: cases -> adapter file, with events, periodic crash-safe checkpoints, resume and a training curve.
+
+:func:`finetune` reads in order: settings, output folder (writable?), label table, every case, the checkpoint
+to resume from (is it this run's?); only then does it adapt the network and train. Any problem before the
+first step is one :class:`TCURLoRAError` line; nothing is written.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from . import __version__, distributed
-from .adapter import (adapter_state_dict, get_adapter, inject_adapter, load_adapter_state_dict, merge_adapter,
+from . import __version__, distributed, protocol
+from .adapter import (adapter_state_dict, describe_adapter, inject_adapter, load_adapter_state_dict, merge_adapter,
                       trainable_parameter_count, unmerge_adapter)
-from .adapter_file import save_adapter
-from .io import atomic_write
+from .adapter_file import base_fingerprint, save_adapter
+from .atomic import atomic_write, check_writable
 from .config import TCURLoRAConfig
 from .errors import InputError, TCURLoRAError
 from .events import Events, StopRequested
 from .models import BaseModel
+from .protocol import DEFAULT_LR, FINETUNE_OPTION_KEYS
+from .runtime import StopWatch, pick_device, sliding_window_probabilities, with_oom_fallback
 
-DEFAULT_LR = {"tcurlora": 1e-2, "lora": 1e-3, "decoder": 1e-3, "full": 1e-4}
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
 class FinetuneOptions:
-    """Training settings; every field has a default that is sane for a handful of cases on a CPU."""
+    """Training settings; defaults, ranges and messages come from :mod:`tcurlora.protocol` (the same the
+    CLI flags and job files use). Invalid values raise :class:`tcurlora.protocol.SettingError`."""
 
-    method: str = "tcurlora"
-    rank: int = 8
-    preset: str = "auto"
-    steps: int = 100
-    lr: Optional[float] = None
-    weight_decay: float = 2e-5
-    batch_size: int = 2
-    patch_size: Optional[Tuple[int, int, int]] = None
-    val_every: int = 25
-    patience: int = 4
-    seed: int = 0
-    device: str = "auto"
-    bf16: bool = True
-    checkpointing: bool = False
-    grad_accum: int = 1
-    train_modules: List[str] = field(default_factory=list)
+    method: str = protocol.default("method")
+    rank: int = protocol.default("rank")
+    preset: str = protocol.default("preset")
+    steps: int = protocol.default("steps")
+    lr: Optional[float] = protocol.default("lr")
+    weight_decay: float = protocol.default("weight_decay")
+    batch_size: int = protocol.default("batch_size")
+    patch_size: Optional[Tuple[int, int, int]] = protocol.default("patch_size")
+    val_every: int = protocol.default("val_every")
+    patience: int = protocol.default("patience")
+    seed: int = protocol.default("seed")
+    device: str = protocol.default("device")
+    bf16: bool = protocol.default("bf16")
+    checkpointing: bool = protocol.default("checkpointing")
+    grad_accum: int = protocol.default("grad_accum")
+    train_modules: List[str] = field(default_factory=lambda: protocol.default("train_modules"))
+    checkpoint_every: Optional[int] = protocol.default("checkpoint_every")
+
+    def __post_init__(self) -> None:
+        checked = protocol.validate_settings(dataclasses.asdict(self), FINETUNE_OPTION_KEYS)
+        if checked["patch_size"] is not None:
+            checked["patch_size"] = tuple(checked["patch_size"])
+        for key, value in checked.items():
+            setattr(self, key, value)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_job(cls, job: dict) -> "FinetuneOptions":
+        """The options of a validated job dictionary (see :func:`tcurlora.protocol.validate_job`)."""
+        return cls(**{k: job[k] for k in FINETUNE_OPTION_KEYS if job.get(k) is not None})
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
 
 
 @dataclass
@@ -58,22 +81,84 @@ class Case:
     image: torch.Tensor  # [1, D, H, W] model space
     label: torch.Tensor
 
+    def digest(self) -> str:
+        """sha256 of what training sees (the prepared image and label), independent of file names."""
+        h = hashlib.sha256()
+        for t in (self.image, self.label):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TCURLoRAError("--device cuda: no CUDA GPU is available to this torch build")
-    if name not in ("cpu", "cuda"):
-        raise TCURLoRAError(f"unknown device {name!r} (use auto, cpu or cuda)")
-    return torch.device(name)
+
+@dataclass
+class RunFiles:
+    """The files of one training run, all named from the adapter's full file name."""
+
+    adapter: Path
+    checkpoint: Path
+    curve: Path
+
+    @classmethod
+    def for_adapter(cls, out) -> "RunFiles":
+        out = Path(out)
+        if not out.name.endswith(protocol.ADAPTER_SUFFIX) or out.name == protocol.ADAPTER_SUFFIX:
+            raise TCURLoRAError(f"{out.name}: the adapter file must end in {protocol.ADAPTER_SUFFIX}")
+        stem = out.name[: -len(protocol.ADAPTER_SUFFIX)]  # site.v2.safetensors -> site.v2 (not site)
+        return cls(out, out.with_name(stem + ".checkpoint.pt"), out.with_name(stem + ".curve.png"))
+
+
+def checkpoint_path(out) -> Path:
+    return RunFiles.for_adapter(out).checkpoint
+
+
+def curve_path(out) -> Path:
+    return RunFiles.for_adapter(out).curve
+
+
+@dataclass
+class TrainingMetrics:
+    steps: int
+    total_steps: int
+    seconds: float
+    trainable_values: int
+    final_loss: Optional[float]
+    best_validation_dice: Optional[float]
+    best_step: Optional[int]
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["validation_dice"] = self.best_validation_dice  # the Dice of the saved adapter (what Slicer shows)
+        return out
+
+
+@dataclass
+class FinetuneResult:
+    files: RunFiles
+    metrics: TrainingMetrics
+    cancelled: bool
+
+    @property
+    def outputs(self) -> Dict[str, Path]:
+        """What the run wrote: the checkpoint always; adapter and curve when it finished."""
+        out = {"checkpoint": self.files.checkpoint}
+        if not self.cancelled:
+            out.update(adapter=self.files.adapter, curve=self.files.curve)
+        return out
+
+    def metrics_dict(self) -> dict:
+        return self.metrics.to_dict()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# before training: labels, cases, adapter configuration
 
 
 def resolve_labels(base: BaseModel, labels: Optional[Sequence[dict]], first_label: Optional[str]) -> List[dict]:
     """The adapter's label table: given, or from the first Slicer segmentation ("from-segmentation"), or the base's."""
     from .io import label_table_from_segmentation, validate_label_table
 
-    if labels == "from-segmentation":
+    if labels == protocol.LABELS_FROM_SEGMENTATION:
         if not first_label or not str(first_label).endswith(".seg.nrrd"):
             raise TCURLoRAError("labels 'from-segmentation' needs .seg.nrrd label files")
         return label_table_from_segmentation(first_label)
@@ -111,6 +196,15 @@ def _encode_labels(y: torch.Tensor, labels: List[dict]) -> torch.Tensor:
     return out
 
 
+def _warn_absent_labels(cases: Sequence[Case], table: List[dict], events: Events) -> None:
+    seen = set()
+    for c in cases:
+        seen |= set(int(v) for v in torch.unique(c.label).tolist())
+    absent = [entry["name"] for i, entry in enumerate(table, start=1) if i not in seen]
+    if absent:
+        events.warning(f"label(s) {', '.join(absent)} occur in no training case: the adapter cannot learn them")
+
+
 def build_adapter_config(base: BaseModel, options: FinetuneOptions, labels: List[dict]) -> TCURLoRAConfig:
     train_modules = list(options.train_modules)
     if options.method == "decoder" and not train_modules:
@@ -126,6 +220,15 @@ def build_adapter_config(base: BaseModel, options: FinetuneOptions, labels: List
                           train_modules=train_modules if options.method != "full" else [], new_head=new_head)
 
 
+def training_preprocessing(base: BaseModel, options: FinetuneOptions):
+    """The base's preprocessing with the run's patch size (checked against what the base can take)."""
+    prep = dataclasses.replace(base.preprocessing)
+    if options.patch_size:
+        patch = protocol.check_patch_size(options.patch_size, int(prep.divisible_by))
+        prep = type(prep).from_dict({**prep.to_dict(), "patch_size": list(patch)})
+    return prep
+
+
 def _seed_everything(seed: int) -> None:
     import random
 
@@ -134,66 +237,105 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class _StopWatch:
-    """Polls a stop file and catches SIGINT/SIGTERM; restores the old handlers afterwards."""
+# ----------------------------------------------------------------------------------------------------------
+# the run record a checkpoint is bound to
 
-    def __init__(self, stop_file: Optional[str]) -> None:
-        self.stop_file = stop_file
-        self.signalled = False
-        self._old = {}
-
-    def __enter__(self):
-        def handler(signum, frame):
-            self.signalled = True
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread (e.g. called from a GUI thread): stop file only
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def requested(self) -> bool:
-        return self.signalled or bool(self.stop_file and os.path.exists(self.stop_file))
+#: Options that may change between a stopped run and its resumption (they do not change the result).
+RESUMABLE_CHANGES = ("device", "checkpoint_every")
 
 
-class InferenceStopped(Exception):
-    """A stop was requested between two sliding windows."""
+def run_record(files: RunFiles, train_cases: Sequence[Case], val_cases: Sequence[Case], options: FinetuneOptions,
+               config: TCURLoRAConfig, table: List[dict], base_id: str) -> dict:
+    """What makes a run this run: its adapter path, its data (content hashes), settings, labels and base."""
+    def cases(cs):
+        return [{"image": Path(c.image_path).name, "label": Path(c.label_path).name, "sha256": c.digest()} for c in cs]
+
+    settings = {k: v for k, v in options.to_dict().items() if k not in RESUMABLE_CHANGES}
+    return {"adapter": str(files.adapter.resolve()), "cases": cases(train_cases), "validation": cases(val_cases),
+            "settings": _plain(settings), "config": _plain(config.to_dict()), "labels": _plain(table),
+            "base": base_id}
 
 
-def sliding_window_probabilities(network, image: torch.Tensor, roi, device, amp: bool, sw_batch_size: int = 1,
-                                 overlap: float = 0.25, tta: bool = False,
-                                 stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
-    """Softmax probabilities [C, D, H, W] of a model-space image (MONAI sliding window, optional flip TTA).
+def _plain(value):
+    """JSON-like plain values (tuples -> lists), as a checkpoint stores and loads them."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
-    ``stop`` is asked before every window batch; when it returns True, :class:`InferenceStopped` is raised
-    (a large volume with a small window can take minutes, and a cancel should not wait for all of it).
-    """
-    from monai.inferers import sliding_window_inference
 
-    predictor = network
-    if stop is not None:
-        def predictor(window):
-            if stop():
-                raise InferenceStopped()
-            return network(window)
+def run_differences(saved: dict, current: dict) -> List[str]:
+    """Human-readable differences between two run records (empty: the same run)."""
+    diffs = []
+    if saved.get("adapter") != current["adapter"]:
+        diffs.append(f"it was written for {saved.get('adapter')}")
+    for key, what in (("cases", "training cases"), ("validation", "validation cases")):
+        old, new = saved.get(key) or [], current[key]
+        if [c["sha256"] for c in old] != [c["sha256"] for c in new]:
+            diffs.append(f"its {what} differ ({', '.join(c['image'] for c in old) or 'none'} then, "
+                         f"{', '.join(c['image'] for c in new) or 'none'} now)")
+    old_settings, new_settings = saved.get("settings") or {}, current["settings"]
+    changed = [f"{k} {old_settings.get(k)!r} -> {new_settings.get(k)!r}"
+               for k in sorted(set(old_settings) | set(new_settings)) if old_settings.get(k) != new_settings.get(k)]
+    if changed:
+        diffs.append("settings differ: " + ", ".join(changed))
+    if saved.get("config") != current["config"] and not changed:
+        diffs.append("the adapter configuration differs")
+    if saved.get("labels") != current["labels"]:
+        diffs.append("the label table differs")
+    if saved.get("base") != current["base"]:
+        diffs.append("the base model differs")
+    return diffs
 
-    x = image[None].to(device)
-    roi = [min(int(r), int(s)) if int(s) >= int(r) else int(r) for r, s in zip(roi, x.shape[2:])]
-    flips = [()] + ([(2,), (3,), (4,)] if tta else [])
-    total = None
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        for dims in flips:
-            xi = torch.flip(x, dims) if dims else x
-            logits = sliding_window_inference(xi, roi, sw_batch_size, predictor, overlap=overlap, mode="gaussian")
-            p = torch.softmax(logits.float(), 1)
-            p = torch.flip(p, dims) if dims else p
-            total = p if total is None else total + p
-    return (total / len(flips))[0].cpu()
+
+def load_checkpoint(path: Path, record: dict) -> dict:
+    """The checkpoint at ``path`` if it belongs to the run ``record`` describes; one clear line otherwise."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses anything but tensors and plain containers
+        raise TCURLoRAError(f"{path.name}: cannot read this checkpoint ({type(exc).__name__}); train without "
+                            "--resume") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "run" not in state:
+        raise TCURLoRAError(f"{path.name}: not a checkpoint of this tcurlora version; train without --resume")
+    diffs = run_differences(state["run"], record)
+    if diffs:
+        raise TCURLoRAError(f"{path.name}: belongs to another run, not resumed: {'; '.join(diffs)}. Resume with the "
+                            "same files and settings, or train without --resume")
+    return state
+
+
+def _checkpoint_bytes(network: torch.nn.Module) -> int:
+    """An upper estimate of the run's outputs on disk: checkpoint (state, two AdamW moments, best copy),
+    adapter file and curve."""
+    trained = sum(p.numel() * p.element_size() for p in network.parameters() if p.requires_grad)
+    return 6 * trained + 4 * 2 ** 20
+
+
+class _CheckpointSchedule:
+    """Every ``every`` steps, or (None) whenever ``interval_s`` seconds have passed since the last save."""
+
+    def __init__(self, every: Optional[int], interval_s: Optional[float] = None) -> None:
+        self.every = every
+        self.interval_s = protocol.CHECKPOINT_INTERVAL_S if interval_s is None else interval_s
+        self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if self.every:
+            return step % self.every == 0
+        return time.monotonic() - self.last >= self.interval_s
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training
+
+
+def _core_parameters(network: torch.nn.Module) -> List[torch.nn.Parameter]:
+    """The tCURLoRA cores Δ𝒰 (they learn at the method's rate; fully trained weights at the decoder rate)."""
+    return [p for name, p in network.named_parameters() if p.requires_grad and name.rsplit(".", 1)[-1] == "delta_u"]
 
 
 def _dice_per_label(pred: torch.Tensor, ref: torch.Tensor, n: int) -> float:
@@ -203,6 +345,266 @@ def _dice_per_label(pred: torch.Tensor, ref: torch.Tensor, n: int) -> float:
         denom = int(a.sum()) + int(b.sum())
         scores.append(1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom)
     return float(np.mean(scores))
+
+
+class Training:
+    """The optimisation state of one run (what a checkpoint holds) and one training step at a time.
+
+    Every step's randomness depends only on (seed, step), so a run stopped and resumed from a checkpoint
+    ends where an uninterrupted one does.
+    """
+
+    def __init__(self, base: BaseModel, network: torch.nn.Module, config: TCURLoRAConfig, options: FinetuneOptions,
+                 prep, table: List[dict], train_cases: List[Case], val_cases: List[Case], device: torch.device,
+                 events: Events, ctx: Optional[distributed.Context] = None) -> None:
+        from monai.losses import DeepSupervisionLoss, DiceCELoss
+
+        from .preprocess import train_transforms
+
+        self.base, self.network, self.config, self.options = base, network, config, options
+        self.table, self.train_cases, self.val_cases, self.events = table, train_cases, val_cases, events
+        self.device, self.amp = device, device.type == "cuda" and options.bf16
+        self.ctx = ctx or distributed.Context(device=device)
+        self.model = self.ctx.wrap(network)  # what training forwards run through (DistributedDataParallel across ranks)
+        self.prep = prep
+        self.lr = options.learning_rate()
+        cores = _core_parameters(network)
+        core_ids = {id(p) for p in cores}
+        others = [p for p in network.parameters() if p.requires_grad and id(p) not in core_ids]
+        groups = [g for g in ({"params": cores, "lr": self.lr},
+                              {"params": others, "lr": self.lr if not cores else min(self.lr, DEFAULT_LR["decoder"])})
+                  if g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=options.weight_decay)
+        steps = options.steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda s: (1 - min(s, steps) / (steps + 1)) ** 0.9)
+        # deep-supervision nets (SegResNetDS) return one output per level in train mode: weighted sum over the
+        # levels, the target resized to each (what Auto3DSeg's own trainer does); a single output passes through
+        self.loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))
+        self._make_transforms = lambda prep: train_transforms(prep, num_samples=options.batch_size, label_table=table)
+        self.transforms = self._make_transforms(prep)
+        self.history = {"loss": [], "val_dice": []}
+        self.best_dice, self.best_step, self.best_state = -1.0, 0, None
+        self.since_best = 0  # validations without a new best (early stopping)
+        self.step = 0
+
+    # -- checkpoint state
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "adapter": {k: v.cpu() for k, v in adapter_state_dict(self.network).items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "history": {k: [list(x) for x in v] for k, v in self.history.items()},
+                "best_dice": self.best_dice, "best_step": self.best_step, "best_adapter": self.best_state,
+                "since_best": self.since_best}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_adapter_state_dict(self.network, state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history = {k: [tuple(x) for x in state["history"][k]] for k in ("loss", "val_dice")}
+        self.best_dice, self.best_step = state["best_dice"], state["best_step"]
+        self.best_state = state.get("best_adapter")
+        self.since_best = int(state.get("since_best", 0))
+        self.step = int(state["step"])
+
+    # -- one step
+
+    def train_step(self, step: int) -> float:
+        """Forward/backward/update of step ``step``; on CUDA out-of-memory retried with a smaller patch, then
+        on the CPU. Returns the loss."""
+        def attempt() -> float:
+            step_seed = self.options.seed * 1_000_003 + step  # randomness depends only on (seed, step)
+            _seed_everything(step_seed)
+            self.transforms.set_random_state(seed=step_seed % (2 ** 32))
+            rng = np.random.RandomState(step_seed % (2 ** 32))
+            self.optimizer.zero_grad(set_to_none=True)
+            return _accumulate(self.model, self.transforms, self.train_cases, rng, self.loss_fn, self.device,
+                               self.amp, self.options, self.ctx)
+
+        def shrink() -> Optional[str]:
+            if self.ctx.distributed:  # every rank would have to shrink alike: stop with the error
+                raise TCURLoRAError(f"rank {self.ctx.rank}: out of GPU memory; lower --batch-size or --patch-size")
+            self.optimizer.zero_grad(set_to_none=True)
+            smaller = _smaller_patch(self.prep)
+            if smaller is None:
+                return None
+            self.prep = type(self.prep).from_dict({**self.prep.to_dict(), "patch_size": list(smaller)})
+            self.transforms = self._make_transforms(self.prep)
+            return f"out of GPU memory: retrying step {step} with patch {'x'.join(map(str, smaller))}"
+
+        def to_cpu() -> None:
+            self.device, self.amp = torch.device("cpu"), False
+            self.network.to(self.device)
+            _optimizer_to(self.optimizer, self.device)
+
+        loss = with_oom_fallback(attempt, shrink, to_cpu, self.events, "the smallest patch")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step = step
+        self.history["loss"].append((step, loss))
+        return loss
+
+    def validation_due(self, step: int) -> bool:
+        return bool(self.val_cases) and (step % self.options.val_every == 0 or step == self.options.steps)
+
+    def validate(self, step: int) -> float:
+        """Mean Dice over the validation cases; keeps the best adapter state."""
+        self.network.eval()
+        # Merge Δ𝒲 into the weights for the sliding window (else every window rebuilds it); the exact base
+        # weights are restored afterwards.  PEFT LoRA unmerges by subtraction (not exact): left unmerged.
+        merge = self.config.method != "lora"
+        if merge:
+            merge_adapter(self.network)
+        try:
+            scores = []
+            for case in self.val_cases[self.ctx.rank::self.ctx.world_size]:  # each rank scores its share
+                probs = sliding_window_probabilities(self.network, case.image, self.base.inference_roi, self.device,
+                                                     self.amp, overlap=self.base.inference_overlap)
+                scores.append(_dice_per_label(probs.argmax(0), case.label[0], len(self.table)))
+        finally:
+            if merge:
+                unmerge_adapter(self.network)
+            self.network.train()
+        dice = float(np.mean(self.ctx.gather(scores)))
+        self.history["val_dice"].append((step, dice))
+        if dice > self.best_dice:
+            self.best_dice, self.best_step = dice, step
+            self.best_state = {k: v.detach().cpu().clone() for k, v in adapter_state_dict(self.network).items()}
+            self.since_best = 0
+        else:
+            self.since_best += 1
+        return dice
+
+    def should_stop_early(self) -> bool:
+        return bool(self.val_cases and self.options.patience and self.since_best >= self.options.patience)
+
+    def metrics(self, seconds: float, trainable: int) -> TrainingMetrics:
+        kept = self.best_state is not None
+        return TrainingMetrics(steps=self.step, total_steps=self.options.steps, seconds=round(seconds, 1),
+                               trainable_values=trainable,
+                               final_loss=self.history["loss"][-1][1] if self.history["loss"] else None,
+                               best_validation_dice=self.best_dice if kept else None,
+                               best_step=self.best_step if kept else None)
+
+
+def save_checkpoint(path: Path, training: Training, record: dict) -> None:
+    """Write the resumable state atomically (a kill during the write leaves the previous checkpoint)."""
+    payload = {"format": CHECKPOINT_FORMAT, "run": record, **training.state_dict()}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _train_loop(training: Training, files: RunFiles, record: dict, stop_file: Optional[str], events: Events) -> bool:
+    """Steps from ``training.step + 1`` to the end (or an early stop); True when a stop was requested."""
+    options = training.options
+    schedule = _CheckpointSchedule(options.checkpoint_every)
+    start, t0 = training.step, time.time()
+    training.network.train()
+    with StopWatch(stop_file) as stop:
+        try:
+            for step in range(start + 1, options.steps + 1):
+                loss = training.train_step(step)
+                dice = training.validate(step) if training.validation_due(step) else None
+                eta = (time.time() - t0) / (step - start) * (options.steps - step)
+                events.progress("train", step, options.steps, loss=loss, dice=dice, eta_s=eta)
+                if training.should_stop_early():
+                    events.log(f"early stop at step {step}: validation Dice has not improved for {options.patience} "
+                               f"validations (best {training.best_dice:.3f} at step {training.best_step})")
+                    break
+                if training.ctx.any(stop.requested()):
+                    raise StopRequested()
+                if step < options.steps and schedule.due(step) and training.ctx.is_main:
+                    save_checkpoint(files.checkpoint, training, record)
+                    schedule.saved()
+                    events.log(f"checkpoint at step {step}: {files.checkpoint.name}")
+        except StopRequested:
+            return True
+    return False
+
+
+def _provenance(training: Training, metrics: TrainingMetrics) -> dict:
+    device = training.device
+    return {"cases": len(training.train_cases), "validation_cases": len(training.val_cases), "steps": training.step,
+            "validation_dice": metrics.best_validation_dice, "seed": training.options.seed,
+            "learning_rate": training.lr, "patch_size": list(training.prep.patch_size),
+            "software": f"tcurlora {__version__}",
+            # a CPU run is bit-reproducible for the same seed AND thread count (reduction order)
+            "device": device.type, "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None}
+
+
+def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
+             val_pairs: Sequence[Tuple[str, str]] = (), labels=None, options: Optional[FinetuneOptions] = None,
+             events: Optional[Events] = None, stop_file: Optional[str] = None, resume: bool = False,
+             initial_state: Optional[dict] = None) -> FinetuneResult:
+    """Train an adapter on ``base`` and write it to ``out`` (plus curve PNG and checkpoint beside it).
+
+    ``initial_state`` (an adapter state, e.g. a federated round's global cores) replaces the fresh adapter's.
+    Under ``torchrun`` every rank trains its share of each step and rank 0 writes (:mod:`tcurlora.distributed`).
+
+    Raises :class:`TCURLoRAError` on bad input, always before the first training step.
+    """
+    options = options or FinetuneOptions()
+    events = events or Events()
+    files = RunFiles.for_adapter(out)
+    if resume and not files.checkpoint.is_file():  # before reading any case: fail fast, with one line
+        raise TCURLoRAError(f"{files.checkpoint.name}: no checkpoint to resume from")
+    check_writable(files.adapter, what="adapter")
+    ctx = distributed.context(options.device)  # one process, or this rank of a torchrun launch
+    device = ctx.device
+    if not ctx.is_main:
+        events = Events()  # rank 0 alone reports
+    table = resolve_labels(base, labels, train_pairs[0][1] if train_pairs else None)
+    config = build_adapter_config(base, options, table)
+    prep = training_preprocessing(base, options)
+
+    train_cases = load_cases(base, train_pairs, table)
+    val_cases = load_cases(base, val_pairs, table, "validation") if val_pairs else []
+    for c in train_cases + val_cases:
+        c.label = _encode_labels(c.label, table)
+    record = run_record(files, train_cases, val_cases, options, config, table, base_fingerprint(base.network))
+    state = load_checkpoint(files.checkpoint, record) if resume else None
+
+    network = base.network
+    _seed_everything(options.seed)  # new heads and LoRA factors are initialised from the seed
+    inject_adapter(network, config, "finetune")
+    if initial_state is not None:
+        load_adapter_state_dict(network, initial_state)
+    network.to(device)
+    check_writable(files.checkpoint, need_bytes=_checkpoint_bytes(network), what="checkpoint")
+    # logged after the checks, so that a bad file or setting leaves exactly one line (the error) on the console
+    events.log(f"read {len(train_cases)} training and {len(val_cases)} validation case(s)")
+    _warn_absent_labels(train_cases, table, events)
+    n_trainable = trainable_parameter_count(network)
+    info = describe_adapter(network)
+    where = f"{len(info['lora_targets'])} LoRA layers" if "lora_targets" in info else f"{len(info['stacks'])} stacks"
+    events.log(f"{config.method}: {n_trainable:,} trainable values ({where}, rank {config.rank}) on {device.type}")
+
+    training = Training(base, network, config, options, prep, table, train_cases, val_cases, device, events, ctx)
+    if state is not None:
+        training.load_state_dict(state)
+        events.log(f"resuming at step {training.step} of {options.steps}")
+    t0 = time.time()
+    cancelled = _train_loop(training, files, record, stop_file, events)
+    if ctx.is_main:
+        save_checkpoint(files.checkpoint, training, record)
+    metrics = training.metrics(time.time() - t0, n_trainable)
+    network.eval()
+    if cancelled or not ctx.is_main:
+        distributed.finish(ctx)
+    if cancelled:
+        events.log(f"stopped at step {training.step} of {options.steps}; a checkpoint to resume from is in "
+                   f"{files.checkpoint.name}")
+        return FinetuneResult(files, metrics, cancelled=True)
+
+    if not ctx.is_main:
+        return FinetuneResult(files, metrics, cancelled=False)
+    if training.best_state is not None:
+        load_adapter_state_dict(network, training.best_state)
+    save_adapter(network, files.adapter, labels=table, preprocessing=base.preprocessing.to_dict(),
+                 provenance=_provenance(training, metrics), base_name=base.name)
+    write_curve(files.curve, training.history,
+                f"{config.method} r={config.rank} on {base.name}: {len(train_cases)} case(s)")
+    distributed.finish(ctx)
+    return FinetuneResult(files, metrics, cancelled=False)
 
 
 def write_curve(path: Path, history: dict, title: str) -> None:
@@ -228,220 +630,6 @@ def write_curve(path: Path, history: dict, title: str) -> None:
     plt.close(fig)
 
 
-def checkpoint_path(out: Path) -> Path:
-    return out.with_name(out.name.split(".")[0] + ".checkpoint.pt")
-
-
-def curve_path(out: Path) -> Path:
-    return out.with_name(out.name.split(".")[0] + ".curve.png")
-
-
-def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
-             val_pairs: Sequence[Tuple[str, str]] = (), labels=None, options: Optional[FinetuneOptions] = None,
-             events: Optional[Events] = None, stop_file: Optional[str] = None, resume: bool = False,
-             initial_state: Optional[dict] = None) -> dict:
-    """Train an adapter on ``base`` and write it to ``out`` (plus curve PNG and checkpoint beside it).
-
-    ``initial_state`` (an adapter state, e.g. a federated round's global cores) replaces the fresh adapter's.
-
-    Returns the result dict (outputs, metrics, cancelled).  Raises :class:`TCURLoRAError` on bad input.
-    """
-    from monai.losses import DiceCELoss
-
-    from .preprocess import train_transforms
-
-    options = options or FinetuneOptions()
-    events = events or Events()
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise TCURLoRAError(f"{out.name}: the adapter file must end in .safetensors")
-    ckpt = checkpoint_path(out)
-    if resume and not ckpt.is_file():  # before reading any case: fail fast, with one line
-        raise TCURLoRAError(f"{ckpt.name}: no checkpoint to resume from")
-    ctx = distributed.context(options.device)  # one process, or this rank of a torchrun launch
-    device = ctx.device
-    if not ctx.is_main:
-        events = Events()  # rank 0 alone reports
-    amp = device.type == "cuda" and options.bf16
-    table = resolve_labels(base, labels, train_pairs[0][1] if train_pairs else None)
-    config = build_adapter_config(base, options, table)
-
-    train_cases = load_cases(base, train_pairs, table)
-    val_cases = load_cases(base, val_pairs, table, "validation") if val_pairs else []
-    # logged after the checks, so that a bad file leaves exactly one line (the error) on the console
-    events.log(f"read {len(train_cases)} training and {len(val_cases)} validation case(s)")
-    for c in train_cases + val_cases:
-        c.label = _encode_labels(c.label, table)
-    seen = set()
-    for c in train_cases:
-        seen |= set(int(v) for v in torch.unique(c.label).tolist())
-    absent = [entry["name"] for i, entry in enumerate(table, start=1) if i not in seen]
-    if absent:
-        events.warning(f"label(s) {', '.join(absent)} occur in no training case: the adapter cannot learn them")
-
-    network = base.network
-    _seed_everything(options.seed)  # new heads and LoRA factors are initialised from the seed
-    inject_adapter(network, config, "finetune")
-    if initial_state is not None:
-        load_adapter_state_dict(network, initial_state)
-    network.to(device)
-    n_trainable = trainable_parameter_count(network)
-    if config.method == "lora":  # PEFT layers, not a tcurlora adapter module
-        where = f"{len(network._tcurlora_lora['targets'])} LoRA layers"
-    else:
-        where = f"{len(get_adapter(network).stacks)} stacks"
-    events.log(f"{config.method}: {n_trainable:,} trainable values ({where}, rank {config.rank}) on {device.type}")
-    lr = options.lr if options.lr is not None else DEFAULT_LR[config.method]
-    # cores learn at the method's rate; modules trained fully (decoder, new head) at the decoder rate
-    cores = [s.delta_u for s in get_adapter(network).stacks.values()] if config.method in ("tcurlora", "decoder") else []
-    core_ids = {id(p) for p in cores}
-    others = [p for p in network.parameters() if p.requires_grad and id(p) not in core_ids]
-    groups = [g for g in ({"params": cores, "lr": lr},
-                          {"params": others, "lr": lr if not cores else min(lr, DEFAULT_LR["decoder"])}) if g["params"]]
-    optimizer = torch.optim.AdamW(groups, weight_decay=options.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, options.steps) / (options.steps + 1)) ** 0.9)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    prep = dataclasses.replace(base.preprocessing)
-    if options.patch_size:
-        prep = type(prep).from_dict({**prep.to_dict(), "patch_size": list(options.patch_size)})
-
-    history = {"loss": [], "val_dice": []}
-    best = {"dice": -1.0, "step": 0, "state": None}
-    start = 0
-    since_best = 0  # validations without a new best (early stopping); kept in the checkpoint
-    if resume:
-        state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
-        if state["options"]["steps"] != options.steps or state["config"] != config.to_dict():
-            raise TCURLoRAError(f"{ckpt.name}: was written by a run with other settings; resume with the same ones")
-        load_adapter_state_dict(network, state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history = {"loss": [tuple(x) for x in state["history"]["loss"]],
-                   "val_dice": [tuple(x) for x in state["history"]["val_dice"]]}
-        best = {"dice": state["best_dice"], "step": state["best_step"], "state": state.get("best_adapter")}
-        since_best = int(state.get("since_best", 0))
-        start = int(state["step"])
-        events.log(f"resuming at step {start} of {options.steps}")
-
-    def save_checkpoint(step: int) -> None:
-        payload = {"step": step, "adapter": {k: v.cpu() for k, v in adapter_state_dict(network).items()},
-                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "history": {k: [list(x) for x in v] for k, v in history.items()},
-                   "best_dice": best["dice"], "best_step": best["step"], "best_adapter": best["state"],
-                   "since_best": since_best, "options": options.to_dict(), "config": config.to_dict()}
-        atomic_write(ckpt, lambda tmp: torch.save(payload, tmp))
-
-    def validate() -> Optional[float]:
-        if not val_cases:
-            return None
-        network.eval()
-        # Merge Δ𝒲 into the weights for the sliding window (else every window rebuilds it); the exact base
-        # weights are restored afterwards.  PEFT LoRA unmerges by subtraction (not exact): left unmerged.
-        merge = config.method != "lora"
-        if merge:
-            merge_adapter(network)
-        try:
-            scores = []
-            for case in val_cases[ctx.rank::ctx.world_size]:  # each rank scores its share
-                probs = sliding_window_probabilities(network, case.image, base.inference_roi, device, amp)
-                scores.append(_dice_per_label(probs.argmax(0), case.label[0], len(table)))
-        finally:
-            if merge:
-                unmerge_adapter(network)
-            network.train()
-        return float(np.mean(ctx.gather(scores)))
-
-    transforms = train_transforms(prep, num_samples=options.batch_size, label_table=table)
-    model = ctx.wrap(network)  # what training forwards run through (DistributedDataParallel across ranks)
-    network.train()
-    t0 = time.time()
-    cancelled = False
-    step = start
-    with _StopWatch(stop_file) as stop:
-        try:
-            for step in range(start + 1, options.steps + 1):
-                while True:  # one step; on CUDA out-of-memory retried smaller, then on the CPU
-                    step_seed = options.seed * 1_000_003 + step  # randomness depends only on (seed, step)
-                    _seed_everything(step_seed)
-                    transforms.set_random_state(seed=step_seed % (2 ** 32))
-                    rng = np.random.RandomState(step_seed % (2 ** 32))
-                    optimizer.zero_grad(set_to_none=True)
-                    try:
-                        total = _accumulate(model, transforms, train_cases, rng, loss_fn, device, amp, options, ctx)
-                        break
-                    except torch.cuda.OutOfMemoryError:
-                        if ctx.distributed:  # every rank would have to shrink alike: stop with the error
-                            raise
-                        optimizer.zero_grad(set_to_none=True)
-                        torch.cuda.empty_cache()
-                        smaller = _smaller_patch(prep)
-                        if smaller is not None:
-                            prep = type(prep).from_dict({**prep.to_dict(), "patch_size": list(smaller)})
-                            transforms = train_transforms(prep, num_samples=options.batch_size, label_table=table)
-                            events.warning(f"out of GPU memory: retrying step {step} with patch {'x'.join(map(str, smaller))}")
-                        else:
-                            device, amp = torch.device("cpu"), False
-                            network.to(device)
-                            _optimizer_to(optimizer, device)
-                            events.warning("out of GPU memory at the smallest patch: continuing on the CPU (slower)")
-                optimizer.step()
-                scheduler.step()
-                history["loss"].append((step, total))
-                dice = None
-                if val_cases and (step % options.val_every == 0 or step == options.steps):
-                    dice = validate()
-                    history["val_dice"].append((step, dice))
-                    if dice > best["dice"]:
-                        best = {"dice": dice, "step": step,
-                                "state": {k: v.detach().cpu().clone() for k, v in adapter_state_dict(network).items()}}
-                        since_best = 0
-                    else:
-                        since_best += 1
-                done = step - start
-                eta = (time.time() - t0) / done * (options.steps - step)
-                events.progress("train", step, options.steps, loss=total, dice=dice, eta_s=eta)
-                if val_cases and options.patience and since_best >= options.patience:
-                    events.log(f"early stop at step {step}: validation Dice has not improved for "
-                               f"{options.patience} validations (best {best['dice']:.3f} at step {best['step']})")
-                    break
-                if ctx.any(stop.requested()):
-                    raise StopRequested()
-        except StopRequested:
-            cancelled = True
-
-    if ctx.is_main:
-        save_checkpoint(step)
-    outputs = {"checkpoint": ckpt}
-    metrics = {"steps": step, "total_steps": options.steps, "seconds": round(time.time() - t0, 1),
-               "trainable_values": n_trainable, "final_loss": history["loss"][-1][1] if history["loss"] else None,
-               "best_validation_dice": best["dice"] if best["state"] is not None else None,
-               "best_step": best["step"] if best["state"] is not None else None}
-    if cancelled or not ctx.is_main:
-        distributed.finish(ctx)
-    if cancelled:
-        events.log(f"stopped at step {step} of {options.steps}; a checkpoint to resume from is in {ckpt.name}")
-        network.eval()
-        return {"outputs": outputs, "metrics": metrics, "cancelled": True}
-
-    if best["state"] is not None:
-        load_adapter_state_dict(network, best["state"])
-    network.eval()
-    if not ctx.is_main:
-        return {"outputs": {}, "metrics": metrics, "cancelled": False}
-    provenance = {"cases": len(train_cases), "validation_cases": len(val_cases), "steps": step,
-                  "validation_dice": metrics["best_validation_dice"], "seed": options.seed,
-                  "learning_rate": lr, "patch_size": list(prep.patch_size), "software": f"tcurlora {__version__}",
-                  # a CPU run is bit-reproducible for the same seed AND thread count (reduction order)
-                  "device": device.type, "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None}
-    save_adapter(network, out, labels=table, preprocessing=base.preprocessing.to_dict(), provenance=provenance)
-    outputs["adapter"] = out
-    curve = curve_path(out)
-    write_curve(curve, history, f"{config.method} r={config.rank} on {base.name}: {len(train_cases)} case(s)")
-    outputs["curve"] = curve
-    distributed.finish(ctx)
-    return {"outputs": outputs, "metrics": metrics, "cancelled": False}
-
-
 def _accumulate(network, transforms, cases, rng, loss_fn, device, amp, options, ctx=None) -> float:
     """Forward/backward of ``grad_accum`` batches of patches (per rank); returns the summed loss.
 
@@ -456,13 +644,20 @@ def _accumulate(network, transforms, cases, rng, loss_fn, device, amp, options, 
         case = cases[rng.randint(len(cases))]
         patches = transforms({"image": case.image, "label": case.label})
         if not ctx.mine(i):
-            continue
+            continue  # drawn all the same: every rank's random stream stays in step
         x = torch.stack([p["image"] for p in patches]).to(device)
         y = torch.stack([p["label"] for p in patches]).to(device)
-        with ctx.no_sync(network, i == last):
+        with ctx.no_sync(network, i == last):  # DDP exchanges gradients after a rank's last batch of the step
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = _forward(network, x, options.checkpointing)
-                loss = loss_fn(logits.float(), y) / options.grad_accum
+                if isinstance(logits, (list, tuple)):
+                    # a new head (new labels) replaces the full-resolution head only: the coarser deep-supervision
+                    # heads still predict the base's labels and are left out of the loss
+                    logits = [l.float() for l in logits if l.shape[1] == logits[0].shape[1]]
+                else:
+                    logits = logits.float()
+                # (float target: the loss resizes it to each level with nearest interpolation)
+                loss = loss_fn(logits, y.float()) / options.grad_accum
             loss.backward()
         total += float(loss.detach())
     return ctx.mean(total)

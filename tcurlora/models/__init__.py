@@ -6,6 +6,7 @@ Every base declares its label table and preprocessing, so adapters trained on it
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,15 +36,18 @@ class BaseModel:
     inference_roi: Optional[Tuple[int, int, int]] = None
     source: str = ""
     largest_component: bool = False  # the base's own post-processing keeps one component per label
+    inference_overlap: float = 0.25  # sliding-window overlap of the base's own inference
+    kind: str = "monai"  # what the base is (adapter manifests record it): monai, deepbet, auto3dseg, ...
 
     def __post_init__(self) -> None:
         self.network.eval()
         for p in self.network.parameters():
             p.requires_grad_(False)
         # adapter files record these
-        self.network.tcurlora_base_name = self.name
-        self.network.tcurlora_labels = self.labels
-        self.network.tcurlora_preprocessing = self.preprocessing.to_dict()
+        from ..tuners import get_tuner
+
+        get_tuner(self.network).base_info = {"name": self.name, "kind": self.kind, "labels": self.labels,
+                                             "preprocessing": self.preprocessing.to_dict()}
         if self.inference_roi is None:
             self.inference_roi = tuple(self.preprocessing.patch_size)
 
@@ -207,34 +211,35 @@ def _load_spec(spec_path: Path, weights: Optional[Path]) -> BaseModel:
         source=f"spec {spec_path.name} + weights {weights.name}")
 
 
+_BUNDLE_HINT = "; describe it in configs/tcurlora.json instead"
+
+
+def _plain(parser, value: Any, config_file: Path, what: str, depth: int = 0) -> Any:
+    """A bundle config value with its ``@`` references followed; ``$`` expressions and ``%`` macros refused
+    (MONAI would ``eval`` them: a downloaded bundle could run code just by being loaded)."""
+    if depth > 32:
+        raise InputError(config_file, f"{what} nests or refers too deeply")
+    if isinstance(value, str) and value.startswith("@"):
+        ref = parser.get(value[1:])
+        if ref is None:
+            raise InputError(config_file, f"{what} refers to {value!r}, which the config does not define")
+        return _plain(parser, ref, config_file, what, depth + 1)
+    if isinstance(value, str) and value[:1] in ("$", "%"):
+        raise InputError(config_file, f"{what} uses {value[:60]!r}: tcurlora does not evaluate bundle "
+                                      f"expressions{_BUNDLE_HINT}")
+    if isinstance(value, dict):
+        return {k: _plain(parser, v, config_file, what, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(parser, v, config_file, what, depth + 1) for v in value]
+    return value
+
+
 def _bundle_network(parser, config_file: Path) -> nn.Module:
-    """Build a bundle's ``network_def`` from plain values only.
-
-    MONAI itself would ``eval`` the config's ``$`` expressions and import any ``_target_``, so a downloaded
-    bundle could run code just by being loaded.  Here ``@`` references are followed, ``_target_`` must be
-    a ``monai.networks.nets`` network (as in a network spec), and expressions, macros and nested
-    components are refused.
-    """
+    """Build a bundle's ``network_def`` from plain values only: ``@`` references are followed, ``_target_``
+    must be a ``monai.networks.nets`` network (as in a network spec), and expressions, macros and nested
+    components are refused."""
     hint = "; describe the network with a network spec .json instead"
-
-    def plain(value: Any, depth: int = 0) -> Any:
-        if depth > 32:
-            raise InputError(config_file, "network_def nests or refers too deeply")
-        if isinstance(value, str) and value.startswith("@"):
-            ref = parser.get(value[1:])
-            if ref is None:
-                raise InputError(config_file, f"network_def refers to {value!r}, which the config does not define")
-            return plain(ref, depth + 1)
-        if isinstance(value, str) and value[:1] in ("$", "%"):
-            raise InputError(config_file, f"network_def uses {value[:60]!r}: tcurlora does not evaluate bundle "
-                                          f"expressions{hint}")
-        if isinstance(value, dict):
-            return {k: plain(v, depth + 1) for k, v in value.items()}
-        if isinstance(value, list):
-            return [plain(v, depth + 1) for v in value]
-        return value
-
-    raw = plain(parser.get("network_def"))
+    raw = _plain(parser, parser.get("network_def"), config_file, "network_def")
     if not isinstance(raw, dict) or not isinstance(raw.get("_target_"), str):
         raise InputError(config_file, f"network_def must be {{\"_target_\": \"<a monai.networks.nets network>\", ...}}{hint}")
     if any("_target_" in v for v in raw.values() if isinstance(v, dict)) or \
@@ -244,11 +249,83 @@ def _bundle_network(parser, config_file: Path) -> nn.Module:
     return _monai_network({"class": raw["_target_"], "args": args}, str(config_file))
 
 
+#: Bundle preprocessing transforms that do not change what the network sees once the image is loaded.
+_BUNDLE_NEUTRAL = {"LoadImage", "EnsureChannelFirst", "AddChannel", "EnsureType", "CastToType", "ToDevice",
+                   "ToTensor", "Identity", "CopyItems", "DeleteItems", "SelectItems", "ToMetaTensor", "FromMetaTensor"}
+
+
+def _transform_name(target: Any) -> str:
+    name = str(target).rsplit(".", 1)[-1]
+    return name[:-1] if name.endswith("d") and name not in ("Identity",) else name
+
+
+def _bundle_inference_settings(parser, config_file: Path) -> Dict[str, Any]:
+    """Preprocessing and sliding-window settings read from a bundle's ``preprocessing`` and ``inferer``
+    (plain values only): orientation, spacing, intensity (ScaleIntensityRange[Percentiles],
+    NormalizeIntensity), ``roi_size`` and ``overlap``.  Returns ``{"preprocessing": {...}, "inference_roi",
+    "inference_overlap"}`` with what the config holds; a transform that changes the image in a way tcurlora
+    does not reproduce is refused (one line naming it)."""
+    out: Dict[str, Any] = {}
+    prep: Dict[str, Any] = {}
+    section = parser.get("preprocessing")
+    if section is not None:
+        section = _plain(parser, section, config_file, "preprocessing")
+        transforms = section.get("transforms") if isinstance(section, dict) else section
+        if not isinstance(transforms, list):
+            raise InputError(config_file, f"preprocessing is not a list of transforms{_BUNDLE_HINT}")
+        for t in transforms:
+            name = _transform_name(t.get("_target_", "")) if isinstance(t, dict) else ""
+            if name in _BUNDLE_NEUTRAL:
+                continue
+            if name == "Orientation":
+                prep["orientation"] = t.get("axcodes")
+            elif name == "Spacing":
+                pixdim = t.get("pixdim")
+                prep["spacing"] = [pixdim] * 3 if isinstance(pixdim, (int, float)) else pixdim
+            elif name == "ScaleIntensityRange":
+                prep["intensity"] = {"kind": "range", **{k: t[k] for k in ("a_min", "a_max", "b_min", "b_max", "clip")
+                                                          if k in t}}
+                prep["intensity"].setdefault("clip", False)  # MONAI's default (ours is True)
+            elif name == "ScaleIntensityRangePercentiles":
+                prep["intensity"] = {"kind": "percentile", **{k: t[k] for k in ("lower", "upper", "b_min", "b_max",
+                                                                                "clip") if k in t}}
+                prep["intensity"].setdefault("clip", False)
+            elif name == "NormalizeIntensity" and not {"subtrahend", "divisor"} & set(t):
+                prep["intensity"] = {"kind": "zscore", "nonzero": bool(t.get("nonzero", False))}
+            else:
+                raise InputError(config_file, f"preprocessing transform {t.get('_target_') if isinstance(t, dict) else t!r} "
+                                              f"is not one tcurlora reproduces{_BUNDLE_HINT}")
+    inferer = parser.get("inferer")
+    if inferer is not None:
+        inferer = _plain(parser, inferer, config_file, "inferer")
+        if not isinstance(inferer, dict) or _transform_name(inferer.get("_target_", "")) not in (
+                "SlidingWindowInferer", "SlidingWindowInfererAdapt"):
+            raise InputError(config_file, f"inferer {inferer.get('_target_') if isinstance(inferer, dict) else inferer!r} "
+                                          f"is not a sliding-window inferer{_BUNDLE_HINT}")
+        if inferer.get("roi_size") is not None:
+            roi = inferer["roi_size"]
+            out["inference_roi"] = [roi] * 3 if isinstance(roi, int) else roi
+        if inferer.get("overlap") is not None:
+            out["inference_overlap"] = inferer["overlap"]
+    if out.get("inference_roi"):
+        # the bundle's window is a valid network input: train on patches of that size
+        try:
+            roi = [int(r) for r in out["inference_roi"]]
+        except (TypeError, ValueError):
+            raise InputError(config_file, f"inferer roi_size {out['inference_roi']!r} is not three sizes") from None
+        prep["patch_size"] = roi
+        prep["divisible_by"] = math.gcd(16, *roi)
+    out["preprocessing"] = prep
+    return out
+
+
 def _load_bundle(folder: Path) -> BaseModel:
-    """A MONAI bundle: ``configs/inference.json`` (network_def) + ``models/model.pt``.
+    """A MONAI bundle: ``configs/inference.json`` (network_def, preprocessing, inferer) + ``models/model.pt``.
 
     Labels come from ``configs/metadata.json`` (``network_data_format.outputs.pred.channel_def``);
-    an optional ``configs/tcurlora.json`` may declare preprocessing, head and decoder modules.
+    preprocessing and the sliding window from ``configs/inference.json`` (see
+    :func:`_bundle_inference_settings`).  An optional ``configs/tcurlora.json`` may declare labels,
+    preprocessing, inference_roi, head and decoder modules; what it declares wins.
     """
     from monai.bundle import ConfigParser
 
@@ -271,6 +348,7 @@ def _load_bundle(folder: Path) -> BaseModel:
         extra = _read_json(folder / "configs" / "tcurlora.json")
         if not isinstance(extra, dict):
             raise InputError(folder / "configs" / "tcurlora.json", "must be a JSON object")
+    settings = {} if "preprocessing" in extra else _bundle_inference_settings(parser, config_file)
     labels = extra.get("labels")
     meta_file = folder / "configs" / "metadata.json"
     if not labels and meta_file.is_file():
@@ -283,11 +361,17 @@ def _load_bundle(folder: Path) -> BaseModel:
                       for k, v in sorted(channels.items(), key=lambda kv: int(kv[0])) if int(k) > 0]
         except (AttributeError, TypeError, ValueError):
             raise InputError(meta_file, "channel_def must map channel numbers to names") from None
+    roi = extra.get("inference_roi") or settings.get("inference_roi")
+    try:
+        overlap = float(extra.get("inference_overlap", settings.get("inference_overlap", 0.25)))
+    except (TypeError, ValueError):
+        raise InputError(config_file, "the sliding-window overlap is not a number") from None
     return BaseModel(
         name=extra.get("name", folder.name), network=network, labels=_labels_from({"labels": labels}, None, str(folder)),
-        preprocessing=_preprocessing(extra.get("preprocessing", {}), folder), head=extra.get("head"),
-        decoder_modules=list(extra.get("decoder_modules", [])),
-        inference_roi=tuple(extra["inference_roi"]) if extra.get("inference_roi") else None,
+        preprocessing=_preprocessing(extra.get("preprocessing", settings.get("preprocessing", {})),
+                                     folder / "configs" / ("tcurlora.json" if "preprocessing" in extra else config_file.name)),
+        head=extra.get("head"), decoder_modules=list(extra.get("decoder_modules", [])),
+        inference_roi=tuple(roi) if roi else None, inference_overlap=overlap,
         source=f"MONAI bundle {folder.name}")
 
 
@@ -303,14 +387,15 @@ def _load_catalog(name: str, local_file: Optional[Path] = None) -> BaseModel:
                        preprocessing=Preprocessing.from_dict(entry["preprocessing"]), head=entry.get("head"),
                        decoder_modules=entry.get("decoder_modules", []),
                        inference_roi=tuple(entry["inference_roi"]), source=entry.get("source", ""),
-                       localizer=localizer, resize_to=entry["roi"]["resize_to"],
+                       localizer=localizer, resize_to=entry["roi"]["resize_to"], kind="deepbet",
                        largest_component=bool(entry.get("postprocessing", {}).get("largest_component")))
     return base
 
 
 def load_base(spec: Union[str, os.PathLike, dict], weights: Optional[Union[str, os.PathLike]] = None,
               local_file: Optional[Union[str, os.PathLike]] = None) -> BaseModel:
-    """Load a base model from a catalog name, a MONAI bundle folder, or a network spec ``.json`` + weights.
+    """Load a base model from a catalog name, a MONAI bundle folder, an Auto3DSeg model folder or zip
+    (SlicerMONAIAuto3DSeg's format), or a network spec ``.json`` + weights.
 
     ``spec`` may also be ``{"spec": path, "weights": path}`` (the Slicer job format).
     ``local_file``: for catalog models, the pinned wheel for air-gapped sites.
@@ -319,6 +404,12 @@ def load_base(spec: Union[str, os.PathLike, dict], weights: Optional[Union[str, 
         return _load_spec(Path(spec["spec"]), Path(spec["weights"]) if spec.get("weights") else None)
     text = os.fspath(spec)
     path = Path(text)
+    from .auto3dseg import find_model, load_auto3dseg
+
+    if (path.is_dir() or path.suffix == ".zip") and find_model(path):
+        return load_auto3dseg(path)
+    if path.suffix == ".zip" and path.is_file():
+        raise InputError(path, "not an Auto3DSeg model zip (no labels.csv with a model.pt beside it)")
     if path.is_dir():
         return _load_bundle(path)
     if path.suffix == ".json" and path.is_file():

@@ -15,8 +15,6 @@ output, channel 1 = brain.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -25,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import atomic_write
 from ..fetch import FetchError, PathLike, PinnedArchive, cache_dir, extract_member, sha256_file
 
 __all__ = [
     "DEEPBET_PIN", "DEEPBET_MEMBERS", "DEEPBET_PREPROCESSING", "DEEPBET_ENGINE_PREPROCESSING",
     "DEEPBET_CREDIT",
-    "LinkNet3d", "load_deepbet", "deepbet_weights_path", "deepbet_segment", "deepbet_roi",
+    "LinkNet3d", "load_deepbet", "deepbet_weights_path", "deepbet_roi",
     "deepbet_normalize", "read_torchscript_weights",
 ]
 
@@ -306,18 +305,9 @@ def _convert_to_safetensors(variant: str, local_wheel: Optional[PathLike]) -> Pa
         raise FetchError(f"sha256 mismatch for {script}: expected {sha}, got {actual}")
     tensors = {k: v.detach().to(torch.float32).contiguous()
                for k, v in read_torchscript_weights(script).items()}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared
-        save_file(tensors, tmp, metadata={
-            "source": f"{DEEPBET_PIN.filename}:{member}", "source_sha256": sha,
-            "architecture": "tcurlora.models.deepbet.LinkNet3d", "licence": DEEPBET_PIN.licence})
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(dest, lambda tmp: save_file(tensors, tmp, metadata={
+        "source": f"{DEEPBET_PIN.filename}:{member}", "source_sha256": sha,
+        "architecture": "tcurlora.models.deepbet.LinkNet3d", "licence": DEEPBET_PIN.licence}))
     return dest
 
 
@@ -339,7 +329,8 @@ def load_deepbet(local_wheel: Optional[PathLike] = None, variant: str = "model",
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference pipeline (deepbet's run_model + postprocess), used for zero-shot numbers and tests.
+# deepbet's intensity normalisation and localiser box (the base model's preprocessing uses them; the
+# whole reference pipeline built on them lives with the tests: Testing/deepbet_reference.py).
 
 
 def deepbet_normalize(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -383,68 +374,3 @@ def deepbet_roi(bbox_model: nn.Module, x: torch.Tensor, low: torch.Tensor, high:
     center, size = (scale * center).round(), ((1 + 2 * spec["margin"]) * scale * size).round()
     return tuple(slice(max(0, int(c - s / 2)), min(int(n), int(c + s / 2)))  # type: ignore[return-value]
                  for c, s, n in zip(center.tolist(), size.tolist(), x.shape))
-
-
-def deepbet_segment(image: np.ndarray, affine: Optional[np.ndarray], model: nn.Module,
-                    bbox_model: Optional[nn.Module] = None,
-                    roi: Union[str, Tuple[slice, slice, slice]] = "localizer",
-                    threshold: Optional[float] = None, return_probabilities: bool = False
-                    ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
-    """Brain mask (uint8, on ``image``'s grid) following :data:`DEEPBET_PREPROCESSING`.
-
-    ``roi``: "localizer" (deepbet's default, needs ``bbox_model``), "full" (whole volume, no
-    localiser), or explicit slices in the RAS-reoriented array. ``affine`` None = already RAS.
-    """
-    import nibabel as nib
-
-    spec = DEEPBET_PREPROCESSING
-    thr = spec["threshold"] if threshold is None else float(threshold)
-    img = np.asarray(image)
-    while img.ndim > 3 and img.shape[-1] == 1:
-        img = img[..., 0]
-    ornt = None
-    if affine is not None:
-        ornt = nib.orientations.io_orientation(np.asarray(affine))
-        img = nib.orientations.apply_orientation(img, ornt)
-    device = next(model.parameters()).device
-    x = torch.nan_to_num(torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).to(device))
-    small = _resize(x, spec["roi"]["localizer_input_shape"])
-    lo_pct, hi_pct = spec["intensity"]["percentiles"]
-    low, high = small.quantile(lo_pct / 100.0), small.quantile(hi_pct / 100.0)
-
-    if isinstance(roi, str):
-        if roi == "localizer":
-            if bbox_model is None:
-                raise ValueError("roi='localizer' needs bbox_model (load_deepbet(variant='bbox'))")
-            box = deepbet_roi(bbox_model, x, low, high)
-        elif roi == "full":
-            box = tuple(slice(0, n) for n in x.shape)
-        else:
-            raise ValueError(f"unknown roi {roi!r}")
-    else:
-        box = tuple(roi)
-
-    crop = x[box]
-    net_in = deepbet_normalize(_resize(crop, spec["patch_size"]), low, high)
-    with torch.no_grad():
-        p = torch.softmax(model(net_in[None, None]), 1)[0, spec["output"]["channel"]]
-    prob = torch.zeros_like(x)
-    prob[box] = _resize(p, crop.shape)
-    prob_np = prob.cpu().numpy()
-
-    from scipy import ndimage
-
-    mask = np.zeros(prob_np.shape, dtype=bool)
-    inner = prob_np[box] > thr
-    if inner.any():
-        inner = _largest_component(inner)
-        inner = ndimage.binary_fill_holes(inner)
-    mask[box] = inner
-    if ornt is not None:
-        inv = nib.orientations.ornt_transform([[0, 1], [1, 1], [2, 1]], ornt)
-        mask = nib.orientations.apply_orientation(mask, inv)
-        prob_np = nib.orientations.apply_orientation(prob_np, inv)
-    mask = np.ascontiguousarray(mask.astype(np.uint8))
-    if return_probabilities:
-        return mask, np.ascontiguousarray(prob_np)
-    return mask

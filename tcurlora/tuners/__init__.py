@@ -1,0 +1,18 @@
+"""tCURLoRA and its baselines as a tuner (HF PEFT's config / layer / model split).
+
+* :mod:`.fourier` — the Fourier-domain kernels (Δ𝒲 build, projected core gradient);
+* :mod:`.layers` — the stack, the layer wrapper, the switch for fully trained modules;
+* :mod:`.stacks` — naming through wrappers and aliases, and which layers form which stack (presets);
+* :mod:`.strategies` — one strategy per method (``tcurlora``, ``decoder``, ``full``, ``lora``);
+* :mod:`.model` — :class:`TCURTuner`, the object that owns a model's adapters.
+
+The model-level functions users call live in :mod:`tcurlora.adapter`.
+"""
+
+from .layers import AdapterError, ModuleSwitch, TCURLayer, TCURStack
+from .model import TCURTuner, get_tuner
+from .stacks import Member, StackSpec, resolve_stacks
+from .strategies import STRATEGIES, AdapterRecord
+
+__all__ = ["AdapterError", "AdapterRecord", "Member", "ModuleSwitch", "STRATEGIES", "StackSpec", "TCURLayer",
+           "TCURStack", "TCURTuner", "get_tuner", "resolve_stacks"]

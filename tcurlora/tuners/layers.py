@@ -1,0 +1,377 @@
+"""The modules a tuner puts into a model: the stack (trainable core + frozen Fourier factors), the layer
+wrapper that adds the active adapter's Δ𝒲 slice to a Linear/Conv/ConvTranspose weight, and the switch that
+runs the active adapter's own copy of a fully trained module (decoder, new head).
+
+Every wrapper holds its stacks/copies as submodules, so ``model.parameters()``, ``model.to()``, deep copies
+and ``state_dict()`` see them, and nothing is added to the model's root.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import TCURLoRAError
+from ..tensor import irfft3, rfft3, select_indices, t_pinv
+from . import fourier
+
+CORES = "tcurlora_cores"  # attribute of a wrapped layer holding its stacks, per adapter
+COPIES = "tcurlora_copies"  # attribute of a switch holding the adapters' module copies
+WEIGHTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                  nn.ConvTranspose3d)
+
+
+class AdapterError(TCURLoRAError, ValueError):
+    """The adapter does not fit the model (wrong modules, shapes, or state)."""
+
+
+def weight_to_matrix(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A layer's weight as the n1×n2 matrix that goes into a stack (out × in·k³ for convolutions)."""
+    if isinstance(module, nn.Linear):
+        return weight
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return weight.transpose(0, 1).reshape(weight.shape[1], -1)  # (in, out, k…) -> out × in·k³
+    return weight.reshape(weight.shape[0], -1)
+
+
+def matrix_to_weight(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`weight_to_matrix` for ``module``'s weight shape."""
+    shape = module.weight.shape
+    if isinstance(module, nn.Linear):
+        return matrix
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return matrix.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1)
+    return matrix.reshape(shape)
+
+
+def slot(adapter: str) -> str:
+    """An adapter's key in the wrappers' ModuleDicts ('train', 'eval'… are attributes of every module)."""
+    return f"adapter_{adapter}"
+
+
+def _keep(tensor):  # identity saved-tensor hook: see TCURStack.delta_w
+    return tensor
+
+
+class TCURStack(nn.Module):
+    """One stack: the trainable core Δ𝒰 (K, r, r) and the frozen Fourier factors of 𝒞 and ℛ.
+
+    The factors are plain attributes, not buffers: they follow the core's device but never its dtype
+    (``model.half()`` must not round them; ``torch.fft`` has no half kernels), and never enter a state dict.
+    """
+
+    def __init__(self, name: str, members: list, matrices: torch.Tensor, rank: int,
+                 selection: str = "deterministic", seed: int = 0, scale: float = 1.0,
+                 indices: Optional[Tuple[List[int], List[int]]] = None, linear: bool = False) -> None:
+        super().__init__()
+        k, n1, n2 = matrices.shape
+        rank = min(int(rank), n1, n2)
+        self.name, self.members, self.k, self.n1, self.n2, self.rank = name, members, k, n1, n2, rank
+        self.scale = float(scale)
+        w = matrices.detach().float()
+        if indices is None:
+            cols, rows = select_indices(w, rank, selection, torch.Generator().manual_seed(int(seed)))
+        else:
+            cols, rows = (torch.as_tensor(i, dtype=torch.long) for i in indices)
+            if (len(cols) != rank or len(rows) != rank or int(cols.min()) < 0 or int(rows.min()) < 0
+                    or int(cols.max()) >= n2 or int(rows.max()) >= n1):
+                raise AdapterError(f"stack {name}: stored indices do not fit a {n1}×{n2} rank-{rank} stack")
+        self.cols, self.rows = cols.cpu().clone(), rows.cpu().clone()
+        c = w[:, :, cols.to(w.device)]  # (K, n1, r)
+        r = w[:, rows.to(w.device), :]  # (K, r, n2)
+        factors = {"c_block": fourier.real_block(rfft3(c)), "r_hat": rfft3(r),
+                   "idft": fourier.inverse_dft_matrix(k).to(w.device)}
+        # Projected gradient (Linear members): contract dL/dW_k with 𝒞, ℛ straight from activations
+        # instead of forming the dense n1×n2 weight gradient, whose path also pays a K·n1·n2 FFT, a
+        # stack of the K slice gradients and a Fourier-domain bmm per stack (hence the 1.5 margin).
+        # True for the paper's MLP and attention stacks at r = 8; large r·K goes the dense way.
+        rk = rank * k
+        self.projected = bool(linear) and (n1 + n2) * rk + rk * rk <= 1.5 * n1 * n2
+        if self.projected:
+            a = torch.arange(k, device=w.device)
+            factors.update(c_flat=c.permute(1, 0, 2).reshape(n1, rk).contiguous(),
+                           r_flat=r.reshape(rk, n2).contiguous(),
+                           # grad ΔU_b = Σ_a H[a, (k_layer - a - b) mod K]; the index per (layer, a, b)
+                           shift=(a[:, None, None] - a[None, :, None] - a[None, None, :]) % k)
+        self._factors: Dict[str, torch.Tensor] = factors
+        self.delta_u = nn.Parameter(torch.zeros(k, rank, rank, device=w.device))
+        self._tuner = None  # set by the tuner: owner of the shared work buffer
+        self.clear_cache()
+
+    def factor(self, name: str) -> torch.Tensor:
+        return self._factors[name]
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        device = self.delta_u.device
+        self._factors = {key: value.to(device) for key, value in self._factors.items()}
+        self.clear_cache()
+        return self
+
+    def u0(self) -> torch.Tensor:
+        """𝒰₀ = t-pinv(𝒲(J, I, :)), recomputed from 𝒞 (only for reporting 𝒰 = 𝒰₀ + Δ𝒰)."""
+        block = self._factors["c_block"]
+        c_hat = torch.complex(block[:, :self.n1, :self.rank], block[:, self.n1:, :self.rank])
+        return t_pinv(irfft3(c_hat, self.k)[:, self.rows.to(block.device), :])
+
+    def describe(self) -> dict:
+        return {"name": self.name, "shape": [self.n1, self.n2], "k": self.k, "rank": self.rank,
+                "members": [m.to_dict() for m in self.members],
+                "I": self.cols.tolist(), "J": self.rows.tolist(), "projected_gradient": bool(self.projected)}
+
+    # -- Δ𝒲 ----------------------------------------------------------------------------------------
+
+    def _core_unchanged(self, snapshot) -> bool:
+        # Compared by value, not by ``_version``: fused optimisers and ``.data`` writes leave the version alone.
+        if snapshot is None:
+            return False
+        scale, core = snapshot
+        du = self.delta_u
+        return scale == self.scale and core.device == du.device and core.dtype == du.dtype and torch.equal(core, du)
+
+    def _snapshot(self):
+        return self.scale, self.delta_u.detach().clone()
+
+    def delta_w(self, detached: bool = False) -> torch.Tensor:
+        """Δ𝒲 as one (K, n1, n2) fp32 tensor, built once and reused until the core changes.
+
+        With autograd the tensor belongs to a graph: it is reused by every member layer and by activation
+        checkpointing's recomputation, and dropped once a backward pass has gone through it (so the next
+        forward builds a fresh graph; gradient accumulation and direct calls of submodules just work).
+        Detached (no autograd: the projected-gradient path, merging, inference) it is written into a buffer
+        the stack keeps, so a training step allocates nothing large; a projected layer's backward reads the
+        same buffer, and autograd's version check refuses a backward whose Δ𝒲 was rewritten meanwhile.
+        """
+        if not detached and torch.is_grad_enabled() and self.delta_u.requires_grad:
+            if self._grad is None or not self._core_unchanged(self._grad_snapshot):
+                # Saved outside any activation-checkpointing region the first user may sit in: the build is
+                # not part of that region, so recomputation reads this cache instead of rebuilding.
+                with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+                    built = self._build(grad=True)
+                self._grad, self._grad_slices, self._grad_snapshot = built, built.unbind(0), self._snapshot()
+                owner = weakref.ref(self)
+                token = self._grad_token = object()
+
+                def _backward_done(grad, owner=owner, token=token):
+                    stack = owner()
+                    if stack is not None and stack._grad_token is token:
+                        stack._drop_grad()
+                    return grad
+
+                built.register_hook(_backward_done)
+            return self._grad
+        if (self._detached is None or self._detached.device != self.delta_u.device
+                or not self._core_unchanged(self._detached_snapshot)):
+            self._detached = self._build(grad=False)
+            self._detached_snapshot = self._snapshot()
+        return self._detached
+
+    def member_slices(self) -> Tuple[torch.Tensor, ...]:
+        """The K slices of the autograd Δ𝒲 from one ``unbind``: its backward stacks the K slice gradients
+        once, where indexing the tensor per member would allocate and fill a (K, n1, n2) gradient each."""
+        self.delta_w(detached=False)
+        return self._grad_slices
+
+    def projects_gradient(self) -> bool:
+        """Whether the core trains through the projected gradient now: then the layers read the detached Δ𝒲."""
+        return self.projected and torch.is_grad_enabled() and self.delta_u.requires_grad
+
+    def _build(self, grad: bool) -> torch.Tensor:
+        device = self.delta_u.device
+        # fp32 outside autocast: torch.fft has no bf16, and the product must not drop to bf16 either
+        with torch.set_grad_enabled(grad), torch.autocast(device.type, enabled=False):
+            du = self.delta_u.float()
+            if self.scale != 1.0:
+                du = du * self.scale
+            f = self._factors
+            if grad:
+                return fourier.delta_w(du, f["c_block"], f["r_hat"], f["idft"])
+            if self._buffer is None or self._buffer.device != device:
+                self._buffer = torch.empty(self.k, self.n1, self.n2, device=device)
+            work = None
+            if self._tuner is not None:
+                work = self._tuner.work_buffer((f["c_block"].shape[0], 2 * self.n1, self.n2), device)
+            return fourier.delta_w(du, f["c_block"], f["r_hat"], f["idft"], out=self._buffer, work=work)
+
+    def _drop_grad(self) -> None:
+        self._grad, self._grad_slices, self._grad_snapshot, self._grad_token = None, None, None, None
+
+    def clear_cache(self) -> None:
+        """Drop the cached Δ𝒲 and its buffer (after merging, switching adapters, or to free memory)."""
+        self._drop_grad()
+        self._detached, self._detached_snapshot, self._buffer = None, None, None
+
+
+class _ProjectedLinear(torch.autograd.Function):
+    """y = x (W + ΔW)ᵀ + b whose backward gives Δ𝒰 its gradient without the dense dL/dW.
+
+    ``blocks``: (member index k, first row, last row) of each stack member in this layer's weight (a
+    fused qkv projection holds three); all from one stack.
+    """
+
+    @staticmethod
+    def forward(ctx, x, delta_u, weight, delta, bias, stack, blocks):  # noqa: D401
+        ctx.stack, ctx.blocks = stack, blocks
+        # keep W (the frozen parameter) and ΔW (a view of the stack's buffer), not their sum: the sums of
+        # all layers would stay alive from forward to backward (0.34 GB fp32 for a ViT-B)
+        ctx.save_for_backward(x, weight, delta)
+        ctx.has_bias = bias is not None and bias.requires_grad
+        return F.linear(x, (weight + delta.to(weight.dtype)).to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, delta = ctx.saved_tensors
+        stack: TCURStack = ctx.stack
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_u = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g2 @ (weight + delta.to(weight.dtype)).to(g2.dtype)).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            xr = x.reshape(-1, stack.n2).float() @ stack.factor("r_flat").t()  # (T, K·r), shared by the blocks
+            for index, start, stop in ctx.blocks:
+                g = fourier.projected_core_grad(g2[:, start:stop], xr, stack.factor("c_flat"),
+                                                stack.factor("shift")[index], stack.k, stack.rank)
+                grad_u = g if grad_u is None else grad_u + g
+            if stack.scale != 1.0:
+                grad_u = grad_u * stack.scale
+            grad_u = grad_u.to(stack.delta_u.dtype)
+        grad_b = g2.sum(0) if ctx.has_bias else None
+        return grad_x, grad_u, None, None, grad_b, None, None
+
+
+class TCURLayer(nn.Module):
+    """Wraps a Linear/Conv/ConvTranspose layer; adds the active adapter's Δ𝒲 slice to its weight.
+
+    The same wrapper replaces the layer under every name the model reaches it by (aliases), so an adapter
+    can never be inert on one of them.
+    """
+
+    def __init__(self, base_layer: nn.Module, tuner) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._tuner = tuner
+        setattr(self, CORES, nn.ModuleDict())  # adapter -> stack name -> stack (shared with the other members)
+        # adapter -> (stack, member index, rows) of each block of this weight, in row order
+        self._entries: Dict[str, List[Tuple[TCURStack, int, Optional[Tuple[int, int]]]]] = {}
+        self._merge_backup: Optional[torch.Tensor] = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def add_entry(self, adapter: str, stack: TCURStack, index: int, rows: Optional[Tuple[int, int]]) -> None:
+        cores = getattr(self, CORES)
+        if slot(adapter) not in cores:
+            cores[slot(adapter)] = nn.ModuleDict()
+        cores[slot(adapter)][stack.name] = stack
+        self._entries.setdefault(adapter, []).append((stack, index, rows))
+        self._entries[adapter].sort(key=lambda e: (e[2] or (0, 0))[0])
+
+    def remove_adapter(self, adapter: str) -> None:
+        self._entries.pop(adapter, None)
+        cores = getattr(self, CORES)
+        if slot(adapter) in cores:
+            del cores[slot(adapter)]
+
+    def delta_weight(self, adapter: str, detached: bool = False) -> Optional[torch.Tensor]:
+        entries = self._entries.get(adapter)
+        if not entries:
+            return None
+        detached = detached or not torch.is_grad_enabled()
+        base = self.base_layer
+        n_rows = weight_to_matrix(base, base.weight).shape[0]
+        stack, first = entries[0][0], entries[0][1]
+        if detached and all(e[0] is stack and e[1] == first + i and (e[2] or (0, n_rows))[0] == i * stack.n1
+                            for i, e in enumerate(entries)) and len(entries) * stack.n1 == n_rows:
+            # consecutive members that tile the weight (a fused qkv): a view of the stack's Δ𝒲, no copy
+            matrix = stack.delta_w(detached=True)[first:first + len(entries)].reshape(n_rows, stack.n2)
+            return matrix_to_weight(base, matrix)
+        pieces, cursor = [], 0
+        for stack, index, rows in entries:
+            block = stack.delta_w(detached=True)[index] if detached else stack.member_slices()[index]
+            start, stop = rows or (0, n_rows)
+            if start > cursor:  # rows of a fused layer that are in no stack stay frozen
+                pieces.append(block.new_zeros(start - cursor, block.shape[1]))
+            pieces.append(block)
+            cursor = stop
+        if cursor < n_rows:
+            pieces.append(pieces[-1].new_zeros(n_rows - cursor, pieces[-1].shape[1]))
+        matrix = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+        return matrix_to_weight(base, matrix)
+
+    def merge(self, adapter: str) -> None:
+        delta = self.delta_weight(adapter, detached=True)
+        if delta is not None:
+            weight = self.base_layer.weight
+            self._merge_backup = weight.detach().clone()
+            weight.data.add_(delta.to(weight.dtype))
+
+    def unmerge(self) -> None:
+        if self._merge_backup is not None:
+            self.base_layer.weight.data.copy_(self._merge_backup)
+            self._merge_backup = None
+
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            return F.linear(x, weight, base.bias)
+        if isinstance(base, nn.modules.conv._ConvTransposeNd):
+            conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[weight.dim() - 2]
+            return conv(x, weight, base.bias, base.stride, base.padding, base.output_padding, base.groups,
+                        base.dilation)
+        return base._conv_forward(x, weight, base.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tuner = self._tuner
+        active = tuner.active
+        if active is None or tuner.merged == active or active not in self._entries:
+            return self.base_layer(x)
+        entries = self._entries[active]
+        base = self.base_layer
+        stack = entries[0][0]
+        if stack.projects_gradient() and all(e[0] is stack for e in entries):  # projected stacks are all Linear
+            blocks = tuple((i, *(rows or (0, base.out_features))) for _, i, rows in entries)
+            return _ProjectedLinear.apply(x, stack.delta_u, base.weight, self.delta_weight(active, detached=True),
+                                          base.bias, stack, blocks)
+        delta = self.delta_weight(active)
+        return self._apply_weight(x, base.weight + delta.to(base.weight.dtype))
+
+
+class ModuleSwitch(nn.Module):
+    """A module trained fully by some adapters (decoder, new head): runs the active adapter's copy."""
+
+    def __init__(self, base_module: nn.Module, tuner) -> None:
+        super().__init__()
+        self.base_module = base_module
+        self._tuner = tuner
+        setattr(self, COPIES, nn.ModuleDict())  # adapter -> its own copy
+
+    def copy_of(self, adapter: Optional[str]) -> Optional[nn.Module]:
+        copies = getattr(self, COPIES)
+        return copies[slot(adapter)] if adapter is not None and slot(adapter) in copies else None
+
+    def set_copy(self, adapter: str, module: Optional[nn.Module]) -> None:
+        copies = getattr(self, COPIES)
+        if module is not None:
+            copies[slot(adapter)] = module
+        elif slot(adapter) in copies:
+            del copies[slot(adapter)]
+
+    def forward(self, *args, **kwargs):
+        module = self.copy_of(self._tuner.active) or self.base_module
+        return module(*args, **kwargs)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The base model's module behind any wrappers."""
+    while isinstance(module, (TCURLayer, ModuleSwitch)):
+        module = module.base_layer if isinstance(module, TCURLayer) else module.base_module
+    return module

@@ -1,0 +1,287 @@
+"""One strategy per method: what an adapter of that method puts into the model, trains, saves and merges.
+
+``tcurlora``  stacks of cores (plus modules trained fully, ``train_modules``);
+``decoder``   only modules trained fully (each adapter keeps its own copy);
+``full``      every base weight, in place (the model can hold no other adapter);
+``lora``      HF PEFT's LoRA on the layers tCURLoRA would stack (the comparison baseline; alone too).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import TCURLoRAConfig
+from .layers import AdapterError, ModuleSwitch, TCURLayer, TCURStack, unwrap
+from .stacks import (StackSpec, base_named_modules, find, member_matrix, resolve_stacks, switch_module,
+                     trained_module_names, under, wrap_layer)
+
+if TYPE_CHECKING:
+    from .model import TCURTuner
+
+
+@dataclass
+class AdapterRecord:
+    """Everything one named adapter owns."""
+
+    name: str
+    config: TCURLoRAConfig
+    stacks: "OrderedDict[str, TCURStack]" = field(default_factory=OrderedDict)
+    trained: "OrderedDict[str, nn.Module]" = field(default_factory=OrderedDict)  # base path -> own copy
+    lora_targets: List[str] = field(default_factory=list)
+    labels: Optional[list] = None  # the label table of an adapter loaded from a file
+
+    def parameters(self):
+        for stack in self.stacks.values():
+            yield from stack.parameters()
+        for module in self.trained.values():
+            yield from module.parameters()
+
+
+def _clean_copy(tuner: "TCURTuner", module: nn.Module) -> nn.Module:
+    """A deep copy of a base module without any adapter in it (another adapter's wrappers stay behind)."""
+    memo = {id(tuner): tuner}
+    for record in tuner.adapters.values():
+        for part in (*record.stacks.values(), *record.trained.values()):
+            memo[id(part)] = part  # shared, and dropped with the wrappers below: never copied
+    clone = copy.deepcopy(unwrap(module), memo)
+
+    def strip(parent: nn.Module) -> None:
+        for name, child in list(parent._modules.items()):
+            if child is not None:
+                parent._modules[name] = bare = unwrap(child)
+                strip(bare)
+
+    strip(clone)
+    return clone
+
+
+def _new_head(base: nn.Module, out_channels: int) -> nn.Module:
+    """A copy of ``base`` with ``out_channels`` outputs; known channels start from the base's."""
+    if isinstance(base, nn.Linear):
+        head, out_dim = nn.Linear(base.in_features, out_channels, bias=base.bias is not None), 0
+    elif isinstance(base, nn.modules.conv._ConvTransposeNd):
+        head = type(base)(base.in_channels, out_channels, base.kernel_size, base.stride, base.padding,
+                          base.output_padding, base.groups, base.bias is not None, base.dilation)
+        out_dim = 1
+    elif isinstance(base, nn.modules.conv._ConvNd):
+        head = type(base)(base.in_channels, out_channels, base.kernel_size, base.stride, base.padding,
+                          base.dilation, base.groups, base.bias is not None)
+        out_dim = 0
+    else:
+        raise AdapterError(f"new_head: {type(base).__name__} is not a Linear/Conv layer")
+    head = head.to(base.weight.device, base.weight.dtype)
+    with torch.no_grad():
+        n = min(out_channels, base.weight.shape[out_dim])
+        head.weight.narrow(out_dim, 0, n).copy_(base.weight.narrow(out_dim, 0, n))
+        if head.bias is not None:
+            head.bias[:n].copy_(base.bias[:n])
+    return head
+
+
+def _file_key(path: str) -> str:  # a trained module's key in the adapter's tensors
+    return path.replace(".", "__")
+
+
+class Strategy:
+    """The default behaviour (used by ``tcurlora``); the other methods override what differs."""
+
+    method = "tcurlora"
+    exclusive = False  # the model can hold no other adapter beside one of this method
+    trains_base = False  # base weights change in place: the tuner records the base fingerprint first
+
+    def inject(self, tuner: "TCURTuner", record: AdapterRecord, layout: Optional[dict]) -> None:
+        """Put the adapter into the model: resolved from its config, or (``layout``: what :meth:`describe`
+        returned, as an adapter file stores it) exactly as saved, with no pattern of the config evaluated."""
+        model, config = tuner.model, record.config
+        stacks = None if layout is None else layout.get("stacks", [])
+        if stacks is None:
+            built = [(spec, None) for spec in resolve_stacks(model, config)]
+        else:
+            built = [StackSpec.from_manifest(s) for s in stacks]
+        device = next(model.parameters()).device
+        for spec, indices in built:
+            try:
+                matrices = torch.stack([member_matrix(model, m) for m in spec.members])
+            except RuntimeError as exc:  # members of different shapes
+                raise AdapterError(f"stack {spec.name}: members do not fit this model ({exc})") from None
+            linear = all(isinstance(find(model, m.module), nn.Linear) for m in spec.members)
+            stack = TCURStack(spec.name, spec.members, matrices, config.rank, config.selection, config.seed,
+                              config.scale, indices, linear=linear).to(device)
+            stack._tuner = tuner
+            record.stacks[spec.name] = stack
+            for index, member in enumerate(spec.members):
+                layer = wrap_layer(model, find(model, member.module), lambda m: TCURLayer(m, tuner))
+                layer.add_entry(record.name, stack, index, member.rows)
+        self._add_trained(tuner, record, layout)
+
+    def _add_trained(self, tuner: "TCURTuner", record: AdapterRecord, layout: Optional[dict]) -> None:
+        model, config = tuner.model, record.config
+        stored = None if layout is None else layout.get("trained_modules")
+        paths = trained_module_names(model, config) if stored is None else [str(p) for p in stored]
+        head = str(config.new_head["module"]) if config.new_head else None
+        if head is not None and head not in paths:
+            paths.append(head)
+        for path in paths:
+            target = find(model, path)
+            own = _new_head(target, int(config.new_head["out_channels"])) if path == head else _clean_copy(tuner, target)
+            switch = switch_module(model, target, lambda chain: ModuleSwitch(chain, tuner))
+            switch.set_copy(record.name, own)
+            record.trained[path] = own
+
+    def remove(self, tuner: "TCURTuner", record: AdapterRecord) -> None:
+        for module in tuner.model.modules():
+            if isinstance(module, TCURLayer):
+                module.remove_adapter(record.name)
+            elif isinstance(module, ModuleSwitch):
+                module.set_copy(record.name, None)
+
+    def trainable(self, tuner: "TCURTuner", record: AdapterRecord):
+        return list(record.parameters())
+
+    def state_dict(self, tuner: "TCURTuner", record: AdapterRecord, keep_vars: bool = False) -> "OrderedDict[str, torch.Tensor]":
+        out = OrderedDict()
+        for name, stack in record.stacks.items():
+            out[f"stacks.{name}.delta_u"] = stack.delta_u
+        for path, module in record.trained.items():
+            for key, value in module.state_dict(keep_vars=True).items():
+                out[f"trained.{_file_key(path)}.{key}"] = value
+        return out if keep_vars else OrderedDict((k, v.detach()) for k, v in out.items())
+
+    def after_load(self, tuner: "TCURTuner", record: AdapterRecord) -> None:
+        for stack in record.stacks.values():
+            stack.clear_cache()
+
+    def merge(self, tuner: "TCURTuner", record: AdapterRecord) -> None:
+        with torch.no_grad():
+            for module in tuner.model.modules():
+                if isinstance(module, TCURLayer):
+                    module.merge(record.name)
+
+    def unmerge(self, tuner: "TCURTuner", record: AdapterRecord) -> None:
+        with torch.no_grad():
+            for module in tuner.model.modules():
+                if isinstance(module, TCURLayer):
+                    module.unmerge()
+
+    def describe(self, tuner: "TCURTuner", record: AdapterRecord) -> dict:
+        return {"config": record.config.to_dict(), "stacks": [s.describe() for s in record.stacks.values()],
+                "trained_modules": list(record.trained)}
+
+    def tensors_from_file(self, tensors: Dict[str, torch.Tensor], adapter_name: str) -> Dict[str, torch.Tensor]:
+        return tensors
+
+
+class DecoderStrategy(Strategy):
+    method = "decoder"
+
+    def inject(self, tuner, record, layout) -> None:
+        config = record.config
+        if layout is None and not trained_module_names(tuner.model, config) and not config.new_head:
+            raise AdapterError("method 'decoder' needs train_modules (regular expressions of the decoder/head modules)")
+        self._add_trained(tuner, record, layout)
+
+
+class FullStrategy(Strategy):
+    method = "full"
+    exclusive = True
+    trains_base = True
+
+    def inject(self, tuner, record, layout) -> None:
+        pass
+
+    def trainable(self, tuner, record):
+        return list(tuner.model.parameters())
+
+    def state_dict(self, tuner, record, keep_vars: bool = False):
+        return tuner.base_state_dict(keep_vars=keep_vars)
+
+    def merge(self, tuner, record) -> None:  # the weights are the adapter
+        pass
+
+    unmerge = merge
+
+    def describe(self, tuner, record) -> dict:
+        return {"config": record.config.to_dict(), "stacks": [], "trained_modules": []}
+
+
+class LoraStrategy(Strategy):
+    method = "lora"
+    exclusive = True
+    trains_base = True  # train_modules train in place
+
+    def inject(self, tuner, record, layout) -> None:
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError:
+            raise AdapterError("method 'lora' needs HF PEFT: pip install peft") from None
+        model, config = tuner.model, record.config
+        if layout is None:  # the layers tCURLoRA would stack; PEFT has no ConvTranspose LoRA
+            specs = resolve_stacks(model, TCURLoRAConfig(**{**config.to_dict(), "method": "tcurlora"}))
+            targets = sorted({m.module for s in specs for m in s.members
+                              if not isinstance(find(model, m.module), nn.modules.conv._ConvTransposeNd)})
+            trained_paths = trained_module_names(model, config)
+        else:
+            targets = [str(t) for t in layout.get("lora_targets") or []]
+            trained_paths = [str(t) for t in layout.get("trained_modules") or []]
+        if not targets:
+            raise AdapterError("LoRA: no target layer that PEFT supports (PEFT has no ConvTranspose LoRA)")
+        for t in targets:
+            find(model, t)  # a stored name this model lacks: one clear error, not PEFT's
+        record.lora_targets = targets
+        lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha or config.rank, target_modules=targets,
+                          lora_dropout=0.0, bias="none")
+        inject_adapter_in_model(lora, model, adapter_name=record.name)
+        record.trained = OrderedDict((p, find(model, p)) for p in trained_paths)
+
+    def _lora_layers(self, tuner):
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in tuner.model.modules() if isinstance(m, LoraLayer)]
+
+    def remove(self, tuner, record) -> None:
+        raise AdapterError("a LoRA adapter cannot be removed from its model; reload the base")
+
+    def trainable(self, tuner, record):
+        params = [p for n, p in tuner.model.named_parameters() if "lora_" in n]
+        return params + [p for m in record.trained.values() for p in m.parameters()]
+
+    def state_dict(self, tuner, record, keep_vars: bool = False):
+        trained = list(record.trained)
+        return OrderedDict((k, v if keep_vars else v.detach()) for k, v in tuner.model.state_dict(keep_vars=True).items()
+                           if "lora_" in k or under(k.rsplit(".", 1)[0], trained))
+
+    def after_load(self, tuner, record) -> None:
+        pass
+
+    def merge(self, tuner, record) -> None:
+        for layer in self._lora_layers(tuner):
+            layer.merge()
+
+    def unmerge(self, tuner, record) -> None:
+        for layer in self._lora_layers(tuner):
+            layer.unmerge()
+
+    def describe(self, tuner, record) -> dict:
+        return {"config": record.config.to_dict(), "stacks": [], "trained_modules": list(record.trained),
+                "lora_targets": record.lora_targets}
+
+    def tensors_from_file(self, tensors, adapter_name):
+        # PEFT puts the adapter's name in its keys: lora_A.<name>.weight
+        return {re.sub(r"\.(lora_[AB])\.[^.]+\.", rf".\1.{adapter_name}.", k): v for k, v in tensors.items()}
+
+
+STRATEGIES: Dict[str, Strategy] = {s.method: s for s in (Strategy(), DecoderStrategy(), FullStrategy(), LoraStrategy())}
+
+
+def strategy_for(method: str) -> Strategy:
+    try:
+        return STRATEGIES[method]
+    except KeyError:
+        raise AdapterError(f"unknown method {method!r}; choose one of {', '.join(STRATEGIES)}") from None
