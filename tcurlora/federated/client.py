@@ -27,7 +27,7 @@ def train_round(load_base, pairs: Sequence[Tuple[str, str]], out, server_round: 
     options = FinetuneOptions(method=train["method"], rank=int(train["rank"]), preset=train["preset"],
                               train_modules=list(train["train_modules"]), steps=int(train["steps"]), lr=train["lr"],
                               batch_size=int(train["batch_size"]), patch_size=tuple(patch) if patch else None,
-                              seed=seed * 1000 + server_round, device=device, val_every=10 ** 9, patience=0)
+                              seed=seed * 1000 + server_round, device=device)
     path = round_path(out, server_round)
     finetune(base, pairs, path, labels=train["labels"], options=options, events=events, initial_state=initial)
     for extra in (checkpoint_path(path), curve_path(path)):  # a round is not resumed and has no curve worth keeping

@@ -36,7 +36,7 @@ def initial_adapter(base, options, labels, out) -> Path:
     inject_adapter(base.network, config, "finetune")
     path = round_path(out, 0)
     save_adapter(base.network, path, labels=table, preprocessing=base.preprocessing.to_dict(),
-                 provenance={"cases": None, "federated_rounds": 0})
+                 provenance={"cases": None, "federated_rounds": 0}, base_name=base.name)
     return path
 
 
