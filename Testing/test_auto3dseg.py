@@ -183,7 +183,7 @@ def test_deep_supervision_levels_are_trained_and_a_new_head_trains_without_them(
     sitk.WriteImage(sitk.Cast(label, sitk.sitkUInt8), str(tmp_path / "spine" / "ct_label.nrrd"))
     result = finetune(base, [(str(a3d.ct), str(tmp_path / "spine" / "ct_label.nrrd"))], tmp_path / "spine.safetensors",
                       labels=spine, options=FinetuneOptions(steps=1, device="cpu", batch_size=1))
-    assert not result["cancelled"]
+    assert not result.cancelled
     state = adapter_state_dict(base.network)
     head = [v for k, v in state.items() if "up_layers__1__head" in k and k.endswith("weight")]
     assert head and head[0].shape[0] == 2

@@ -299,6 +299,13 @@ def test_every_alias_of_a_wrapped_layer_is_replaced():
         assert list(base_state_dict(model)) == keys  # (… and not in the base's)
 
 
+def test_one_strategy_for_each_method_of_the_protocol():
+    from tcurlora.protocol import METHODS
+    from tcurlora.tuners import STRATEGIES
+
+    assert set(STRATEGIES) == set(METHODS)
+
+
 def test_exclusive_methods_refuse_to_share_and_names_are_checked():
     from tcurlora.adapter import AdapterError
 
@@ -436,3 +443,21 @@ def test_core_gradient_against_an_explicit_reference_with_scale_batch_and_odd_k(
     y = sum(x.double() @ (w[i] + delta[i]).t() + model.lins[i].bias.double() for i in range(k))
     (y * g.double()).sum().backward()
     torch.testing.assert_close(stack.delta_u.grad.double(), ref_u.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_container_selected_for_full_training_trains_its_children():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stages = nn.ModuleList([nn.Conv3d(1, 2, 1), nn.Conv3d(2, 2, 1)])
+
+        def forward(self, x):
+            for i in range(len(self.stages)):  # nnU-Net's decoder counts and indexes its ModuleLists
+                x = self.stages[i](x)
+            return x
+
+    model = seeded(Net)
+    inject_adapter(model, TCURLoRAConfig(method="decoder", train_modules=["stages"]))
+    assert list(get_adapter(model).trained) == ["stages.0", "stages.1"]
+    model(X).sum().backward()
+    assert all(p.grad is not None for p in get_adapter(model).parameters())

@@ -31,8 +31,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 UNETR_DECODER = ["encoder[1-4]", "decoder[2-5]", "out"]  # UNETR's conv decoder: everything but the ViT
+# nnU-Net's own planner (nnUNetv2_plan_and_preprocess, 3d_fullres) on the test dataset of Testing/nnunet_fixture.py
+# chose this PlainConvUNet, patch 80×48×80 and batch 2: the nnU-Net row runs it at that setting (random init)
+NNUNET_PLAN = {"n_stages": 5, "features_per_stage": [32, 64, 128, 256, 320], "kernel_sizes": [[3, 3, 3]] * 5,
+               "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 1, 2]], "n_conv_per_stage": [2] * 5,
+               "n_conv_per_stage_decoder": [2] * 4, "conv_bias": True}
+# modules before the decoder: the "decoder-side" tCURLoRA leaves them out, so backward never enters them
+ENCODERS = {"deepbet": [r"init(\..*)?", r"down[0-3](\..*)?"], "nnunet": [r"encoder(\..*)?"]}
 MODELS = {
     "deepbet128": {"kind": "deepbet", "size": 128, "batch": 1},
+    "nnunet": {"kind": "nnunet", "size": (80, 48, 80), "batch": 2},
     "unetr-small": {"kind": "unetr", "size": 48, "batch": 1, "hidden": 192, "mlp": 768, "heads": 4, "feature": 8},
     "vitb": {"kind": "unetr", "size": 96, "batch": 2, "hidden": 768, "mlp": 3072, "heads": 12, "feature": 16},
 }
@@ -49,14 +57,26 @@ def write_csv(path: Path, rows: list, keys: list) -> None:
         w.writerows(rows)
 
 
+def shape_of(model: str) -> tuple:
+    size = MODELS[model]["size"]
+    return tuple(size) if isinstance(size, (list, tuple)) else (size,) * 3
+
+
+def preset_of(model: str) -> str:
+    return "vit" if MODELS[model]["kind"] == "unetr" else "conv"
+
+
 def methods_for(model: str) -> list:
     """(label, config kwargs) per method; decoder-only first (the reference)."""
     kind = MODELS[model]["kind"]
-    preset = "conv" if kind == "deepbet" else "vit"
+    preset = preset_of(model)
     rows = [("decoder-only", {"method": "decoder"}),
             ("tCURLoRA r=8", {"method": "tcurlora", "preset": preset, "rank": 8})]
     if kind == "unetr":
         rows.append(("tCURLoRA r=8 + decoder", {"method": "tcurlora", "preset": preset, "rank": 8, "decoder": True}))
+    else:
+        rows.append(("tCURLoRA r=8 decoder-side", {"method": "tcurlora", "preset": preset, "rank": 8,
+                                                   "exclude_modules": ENCODERS[kind]}))
     rows += [("LoRA r=8 (PEFT)", {"method": "lora", "preset": preset, "rank": 8}),
              ("full fine-tuning", {"method": "full"})]
     return rows
@@ -75,6 +95,14 @@ def _build(model: str):
 
         base = load_base("deepbet")
         return base.network, list(base.decoder_modules)
+    if cfg["kind"] == "nnunet":
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+        torch.manual_seed(0)
+        net = PlainConvUNet(1, conv_op=torch.nn.Conv3d, norm_op=torch.nn.InstanceNorm3d,
+                            norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
+                            nonlin_kwargs={"inplace": True}, num_classes=2, deep_supervision=False, **NNUNET_PLAN)
+        return net, [r"decoder\.(stages|transpconvs|seg_layers)(\..*)?"]
     from monai.networks.nets import UNETR
 
     torch.manual_seed(0)
@@ -109,7 +137,7 @@ def child_train(job: dict) -> dict:
     net, decoder = _build(job["model"])
     batch = job.get("batch") or cfg["batch"]
     g = torch.Generator().manual_seed(0)
-    shape = (batch, 1) + (cfg["size"],) * 3
+    shape = (batch, 1) + shape_of(job["model"])
     x = torch.randn(shape, generator=g).to(device)
     y = (torch.rand(shape, generator=g) > 0.7).long().to(device)
     if job["method"] is None:  # inference-only floor
@@ -160,7 +188,7 @@ def child_infer(job: dict) -> dict:
     device = job["device"]
     cfg = MODELS[job["model"]]
     base, _ = _build(job["model"])
-    preset = "conv" if cfg["kind"] == "deepbet" else "vit"
+    preset = preset_of(job["model"])
     adapted = copy.deepcopy(base)
     inject_adapter(adapted, TCURLoRAConfig(preset=preset, rank=8))
     with torch.no_grad():
@@ -169,7 +197,7 @@ def child_infer(job: dict) -> dict:
     unmerged = copy.deepcopy(adapted)
     merge_adapter(adapted)
     nets = {"base": base.to(device).eval(), "merged": adapted.to(device).eval(), "unmerged": unmerged.to(device).eval()}
-    x = torch.randn((1, 1) + (cfg["size"],) * 3, generator=torch.Generator().manual_seed(0)).to(device)
+    x = torch.randn((1, 1) + shape_of(job["model"]), generator=torch.Generator().manual_seed(0)).to(device)
     times = {k: [] for k in nets}
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=job["bf16"]):
         for name, net in nets.items():  # warm-up
@@ -289,17 +317,29 @@ def run(args) -> dict:
                "train_step_s": None, "peak_rss_mb": floor["peak_rss_mb"], "gpu_peak_gb": None}
         results["train"].append(row)
         print(f"  {model:12s} {row['method']:24s} peak RSS {row['peak_rss_mb']:7.0f} MB", flush=True)
-        for label, kwargs in methods_for(model):
-            r = spawn({**common, "task": "train", "model": model, "method": kwargs, "batch": batch})
-            if "error" in r:
+        # every method in a fresh process, the methods taking turns over the rounds (load drifts)
+        runs = {label: [] for label, _ in methods_for(model)}
+        for round_ in range(args.rounds):
+            for label, kwargs in methods_for(model):
+                r = spawn({**common, "task": "train", "model": model, "method": kwargs, "batch": batch})
+                runs[label].append(r)
+                if "error" in r:
+                    print(f"  {model:12s} {label:24s} FAILED: {r['error']}", flush=True)
+                else:
+                    print(f"  {model:12s} {label:24s} round {round_ + 1}: steps "
+                          + " ".join(f"{t:.3f}" for t in r["train_step_all_s"]), flush=True)
+        for label, rs in runs.items():
+            ok = [r for r in rs if "error" not in r]
+            if not ok:
                 results["train"].append({"model": model, "method": label, "batch": batch, "trainable": 0,
                                          "train_step_s": None, "peak_rss_mb": None, "gpu_peak_gb": None,
-                                         "error": r["error"]})
-                print(f"  {model:12s} {label:24s} FAILED: {r['error']}", flush=True)
+                                         "error": rs[0]["error"]})
                 continue
-            row = {"model": model, "method": label, "batch": batch, "trainable": r["trainable"],
-                   "train_step_s": r["train_step_s"], "train_step_all_s": r["train_step_all_s"],
-                   "peak_rss_mb": r["peak_rss_mb"], "gpu_peak_gb": r.get("gpu_peak_gb")}
+            steps = [t for r in ok for t in r["train_step_all_s"]]
+            gpu_peaks = [r["gpu_peak_gb"] for r in ok if r.get("gpu_peak_gb") is not None]
+            row = {"model": model, "method": label, "batch": batch, "trainable": ok[0]["trainable"],
+                   "train_step_s": statistics.median(steps), "train_step_all_s": steps,
+                   "peak_rss_mb": max(r["peak_rss_mb"] for r in ok), "gpu_peak_gb": max(gpu_peaks) if gpu_peaks else None}
             results["train"].append(row)
             gpu = f"  GPU peak {row['gpu_peak_gb']:.2f} GB" if row["gpu_peak_gb"] is not None else ""
             print(f"  {model:12s} {label:24s} step {row['train_step_s']:7.3f} s  peak RSS {row['peak_rss_mb']:7.0f} MB"
@@ -414,9 +454,10 @@ def main(argv=None) -> int:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing (tcurlora.train)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=None,
-                        help="default: deepbet128 unetr-small on cpu, vitb on cuda")
+                        help="default: deepbet128 nnunet unetr-small on cpu, vitb nnunet on cuda")
     parser.add_argument("--batch", type=int, default=None, help="default: per model (deepbet 1, unetr-small 1, vitb 2)")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2, help="fresh-process runs of every method, taking turns")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
     parser.add_argument("--no-infer", action="store_true", help="skip the merged-inference comparison")
@@ -433,7 +474,7 @@ def main(argv=None) -> int:
 
         if not torch.cuda.is_available():
             parser.error("--device cuda: this torch build sees no CUDA GPU")
-    args.models = args.models or (["vitb"] if args.device == "cuda" else ["deepbet128", "unetr-small"])
+    args.models = args.models or (["vitb", "nnunet"] if args.device == "cuda" else ["deepbet128", "nnunet", "unetr-small"])
     if args.segment256 is None:
         args.segment256 = args.device == "cpu"
     stem = args.stem or ("resources" if args.device == "cpu" else "resources_cuda")

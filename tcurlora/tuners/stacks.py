@@ -216,10 +216,28 @@ def _explicit_stacks(model: nn.Module, stacks: Dict[str, List[str]], excluded: L
     return specs
 
 
+CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
+
 def trained_module_names(model: nn.Module, config: TCURLoRAConfig) -> List[str]:
-    """The top-most modules that ``config.train_modules`` selects (each trained fully)."""
-    trained = [n for n, _ in base_named_modules(model) if n and matches(n, config.train_modules)]
-    return [n for n in trained if not under(n, [t for t in trained if t != n])]
+    """The top-most modules that ``config.train_modules`` selects (each trained fully).
+
+    A selected container (ModuleList, ModuleDict, Sequential) stands for its children: networks index, count
+    and iterate their containers (nnU-Net's decoder runs ``len(self.stages)``), which a switch cannot offer.
+    """
+    modules = dict(base_named_modules(model))
+    trained = [n for n in modules if n and matches(n, config.train_modules)]
+    top = [n for n in trained if not under(n, [t for t in trained if t != n])]
+    out: List[str] = []
+    while top:
+        name = top.pop(0)
+        module = modules[name]
+        if isinstance(module, CONTAINERS):
+            top[:0] = [f"{name}.{child}" for child, m in module._modules.items() if m is not None
+                       and f"{name}.{child}" in modules]
+        else:
+            out.append(name)
+    return out
 
 
 def resolve_stacks(model: nn.Module, config: TCURLoRAConfig) -> List[StackSpec]:
