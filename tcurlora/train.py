@@ -418,8 +418,9 @@ class Training:
             self.transforms.set_random_state(seed=step_seed % (2 ** 32))
             rng = np.random.RandomState(step_seed % (2 ** 32))
             self.optimizer.zero_grad(set_to_none=True)
+            across = {"ctx": self.ctx} if self.ctx.distributed else {}  # one process: the plain call
             return _accumulate(self.model, self.transforms, self.train_cases, rng, self.loss_fn, self.device,
-                               self.amp, self.options, self.ctx)
+                               self.amp, self.options, **across)
 
         def shrink() -> Optional[str]:
             if self.ctx.distributed:  # every rank would have to shrink alike: stop with the error
