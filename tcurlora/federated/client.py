@@ -93,8 +93,9 @@ def run_client(load_base, pairs: List[Tuple[str, str]], *, server: str, out, roo
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             if done["rounds"] or code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                details = exc.details() if hasattr(exc, "details") else ""
                 raise TCURLoRAError(f"{server}: the federation connection failed "
-                                    f"({code.name if code else exc}: {exc.details() if hasattr(exc, 'details') else ''})") from None
+                                    f"({code.name if code else exc}: {details})") from None
             time.sleep(1.0)
     if not done["rounds"]:
         raise TCURLoRAError(f"{server}: no round completed (server unreachable, refused the connection, "
@@ -104,8 +105,9 @@ def run_client(load_base, pairs: List[Tuple[str, str]], *, server: str, out, roo
     from ..aggregate import write_adapter_tensors
 
     # this site's manifest (same layout as the global one: the server checked it) with the global state
-    manifest = dict(done["manifest"], provenance={**done["manifest"]["provenance"], "federated_rounds": done["global"][0],
-                                                   "cases": None, "site_cases": len(pairs)})
+    provenance = {**done["manifest"]["provenance"], "federated_rounds": done["global"][0], "cases": None,
+                  "site_cases": len(pairs)}
+    manifest = dict(done["manifest"], provenance=provenance)
     write_adapter_tensors(out, manifest, done["global"][1])
     return {"outputs": {"adapter": out, "rounds": done["rounds"]}, "metrics": {"rounds": len(done["rounds"])},
             "cancelled": False}

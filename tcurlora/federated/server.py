@@ -29,7 +29,8 @@ def initial_adapter(base, options, labels, out) -> Path:
     from ..train import _seed_everything, build_adapter_config, resolve_labels
 
     if options.method not in AVERAGEABLE:
-        raise TCURLoRAError(LORA_REFUSAL if options.method == "lora" else f"method {options.method!r} cannot be federated")
+        raise TCURLoRAError(LORA_REFUSAL if options.method == "lora"
+                            else f"method {options.method!r} cannot be federated")
     table = resolve_labels(base, labels, None)
     config = build_adapter_config(base, options, table)
     _seed_everything(options.seed)  # as finetune does: a new head starts from the seed
@@ -91,7 +92,8 @@ def make_strategy(manifest: dict, state: Dict[str, torch.Tensor], train: dict, r
                     update = from_arrays(parameters_to_ndarrays(res.parameters), keys, f"site {site}")
                     if json.loads(str(res.metrics.get("keys", "[]"))) != keys:
                         raise TCURLoRAError(f"site {site}: sent other adapter tensors than the federation's")
-                    check_update(self.manifest, self.state, str(res.metrics.get("manifest", "")), update, f"site {site}")
+                    manifest_text = str(res.metrics.get("manifest", ""))
+                    check_update(self.manifest, self.state, manifest_text, update, f"site {site}")
                     if not (isinstance(res.num_examples, int) and res.num_examples > 0):
                         raise TCURLoRAError(f"site {site}: reports no training cases")
                 except (TCURLoRAError, ValueError) as exc:
