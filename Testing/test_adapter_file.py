@@ -805,3 +805,234 @@ def test_vit_b_adapter_file_is_at_most_64_kb(tmp_path):
           f"{manifest['method']['trainable_values']} trained values")
     assert manifest["method"]["trainable_values"] == 8 * 8 * (48 + 12 + 12)
     assert size <= 64 * 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# crafted adapters: every field a loader acts on is checked, cheaply, before anything is built
+
+
+HEAD = "model.2.conv"  # the tiny UNet's output layer: ConvTranspose3d(8, 2, 3), outputs on dim 1
+
+
+@pytest.fixture(scope="module")
+def crafted_sources(tmp_path_factory):
+    """Real adapters of the tiny UNet to mutate: tCURLoRA rank 2, tCURLoRA + a 3-label new head, PEFT LoRA rank 2."""
+    folder = tmp_path_factory.mktemp("crafted_sources")
+    sources = {"tcurlora": folder / "tcurlora.safetensors", "head": folder / "head.safetensors",
+               "lora": folder / "lora.safetensors"}
+    saved_tiny_adapter(sources["tcurlora"], named(tiny_unet(), "tiny-unet"))
+    model = named(tiny_unet(), "tiny-unet")
+    inject_adapter(model, TCURLoRAConfig(rank=2, new_head={"module": HEAD, "out_channels": 3}))
+    perturb(model)
+    save_adapter(model, sources["head"], labels=LABELS_3 + [{"value": 3, "name": "CSF", "color": [0, 0, 1]}])
+    model = named(tiny_unet(), "tiny-unet")
+    inject_adapter(model, TCURLoRAConfig(method="lora", rank=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
+    save_adapter(model, sources["lora"])
+    return sources
+
+
+def _rewrite_raw_header(src, dst, mutate_header):
+    """Rewrite the safetensors header JSON itself (what save_file would never write), keeping the data bytes."""
+    data = Path(src).read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    mutate_header(header)
+    raw = json.dumps(header).encode()
+    Path(dst).write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    return dst
+
+
+def _first_key(header):
+    return sorted(k for k in header if k != "__metadata__")[0]
+
+
+def _set(path_in_manifest, value):
+    """A manifest mutation: set manifest[a][b]... = value (``path_in_manifest`` is 'a.b.0.c')."""
+    def mutate(m):
+        node = m
+        keys = [int(k) if k.isdigit() else k for k in path_in_manifest.split(".")]
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+    return mutate
+
+
+def _nan_core(t):
+    key = _first_stack_key(t)
+    t[key][0, 0, 0] = float("nan")
+
+
+def _inf_core(t):
+    key = _first_stack_key(t)
+    t[key][0, 1, 1] = float("-inf")
+
+
+def _repeat_members(m):
+    stack = m["method"]["stacks"][0]
+    stack["members"] = stack["members"] * 1000
+    stack["k"] = len(stack["members"])
+
+
+# name -> (source adapter, how to craft it, fragment of the one-line refusal, whether `inspect` refuses too)
+CRAFTED = {
+    "dtype-list": ("tcurlora", ("header", lambda h: h[_first_key(h)].update(dtype=["F32"])), "unsupported dtype", True),
+    "shape-float": ("tcurlora", ("header", lambda h: h[_first_key(h)].update(shape=[1, 2.0, 2])), "invalid shape", True),
+    "offsets-bool": ("tcurlora", ("header", lambda h: h[_first_key(h)].update(data_offsets=[False, 16])),
+                     "invalid data offsets", True),
+    "rank-infinity": ("tcurlora", _set("method.config.rank", float("inf")), "non-finite number", True),
+    "rank-huge": ("tcurlora", _set("method.config.rank", 10 ** 30), "'rank' must be an integer", True),
+    "rank-list": ("tcurlora", _set("method.config.rank", [2]), "'rank' must be an integer", True),
+    "scale-nan": ("tcurlora", _set("method.config.scale", float("nan")), "non-finite number", True),
+    "scale-string": ("tcurlora", _set("method.config.scale", "1"), "'scale' must be a finite number", True),
+    "seed-negative": ("tcurlora", _set("method.config.seed", -1), "'seed'", True),
+    "nan-core": ("tcurlora", ("tensors", _nan_core), "NaN or infinite", False),
+    "inf-core": ("tcurlora", ("tensors", _inf_core), "NaN or infinite", False),
+    "label-newline": ("tcurlora", _set("labels", [{"value": 1, "name": "Brain\nSegment0_LabelValue:=7",
+                                                   "color": [1, 0, 0]}]), "control character U+000A", True),
+    "label-escape": ("tcurlora", _set("labels", [{"value": 1, "name": "Brain\x1b]0;owned\x07", "color": [1, 0, 0]}]),
+                     "control character U+001B", True),
+    "label-2**40": ("tcurlora", _set("labels", [{"value": 2 ** 40, "name": "Brain", "color": [1, 0, 0]}]),
+                    "above 65535", True),
+    "label-duplicate-name": ("tcurlora", _set("labels", [{"value": 1, "name": "Brain", "color": [1, 0, 0]},
+                                                         {"value": 2, "name": "brain", "color": [0, 1, 0]}]),
+                             "appears twice", True),
+    "label-non-ascii": ("tcurlora", _set("labels", [{"value": 1, "name": "Läsion", "color": [1, 0, 0]}]),
+                        "must be ASCII", False),
+    "base-name-bidi": ("tcurlora", _set("base.name", "tiny\u202eten-u"), "control character U+202E", True),
+    "provenance-escape": ("tcurlora", _set("provenance.software", "\x1b[2Jtcurlora"), "control character U+001B", True),
+    "fingerprint-garbage": ("tcurlora", _set("base.fingerprint", "sha256:zz"), "sha256 fingerprint", True),
+    "member-path": ("tcurlora", _set("method.stacks.0.members.0.module", "model.0.conv; rm -rf"), "malformed stack", True),
+    "members-repeated": ("tcurlora", _repeat_members, "listed twice", True),
+    "regex-nested": ("tcurlora", _set("method.config.train_modules", ["(.*.*)*X"]), "nests repetitions", True),
+    "regex-alternation": ("tcurlora", _set("method.config.exclude_modules", ["(a|aa)+b"]), "repeats an alternation", True),
+    "regex-backref": ("tcurlora", _set("method.config.stacks", {"s": [r"(model)\.\1"]}), "back-reference", True),
+    "regex-long": ("tcurlora", _set("method.config.train_modules", ["a" * 600]), "longer than", True),
+    "regex-many-repeats": ("tcurlora", _set("method.config.train_modules", [".*a.*b.*c.*d"]), "more than 3", True),
+    "new-head-10**7": ("head", _set("method.config.new_head.out_channels", 10 ** 7), "'new_head' must be", True),
+    "new-head-mismatch": ("head", _set("method.config.new_head.out_channels", 4000), "has no matching tensor", True),
+    "new-head-wrong-layer": ("head", lambda m: (m["method"]["config"]["new_head"].update(module="model.0.conv")),
+                             "has no matching tensor", True),
+    "lora-rank-10**6": ("lora", _set("method.config.rank", 10 ** 6), "'rank' must be an integer", True),
+    "lora-rank-mismatch": ("lora", _set("method.config.rank", 4000), "not rank 4000", True),
+    "lora-no-targets": ("lora", _set("method.lora_targets", []), "lora_targets", True),
+    "lora-target-missing": ("lora", lambda m: m["method"]["lora_targets"].append("model.2.conv"), "is missing", True),
+    "lora-trained-module-missing": ("lora", _set("method.trained_modules", ["model.2.conv"]),
+                                    "tensor model.2.conv.bias is missing, the layer needs", False),
+}
+
+
+def _craft(case, sources, dst):
+    source, how, _, _ = CRAFTED[case]
+    if isinstance(how, tuple) and how[0] == "header":
+        return _rewrite_raw_header(sources[source], dst, how[1])
+    if isinstance(how, tuple):
+        return _rewrite(sources[source], dst, mutate_tensors=how[1])
+    return _rewrite(sources[source], dst, mutate_manifest=how)
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_crafted_adapter_is_refused_in_one_line(case, crafted_sources, tmp_path, capsys):
+    from tcurlora import cli as tcurlora_cli
+
+    _, _, fragment, inspect_refuses = CRAFTED[case]
+    path = _craft(case, crafted_sources, tmp_path / f"{case}.safetensors")
+    capsys.readouterr()
+    code = tcurlora_cli.main(["inspect", str(path)])
+    out, err = capsys.readouterr()
+    if inspect_refuses:
+        assert code == 2 and out == "" and len(err.splitlines()) == 1, (code, out, err)
+        assert err.startswith(f"error: {path.name}: ") and fragment in err, err
+    else:
+        assert code == 0 and all(ch == "\n" or ch.isprintable() for ch in out), out
+    model = tiny_unet()
+    x = x_for((1, 1, 16, 16, 16))
+    before = run(model, x)
+    with pytest.raises(TCURLoRAError) as exc:
+        load_adapter(named(model, "tiny-unet"), path)
+    message = str(exc.value)
+    assert "\n" not in message and message.startswith(f"{path.name}: ") and fragment in message, message
+    assert list_adapters(model) == [] and torch.equal(run(model, x), before)
+
+
+def test_crafted_sources_load(crafted_sources):
+    """The unmutated sources load and change the output: the refusals above are about the mutation."""
+    x = x_for((1, 1, 16, 16, 16))
+    base = run(tiny_unet(), x)
+    for name, path in crafted_sources.items():
+        model = tiny_unet()
+        load_adapter(model, path)
+        out = run(model, x)
+        assert torch.isfinite(out).all() and (out.shape != base.shape or not torch.equal(out, base)), name
+
+
+def test_save_adapter_refuses_non_finite_tensors(tmp_path):
+    model = tiny_unet()
+    inject_adapter(model, TCURLoRAConfig(rank=2))
+    perturb(model)
+    with torch.no_grad():
+        next(iter(get_adapter(model).parameters()))[0, 0, 0] = float("nan")
+    path = tmp_path / "diverged.safetensors"
+    with pytest.raises(TCURLoRAError, match="NaN or infinite values") as exc:
+        save_adapter(model, path)
+    assert "\n" not in str(exc.value)
+    assert not list(tmp_path.iterdir())
+    # a metric that could not be computed is written as null, not as NaN (which JSON does not have)
+    model = tiny_unet()
+    inject_adapter(model, TCURLoRAConfig(rank=2))
+    manifest = save_adapter(model, path, provenance={"validation_dice": float("nan")})
+    assert manifest["provenance"]["validation_dice"] is None and read_manifest(path)["provenance"]["validation_dice"] is None
+
+
+SIZE_PROBE = """
+import json, resource, sys, torch
+from monai.networks.nets import UNet
+from tcurlora import load_adapter
+from tcurlora.errors import TCURLoRAError
+def fresh():
+    torch.manual_seed(0)
+    m = UNet(3, 1, 2, (4, 8, 8), (2, 2), num_res_units=0).eval()
+    m.tcurlora_base_name = "tiny-unet"
+    return m
+paths = json.loads(sys.argv[1])
+for p in paths["warm"]:  # first loads import PEFT and warm the allocator
+    load_adapter(fresh(), p)
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+start, result = rss(), {}
+for name, p in paths["crafted"].items():
+    try:
+        load_adapter(fresh(), p)
+        result[name] = "loaded"
+    except TCURLoRAError as exc:
+        result[name] = str(exc)
+    result[name + ":growth"] = rss() - start
+print(json.dumps(result))
+"""
+
+
+def test_sizes_are_checked_from_the_header_before_allocating(crafted_sources, tmp_path):
+    """A new head of 10^5 or 10^7 outputs, a LoRA rank of 20,000 or 10^6, a stack listing one layer 1,000 times:
+    refused before the layers are built (the old loader allocated them first: 86 MB to 86 GB here)."""
+    crafted = {
+        "new-head-10**5": _rewrite(crafted_sources["head"], tmp_path / "h5.safetensors",
+                                   mutate_manifest=_set("method.config.new_head.out_channels", 10 ** 5)),
+        "lora-rank-20000": _rewrite(crafted_sources["lora"], tmp_path / "l2.safetensors",
+                                    mutate_manifest=_set("method.config.rank", 20000)),
+        "members-repeated": _rewrite(crafted_sources["tcurlora"], tmp_path / "m.safetensors",
+                                     mutate_manifest=_repeat_members),
+    }
+    for case in ("new-head-10**7", "lora-rank-10**6"):
+        crafted[case] = _craft(case, crafted_sources, tmp_path / f"{case}.safetensors")
+    paths = {"warm": [str(crafted_sources["lora"]), str(crafted_sources["tcurlora"])],
+             "crafted": {k: str(v) for k, v in crafted.items()}}
+    proc = subprocess.run([sys.executable, "-c", SIZE_PROBE, json.dumps(paths)], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in crafted:
+        assert result[name] != "loaded" and result[name].startswith(Path(crafted[name]).name), (name, result[name])
+        assert result[name + ":growth"] < 16 * 2 ** 20, (name, result[name + ":growth"])
+    print("\npeak RSS growth over the crafted loads:", result[name + ":growth"] / 2 ** 20, "MB")

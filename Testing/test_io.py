@@ -12,7 +12,7 @@ import slicerio
 from tcurlora import io
 from tcurlora.errors import InputError, TCURLoRAError
 
-from conftest import write_dicom_series
+from conftest import CT, CT_VERT, write_dicom_series
 
 OBLIQUE = (0.9363, -0.2896, 0.1987, 0.3130, 0.9447, -0.0978, -0.1593, 0.1538, 0.9752)  # ~20 deg rotation
 
@@ -94,20 +94,113 @@ def test_read_image_formats(tmp_path, ext):
     assert out.GetMetaData(io.PATH_KEY).endswith(f"scan{ext}")
 
 
-def test_read_dicom_series_picks_largest(tmp_path):
+def test_read_dicom_folder_with_several_series_is_refused_with_the_list_or_read_by_uid(tmp_path):
     big = make_image(shape_zyx=(9, 10, 11), spacing=(0.7, 0.7, 2.0), dtype=np.int16)
     small = make_image(shape_zyx=(3, 10, 11), spacing=(0.7, 0.7, 2.0), dtype=np.int16, seed=1)
     folder = tmp_path / "dicom"
-    files = write_dicom_series(big, folder, "1.2.826.0.1.3680043.2.1125.2.1111")
-    write_dicom_series(small, folder, "1.2.826.0.1.3680043.2.1125.2.2222", "localizer")
-    out = io.read_image(folder)
-    assert out.GetSize() == big.GetSize()
-    np.testing.assert_allclose(out.GetSpacing(), big.GetSpacing(), rtol=1e-4)
-    np.testing.assert_allclose(out.GetOrigin(), big.GetOrigin(), atol=1e-3)
-    np.testing.assert_allclose(out.GetDirection(), big.GetDirection(), atol=1e-5)
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(big))
+    big_uid, small_uid = "1.2.826.0.1.3680043.2.1125.2.1111", "1.2.826.0.1.3680043.2.1125.2.2222"
+    files = write_dicom_series(big, folder, big_uid)
+    small_files = write_dicom_series(small, folder, small_uid, "localizer")
+    # no guessing (the old reader took the series with the most files)
+    with pytest.raises(InputError) as e:
+        io.read_image(folder)
+    assert_input_error(e, "dicom: holds 2 DICOM series", f"{big_uid} (test, 9 files)",
+                       f"{small_uid} (localizer, 3 files)", "--series UID")
+    for uid, volume in ((big_uid, big), (small_uid, small)):
+        out = io.read_image(io.pick_dicom_series(folder, uid))
+        assert out.GetSize() == volume.GetSize()
+        np.testing.assert_allclose(out.GetSpacing(), volume.GetSpacing(), rtol=1e-4)
+        np.testing.assert_allclose(out.GetOrigin(), volume.GetOrigin(), atol=1e-3)
+        np.testing.assert_allclose(out.GetDirection(), volume.GetDirection(), atol=1e-5)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(volume))
     # One file of the series stands for the series.
     assert io.read_image(files[0]).GetSize() == big.GetSize()
+    assert io.read_image(small_files[-1]).GetSize() == small.GetSize()
+    with pytest.raises(InputError) as e:
+        io.pick_dicom_series(folder, "1.2.3")
+    assert_input_error(e, "has no DICOM series 1.2.3", big_uid, small_uid)
+    assert io.pick_dicom_series(tmp_path / "scan.nii.gz", big_uid) == str(tmp_path / "scan.nii.gz")
+
+
+# ------------------------------------------------------------------------------------------------ untrusted images
+
+
+def _ct_copy(tmp_path, ext):
+    """The real tptbox CT crop re-written as ``ext`` (73x47x73 int16)."""
+    return write(sitk.ReadImage(str(CT)), tmp_path / f"ct{ext}")
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii"])
+@pytest.mark.parametrize("reader", ["image", "label"])
+def test_truncated_nifti_is_refused_not_read_as_zeros(tmp_path, ext, reader):
+    """ITK reads the missing half of a cut-short NIfTI file as zeros, which trained and segmented on garbage."""
+    source = _ct_copy(tmp_path, ext) if reader == "image" else write(sitk.ReadImage(str(CT_VERT)), tmp_path / f"l{ext}")
+    data = open(source, "rb").read()
+    cut = tmp_path / f"cut{ext}"
+    cut.write_bytes(data[: len(data) // 2])
+    read = io.read_image if reader == "image" else (lambda p: io.read_label(p, io.read_image(CT)))
+    with pytest.raises(InputError) as e:
+        read(cut)
+    assert_input_error(e, f"cut{ext}: ", "truncated")
+    read(source)  # the whole file reads
+
+
+def _nifti_header_only(path, shape, dtype=np.int16):
+    """A NIfTI file holding only a header that claims ``shape`` voxels (plus a few data bytes)."""
+    import gzip
+
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_qform(np.diag([1.0, 1.0, 1.0, 1.0]), code=1)
+    blob = header.binaryblock + b"\0" * 4 + b"\1" * 1000
+    path.write_bytes(gzip.compress(blob) if str(path).endswith(".gz") else blob)
+    return path
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+def test_small_file_claiming_a_big_volume_is_refused_from_its_header(tmp_path, ext):
+    path = _nifti_header_only(tmp_path / f"claims{ext}", (512, 512, 400))
+    assert path.stat().st_size < 1400
+    with pytest.raises(InputError) as e:
+        io.read_image(path)
+    assert_input_error(e, f"claims{ext}: ", "truncated")
+
+
+@pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz", "huge.nrrd", "huge.seg.nrrd"])
+def test_absurd_volume_size_is_refused_before_allocating(tmp_path, name):
+    path = tmp_path / name
+    if name == "huge.seg.nrrd":  # a gzip bomb: 40 bytes of data that would decompress to 32767^3 voxels
+        import gzip
+
+        path.write_bytes(b"NRRD0004\ntype: unsigned char\ndimension: 3\nsizes: 32767 32767 32767\n"
+                         b"encoding: gzip\nSegment0_ID:=Segment_1\nSegment0_Name:=a\nSegment0_LabelValue:=1\n"
+                         b"Segment0_Layer:=0\n\n" + gzip.compress(b"\0" * 4096))
+    elif name.endswith(".nrrd"):
+        path.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 32767 32767 32767\nencoding: raw\n"
+                         b"endian: little\n\n" + b"\0" * 64)
+    else:
+        _nifti_header_only(path, (32767, 32767, 32767))
+    for read in (io.read_image, lambda p: io.read_label(p, io.read_image(CT))):
+        with pytest.raises(InputError) as e:
+            read(path)
+        assert_input_error(e, f"{name}: ", "of 32767x32767x32767 voxels needs about", "GB of memory", "available")
+
+
+def test_memory_limit_follows_the_available_memory(tmp_path, monkeypatch):
+    path = _ct_copy(tmp_path, ".nii.gz")
+    voxels = 73 * 47 * 73
+    need = voxels * (2 + io.WORKING_BYTES_PER_VOXEL)
+    monkeypatch.setattr(io, "available_memory", lambda: need - 1)
+    with pytest.raises(InputError) as e:
+        io.read_image(path)
+    assert_input_error(e, "ct.nii.gz: ", "73x47x73 voxels needs about", "crop or downsample")
+    monkeypatch.setattr(io, "available_memory", lambda: need)
+    assert io.read_image(path).GetSize() == (73, 47, 73)
+    # the real figure: this machine has memory to spare for the CT crop, and not for 32767^3
+    assert 0 < io.available_memory()
 
 
 def test_read_dicom_empty_folder(tmp_path):
@@ -468,6 +561,32 @@ def test_write_label_value_not_in_table(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_segmentation_header_cannot_be_forged_by_a_label_name(tmp_path):
+    """A newline in a name used to go raw into the .seg.nrrd header: a forged field, or an unreadable file."""
+    img = make_image()
+    forged = [{"value": 1, "name": "Liver\nSegment0_LabelValue:=9", "color": [1, 0, 0]}]
+    with pytest.raises(TCURLoRAError, match="U\\+000A"):
+        io.write_segmentation(tmp_path / "x.seg.nrrd", make_label(img, (1,)), forged)
+    assert not list(tmp_path.iterdir())
+    # .seg.nrrd headers are ASCII (pynrrd): other names are refused in one line, not a UnicodeEncodeError
+    with pytest.raises(TCURLoRAError, match="must be ASCII"):
+        io.write_segmentation(tmp_path / "x.seg.nrrd", make_label(img, (1,)), [{"value": 1, "name": "Läsion"}])
+    assert not list(tmp_path.iterdir())
+    table = [{"value": 1, "name": "Liver: left lobe | segment 2 ~ (a=b)", "color": [1, 0, 0]}]
+    path = io.write_segmentation(tmp_path / "ok.seg.nrrd", make_label(img, (1,)), table)
+    assert [s["name"] for s in slicerio.read_segmentation(path)["segments"]] == [table[0]["name"]]
+
+
+def test_label_value_beyond_the_output_type_is_refused_not_wrapped(tmp_path):
+    img = make_image()
+    big = sitk.GetImageFromArray(np.where(sitk.GetArrayFromImage(make_label(img, (1,))) > 0, 2 ** 40, 0).astype(np.uint64))
+    big.CopyInformation(img)
+    for name in ("x.nii.gz", "x.seg.nrrd"):
+        with pytest.raises((ValueError, TCURLoRAError), match="above 65535"):
+            io.write_segmentation(tmp_path / name, big)
+    assert not list(tmp_path.iterdir())
+
+
 def test_writes_are_atomic(tmp_path, monkeypatch):
     img = make_image()
     target = tmp_path / "result.seg.nrrd"
@@ -505,6 +624,12 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     ([{"value": 1, "name": "a", "colour": [1, 0, 0]}], "unknown keys"),
     ([{"value": 1, "name": "a", "terminology": "not a terminology"}], "TerminologyEntry"),
     ([{"value": 1.5, "name": "a"}], "positive integer"),
+    ([{"value": 2 ** 40, "name": "a"}], "above 65535"),
+    ([{"value": float("inf"), "name": "a"}], "integer 'value'"),
+    ([{"value": 1, "name": "a\nSegment0_Name:=forged"}], "control character U.000A"),
+    ([{"value": 1, "name": "red\x1b[31m"}], "control character U.001B"),
+    ([{"value": 1, "name": "a\u202egpj.exe"}], "control character U.202E"),
+    ([{"value": 1, "name": "x" * 300}], "longer than"),
 ])
 def test_validate_label_table_errors(table, fragment):
     with pytest.raises(TCURLoRAError, match=fragment):

@@ -461,3 +461,18 @@ def test_a_container_selected_for_full_training_trains_its_children():
     assert list(get_adapter(model).trained) == ["stages.0", "stages.1"]
     model(X).sum().backward()
     assert all(p.grad is not None for p in get_adapter(model).parameters())
+
+
+def test_a_lora_adapter_can_be_removed_exactly():
+    from peft.tuners.lora import LoraLayer
+
+    model = seeded(ConvNet)
+    base = model(X).detach()
+    keys = list(model.state_dict())
+    inject_adapter(model, TCURLoRAConfig(method="lora", preset="conv", rank=2), "lora")
+    assert any(isinstance(m, LoraLayer) for m in model.modules())
+    get_tuner(model).delete_adapter("lora")
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(model(X).detach(), base, rtol=0, atol=0)
+    inject_adapter(model, TCURLoRAConfig(rank=2), "after")  # the model is free for any adapter again

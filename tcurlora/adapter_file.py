@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
+import math
 import re
 from pathlib import Path
 from typing import List, Optional
@@ -17,13 +17,14 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors, save_file
 
 from . import __version__
 from .config import TCURLoRAConfig
 from .errors import TCURLoRAError, display_name
-from .io import atomic_write
-from .manifest import FORMAT_VERSION, METADATA_KEY, ManifestError, check_tensors, read_header, parse_manifest
+from .io import atomic_write, validate_label_table
+from .manifest import (FORMAT_VERSION, LORA_KEY, METADATA_KEY, ManifestError, check_tensors, parse_manifest,
+                       read_adapter_bytes)
 from .tuners import AdapterError, get_tuner
 from .tuners.strategies import strategy_for
 
@@ -47,10 +48,16 @@ def save_adapter(model: nn.Module, path, *, labels: Optional[List[dict]] = None,
     tuner = get_tuner(model)
     described = tuner.describe(adapter_name)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tuner.adapter_state_dict(adapter_name).items()}
+    bad = _non_finite(tensors)
+    if bad:  # a diverged training (NaN/inf) must not become a file that segments everything as background
+        raise TCURLoRAError(f"{display_name(path)}: not written: tensor {bad} holds NaN or infinite values "
+                            "(the training diverged; try a lower learning rate)")
     prov = {"software": f"tcurlora {__version__}", "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
             "cases": None, "steps": None, "validation_dice": None}
     prov.update(provenance or {})
+    # JSON has no NaN/inf (and the reader refuses them): a metric that could not be computed is recorded as null
+    prov = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in prov.items()}
     manifest = {
         "format_version": FORMAT_VERSION,
         "method": {"name": described["config"]["method"], **described,
@@ -75,11 +82,16 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, act
     is left as it was.
     """
     name = display_name(path)
-    metadata, index = read_header(path)
+    # One read of the whole file: header and tensors come from the same bytes (no memory map to fault on)
+    data, metadata, index = read_adapter_bytes(path)
     if METADATA_KEY not in metadata:
         raise ManifestError(f"{name}: is a safetensors file but not a tcurlora adapter (no manifest)")
     manifest = parse_manifest(metadata[METADATA_KEY], name)
     check_tensors(manifest, index, name)
+    try:
+        validate_label_table(manifest["labels"])  # what segment will write: checked before any work
+    except TCURLoRAError as exc:
+        raise ManifestError(f"{name}: {exc}") from None
     fingerprint = base_fingerprint(model)
     if manifest["base"]["fingerprint"] != fingerprint:
         raise TCURLoRAError(
@@ -89,14 +101,19 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, act
     adapter_name = adapter_name or _default_adapter_name(path)
     if adapter_name in tuner.adapters:
         raise TCURLoRAError(f"{name}: an adapter named {adapter_name!r} is already loaded")
+    _check_layers_fit(model, manifest["method"], index, name)
     try:
         config = TCURLoRAConfig.from_dict(manifest["method"]["config"])
     except (TypeError, ValueError) as exc:
         raise ManifestError(f"{name}: invalid adapter config ({exc})") from None
     try:
-        tensors = load_file(os.fspath(path))
-    except (SafetensorError, OSError, ValueError) as exc:
+        tensors = load_tensors(data)
+    except (SafetensorError, ValueError) as exc:
         raise ManifestError(f"{name}: unreadable tensors ({exc})") from None
+    del data
+    bad = _non_finite(tensors)
+    if bad:
+        raise ManifestError(f"{name}: tensor {bad} holds NaN or infinite values")
     strategy = strategy_for(config.method)
     tensors = strategy.tensors_from_file(tensors, adapter_name)
     previous = tuner.active
@@ -115,6 +132,74 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, act
     for p in model.parameters():
         p.requires_grad_(False)
     return manifest
+
+
+def _non_finite(tensors: dict) -> Optional[str]:
+    """The first floating-point tensor holding NaN or ±inf, by name; None if all are finite."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def _check_layers_fit(model: nn.Module, method: dict, index: dict, name: str) -> None:
+    """Layers a load builds before its tensors arrive must match the file's tensors exactly, shape and dtype:
+    a new output head (a crafted ``out_channels`` would allocate beyond the file) and PEFT's LoRA matrices
+    (PEFT cannot take them out again once injected, so a misfit must be found before)."""
+    def layer(path: str) -> nn.Module:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise ManifestError(f"{name}: does not fit this base model: no module {path}") from None
+        module = getattr(module, "base_module", module)  # an earlier adapter's switch or stack wrapper
+        module = getattr(module, "base_layer", module)
+        if not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.dim() < 2:
+            raise ManifestError(f"{name}: does not fit this base model: {path} is not a Linear/Conv layer")
+        return module
+
+    def expect(key: str, shape: list, dtype: torch.dtype) -> None:
+        stored = index.get(key)
+        wanted = _SAFETENSORS_DTYPES.get(dtype, str(dtype))
+        if stored is None or stored["shape"] != shape or stored["dtype"] != wanted:
+            got = "missing" if stored is None else f"{stored['dtype']} {stored['shape']}"
+            raise ManifestError(f"{name}: does not fit this base model: tensor {key} is {got}, the layer needs "
+                                f"{wanted} {shape}")
+
+    head = method["config"].get("new_head")
+    if head:
+        module = layer(head["module"])
+        shape = list(module.weight.shape)
+        shape[1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0] = head["out_channels"]
+        expect(f"trained.{head['module'].replace('.', '__')}.weight", shape, module.weight.dtype)
+    if method["name"] == "lora":
+        rank = method["config"].get("rank", TCURLoRAConfig.rank)
+        for target in method["lora_targets"]:
+            module = layer(target)
+            if isinstance(module, nn.Linear):
+                a, b = [rank, module.in_features], [module.out_features, rank]
+            elif isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+                ones = [1] * len(module.kernel_size)  # PEFT: A = conv(in, r, kernel), B = conv(r, out, 1, groups)
+                a = [rank, module.in_channels, *module.kernel_size]
+                b = [module.out_channels, rank // module.groups, *ones]
+            else:
+                raise ManifestError(f"{name}: does not fit this base model: {target} is not a layer PEFT LoRA adapts")
+            keys = {}
+            for key in index:
+                match = LORA_KEY.fullmatch(key)
+                if match and match.group("target") == target:
+                    keys[match.group("ab")] = key
+            expect(keys.get("A", f"{target}.lora_A"), a, module.weight.dtype)
+            expect(keys.get("B", f"{target}.lora_B"), b, module.weight.dtype)
+        params = dict(model.named_parameters())
+        for path in method.get("trained_modules") or []:
+            own = {k for k in params if k.startswith(f"{path}.")}
+            for key in sorted(own | {k for k in index if k.startswith(f"{path}.")}):
+                if key not in params:
+                    raise ManifestError(f"{name}: does not fit this base model: no parameter {key}")
+                expect(key, list(params[key].shape), params[key].dtype)
 
 
 def _default_adapter_name(path) -> str:

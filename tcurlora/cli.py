@@ -46,6 +46,7 @@ def _add_switch(p: argparse.ArgumentParser, flag: str, key: str, value: bool = T
 def _base_args(p: argparse.ArgumentParser) -> None:
     for key in ("base", "weights", "device", "events", "stop_file"):
         _add_setting(p, key)
+    p.add_argument("--series", metavar="UID", help="the DICOM series to read from input folders holding several")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -439,6 +440,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {Path(args.events).name}: cannot write the events file ({exc.strerror or exc})", file=sys.stderr)
         return EXIT_ERROR
     try:
+        if getattr(args, "series", None):  # a DICOM folder input stands for one file of the chosen series
+            from .io import pick_dicom_series
+
+            for field in ("image", "val_image", "inputs"):
+                if hasattr(args, field):
+                    setattr(args, field, [pick_dicom_series(p, args.series) for p in getattr(args, field)])
         return COMMAND_HANDLERS[args.command](args, events)
     except TCURLoRAError as exc:
         if events is not None and events.stream is not None:

@@ -7,14 +7,30 @@ status 2, so every message must be complete and readable on its own, on one line
 from __future__ import annotations
 
 import os
+import unicodedata
 from typing import Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+# Characters that change what a terminal or a text header shows beyond the character itself: controls
+# (newline, ESC...), lone surrogates (unprintable), line/paragraph separators and bidirectional overrides.
+_BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def unsafe_character(text: str) -> Optional[str]:
+    """The first character of ``text`` that must not reach a terminal or a file header, as ``U+XXXX``; None if clean."""
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") or ch in _BIDI_CONTROLS:
+            return f"U+{ord(ch):04X}"
+    return None
+
+
 def _one_line(text: str) -> str:
-    # The worker protocol sends one JSON object per line and the CLI prints one line: no embedded newlines.
-    return " ".join(str(text).split())
+    # The worker protocol sends one JSON object per line and the CLI prints one line: no embedded newlines,
+    # and nothing (a file name, a value from a crafted file) that could drive the terminal.
+    text = " ".join(str(text).split())
+    return "".join("?" if unsafe_character(ch) else ch for ch in text) if unsafe_character(text) else text
 
 
 def display_name(path: PathLike) -> str:

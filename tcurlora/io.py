@@ -23,7 +23,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .atomic import atomic_write  # noqa: F401  (re-exported: the one atomic writer lives in atomic.py)
-from .errors import InputError, TCURLoRAError, display_name
+from .errors import InputError, TCURLoRAError, display_name, unsafe_character
+from .manifest import MAX_LABEL_VALUE, MAX_NAME
 from .protocol import default_color  # noqa: F401  (re-exported: the one label palette)
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -125,12 +126,26 @@ def validate_label_table(label_table: Sequence[dict]) -> LabelTable:
         try:
             value = int(entry["value"])
             name = str(entry["name"]).strip()
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise TCURLoRAError(f"label table: each entry needs an integer 'value' and a 'name', got {entry!r}")
-        if value != entry["value"] or value <= 0:
+        if value != entry["value"] or value <= 0 or isinstance(entry["value"], bool):
             raise TCURLoRAError(f"label table: value {entry['value']!r} must be a positive integer (0 is background)")
+        if value > MAX_LABEL_VALUE:
+            raise TCURLoRAError(f"label table: value {value} is above {MAX_LABEL_VALUE} (label maps are written "
+                                "with 8 or 16 bits)")
         if not name:
             raise TCURLoRAError(f"label table: label {value} has an empty name")
+        # names and terminology go into .seg.nrrd header lines and onto terminals: no newline, ESC, etc.
+        for what, text in (("name", name), ("terminology", str(entry.get("terminology") or ""))):
+            bad = unsafe_character(text)
+            if bad:
+                raise TCURLoRAError(f"label table: the {what} of label {value} holds the control character {bad}")
+        if len(name) > MAX_NAME:
+            raise TCURLoRAError(f"label table: the name of label {value} is longer than {MAX_NAME} characters")
+        if not name.isascii():  # pynrrd writes .seg.nrrd headers as ASCII (and its reader drops other bytes)
+            first = next(ch for ch in name if not ch.isascii())
+            raise TCURLoRAError(f"label table: the name of label {value} holds {first!r}; .seg.nrrd segment names "
+                                "must be ASCII")
         if value in seen_values:
             raise TCURLoRAError(f"label table: value {value} is listed twice")
         if name.lower() in seen_names:
@@ -198,36 +213,152 @@ def _check_volume(image: sitk.Image, path: str, what: str) -> sitk.Image:
     return image
 
 
-def _dicom_series(folder: str) -> list[list[str]]:
-    """All DICOM series below ``folder`` as lists of slice files (sorted by position by GDCM)."""
-    series: list[list[str]] = []
+def _dicom_series(folder: str) -> list[tuple[str, list[str]]]:
+    """All DICOM series below ``folder``: (series instance UID, slice files sorted by position by GDCM)."""
+    series: list[tuple[str, list[str]]] = []
     for root, dirs, _files in os.walk(folder):
         dirs.sort()
         for series_id in sitk.ImageSeriesReader.GetGDCMSeriesIDs(root) or ():
             files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(root, series_id)
             if files:
-                series.append(list(files))
+                series.append((series_id, list(files)))
     return series
 
 
+def _series_description(files: Sequence[str]) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        reader.ReadImageInformation()
+        text = reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
+    except RuntimeError:
+        text = ""
+    return f"{text[:40]}, {len(files)} files" if text else f"{len(files)} files"
+
+
+def pick_dicom_series(path: PathLike, series_uid: str) -> str:
+    """A file of DICOM series ``series_uid`` in the folder ``path`` (which :func:`read_image` then reads as that
+    series); other inputs are returned unchanged.  An unknown UID is an :class:`InputError` listing the series."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return path
+    series = _dicom_series(path)
+    for uid, files in series:
+        if uid == series_uid:
+            return files[0]
+    raise InputError(path, f"has no DICOM series {series_uid} (it holds {_series_list(series)})")
+
+
+def _series_list(series: Sequence[tuple[str, list[str]]]) -> str:
+    listed = "; ".join(f"{uid} ({_series_description(files)})" for uid, files in series[:10])
+    return (listed + ("; ..." if len(series) > 10 else "")) or "no DICOM series"
+
+
 def _read_dicom(path: str, member: Optional[str] = None) -> sitk.Image:
-    folder = path if member is None else os.path.dirname(path) or "."
-    series = _dicom_series(folder) if member is None else [
-        list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, sid))
-        for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) or ()]
-    if member is not None:
+    if member is None:
+        series = _dicom_series(path)
+    else:
+        folder = os.path.dirname(path) or "."
         member_abs = os.path.abspath(member)
-        series = [s for s in series if member_abs in {os.path.abspath(f) for f in s}]
+        series = [(uid, files) for uid, files in ((sid, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, sid)))
+                                                  for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) or ())
+                  if member_abs in {os.path.abspath(f) for f in files}]
     if not series:
         raise InputError(path, "no DICOM series found" if member is None else "is not part of a readable DICOM series")
-    # Several series in one folder (localizer, other reconstructions): take the one with the most slices.
-    files = max(series, key=len)
+    if len(series) > 1:
+        # a localizer, another reconstruction, another patient: never guess which one was meant
+        raise InputError(path, f"holds {len(series)} DICOM series: {_series_list(series)}; choose one with "
+                               "--series UID, or give one of its files")
+    files = series[0][1]
+    first = _read_information(files[0], "DICOM file")
+    _check_memory(path, (*first.GetSize()[:2], len(files)), _stored_bytes(first), "DICOM series")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
         return reader.Execute()
     except RuntimeError as exc:
         raise InputError(path, f"DICOM series cannot be read ({_sitk_reason(exc)})")
+
+
+# Working memory a volume costs per voxel beyond its stored voxels: the float32 copy, the finite check,
+# the preprocessing copies (orientation, resampling, the network input) and the class probabilities.
+WORKING_BYTES_PER_VOXEL = 24
+_COMPONENT_BYTES = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+                    sitk.sitkInt32: 4, sitk.sitkFloat32: 4}
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine can give a process now (free plus reclaimable caches)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _read_information(path: str, what: str) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()  # the header only: sizes are checked before any voxel is allocated
+    except RuntimeError as exc:
+        raise InputError(path, f"cannot be read as {what} ({_sitk_reason(exc)})")
+    return reader
+
+
+def _stored_bytes(reader: sitk.ImageFileReader) -> int:
+    return _COMPONENT_BYTES.get(reader.GetPixelID(), 8) * max(1, reader.GetNumberOfComponents())
+
+
+def _check_memory(path: str, size: Sequence[int], stored_bytes: int, what: str) -> None:
+    """Refuse, from the header, a volume this machine cannot hold (or a header that claims absurd sizes)."""
+    voxels = 1
+    for s in size:
+        voxels *= max(int(s), 1)
+    need, have = voxels * (stored_bytes + WORKING_BYTES_PER_VOXEL), available_memory()
+    if need > have:
+        raise InputError(path, f"{what} of {_size_text(size)} voxels needs about {need / 2 ** 30:.1f} GB of memory, "
+                               f"{have / 2 ** 30:.1f} GB is available; crop or downsample it, or free memory")
+
+
+def _check_nifti_complete(path: str) -> None:
+    """ITK reads a NIfTI file shorter than its header says with the missing voxels as zeros: refuse it."""
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    try:
+        header = nib.load(path).header
+        need = max(int(header.get_data_offset()), int(getattr(header, "single_vox_offset", 0))) + \
+            int(np.prod(header.get_data_shape(), dtype=np.float64)) * header.get_data_dtype().itemsize
+    except Exception:  # nibabel cannot parse it: ITK's reader says what is wrong
+        return
+    if extension(path) == ".nii":
+        have = os.path.getsize(path)
+    else:
+        have = 0
+        try:
+            with gzip.open(path, "rb") as f:  # count the decompressed bytes, 1 MB at a time
+                while have < need:
+                    chunk = f.read(min(1 << 20, need - have))
+                    if not chunk:
+                        break
+                    have += len(chunk)
+        except (EOFError, OSError, zlib.error):
+            raise InputError(path, "compressed data is truncated or corrupt (the file was cut short?)") from None
+    if have < need:
+        raise InputError(path, f"truncated: the header describes {need} bytes, the file holds {have}")
+
+
+def _read_volume(path: str, what: str) -> sitk.Image:
+    """Read an image file with ITK after checking, from its header, its size against memory and (NIfTI) its length."""
+    reader = _read_information(path, what)
+    _check_memory(path, reader.GetSize(), _stored_bytes(reader), what)
+    if extension(path) in (".nii", ".nii.gz"):
+        _check_nifti_complete(path)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(path, f"cannot be read as {what} ({_sitk_reason(exc)})")
 
 
 def _nifti_nonfinite(path: str) -> int:
@@ -244,8 +375,11 @@ def _nifti_nonfinite(path: str) -> int:
 def read_image(path: PathLike) -> sitk.Image:
     """Read a 3D image (NIfTI, NRRD, MHA/MHD, or a DICOM series folder / one of its files) as float32.
 
-    DICOM: the folder is searched (recursively) and the series with the most files is read.
-    Raises :class:`InputError` for a missing/unreadable file, 2D, 4D or multi-component data, and NaN/inf voxels.
+    DICOM: the folder is searched (recursively) and must hold one series (see :func:`pick_dicom_series`), or
+    ``path`` is one file of the series to read.
+    Raises :class:`InputError` for a missing/unreadable file, 2D, 4D or multi-component data, NaN/inf voxels,
+    a NIfTI file shorter than its header says, a folder with several DICOM series, and a volume larger than
+    the available memory allows (checked from the header, before reading the voxels).
     The source path is recorded in the image metadata (:data:`PATH_KEY`) so later messages can name it.
     """
     path = os.fspath(path)
@@ -256,10 +390,7 @@ def read_image(path: PathLike) -> sitk.Image:
     elif extension(path) == ".dcm":
         image = _read_dicom(path, member=path)
     else:
-        try:
-            image = sitk.ReadImage(path)
-        except RuntimeError as exc:
-            raise InputError(path, f"cannot be read as an image ({_sitk_reason(exc)})")
+        image = _read_volume(path, "an image")
     image = _check_volume(image, path, "image")
     if image.GetPixelID() != sitk.sitkFloat32:
         image = sitk.Cast(image, sitk.sitkFloat32)
@@ -378,8 +509,15 @@ def _segment_value_map(segments: list[dict], label_table: Optional[LabelTable], 
 
 
 def _read_slicer_segmentation(path: str) -> dict:
+    import nrrd
     import slicerio
 
+    try:
+        sizes = [int(s) for s in nrrd.read_header(path).get("sizes", [])]
+    except Exception:  # slicerio below names the problem
+        sizes = []
+    if sizes:  # the voxels are decompressed whole: check the size the header claims first (8-bit voxels)
+        _check_memory(path, sizes, 1, "a segmentation")
     try:
         seg = slicerio.read_segmentation(path)
     except Exception as exc:  # slicerio raises IOError/ValueError/KeyError on malformed headers
@@ -415,10 +553,7 @@ def _segmentation_to_image(seg: dict, values: list[int]) -> sitk.Image:
 
 
 def _read_plain_label(path: str) -> sitk.Image:
-    try:
-        label = sitk.ReadImage(path)
-    except RuntimeError as exc:
-        raise InputError(path, f"cannot be read as a label map ({_sitk_reason(exc)})")
+    label = _read_volume(path, "a label map")
     label = _check_volume(label, path, "label map")
     array = sitk.GetArrayViewFromImage(label)
     if np.issubdtype(array.dtype, np.floating):
@@ -575,6 +710,8 @@ def write_segmentation(path: PathLike, label: sitk.Image, label_table: Optional[
     if missing:
         raise ValueError(f"label values {sorted(missing)} are not in the label table")
     max_value = max([e["value"] for e in table] + [0])
+    if max_value > MAX_LABEL_VALUE:  # never wrap a value silently (2**40 would be written as 0)
+        raise ValueError(f"label value {max_value} is above {MAX_LABEL_VALUE}; label maps are written with 8 or 16 bits")
     dtype, pixel_id = _smallest_label_dtype(max_value)
 
     if ext != ".seg.nrrd":
@@ -713,5 +850,6 @@ __all__ = [
     "PATH_KEY", "IMAGE_EXTENSIONS", "LABEL_EXTENSIONS", "WRITE_EXTENSIONS", "extension", "stem",
     "array_to_image", "default_color", "validate_label_table", "default_label_table", "read_image",
     "geometry_mismatch", "is_segmentation_file", "read_label", "read_label_unchecked",
-    "label_table_from_segmentation", "write_image", "write_segmentation", "find_cases",
+    "label_table_from_segmentation", "write_image", "write_segmentation", "find_cases", "pick_dicom_series",
+    "available_memory",
 ]

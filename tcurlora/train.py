@@ -570,6 +570,8 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     if initial_state is not None:
         load_adapter_state_dict(network, initial_state)
     network.to(device)
+    if options.checkpointing:
+        enable_activation_checkpointing(network)
     check_writable(files.checkpoint, need_bytes=_checkpoint_bytes(network), what="checkpoint")
     # logged after the checks, so that a bad file or setting leaves exactly one line (the error) on the console
     events.log(f"read {len(train_cases)} training and {len(val_cases)} validation case(s)")
@@ -650,7 +652,7 @@ def _accumulate(network, transforms, cases, rng, loss_fn, device, amp, options, 
         y = torch.stack([p["label"] for p in patches]).to(device)
         with ctx.no_sync(network, i == last):  # DDP exchanges gradients after a rank's last batch of the step
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = _forward(network, x, options.checkpointing)
+                logits = network(x)
                 if isinstance(logits, (list, tuple)):
                     # a new head (new labels) replaces the full-resolution head only: the coarser deep-supervision
                     # heads still predict the base's labels and are left out of the loss
@@ -683,12 +685,6 @@ def _optimizer_to(optimizer, device) -> None:
                 state[k] = v.to(device)
 
 
-def _forward(network, x, checkpointing: bool):
-    if checkpointing and not getattr(network, "_tcurlora_checkpointing", False):
-        enable_activation_checkpointing(network)
-    return network(x)
-
-
 def enable_activation_checkpointing(network: torch.nn.Module) -> None:
     """Recompute block activations in backward: the blocks of every ModuleList (ViT/Swin blocks),
     else the root's children (encoder/decoder stages).  Trades compute for memory on small GPUs."""
@@ -706,4 +702,3 @@ def enable_activation_checkpointing(network: torch.nn.Module) -> None:
             return _plain(*args, **kwargs)
 
         block.forward = wrapped
-    network._tcurlora_checkpointing = True

@@ -105,8 +105,7 @@ class TCURTuner:
         try:
             strategy.inject(self, record, layout)
         except Exception:
-            if not strategy.exclusive:  # undo what was wrapped so far
-                strategy.remove(self, record)
+            strategy.remove(self, record)  # undo what was wrapped so far
             raise
         self.adapters[adapter_name] = record
         self.active = adapter_name

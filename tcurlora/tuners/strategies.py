@@ -246,7 +246,14 @@ class LoraStrategy(Strategy):
         return [m for m in tuner.model.modules() if isinstance(m, LoraLayer)]
 
     def remove(self, tuner, record) -> None:
-        raise AdapterError("a LoRA adapter cannot be removed from its model; reload the base")
+        """Put every layer PEFT wrapped back as it was (a failed load leaves the model untouched)."""
+        from peft.tuners.lora import LoraLayer
+
+        model = tuner.model
+        for parent in list(model.modules()):
+            for attr, child in list(parent._modules.items()):
+                if isinstance(child, LoraLayer):
+                    parent._modules[attr] = child.get_base_layer()
 
     def trainable(self, tuner, record):
         params = [p for n, p in tuner.model.named_parameters() if "lora_" in n]
