@@ -5,7 +5,6 @@ import sys
 from typing import Annotated, Optional
 
 import qt
-import vtk
 
 import slicer
 from slicer.ScriptedLoadableModule import (
@@ -37,7 +36,7 @@ def _addLibraryPath():
 
 _addLibraryPath()
 
-from TCURLoRALib import engine, models, nodeio, plots, slicerapp, tasks  # noqa: E402
+from TCURLoRALib import caselibrary, engine, logic, models, nodeio, plots, slicerapp, tasks  # noqa: E402
 
 METHODS = ["tcurlora", "lora", "decoder", "full", "pissa", "dora", "curlora", "lorapt"]
 CASE_COLUMNS = (("vtkMRMLScalarVolumeNode", "Volume of this training case."),
@@ -82,6 +81,7 @@ class TCURFinetuneParameterNode:
     validationCases (the last N rows), seed - advanced training settings.
     adapterName - name of the trained adapter; lastAdapterPath - the adapter of the last finished training.
     trainingChart - the loss / validation Dice chart.
+    useCaseLibrary - train on the case library's cases (on disk) instead of the case table.
     """
 
     trainingVolumes: list[slicer.vtkMRMLScalarVolumeNode]
@@ -99,6 +99,7 @@ class TCURFinetuneParameterNode:
     adapterName: str = "tcurlora-adapter"
     lastAdapterPath: str = ""
     trainingChart: slicer.vtkMRMLPlotChartNode
+    useCaseLibrary: bool = False
 
 
 #
@@ -106,7 +107,7 @@ class TCURFinetuneParameterNode:
 #
 
 
-class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class TCURFinetuneWidget(slicerapp.ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -126,65 +127,34 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.onLog = self.onLog
         self.logic.onProgress = self.onProgress
         self.logic.onFinished = self.onFinished
+        self.logic.onValidated = self.onValidated
 
-        slicerapp.populateDeviceComboBox(self.ui.deviceComboBox)
-        slicerapp.setupAddModelMenu(self.ui.addModelButton, self.onAddBundleModel, self.onAddSpecModel)
+        self.setupModelWidgets()
         self.ui.casesTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
         self.ui.casesTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         self.ui.labelMappingTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.libraryTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
+        self.ui.libraryTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
+        self.ui.libraryTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
+        self.ui.projectComboBox.connect("currentTextChanged(QString)", self.onProjectChanged)
+        self.ui.useLibraryCheckBox.connect("toggled(bool)", self.onLibraryChanged)
+        self.ui.libraryFolderButton.connect("clicked(bool)", self.onLibraryFolder)
+        self.ui.addLibraryCaseButton.connect("clicked(bool)", self.onAddLibraryCase)
+        self.ui.previewLibraryCaseButton.connect("clicked(bool)", self.onPreviewLibraryCase)
+        self.ui.toggleValidationButton.connect("clicked(bool)", self.onToggleValidation)
+        self.ui.removeLibraryCaseButton.connect("clicked(bool)", self.onRemoveLibraryCase)
+        self._populateProjects()
 
         self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
         self.ui.removeCaseButton.connect("clicked(bool)", self.onRemoveCase)
         self.ui.refreshLabelsButton.connect("clicked(bool)", self.onRefreshLabels)
         self.ui.labelMappingTable.connect("itemChanged(QTableWidgetItem*)", self.onMappingEdited)
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
-        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceSelected)
         self.ui.startButton.connect("clicked(bool)", self.onStartButton)
         self.ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
         self.ui.saveAdapterButton.connect("clicked(bool)", self.onSaveAdapter)
         self.ui.applyInSegmentButton.connect("clicked(bool)", self.onApplyInSegment)
 
         self.initializeParameterNode()
-
-    def cleanup(self) -> None:
-        self.removeObservers()
-        if self.logic:
-            self.logic.shutdown()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.logic.shutdown()
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-
-    def setParameterNode(self, inputParameterNode: Optional[TCURFinetuneParameterNode]) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-        self.updateGUIFromParameterNode()
-
-    # -- parameter node -> GUI
 
     def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
         if self._updatingGUI:
@@ -196,24 +166,25 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.startButton.enabled = False
                 return
             self._updateCasesTable(TCURFinetuneLogic.cases(p))
+            self._updateLibraryTable()
             self._updateMappingTable(self.logic.labelMapping(p))
-            entry = self.logic.modelEntry(p.model)
-            slicerapp.populateModelComboBox(self.ui.modelComboBox, self.logic.models(), p.model)
-            self.ui.modelInfoLabel.text = self.logic.modelDescription(entry) if entry else \
-                f"Model '{p.model}' is not available: select another one."
-            slicerapp.selectComboData(self.ui.deviceComboBox, p.device)
+            entry = self.updateModelWidgets(p)
             ok, summary = self.logic.mappingSummary(p)
             self.ui.labelInfoLabel.text = summary
             self.ui.labelInfoLabel.setStyleSheet("" if ok else "color: #c00000;")
             running = self.logic.isRunning()
-            canStart = ok and entry is not None and any(v and s for v, s in TCURFinetuneLogic.cases(p))
+            hasCases = self.logic.libraryHasTrainingCases() if p.useCaseLibrary else \
+                any(v and s for v, s in TCURFinetuneLogic.cases(p))
+            canStart = ok and entry is not None and hasCases
             self.ui.startButton.text = "Cancel" if running else "Start"
             self.ui.startButton.enabled = running or canStart
             self.ui.resumeButton.enabled = not running and self.logic.canResume()
             hasAdapter = bool(p.lastAdapterPath) and os.path.isfile(p.lastAdapterPath)
             self.ui.saveAdapterButton.enabled = hasAdapter and not running
             self.ui.applyInSegmentButton.enabled = hasAdapter and not running
-            for widget in (self.ui.addCaseButton, self.ui.removeCaseButton, self.ui.refreshLabelsButton):
+            for widget in (self.ui.addCaseButton, self.ui.removeCaseButton, self.ui.refreshLabelsButton,
+                           self.ui.addLibraryCaseButton, self.ui.removeLibraryCaseButton,
+                           self.ui.toggleValidationButton, self.ui.projectComboBox, self.ui.libraryFolderButton):
                 widget.enabled = not running
         finally:
             self._updatingGUI = False
@@ -282,7 +253,91 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                          items[MAPPING_LABEL].text(), items[MAPPING_VALUE].text()))
         return rows
 
+    def _updateLibraryTable(self) -> None:
+        table = self.ui.libraryTable
+        try:
+            cases = self.logic.library().cases()
+        except caselibrary.CaseLibraryError as exc:
+            cases = []
+            self.ui.statusLabel.text = str(exc)
+        rows = caselibrary.caseTableRows(cases)
+        table.setRowCount(len(rows))
+        for index, (row, case) in enumerate(zip(rows, cases)):
+            for column, text in enumerate(row):
+                item = qt.QTableWidgetItem(text)
+                item.setData(qt.Qt.UserRole, case["id"])
+                if column == 3 and case.get("dice"):
+                    item.setToolTip("\n".join(f"{k}: {'-' if v is None else f'{v:.3f}'}"
+                                              for k, v in case["dice"].items()))
+                table.setItem(index, column, item)
+
+    def _populateProjects(self) -> None:
+        combo = self.ui.projectComboBox
+        wasBlocked = combo.blockSignals(True)
+        try:
+            combo.clear()
+            current = slicerapp.caseProject()
+            for name in sorted(set(caselibrary.projects(slicerapp.caseLibraryRoot())) | {current}):
+                combo.addItem(name)
+            combo.setCurrentText(current)
+        finally:
+            combo.blockSignals(wasBlocked)
+
+    def _selectedLibraryCase(self) -> Optional[str]:
+        row = self.ui.libraryTable.currentRow()
+        item = self.ui.libraryTable.item(row, 0) if row >= 0 else None
+        return item.data(qt.Qt.UserRole) if item is not None else None
+
     # -- GUI -> parameter node / logic
+
+    def onProjectChanged(self, name: str) -> None:
+        if name.strip():
+            slicerapp.setCaseProject(name.strip())
+            self.onLibraryChanged()
+
+    def onLibraryChanged(self, *args) -> None:
+        """The case library, or whether to train on it, changed: its segment names feed the label table."""
+        if self._parameterNode is not None and not self._updatingGUI:
+            self.logic.refreshLabelMapping(self._parameterNode)
+            self.updateGUIFromParameterNode()
+
+    def onLibraryFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Case library folder",
+                                                     slicerapp.caseLibraryRoot())
+        if folder:
+            slicerapp.setCaseLibraryRoot(folder)
+            self._populateProjects()
+            self.onLibraryChanged()
+
+    def onAddLibraryCase(self) -> None:
+        volume, segmentation = slicerapp.segmentEditorSelection()
+        def added(entry):
+            self.ui.statusLabel.text = f"Added '{entry['name']}' to the case library."
+            self.onLibraryChanged()
+
+        with slicer.util.tryWithErrorDisplay("Could not add the training case."):
+            slicerapp.addTrainingCase(self.logic.library(), volume, segmentation, added)
+            self.ui.statusLabel.text = "Storing the training case..."
+
+    def onPreviewLibraryCase(self) -> None:
+        caseId = self._selectedLibraryCase()
+        if caseId:
+            with slicer.util.tryWithErrorDisplay("Could not load the case.", waitCursor=True):
+                volume, _ = self.logic.library().loadCase(caseId, slicer.mrmlScene)
+                slicer.util.setSliceViewerLayers(background=volume, fit=True)
+
+    def onToggleValidation(self) -> None:
+        caseId = self._selectedLibraryCase()
+        if caseId:
+            library = self.logic.library()
+            library.setValidation(caseId, not library.case(caseId).get("validation"))
+            self.updateGUIFromParameterNode()
+
+    def onRemoveLibraryCase(self) -> None:
+        caseId = self._selectedLibraryCase()
+        if caseId and slicer.util.confirmYesNoDisplay("Delete this case (and its files) from the case library?"):
+            self.logic.library().removeCase(caseId)
+            self.onLibraryChanged()
 
     def onCaseNodeChanged(self, node=None) -> None:
         if self._parameterNode is None or self._updatingGUI:
@@ -321,25 +376,9 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.setLabelMapping(self._parameterNode, rows)
 
     def onModelSelected(self, index: int) -> None:
+        slicerapp.ModuleWidgetMixin.onModelSelected(self, index)
         if self._parameterNode and index >= 0 and not self._updatingGUI:
-            self._parameterNode.model = self.ui.modelComboBox.itemData(index)
             self.logic.refreshLabelMapping(self._parameterNode)
-
-    def onDeviceSelected(self, index: int) -> None:
-        if self._parameterNode and index >= 0 and not self._updatingGUI:
-            self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
-
-    def onAddBundleModel(self) -> None:
-        folder = slicerapp.askBundleFolder(slicer.util.mainWindow())
-        if folder:
-            with slicer.util.tryWithErrorDisplay("Could not add the model."):
-                self._parameterNode.model = self.logic.addBundleModel(folder)["name"]
-
-    def onAddSpecModel(self) -> None:
-        spec, weights = slicerapp.askSpecAndWeights(slicer.util.mainWindow())
-        if spec and weights:
-            with slicer.util.tryWithErrorDisplay("Could not add the model."):
-                self._parameterNode.model = self.logic.addSpecModel(spec, weights)["name"]
 
     def onStartButton(self) -> None:
         if self.logic.isRunning():
@@ -347,10 +386,11 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = "Cancelling (a checkpoint is kept for Resume)..."
             return
         with slicer.util.tryWithErrorDisplay("The Python packages TCURLoRA needs could not be installed."):
-            if not self.logic.ensureDependencies():
+            if not slicerapp.ensureDependencies(self.logic, self.ui.progressBar, self.ui.statusLabel):
                 return
         with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
             self.ui.logTextEdit.clear()
+            self.ui.progressBar.maximum = 100
             self.ui.progressBar.value = 0
             self.ui.resultLabel.text = ""
             self.ui.statusLabel.text = "Exporting the training cases..."
@@ -389,6 +429,13 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.format = tasks.progressBarFormat(event)
         self.ui.statusLabel.text = text
 
+    def onValidated(self, results) -> None:
+        scores = [v for case in results.values() for v in case.values() if v is not None]
+        if scores:
+            self.ui.resultLabel.text += (f"\nCase library: {len(results)} validation case(s) segmented with the new "
+                                         f"adapter, mean Dice {sum(scores) / len(scores):.3f} (per case in the table).")
+        self.updateGUIFromParameterNode()
+
     def onFinished(self, task) -> None:
         self.ui.progressBar.format = "%p%"
         if task.status == tasks.DONE:
@@ -396,7 +443,8 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = "Training finished."
             self.ui.resultLabel.text = self.logic.resultDescription(task)
         elif task.status == tasks.CANCELLED:
-            self.ui.statusLabel.text = "Cancelled. Resume continues from the last checkpoint."
+            self.ui.statusLabel.text = "Cancelled. Resume continues from the last checkpoint." if task.canResume \
+                else "Cancelled before a checkpoint was written: Start trains again."
         else:
             self.ui.statusLabel.text = "Failed: " + task.errorMessage
             slicer.util.errorDisplay("Training failed:\n\n" + task.errorMessage, windowTitle="TCUR Finetune")
@@ -408,28 +456,30 @@ class TCURFinetuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class TCURFinetuneLogic(ScriptedLoadableModuleLogic, slicerapp.EngineLogicMixin):
-    """Adapter training without the GUI.
+class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
+    """Adapter training without the GUI (models and dependencies: :class:`TCURLoRALib.logic.EngineLogic`).
 
     :param launcher: ``launcher(job, workdir) -> WorkerJob`` (default: ``PythonSlicer -m tcurlora.worker``).
-    :param registry: :class:`TCURLoRALib.models.ModelRegistry` (default: the catalog + the user's models).
-    :param dependencyInstaller: ``() -> bool`` (default: ask, then install torch and the other packages).
     :param adapterStore: folder where trained adapters are kept until saved (default: Slicer's cache).
+    :param libraryRoot: folder of the case libraries (default: the application setting).
+    :param kwargs: registry, dependencyInstaller, discoverModels, runner, manifestReader (see
+        :class:`TCURLoRALib.logic.SegmentLogic`); the defaults are the application's.
 
     Callbacks ``onLog(text)``, ``onProgress(event)``, ``onFinished(task)`` run on the main thread.
     """
 
-    def __init__(self, launcher=None, registry=None, dependencyInstaller=None, adapterStore=None) -> None:
+    def __init__(self, launcher=None, adapterStore=None, libraryRoot=None, manifestReader=None, **kwargs) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        arguments = dict(slicerapp.engineLogicArguments(), **kwargs)
+        logic.EngineLogic.__init__(self, **arguments)
         self.launcher = launcher
-        self.registry = registry if registry is not None else models.ModelRegistry(custom=slicerapp.loadCustomModels())
-        self.dependencyInstaller = dependencyInstaller
         self.adapterStore = adapterStore
-        self.driver = slicerapp.TaskDriver()
+        self.libraryRoot = libraryRoot
+        # validation cases of the library are segmented with the new adapter by a segmentation logic
+        self.segmentLogic = logic.SegmentLogic(launcher=launcher, manifestReader=manifestReader,
+                                               **dict(arguments, runner=slicerapp.timerRunner()))
         self._parameterNodeOfTask = None
-        self.onLog = None
-        self.onProgress = None
-        self.onFinished = None
+        self.onValidated = None
 
     def getParameterNode(self):
         return TCURFinetuneParameterNode(super().getParameterNode())
@@ -500,8 +550,15 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, slicerapp.EngineLogicMixin)
         return list(entry.get("labels") or []) if entry else []
 
     def refreshLabelMapping(self, parameterNode):
-        """Rows for the segment names of the current cases, keeping the user's earlier choices."""
-        names, colors = self.segmentInfo([s for _, s in self.cases(parameterNode)])
+        """Rows for the segment names of the current cases (the case library's or the scene's), keeping the
+        user's earlier choices."""
+        if parameterNode.useCaseLibrary:
+            try:
+                names, colors = self.library().segmentInfo()
+            except caselibrary.CaseLibraryError:
+                names, colors = [], {}
+        else:
+            names, colors = self.segmentInfo([s for _, s in self.cases(parameterNode)])
         rows = models.mergeLabelMapping(self.labelMapping(parameterNode), names, self.baseLabels(parameterNode.model),
                                         colors)
         self.setLabelMapping(parameterNode, rows)
@@ -538,22 +595,16 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, slicerapp.EngineLogicMixin)
 
     # -- running
 
-    def isRunning(self) -> bool:
-        return self.driver.isRunning
-
-    @property
-    def task(self):
-        return self.driver.task
-
     def canResume(self) -> bool:
-        task = self.driver.task
+        task = self.runner.task
         return task is not None and not task.isActive and getattr(task, "canResume", False)
 
     def finetune(self, cases, mapping, modelName: str = "deepbet", method: str = "tcurlora", rank: int = 8,
                  steps: int = 300, learningRate: Optional[float] = None, patchSize=None, validationCount: int = 0,
                  seed: int = 0, device: str = "auto", adapterName: str = "tcurlora-adapter", chartNode=None,
-                 scene=None):
-        """Start training in the background; returns the task (see :meth:`waitForCompletion`)."""
+                 scene=None, onEnd=None):
+        """Start training in the background; returns the task (see :meth:`waitForCompletion`). ``onEnd(task)``
+        runs when it ends (after ``onFinished``)."""
         entry = self.modelEntry(modelName)
         if entry is None:
             raise ValueError(f"The base model '{modelName}' is not available.")
@@ -564,23 +615,47 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, slicerapp.EngineLogicMixin)
         scene = scene or training[0][0].GetScene()
         curves = plots.TrainingCurves(scene, name=f"{adapterName} training", chartNode=chartNode)
         if self.canResume():
-            self.driver.task.cleanup()  # a new training replaces the checkpoint of a cancelled one
+            self.runner.task.cleanup()  # a new training replaces the checkpoint of a cancelled one
         task = tasks.FinetuneTask(
             training, models.ModelRegistry.jobBase(entry), self.launcher or engine.defaultLauncher(),
             segmentToValue, labelTable, jobLabels, validation=validation, method=method, rank=rank, steps=steps,
             lr=learningRate or None, patchSize=patchSize, seed=seed, device=device,
             adapterStore=self.adapterStore or slicerapp.adapterStoreDir(), adapterName=adapterName, curves=curves,
-            onLog=self._log, onProgress=self._progress, onFinished=self._finished)
-        self.driver.run(task)
+            onLog=self._log, onProgress=self._progress,
+            onFinished=lambda task: (self._finished(task), onEnd(task) if onEnd else None))
+        self.runner.run(task)
         return task
 
+    # -- the case library
+
+    def library(self):
+        root = self.libraryRoot or slicerapp.caseLibraryRoot()
+        return caselibrary.CaseLibrary(root, slicerapp.caseProject())
+
+    def libraryHasTrainingCases(self) -> bool:
+        try:
+            return bool(self.library().split()["training"])
+        except caselibrary.CaseLibraryError:
+            return False
+
     def finetuneFromParameterNode(self, parameterNode):
+        """Train with the parameter node's choices: on the case library (then its validation cases are
+        segmented with the new adapter and their Dice recorded, ``onValidated(results)``) or the case table."""
         p = parameterNode
-        task = self.finetune(self.cases(p), self.labelMapping(p), modelName=p.model, method=p.method, rank=p.rank,
-                             steps=p.steps, learningRate=p.learningRate or None,
-                             patchSize=self.parsePatchSize(p.patchSize), validationCount=p.validationCases,
-                             seed=p.seed, device=p.device, adapterName=p.adapterName or "tcurlora-adapter",
-                             chartNode=p.trainingChart)
+
+        def start(cases, validationCount, onEnd=None):
+            return self.finetune(cases, self.labelMapping(p), modelName=p.model, method=p.method, rank=p.rank,
+                                 steps=p.steps, learningRate=p.learningRate or None,
+                                 patchSize=self.parsePatchSize(p.patchSize), validationCount=validationCount,
+                                 seed=p.seed, device=p.device, adapterName=p.adapterName or "tcurlora-adapter",
+                                 chartNode=p.trainingChart, onEnd=onEnd)
+
+        if p.useCaseLibrary:
+            loop = logic.LibraryLogic(self.library(), slicer.mrmlScene, self.segmentLogic)
+            task = loop.train(start, p.model, p.device, onValidated=lambda results: self.onValidated and
+                              self.onValidated(results))
+        else:
+            task = start(self.cases(p), p.validationCases)
         self._parameterNodeOfTask = p
         with slicer.util.NodeModify(p):
             p.trainingChart = task.curves.chartNode
@@ -590,25 +665,27 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, slicerapp.EngineLogicMixin)
     def resume(self):
         if not self.canResume():
             raise RuntimeError("There is no cancelled training to resume.")
-        self.driver.resume(self.driver.task)
-        return self.driver.task
-
-    def cancel(self) -> None:
-        self.driver.cancel()
+        self.runner.resume(self.runner.task)
+        return self.runner.task
 
     def waitForCompletion(self, timeoutSeconds: float = 600.0):
-        return self.driver.waitForCompletion(timeoutSeconds)
+        status = logic.EngineLogic.waitForCompletion(self, timeoutSeconds, idle=slicer.app.processEvents)
+        self.segmentLogic.waitForCompletion(timeoutSeconds, idle=slicer.app.processEvents)  # library validation
+        return status
 
     def shutdown(self) -> None:
-        self.driver.shutdown()
+        """End any run now (module cleanup, scene close): afterwards Start works again."""
+        logic.EngineLogic.shutdown(self)
+        self.segmentLogic.shutdown()
 
     @staticmethod
     def resultDescription(task) -> str:
         lines = [f"Adapter: {task.adapterPath}"]
-        dice = task.metrics.get("validation_dice")
-        if isinstance(dice, (int, float)):
+        diceKeys = ("best_validation_dice", "validation_dice")
+        dice = next((task.metrics[k] for k in diceKeys if isinstance(task.metrics.get(k), (int, float))), None)
+        if dice is not None:
             lines.append(f"Validation Dice: {dice:.3f}")
-        others = {k: v for k, v in task.metrics.items() if k != "validation_dice" and isinstance(v, (int, float))}
+        others = {k: v for k, v in task.metrics.items() if k not in diceKeys and isinstance(v, (int, float))}
         if others:
             lines.append(", ".join(f"{k}: {v:g}" for k, v in sorted(others.items())))
         return "\n".join(lines)
@@ -634,14 +711,6 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, slicerapp.EngineLogicMixin)
         parameterNode = TCURSegment.TCURSegmentLogic().getParameterNode()  # shared with the module's widget
         TCURSegment.TCURSegmentLogic.addAdapter(parameterNode, adapterPath, modelName)
 
-    def _log(self, text):
-        if self.onLog:
-            self.onLog(text)
-
-    def _progress(self, event):
-        if self.onProgress:
-            self.onProgress(event)
-
     def _finished(self, task):
         p = self._parameterNodeOfTask
         if task.status == tasks.DONE and p is not None and task.adapterPath:
@@ -656,8 +725,8 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, slicerapp.EngineLogicMixin)
 
 
 class TCURFinetuneTest(ScriptedLoadableModuleTest):
-    """Self-tests. The stand-in worker (``TCURLoRALib/fakeworker.py``) checks the Slicer side without torch; the
-    real engine runs too when its packages are installed and the base model is cached (or
+    """Self-tests. The stand-in worker (``Testing/standin_worker.py``, test-only) checks the Slicer side without
+    torch; the real engine runs too when its packages are installed and the base model is cached (or
     ``TCURLORA_SELFTEST_ENGINE=1``; ``=0`` skips it)."""
 
     LABELS = [{"value": 1, "name": "Brain", "color": [0.9, 0.7, 0.6]}]
@@ -670,6 +739,8 @@ class TCURFinetuneTest(ScriptedLoadableModuleTest):
         self.test_FinetuneWithStandInWorker()
         self.setUp()
         self.test_CancelAndResume()
+        self.setUp()
+        self.test_SceneCloseEndsTraining()
         self.setUp()
         self.test_NewLabelTrainsNewHead()
         self.setUp()
@@ -694,11 +765,10 @@ class TCURFinetuneTest(ScriptedLoadableModuleTest):
     def standInLogic(self, stepSeconds=0.005):
         import tempfile
 
-        from TCURLoRALib import fakeworker
-
         registry = models.ModelRegistry(catalog=[{"name": "toy", "title": "Toy model", "labels": self.LABELS,
                                                    "fingerprint": "toy-fingerprint", "cached": True}])
-        launcher = engine.defaultLauncher(script=fakeworker.__file__, pythonpath=[engine.engineRoot()],
+        standIn = engine.testingFile(__file__, "standin_worker.py")
+        launcher = engine.defaultLauncher(script=standIn, pythonpath=[engine.engineRoot()],
                                           extraEnv={"TCURLORA_FAKE_STEP_S": str(stepSeconds)})
         return TCURFinetuneLogic(launcher=launcher, registry=registry, dependencyInstaller=lambda: True,
                                  adapterStore=tempfile.mkdtemp(prefix="tcurlora-test-store-"))
@@ -745,7 +815,7 @@ class TCURFinetuneTest(ScriptedLoadableModuleTest):
         mapping = models.defaultLabelMapping(["Brain"], self.LABELS)
         task = logic.finetune([(volume, segmentation)], mapping, modelName="toy", steps=400)
         deadline = time.monotonic() + 30
-        while task.lastProgress is None and time.monotonic() < deadline:
+        while (task.lastProgress or {}).get("phase") != "train" and time.monotonic() < deadline:
             task.processEvents()
             slicer.app.processEvents()
             time.sleep(0.02)
@@ -760,6 +830,22 @@ class TCURFinetuneTest(ScriptedLoadableModuleTest):
         self.assertEqual(steps, [float(s) for s in range(1, 401)])  # resumed where it stopped, not restarted
         self.assertFalse(os.path.exists(task.workdir))
         self.delayDisplay("Cancel and resume a training: passed")
+
+    def test_SceneCloseEndsTraining(self):
+        self.delayDisplay("Closing the scene during training ends it; Start works again")
+        logic = self.standInLogic(stepSeconds=0.05)
+        volume, segmentation = self.makeCase()
+        mapping = models.defaultLabelMapping(["Brain"], self.LABELS)
+        task = logic.finetune([(volume, segmentation)], mapping, modelName="toy", steps=400)
+        self.assertTrue(logic.isRunning())
+        logic.shutdown()  # what the widget's scene-close handler calls
+        self.assertFalse(logic.isRunning())
+        self.assertEqual(task.status, tasks.CANCELLED)
+        slicer.mrmlScene.Clear()
+        volume, segmentation = self.makeCase("After")
+        task = logic.finetune([(volume, segmentation)], mapping, modelName="toy", steps=3)
+        self.assertEqual(logic.waitForCompletion(60), tasks.DONE, task.errorMessage)
+        self.delayDisplay("Closing the scene during training: passed")
 
     def test_NewLabelTrainsNewHead(self):
         self.delayDisplay("A new label asks for a new head")

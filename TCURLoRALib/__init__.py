@@ -6,10 +6,14 @@
 * :mod:`TCURLoRALib.nodeio` - MRML node <-> file / numpy array (volumes, segmentations).
 * :mod:`TCURLoRALib.plots` - the live training-curve table, plot series and chart nodes.
 * :mod:`TCURLoRALib.models` - base-model choices, adapter summaries and segment-to-label mappings.
+* :mod:`TCURLoRALib.slicerapp` - what needs the Slicer application: the timer-driven runner, settings, dialogs.
 * :mod:`TCURLoRALib.tasks` - segmentation and fine-tuning runs: export inputs, drive the worker process,
-  import the results.
+  import the results (files on a background thread), one run at a time (:class:`tasks.TaskRunner`).
+* :mod:`TCURLoRALib.logic` - what the module logics do, without Qt: models, model cards, input checks,
+  segmentation runs, the case-library loop.
+* :mod:`TCURLoRALib.caselibrary` - the persistent library of training cases on disk.
 
-Only :mod:`nodeio`, :mod:`plots` and :mod:`tasks` need MRML (``slicer``/``vtk``); they work inside the Slicer
-application and on the ``slicer-core`` wheel alike. Nothing here imports ``qt``: timers and dialogs belong to
-the module widgets and logics.
+Only :mod:`nodeio`, :mod:`plots`, :mod:`tasks`, :mod:`logic` and :mod:`caselibrary` need MRML
+(``slicer``/``vtk``); they work inside the Slicer application and on the ``slicer-core`` wheel alike. Only
+:mod:`slicerapp` imports ``qt`` (timers, settings, dialogs): it needs the Slicer application.
 """

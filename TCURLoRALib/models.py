@@ -12,22 +12,23 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 CUSTOM_KINDS = ("bundle", "spec")
+FOUND_KIND = "found"  # a base model found on this computer (its folder is the job's base)
 MAX_LABEL_VALUE = 65535
 
-_PALETTE = [(0.5, 0.68, 0.5), (0.95, 0.84, 0.57), (0.69, 0.48, 0.4), (0.44, 0.72, 0.82), (0.87, 0.51, 0.36),
-            (0.56, 0.56, 0.84), (0.96, 0.7, 0.76), (0.35, 0.6, 0.33), (0.9, 0.4, 0.4), (0.4, 0.4, 0.9)]
-
-
 def defaultColor(value: int) -> List[float]:
-    return list(_PALETTE[(int(value) - 1) % len(_PALETTE)])
+    """The engine's colour for a label value (one palette for the GUI, the worker and the files)."""
+    from tcurlora.protocol import default_color
+
+    return default_color(value)
 
 
 def catalogModels() -> List[Dict[str, Any]]:
-    """``tcurlora.catalog.list_models()`` with ``kind="catalog"``; [] (and a logged error) if unavailable."""
+    """The engine's catalog entries (all fields: the model card needs task, modality, intended use, licence)
+    with ``kind="catalog"`` and ``cached``; [] (and a logged error) if unavailable."""
     try:
-        from tcurlora.catalog import list_models
+        from tcurlora.catalog import catalog, is_cached
 
-        models = list_models()
+        models = [dict(e, base_kind=e.get("kind"), cached=is_cached(e)) for e in catalog().values()]
     except Exception as exc:  # the engine package is missing or broken: the GUI must still open
         logging.error(f"TCURLoRA: cannot read the model catalog: {exc}")
         return []
@@ -149,11 +150,34 @@ class ModelRegistry:
     @staticmethod
     def jobBase(entry: Dict[str, Any]) -> Any:
         kind = entry.get("kind", "catalog")
-        if kind == "bundle":
+        if kind in ("bundle", FOUND_KIND):
             return entry["path"]
         if kind == "spec":
             return {"spec": entry["spec"], "weights": entry["weights"]}
         return entry["name"]
+
+
+def discoveredEntries(found: Sequence[Any]) -> List[Dict[str, Any]]:
+    """Model entries for bases found on this computer (``tcurlora.models.discover.discover_models()``: dicts
+    with ``kind`` such as totalsegmentator / nnunet / auto3dseg / bundle, ``name``, ``base`` = the folder to
+    pass as the job's base, ``labels`` = label names, ``problem`` when it cannot be used as is). A model with a
+    problem is left out (and logged); label names are shown, their values come from the model at run time."""
+    entries = []
+    for item in found:
+        item = {"base": item} if isinstance(item, (str, os.PathLike)) else dict(item)
+        path = os.fspath(item.get("base") or item.get("path") or "")
+        if not path:
+            continue
+        if item.get("problem"):
+            logging.warning(f"TCURLoRA: the model in {path} is not offered: {item['problem']}")
+            continue
+        what = item.get("kind") or "model"
+        title = item.get("title") or item.get("name") or os.path.basename(path.rstrip(os.sep))
+        names = [str(n) for n in item.get("labels") or []]
+        entries.append({"name": "found:" + path, "title": f"{title} ({what}, on this computer)", "kind": FOUND_KIND,
+                        "source": what, "path": path, "labels": [], "labelNames": names,
+                        "fingerprint": item.get("fingerprint")})
+    return entries
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -319,10 +319,9 @@ def _color(entry: Optional[Dict], value: int) -> List[float]:
         if max(color) > 1.0:  # 0..255 colours
             color = [c / 255.0 for c in color]
         return color
-    # A fixed, readable palette for unnamed labels.
-    palette = [(0.5, 0.68, 0.5), (0.95, 0.84, 0.57), (0.69, 0.48, 0.4), (0.44, 0.72, 0.82),
-               (0.87, 0.51, 0.36), (0.56, 0.56, 0.84), (0.96, 0.7, 0.76), (0.35, 0.6, 0.33)]
-    return list(palette[(value - 1) % len(palette)])
+    from .models import defaultColor
+
+    return defaultColor(value)
 
 
 def _styleSegment(segment, value: int, entry: Optional[Dict]) -> None:
@@ -363,23 +362,10 @@ def writeTrainingLabel(segmentationNode, referenceVolumeNode, path: str, segment
     segment names are the target label names the engine maps by name. Only labels present in this case are
     written. Returns the label values present.
     """
-    scene = _requireScene(segmentationNode, "segmentation")
     _checkScalarVolume(referenceVolumeNode)
     ids = list(segmentLabels)
     array = labelArrayFromSegmentation(segmentationNode, referenceVolumeNode, ids, [segmentLabels[i] for i in ids])
-    present = sorted(int(v) for v in np.unique(array) if v != 0)
-    byValue = {int(e["value"]): e for e in labels}
-    missing = [v for v in present if v not in byValue]
-    if missing:
-        raise ValueError(f"label values {missing} have no entry in the label table")
-    temp = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", TEMP_NODE_NAME)
-    try:
-        updateSegmentationFromLabelArray(temp, array, ijkToRAS(referenceVolumeNode),
-                                         [byValue[v] for v in present], keepEmptyLabels=False)
-        writeSegmentation(temp, path, referenceVolumeNode)
-    finally:
-        _removeTempNode(scene, temp)
-    return present
+    return writeLabelArray(path, array, ijkToRAS(referenceVolumeNode), labels)
 
 
 def readSegmentation(path: str, segmentationNode=None, scene=None, name: Optional[str] = None,
@@ -422,7 +408,125 @@ def showSegmentation(segmentationNode, surfaces: bool = True) -> None:
         segmentationNode.CreateClosedSurfaceRepresentation()
 
 
+def removeNode(node) -> None:
+    """Remove a node with its display and storage nodes (the MRML scene leaves those behind)."""
+    scene = node.GetScene() if node is not None else None
+    if scene is None:
+        return
+    extra = []
+    if hasattr(node, "GetNumberOfDisplayNodes"):
+        extra += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    if hasattr(node, "GetStorageNode"):
+        extra.append(node.GetStorageNode())
+    scene.RemoveNode(node)
+    for other in extra:
+        if other is not None and other.GetScene() is scene:
+            scene.RemoveNode(other)
+
+
 def iterSegmentationNodes(scene) -> Iterable:
     nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
     for index in range(nodes.GetNumberOfItems()):
         yield nodes.GetItemAsObject(index)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files from / to plain arrays. These touch no MRML object, so a task runs them on a background thread (the
+# GUI stays responsive while large volumes are compressed or decompressed); only taking the arrays from the
+# nodes (:func:`arrayFromVolume`, :func:`labelArrayFromSegmentation`) and putting them back
+# (:func:`updateSegmentationFromLabelArray`) happen on the main thread.
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def writeVolumeArray(path: str, array: np.ndarray, ijkToRASMatrix) -> str:
+    """Write a K-J-I array with its IJK-to-RAS geometry as an LPS NRRD (gzip), as the volume storage node does."""
+    import nrrd
+
+    lps = _RAS_TO_LPS @ np.asarray(ijkToRASMatrix, float)
+    header = {"space": "left-posterior-superior", "space directions": lps[:3, :3].T,
+              "space origin": lps[:3, 3], "kinds": ["domain"] * 3, "encoding": "gzip"}
+    _atomicWrite(path, lambda tmp: nrrd.write(tmp, np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)),
+                                              header, compression_level=1))
+    return os.fspath(path)
+
+
+def writeLabelArray(path: str, labelArray: np.ndarray, ijkToRASMatrix, labels: Sequence[Dict]) -> List[int]:
+    """Write a K-J-I label map as a ``.seg.nrrd`` (one segment per value present, named and coloured from
+    ``labels``); returns the values present. ValueError when a present value has no entry in ``labels``."""
+    import slicerio
+
+    labelArray = np.asarray(labelArray)
+    present = sorted(int(v) for v in np.unique(labelArray) if v != 0)
+    byValue = {int(e["value"]): e for e in labels}
+    missing = [v for v in present if v not in byValue]
+    if missing:
+        raise ValueError(f"label values {missing} have no entry in the label table")
+    dtype = np.uint8 if not present or present[-1] <= 255 else np.uint16
+    segmentation = {
+        "voxels": np.ascontiguousarray(labelArray.transpose(2, 1, 0).astype(dtype)),
+        "ijkToLPS": _RAS_TO_LPS @ np.asarray(ijkToRASMatrix, float),
+        "encoding": "gzip",
+        "masterRepresentation": "Binary labelmap",
+        "containedRepresentationNames": ["Binary labelmap"],
+        "referenceImageExtentOffset": [0, 0, 0],
+        "segments": [{"id": f"Segment_{v}", "name": str(byValue[v]["name"]), "labelValue": v, "layer": 0,
+                      "color": _color(byValue[v], v), "nameAutoGenerated": False, "colorAutoGenerated": False}
+                     for v in present],
+    }
+    _atomicWrite(path, lambda tmp: slicerio.write_segmentation(tmp, segmentation, compression_level=1))
+    return present
+
+
+def readLabelFile(path: str):
+    """A ``.seg.nrrd`` (one layer) as ``(labelArray K-J-I, ijkToRAS, {labelValue: segment name})``."""
+    import slicerio
+
+    seg = slicerio.read_segmentation(os.fspath(path))
+    voxels = np.asarray(seg["voxels"])
+    if voxels.ndim != 3:
+        raise ValueError(f"{os.path.basename(path)}: overlapping segments (several layers) are not supported here")
+    names = {int(s["labelValue"]): str(s.get("name", "")) for s in seg.get("segments", [])}
+    return voxels.transpose(2, 1, 0), _RAS_TO_LPS @ np.asarray(seg["ijkToLPS"], float), names
+
+
+def _atomicWrite(path: str, write) -> None:
+    """Write through a temporary name in the same folder, then rename: never a half-written file."""
+    folder, name = os.path.split(os.fspath(path))
+    tmp = os.path.join(folder, f".{name}.partial{os.path.splitext(name)[1] or ''}")
+    if name.endswith(".seg.nrrd"):
+        tmp = os.path.join(folder, f".{name[:-9]}.partial.seg.nrrd")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def surfaceCopy(segmentationNode):
+    """A detached copy of the node's segmentation, for building closed surfaces off the main thread
+    (:func:`buildSurfaces`), then :func:`adoptSurfaces` on the main thread."""
+    copy = slicer.vtkSegmentation()
+    copy.DeepCopy(segmentationNode.GetSegmentation())
+    return copy
+
+
+def buildSurfaces(segmentation) -> None:
+    """Closed surfaces of a detached ``vtkSegmentation`` (any thread: it belongs to no scene)."""
+    registerSegmentationConverterRules()
+    segmentation.CreateRepresentation("Closed surface")
+
+
+def adoptSurfaces(segmentationNode, segmentation) -> bool:
+    """Take the surfaces built on a copy (main thread); False when the node's segments changed meanwhile."""
+    target = segmentationNode.GetSegmentation()
+    ids = [target.GetNthSegmentID(i) for i in range(target.GetNumberOfSegments())]
+    if ids != [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]:
+        return False
+    for segmentId in ids:
+        surface = segmentation.GetSegment(segmentId).GetRepresentation("Closed surface")
+        if surface is not None:
+            target.GetSegment(segmentId).AddRepresentation("Closed surface", surface)
+    segmentationNode.Modified()
+    return True

@@ -1,6 +1,6 @@
 """Pieces that need the running Slicer application (``qt``, ``slicer.app``), shared by both modules.
 
-* :class:`TaskDriver` - polls a running task from a ``qt.QTimer`` on the main thread (the GUI never blocks);
+* :func:`timerRunner` - polls a running task from a ``qt.QTimer`` on the main thread (the GUI never blocks);
 * custom base models remembered across sessions (application settings);
 * small widget helpers (model / device combo boxes, the "Add model..." menu, file dialogs).
 
@@ -12,6 +12,7 @@ import os
 from typing import Callable, List, Optional
 
 import qt
+import vtk
 
 import slicer
 
@@ -22,98 +23,35 @@ CUSTOM_MODELS_SETTINGS_KEY = "TCURLoRA/CustomModels"
 POLL_INTERVAL_MS = 200
 
 
-class TaskDriver:
-    """Runs one :class:`TCURLoRALib.tasks.WorkerTask` at a time; its events are handled on the main thread by a
-    timer, so callbacks may touch the scene and the GUI."""
+def timerRunner(intervalMs: int = POLL_INTERVAL_MS):
+    """A :class:`TCURLoRALib.tasks.TaskRunner` polled by a ``qt.QTimer`` on the main thread, so the task's
+    callbacks may touch the scene and the GUI."""
+    from .tasks import TaskRunner
 
-    def __init__(self, intervalMs: int = POLL_INTERVAL_MS) -> None:
-        self.task = None
-        self.timer = qt.QTimer()
-        self.timer.setInterval(intervalMs)
-        self.timer.connect("timeout()", self._onTimeout)
-
-    @property
-    def isRunning(self) -> bool:
-        return self.task is not None and self.task.isActive
-
-    def run(self, task) -> None:
-        if self.isRunning:
-            raise RuntimeError("A TCURLoRA job is already running; cancel it first.")
-        self.task = task
-        task.start()
-        self.timer.start()
-
-    def resume(self, task) -> None:
-        self.task = task
-        task.resume()
-        self.timer.start()
-
-    def _onTimeout(self) -> None:
-        if self.task is None or not self.task.processEvents():
-            self.timer.stop()
-
-    def cancel(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-
-    def waitForCompletion(self, timeoutSeconds: float = 600.0) -> Optional[str]:
-        """Block (self-tests, scripts) while keeping the application responsive."""
-        if self.task is None:
-            return None
-        try:
-            return self.task.waitForCompletion(timeoutSeconds, idle=slicer.app.processEvents)
-        finally:
-            if not self.task.isActive:
-                self.timer.stop()
-
-    def shutdown(self) -> None:
-        """Stop polling and stop/clean the task (module cleanup, scene close)."""
-        self.timer.stop()
-        if self.task is not None:
-            self.task.cleanup()
+    timer = qt.QTimer()
+    timer.setInterval(intervalMs)
+    runner = TaskRunner(timer)
+    timer.connect("timeout()", runner.poll)
+    return runner
 
 
-class EngineLogicMixin:
-    """Base models and dependencies, shared by both module logics (which set ``self.registry`` and
-    ``self.dependencyInstaller``)."""
+def engineLogicArguments() -> dict:
+    """What :class:`TCURLoRALib.logic.EngineLogic` gets inside Slicer: the user's models from the application
+    settings, saved back there, the models found on this computer, and a timer-driven runner."""
+    return {"registry": ModelRegistry(custom=loadCustomModels()), "saveCustomModels": saveCustomModels,
+            "discoverModels": modelDiscovery(), "runner": timerRunner()}
 
-    registry = None
-    dependencyInstaller = None
 
-    def models(self):
-        return self.registry.entries()
+_DISCOVERY = []
 
-    def modelEntry(self, name: str):
-        return self.registry.ensure(name)
 
-    @staticmethod
-    def modelDescription(entry) -> str:
-        from .models import labelsText
+def modelDiscovery():
+    """One search for the models on this computer per Slicer session, shared by both modules."""
+    from .engine import ModelDiscovery
 
-        text = f"Labels: {labelsText(entry.get('labels', []))}"
-        if entry.get("kind") == "catalog" and not entry.get("cached", True):
-            text += " - the weights are downloaded on first use."
-        return text
-
-    def addBundleModel(self, folder: str):
-        entry = self.registry.addBundle(folder)
-        saveCustomModels(self.registry)
-        return entry
-
-    def addSpecModel(self, spec: str, weights: str):
-        entry = self.registry.addSpec(spec, weights)
-        saveCustomModels(self.registry)
-        return entry
-
-    def ensureDependencies(self) -> bool:
-        """True when the engine's packages are importable (asking, then installing, if they are not)."""
-        if self.dependencyInstaller is not None:
-            return self.dependencyInstaller()
-        import logging
-
-        from .dependencies import slicerInstaller
-
-        return slicerInstaller(log=logging.info).ensure()
+    if not _DISCOVERY:
+        _DISCOVERY.append(ModelDiscovery())
+    return _DISCOVERY[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,14 +97,42 @@ def populateModelComboBox(comboBox, entries, selectedName: str) -> None:
         comboBox.blockSignals(wasBlocked)
 
 
-def populateDeviceComboBox(comboBox) -> None:
+def populateChoiceComboBox(comboBox, choices) -> None:
+    """(text, value) items; the value is the item data."""
     wasBlocked = comboBox.blockSignals(True)
     try:
         comboBox.clear()
-        for text, value in DEVICE_CHOICES:
+        for text, value in choices:
             comboBox.addItem(text, value)
     finally:
         comboBox.blockSignals(wasBlocked)
+
+
+def populateDeviceComboBox(comboBox) -> None:
+    populateChoiceComboBox(comboBox, DEVICE_CHOICES)
+
+
+def ensureDependencies(engineLogic, progressBar=None, statusLabel=None) -> bool:
+    """Install what the engine needs (one question), showing each step in the module's progress bar."""
+    if engineLogic.dependencyInstaller is not None:
+        return engineLogic.dependencyInstaller()
+    import logging
+
+    from .dependencies import slicerInstaller
+
+    def progress(done, total, text):
+        if progressBar is not None:
+            progressBar.maximum = max(total, 1)
+            progressBar.value = done
+        if statusLabel is not None:
+            statusLabel.text = text
+        slicer.app.processEvents()  # pip runs on this thread (Slicer's pip_install): show the step first
+
+    if not slicerInstaller(log=logging.info, progress=progress).ensure():
+        return False
+    if hasattr(engineLogic.discoverModels, "retryIfFailed"):
+        engineLogic.discoverModels.retryIfFailed()  # the search needs the packages just installed
+    return True
 
 
 def selectComboData(comboBox, value) -> None:
@@ -218,3 +184,212 @@ def showChart(chartNode) -> None:
     if chartNode is None or not hasattr(slicer.modules, "plots"):
         return
     slicer.modules.plots.logic().ShowChartInLayout(chartNode)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# case library location (application settings)
+
+CASE_LIBRARY_ROOT_KEY = "TCURLoRA/CaseLibraryFolder"
+CASE_PROJECT_KEY = "TCURLoRA/CaseLibraryProject"
+DEFAULT_PROJECT = "My site"
+
+
+def caseLibraryRoot() -> str:
+    """Where the case libraries live (default: ``TCURLoRA/CaseLibrary`` in the user's documents folder)."""
+    folder = qt.QSettings().value(CASE_LIBRARY_ROOT_KEY, "")
+    if not folder:
+        documents = qt.QStandardPaths.writableLocation(qt.QStandardPaths.DocumentsLocation) or os.path.expanduser("~")
+        folder = os.path.join(documents, "TCURLoRA", "CaseLibrary")
+    return folder
+
+
+def setCaseLibraryRoot(folder: str) -> None:
+    qt.QSettings().setValue(CASE_LIBRARY_ROOT_KEY, folder)
+
+
+def caseProject() -> str:
+    return qt.QSettings().value(CASE_PROJECT_KEY, "") or DEFAULT_PROJECT
+
+
+def setCaseProject(name: str) -> None:
+    qt.QSettings().setValue(CASE_PROJECT_KEY, name)
+
+
+def openCaseLibrary():
+    from .caselibrary import CaseLibrary
+
+    return CaseLibrary(caseLibraryRoot(), caseProject())
+
+
+def segmentEditorSelection():
+    """(source volume, segmentation) selected in the Segment Editor module, or (None, None)."""
+    try:
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        return editor.sourceVolumeNode(), editor.segmentationNode()
+    except AttributeError:
+        return None, None
+
+
+def showModelCard(card, parent=None) -> None:
+    from .logic import modelCardText
+
+    if not card:
+        return
+    slicer.util.infoDisplay(modelCardText(card), windowTitle=f"Model card: {card['title']}",
+                            detailedText=card.get("text") or None, parent=parent)
+
+
+def showIn3D(segmentationNode, show: bool, pollMs: int = 100) -> None:
+    """Show or hide a segmentation in the 3D view; missing closed surfaces are built on a background thread
+    (from a detached copy) and taken over on the main thread when ready."""
+    from . import nodeio
+    from .tasks import Background
+
+    nodeio.showSegmentation(segmentationNode, surfaces=False)
+    displayNode = segmentationNode.GetDisplayNode()
+    displayNode.SetVisibility3D(show)
+    segmentation = segmentationNode.GetSegmentation()
+    if not show or segmentation.ContainsRepresentation("Closed surface") \
+            or segmentation.GetNumberOfSegments() == 0:
+        return
+    copy = nodeio.surfaceCopy(segmentationNode)
+    job = Background(lambda report: nodeio.buildSurfaces(copy))
+
+    def check():
+        if not job.done:
+            qt.QTimer.singleShot(pollMs, check)
+            return
+        job.outcome()
+        if segmentationNode.GetScene() is not None:
+            nodeio.adoptSurfaces(segmentationNode, copy)
+
+    qt.QTimer.singleShot(pollMs, check)
+
+
+def addTrainingCase(library, volumeNode, segmentationNode, onDone: Callable, pollMs: int = 100) -> None:
+    """Add a case to the library: the arrays are taken now, the files written on a background thread, the
+    index updated on the main thread; then ``onDone(entry)``. Errors are shown in a dialog."""
+    from .tasks import Background
+
+    case = library.takeCase(volumeNode, segmentationNode)  # raises with a readable message on bad input
+    job = Background(lambda report: library.writeCase(case))
+
+    def check():
+        if not job.done:
+            qt.QTimer.singleShot(pollMs, check)
+            return
+        with slicer.util.tryWithErrorDisplay("Could not add the training case."):
+            onDone(library.commitCase(job.outcome()))
+
+    qt.QTimer.singleShot(pollMs, check)
+
+
+class ModuleWidgetMixin:
+    """What both module widgets share: the parameter node wiring of Slicer's scripted-module template, scene
+    close, and the base-model / device widgets (``modelComboBox``, ``addModelButton``, ``removeModelButton``,
+    ``modelCardButton``, ``modelInfoLabel``, ``modelCardLabel``, ``deviceComboBox``). The widget sets
+    ``self.ui``, ``self.logic`` (an :class:`TCURLoRALib.logic.EngineLogic`) and ``self._parameterNode`` /
+    ``self._parameterNodeGuiTag`` / ``self._updatingGUI``, and defines ``updateGUIFromParameterNode``."""
+
+    def setupModelWidgets(self) -> None:
+        self.logic.models()  # starts the search for models on this computer (in the background)
+        self._refreshWhenModelsFound()
+        populateDeviceComboBox(self.ui.deviceComboBox)
+        setupAddModelMenu(self.ui.addModelButton, self.onAddBundleModel, self.onAddSpecModel)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
+        self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
+        self.ui.modelCardButton.connect("clicked(bool)", self.onModelCard)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceSelected)
+
+    def updateModelWidgets(self, p):
+        """Fill the model widgets from the parameter node; returns the selected model entry (or None)."""
+        from .logic import modelCard, modelCardText
+
+        entry = self.logic.modelEntry(p.model)
+        populateModelComboBox(self.ui.modelComboBox, self.logic.models(), p.model)
+        self.ui.modelInfoLabel.text = self.logic.modelDescription(entry) if entry else \
+            f"Model '{p.model}' is not available: select another one."
+        card = modelCard(entry)
+        self.ui.modelCardLabel.text = modelCardText(card)
+        self.ui.modelCardButton.enabled = bool(card and card["text"])
+        self.ui.removeModelButton.enabled = self.logic.isCustomModel(p.model)
+        selectComboData(self.ui.deviceComboBox, p.device)
+        return entry
+
+    def _refreshWhenModelsFound(self, pollMs: int = 500) -> None:
+        if not getattr(self.logic.discoverModels, "done", True):
+            qt.QTimer.singleShot(pollMs, self._refreshWhenModelsFound)
+        elif self._parameterNode is not None:
+            self.updateGUIFromParameterNode()
+
+    # -- life cycle (Slicer's scripted-module template)
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        if self.logic:
+            self.logic.shutdown()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.logic.shutdown()  # ends any run now: nothing is imported into the closing scene
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+
+    # -- model and device choices
+
+    def onModelSelected(self, index: int) -> None:
+        if self._parameterNode and index >= 0 and not self._updatingGUI:
+            self._parameterNode.model = self.ui.modelComboBox.itemData(index)
+
+    def onDeviceSelected(self, index: int) -> None:
+        if self._parameterNode and index >= 0 and not self._updatingGUI:
+            self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
+
+    def onAddBundleModel(self) -> None:
+        folder = askBundleFolder(slicer.util.mainWindow())
+        if folder:
+            with slicer.util.tryWithErrorDisplay("Could not add the model."):
+                self._parameterNode.model = self.logic.addBundleModel(folder)["name"]
+
+    def onAddSpecModel(self) -> None:
+        spec, weights = askSpecAndWeights(slicer.util.mainWindow())
+        if spec and weights:
+            with slicer.util.tryWithErrorDisplay("Could not add the model."):
+                self._parameterNode.model = self.logic.addSpecModel(spec, weights)["name"]
+
+    def onRemoveModel(self) -> None:
+        p = self._parameterNode
+        if p and slicer.util.confirmYesNoDisplay(f"Remove '{p.model}' from the model list? Its files stay on disk."):
+            with slicer.util.tryWithErrorDisplay("Could not remove the model."):
+                self.logic.removeModel(p.model)
+                p.model = self.logic.models()[0]["name"] if self.logic.models() else ""
+
+    def onModelCard(self) -> None:
+        if self._parameterNode:
+            showModelCard(self.logic.modelCard(self._parameterNode.model), slicer.util.mainWindow())

@@ -1,9 +1,10 @@
 """Segmentation and fine-tuning runs: export the inputs, drive the worker process, import the results.
 
-A task touches the MRML scene only in :meth:`WorkerTask.start` and :meth:`WorkerTask.processEvents`, which the
-module logic calls from the main thread (``processEvents`` from a ``qt.QTimer``); the worker's output is read
-by :class:`tcurlora.jobs.WorkerJob`'s threads into a queue. Nothing here blocks except
-:meth:`WorkerTask.waitForCompletion`, meant for tests and headless scripts.
+A task touches the MRML scene only in :meth:`WorkerTask.start` (taking the input arrays) and
+:meth:`WorkerTask.processEvents` (putting the results in), which the module logic calls from the main thread
+(``processEvents`` from a ``qt.QTimer``, see :class:`TaskRunner`). Input and output files are written and read
+on a :class:`Background` thread; the worker's output is read by :class:`tcurlora.jobs.WorkerJob`'s threads
+into a queue. Nothing here blocks except the ``waitForCompletion`` methods, meant for tests and scripts.
 
 The launcher is injected: ``launcher(job: dict, workdir: str) -> WorkerJob`` (see
 :func:`TCURLoRALib.engine.defaultLauncher`).
@@ -11,7 +12,9 @@ The launcher is injected: ``launcher(job: dict, workdir: str) -> WorkerJob`` (se
 
 import logging
 import os
+import queue
 import shutil
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -19,8 +22,46 @@ from tcurlora import jobs
 
 from . import nodeio
 
-IDLE, RUNNING, CANCELLING, DONE, ERROR, CANCELLED = "idle", "running", "cancelling", "done", "error", "cancelled"
-ACTIVE = (RUNNING, CANCELLING)
+IDLE, PREPARING, RUNNING, CANCELLING, IMPORTING = "idle", "preparing", "running", "cancelling", "importing"
+DONE, ERROR, CANCELLED = "done", "error", "cancelled"
+ACTIVE = (PREPARING, RUNNING, CANCELLING, IMPORTING)
+# Cancel = the stop file, then the process tree is killed: the worker is gone within 2 s.
+CANCEL_GRACE_S = jobs.DEFAULT_GRACE_S
+
+
+class Background:
+    """One function on a background thread; :attr:`done`, then :meth:`outcome` on the main thread. The
+    function must not touch MRML or Qt (files and arrays only). ``report(event)`` queues progress events."""
+
+    def __init__(self, function: Callable, *args) -> None:
+        self._events: "queue.Queue[Dict[str, Any]]" = queue.Queue()
+        self._result = None
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, args=(function,) + args, daemon=True)
+        self._thread.start()
+
+    def _run(self, function, *args) -> None:
+        try:
+            self._result = function(*args, self._events.put)
+        except BaseException as exc:  # handed to the main thread
+            self._error = exc
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def events(self) -> List[Dict[str, Any]]:
+        out = []
+        while True:
+            try:
+                out.append(self._events.get_nowait())
+            except queue.Empty:
+                return out
+
+    def outcome(self):
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def progressBarFormat(event: Dict[str, Any]) -> str:
@@ -29,11 +70,15 @@ def progressBarFormat(event: Dict[str, Any]) -> str:
     return f"%p%  (ETA {eta})" if eta else "%p%"
 
 
+PHASES = {"train": "Training", "segment": "Segmenting", "export": "Exporting", "import": "Importing",
+          "surfaces": "Building 3D surfaces", "install": "Installing packages"}
+
+
 def progressText(event: Dict[str, Any]) -> Tuple[int, str]:
     """(percent 0..100, one-line text) for a progress event."""
     step, total = event.get("step") or 0, event.get("total") or 0
     percent = int(round(100.0 * step / total)) if total else 0
-    phase = {"train": "Training", "segment": "Segmenting"}.get(event.get("phase"), str(event.get("phase", "")))
+    phase = PHASES.get(event.get("phase"), str(event.get("phase", "")))
     parts = [f"{phase} {step}/{total}" if total else phase]
     if isinstance(event.get("loss"), (int, float)):
         parts.append(f"loss {event['loss']:.4f}")
@@ -46,18 +91,20 @@ def progressText(event: Dict[str, Any]) -> Tuple[int, str]:
 
 
 class WorkerTask:
-    """Common life cycle: start -> events -> result import -> cleanup.
+    """Common life cycle, driven by :meth:`processEvents` from a timer on the main thread:
+
+    PREPARING (arrays taken from the nodes on the main thread, files written on a background thread) ->
+    RUNNING (the worker process; its events) -> IMPORTING (result files read on a background thread, then
+    put into the scene on the main thread; optional follow-up such as 3D surfaces) -> DONE / ERROR / CANCELLED.
 
     Callbacks (all optional, all called on the thread that calls :meth:`processEvents`):
     ``onLog(text)``, ``onProgress(event)``, ``onFinished(task)``.
     """
 
-    keepWorkdirOnCancel = False
-
     def __init__(self, launcher: Callable, onLog: Optional[Callable[[str], None]] = None,
                  onProgress: Optional[Callable[[Dict[str, Any]], None]] = None,
                  onFinished: Optional[Callable[["WorkerTask"], None]] = None,
-                 graceSeconds: float = jobs.DEFAULT_GRACE_S) -> None:
+                 graceSeconds: float = CANCEL_GRACE_S) -> None:
         self.launcher = launcher
         self.onLog = onLog
         self.onProgress = onProgress
@@ -74,6 +121,10 @@ class WorkerTask:
         self.returncode: Optional[int] = None
         self._rawTail: List[str] = []
         self.startTime: Optional[float] = None
+        self._background: Optional[Background] = None
+        self._onBackgroundDone: Optional[Callable[[Any], None]] = None
+        self._cancelRequested = False
+        self._aborted = False
 
     # -- state
 
@@ -86,23 +137,61 @@ class WorkerTask:
         if self.onLog:
             self.onLog(text)
 
-    # -- life cycle
+    def _report(self, event: Dict[str, Any]) -> None:
+        event = dict(event, event="progress")
+        self.lastProgress = event
+        self._onProgressEvent(event)
+        if self.onProgress:
+            self.onProgress(event)
 
-    def _prepare(self) -> Dict[str, Any]:
-        """Export the inputs into ``self.workdir`` and return the job dict (subclasses)."""
+    # -- the steps a subclass provides
+
+    def _snapshot(self) -> Any:
+        """Main thread: take what the job needs from the scene (arrays, names); raise ValueError on bad input."""
         raise NotImplementedError
 
+    def _writeInputs(self, snapshot: Any, report: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
+        """Background thread: write the input files into ``self.workdir``; return the job dict."""
+        raise NotImplementedError
+
+    def _readOutputs(self, result: Dict[str, Any], report: Callable[[Dict[str, Any]], None]) -> Any:
+        """Background thread: read what the worker wrote."""
+        raise NotImplementedError
+
+    def _applyOutputs(self, data: Any) -> Optional[Tuple[Callable, Callable]]:
+        """Main thread: put the outputs into the scene. May return ``(backgroundStep, mainStep)`` for a
+        follow-up (3D surfaces): ``mainStep(backgroundStep(report))``."""
+        raise NotImplementedError
+
+    # -- life cycle
+
     def start(self) -> "WorkerTask":
+        """Export the inputs (in the background) and start the worker. Returns at once."""
         if self.isActive:
             raise RuntimeError("this task is already running")
         self.workdir = jobs.new_workdir()
+        self.startTime = time.monotonic()
+        self._cancelRequested = False
         try:
-            self.jobDict = self._prepare()
+            snapshot = self._snapshot()
         except Exception:
             self._removeWorkdir()
             raise
-        self._launch(self.jobDict)
+        self.status = PREPARING
+        self._report({"phase": "export", "step": 0, "total": 1})
+        self._inBackground(lambda report: self._writeInputs(snapshot, report), self._inputsWritten)
         return self
+
+    def _inBackground(self, function: Callable, then: Callable[[Any], None]) -> None:
+        self._background = Background(function)
+        self._onBackgroundDone = then
+
+    def _inputsWritten(self, jobDict: Dict[str, Any]) -> None:
+        self.jobDict = jobDict
+        if self._cancelRequested:
+            self._end(CANCELLED)
+            return
+        self._launch(jobDict)
 
     def _launch(self, jobDict: Dict[str, Any]) -> None:
         self.status = RUNNING
@@ -110,34 +199,44 @@ class WorkerTask:
         self.errorMessage = ""
         self.returncode = None
         self._rawTail = []
-        self.startTime = time.monotonic()
         try:
             self.workerJob = self.launcher(jobDict, self.workdir)
             self.workerJob.start()
         except Exception as exc:
-            self.status = ERROR
-            self.errorMessage = f"Could not start the worker process: {exc}"
-            self._removeWorkdir()
-            raise RuntimeError(self.errorMessage)
+            raise RuntimeError(f"Could not start the worker process: {exc}")
         self._log("Worker started: " + " ".join(self.workerJob.command_line))
 
     def processEvents(self) -> bool:
-        """Handle every event the worker sent since the last call. True while the task is still active."""
-        if self.workerJob is None or not self.isActive:
+        """Handle what happened since the last call (background steps, worker events). True while active."""
+        if not self.isActive:
             return False
+        if self._background is not None:
+            for event in self._background.events():
+                self._report(event)
+            if not self._background.done:
+                return True
+            background, then = self._background, self._onBackgroundDone
+            self._background = self._onBackgroundDone = None
+            importing = self.status == IMPORTING
+            try:
+                then(background.outcome())
+            except Exception as exc:
+                logging.exception("TCURLoRA: a preparation or import step failed")
+                self.errorMessage = f"Importing the results failed: {exc}" if importing else str(exc)
+                self._end(ERROR)
+            return self.isActive
+        if self.workerJob is None:
+            return self.isActive
         for event in self.workerJob.poll_events():
             self._handle(event)
-            if not self.isActive:
+            if self.status not in (RUNNING, CANCELLING):
                 break
         return self.isActive
 
     def _handle(self, event: Dict[str, Any]) -> None:
         kind = event.get("event")
         if kind == "progress":
-            self.lastProgress = event
-            self._onProgressEvent(event)
-            if self.onProgress:
-                self.onProgress(event)
+            self._report(event)
         elif kind == "log":
             message = str(event.get("message", ""))
             if event.get("raw"):
@@ -153,50 +252,79 @@ class WorkerTask:
         elif kind == "result":
             self.result = event
         elif kind == "exit":
-            self._finish(int(event.get("returncode", 1)), bool(event.get("cancelled")))
+            self._workerExited(int(event.get("returncode", 1)), bool(event.get("cancelled")))
         else:
             self._log(f"(unknown event {kind!r})")
 
     def _onProgressEvent(self, event: Dict[str, Any]) -> None:
         pass
 
-    def _finish(self, returncode: int, cancelled: bool) -> None:
+    def _workerExited(self, returncode: int, cancelled: bool) -> None:
         self.returncode = returncode
         resultCancelled = bool(self.result and self.result.get("cancelled"))
         if returncode == jobs.EXIT_OK and not resultCancelled:  # finished (even if a cancel came too late)
-            try:
-                self._importResults(self.result or {"outputs": {}, "metrics": {}})
-                self.status = DONE
-            except Exception as exc:
-                logging.exception("TCURLoRA: importing the results failed")
-                self.status = ERROR
-                self.errorMessage = f"Importing the results failed: {exc}"
+            self.status = IMPORTING
+            self._report({"phase": "import", "step": 0, "total": 1})
+            result = self.result or {"outputs": {}, "metrics": {}}
+            self._inBackground(lambda report: self._readOutputs(result, report), self._outputsRead)
         elif returncode == jobs.EXIT_CANCELLED or resultCancelled or cancelled or self.status == CANCELLING:
-            self.status = CANCELLED
+            self._end(CANCELLED)
         else:
-            self.status = ERROR
             if not self.errorMessage:
                 detail = " | ".join(self._rawTail[-5:])
                 self.errorMessage = f"The worker process stopped with exit status {returncode}" + (
                     f": {detail}" if detail else ".")
+            self._end(ERROR)
+
+    def _outputsRead(self, data: Any) -> None:
+        followUp = self._applyOutputs(data)
+        self._report({"phase": "import", "step": 1, "total": 1})
+        if followUp is None:
+            self._end(DONE)
+            return
+        backgroundStep, mainStep = followUp
+
+        def finish(value):
+            mainStep(value)
+            self._end(DONE)
+
+        self._inBackground(backgroundStep, finish)
+
+    def _end(self, status: str) -> None:
+        self.status = status
+        self._background = self._onBackgroundDone = None
         elapsed = time.monotonic() - self.startTime if self.startTime else 0.0
         self._log(f"Finished: {self.status} ({elapsed:.1f} s)" + (f" - {self.errorMessage}"
                                                                   if self.status == ERROR else ""))
-        if not (self.status == CANCELLED and self.keepWorkdirOnCancel):
+        if not (self.status == CANCELLED and not self._aborted and self._keepsWorkdir()):
             self.cleanup()
         if self.onFinished:
             self.onFinished(self)
 
-    def _importResults(self, result: Dict[str, Any]) -> None:
-        raise NotImplementedError
-
     def cancel(self) -> None:
-        """Ask the worker to stop; it is killed after the grace period. Returns at once."""
-        if not self.isActive or self.workerJob is None:
+        """Ask the worker to stop (stop file); it is killed after :data:`CANCEL_GRACE_S`. Returns at once.
+        Before the worker started, it is not started; once it has finished, the import completes."""
+        if not self.isActive:
             return
-        self.status = CANCELLING
-        self._log("Cancelling...")
-        self.workerJob.cancel(self.graceSeconds)
+        self._cancelRequested = True
+        if self.status == RUNNING and self.workerJob is not None:
+            self.status = CANCELLING
+            self._log("Cancelling...")
+            self.workerJob.cancel(self.graceSeconds)
+
+    def abort(self) -> None:
+        """End the task now (scene closed, module cleanup): kill the worker, status CANCELLED, remove the
+        temporary folder, ``onFinished`` called. Nothing is imported afterwards."""
+        if not self.isActive:
+            self.cleanup()
+            return
+        self._aborted = True  # nothing to resume into: the scene is gone
+        self._log("Stopped: the scene was closed")
+        self._end(CANCELLED)
+
+    def _keepsWorkdir(self) -> bool:
+        """Whether a cancelled run keeps its folder (to be resumed)."""
+        return False
 
     def _removeWorkdir(self) -> None:
         if self.workdir and os.path.isdir(self.workdir):
@@ -215,22 +343,94 @@ class WorkerTask:
         deadline = time.monotonic() + timeoutSeconds
         while self.processEvents():
             if time.monotonic() > deadline:
-                self.cancel()
-                if self.workerJob is not None:
-                    self.workerJob.kill()
-                raise TimeoutError(f"the worker did not finish within {timeoutSeconds:.0f} s")
+                self.abort()
+                raise TimeoutError(f"the task did not finish within {timeoutSeconds:.0f} s")
             if idle:
                 idle()
             time.sleep(pollSeconds)
         return self.status
 
 
+class TaskRunner:
+    """One task at a time; :meth:`poll` handles its events and is called by ``timer`` (an object with
+    ``start()``/``stop()``, a ``qt.QTimer`` in Slicer, see :mod:`TCURLoRALib.slicerapp`) or by hand in tests."""
+
+    def __init__(self, timer=None) -> None:
+        self.task: Optional[WorkerTask] = None
+        self.timer = timer
+
+    @property
+    def isRunning(self) -> bool:
+        return self.task is not None and self.task.isActive
+
+    def run(self, task: WorkerTask) -> WorkerTask:
+        if self.isRunning:
+            raise RuntimeError("A TCURLoRA job is already running; cancel it first.")
+        self.task = task
+        task.start()
+        self._startTimer()
+        return task
+
+    def resume(self, task) -> None:
+        self.task = task
+        task.resume()
+        self._startTimer()
+
+    def _startTimer(self) -> None:
+        if self.timer is not None:
+            self.timer.start()
+
+    def poll(self) -> bool:
+        """Handle the task's events; True while a task runs (a callback may have started the next one)."""
+        if self.task is not None:
+            self.task.processEvents()
+        active = self.isRunning
+        if not active and self.timer is not None:
+            self.timer.stop()
+        return active
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    def waitForCompletion(self, timeoutSeconds: float = 600.0, idle: Optional[Callable[[], None]] = None,
+                          pollSeconds: float = 0.02):
+        """Block (self-tests, scripts) until nothing runs, tasks chained by callbacks included, keeping the
+        application responsive through ``idle``; the last task's status. TimeoutError (task ended) on time-out."""
+        deadline = time.monotonic() + timeoutSeconds
+        while self.poll():
+            if time.monotonic() > deadline:
+                self.shutdown()
+                raise TimeoutError(f"the task did not finish within {timeoutSeconds:.0f} s")
+            if idle:
+                idle()
+            time.sleep(pollSeconds)
+        return self.task.status if self.task is not None else None
+
+    def shutdown(self) -> None:
+        """End the task now (module cleanup, scene close): afterwards nothing runs and a new run may start."""
+        if self.timer is not None:
+            self.timer.stop()
+        if self.task is not None:
+            self.task.abort()
+
+
+def largestComponentOption(choice: str) -> Optional[bool]:
+    """The GUI's "keep largest component" choice -> the job value: ``"default"`` -> None (the base model
+    decides: deepbet keeps its largest component), ``"yes"`` -> True, ``"no"`` -> False."""
+    options = {"default": None, "yes": True, "no": False}
+    if choice not in options:
+        raise ValueError(f"largest component must be one of {', '.join(options)}, got {choice!r}")
+    return options[choice]
+
+
 class SegmentationTask(WorkerTask):
-    """Segment one volume; the result goes into ``outputSegmentation`` (or a new segmentation node)."""
+    """Segment one volume; the result goes into ``outputSegmentation`` (or a new segmentation node, which then
+    becomes :attr:`outputSegmentation`). ``largestComponent=None`` leaves the choice to the base model."""
 
     def __init__(self, inputVolume, base: Any, launcher: Callable, adapterPath: Optional[str] = None,
                  device: str = "auto", outputSegmentation=None, labels: Sequence[Dict[str, Any]] = (),
-                 tta: bool = False, largestComponent: bool = False, createSurfaces: bool = True,
+                 tta: bool = False, largestComponent: Optional[bool] = None, createSurfaces: bool = True,
                  outputName: Optional[str] = None, **kwargs) -> None:
         super().__init__(launcher, **kwargs)
         if inputVolume is None:
@@ -247,31 +447,53 @@ class SegmentationTask(WorkerTask):
         self.createSurfaces = createSurfaces
         self.outputName = outputName
 
-    def _prepare(self) -> Dict[str, Any]:
+    def _snapshot(self):
         if self.adapterPath and not os.path.isfile(self.adapterPath):
             raise ValueError(f"The adapter file '{self.adapterPath}' does not exist.")
-        inputPath = os.path.join(self.workdir, "input.nrrd")
-        nodeio.writeVolume(self.inputVolume, inputPath)
+        return nodeio.arrayFromVolume(self.inputVolume), nodeio.ijkToRAS(self.inputVolume)
+
+    def _writeInputs(self, snapshot, report) -> Dict[str, Any]:
+        array, geometry = snapshot
+        inputPath = nodeio.writeVolumeArray(os.path.join(self.workdir, "input.nrrd"), array, geometry)
+        report({"phase": "export", "step": 1, "total": 1})
         return jobs.segment_job(base=self.base, inputs=[inputPath],
                                 output=os.path.join(self.workdir, "segmentation.seg.nrrd"),
                                 stop_file=os.path.join(self.workdir, jobs.STOP_FILE_NAME),
                                 adapter=self.adapterPath, device=self.device, tta=self.tta,
                                 largest_component=self.largestComponent)
 
-    def _importResults(self, result: Dict[str, Any]) -> None:
+    def _readOutputs(self, result, report):
         path = (result.get("outputs") or {}).get("segmentation") or self.jobDict["output"]
-        if self.inputVolume.GetScene() is not self.scene or self.scene.GetNodeByID(self.inputVolume.GetID()) is None:
-            raise RuntimeError("the input volume was removed from the scene while it was being segmented")
         if not os.path.isfile(path):
             raise IOError("the worker reported success but wrote no segmentation file")
+        return nodeio.readLabelFile(path)
+
+    def _applyOutputs(self, data):
+        labelArray, geometry, fileNames = data
+        if self.inputVolume.GetScene() is not self.scene or self.scene.GetNodeByID(self.inputVolume.GetID()) is None:
+            raise RuntimeError("the input volume was removed from the scene while it was being segmented")
         node = self.outputSegmentation
         if node is None or node.GetScene() is not self.scene:  # none chosen, or deleted while running
             name = self.outputName or f"{self.inputVolume.GetName()} segmentation"
             node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-        nodeio.readSegmentation(path, node, labels=self.labels, referenceVolumeNode=self.inputVolume)
-        nodeio.showSegmentation(node, surfaces=self.createSurfaces)
+        known = {int(e["value"]) for e in self.labels}
+        labels = self.labels + [{"value": v, "name": n} for v, n in sorted(fileNames.items()) if v not in known]
+        nodeio.updateSegmentationFromLabelArray(node, labelArray, geometry, labels)
+        node.SetReferenceImageGeometryParameterFromVolumeNode(self.inputVolume)
+        node.SetAndObserveTransformNodeID(self.inputVolume.GetTransformNodeID())
+        nodeio.showSegmentation(node, surfaces=False)
         self.outputSegmentation = node
         self._log(f"Segmentation '{node.GetName()}': " + ", ".join(nodeio.segmentNames(node)))
+        if not self.createSurfaces or not nodeio.segmentNames(node):
+            return None
+        copy = nodeio.surfaceCopy(node)
+
+        def build(report):
+            report({"phase": "surfaces", "step": 0, "total": 1})
+            nodeio.buildSurfaces(copy)
+            return copy
+
+        return build, lambda built: nodeio.adoptSurfaces(node, built)
 
 
 class FinetuneTask(WorkerTask):
@@ -282,8 +504,6 @@ class FinetuneTask(WorkerTask):
     name); ``jobLabels`` is the job's ``"labels"`` (None = the base's labels). On success the adapter is copied
     to ``adapterStore`` (:attr:`adapterPath`); a cancelled run keeps its folder so it can be resumed.
     """
-
-    keepWorkdirOnCancel = True
 
     def __init__(self, cases: Sequence[Tuple[Any, Any]], base: Any, launcher: Callable,
                  segmentToValue: Dict[str, int], labelTable: Sequence[Dict[str, Any]],
@@ -310,7 +530,7 @@ class FinetuneTask(WorkerTask):
         self.adapterPath: Optional[str] = None
         self.metrics: Dict[str, Any] = {}
 
-    def _exportCase(self, index: int, volumeNode, segmentationNode, prefix: str) -> Dict[str, str]:
+    def _caseArrays(self, index: int, volumeNode, segmentationNode, prefix: str):
         if volumeNode is None or segmentationNode is None:
             raise ValueError(f"{prefix} case {index + 1}: select both a volume and a segmentation.")
         mapped = {s["id"]: self.segmentToValue[s["name"]] for s in nodeio.segments(segmentationNode)
@@ -318,55 +538,85 @@ class FinetuneTask(WorkerTask):
         if not mapped:
             raise ValueError(f"{prefix} case {index + 1}: '{segmentationNode.GetName()}' has no segment that is "
                              "mapped to a label.")
-        stem = os.path.join(self.workdir, f"{prefix.lower()}_{index:03d}")
-        image = nodeio.writeVolume(volumeNode, stem + "_image.nrrd")
-        label = stem + "_label.seg.nrrd"
-        present = nodeio.writeTrainingLabel(segmentationNode, volumeNode, label, mapped, self.labelTable)
-        if not present:
+        ids = list(mapped)
+        label = nodeio.labelArrayFromSegmentation(segmentationNode, volumeNode, ids, [mapped[i] for i in ids])
+        if not label.any():
             self._log(f"Warning: {prefix.lower()} case {index + 1} ('{segmentationNode.GetName()}') has no "
                       "labelled voxels inside the volume.")
-        return {"image": image, "label": label}
+        stem = f"{prefix.lower()}_{index:03d}"
+        return stem, nodeio.arrayFromVolume(volumeNode), nodeio.ijkToRAS(volumeNode), label
 
-    def _prepare(self) -> Dict[str, Any]:
-        cases = [self._exportCase(i, v, s, "Training") for i, (v, s) in enumerate(self.cases)]
-        validation = [self._exportCase(i, v, s, "Validation") for i, (v, s) in enumerate(self.validation)]
+    def _snapshot(self):
+        training = [self._caseArrays(i, v, s, "Training") for i, (v, s) in enumerate(self.cases)]
+        validation = [self._caseArrays(i, v, s, "Validation") for i, (v, s) in enumerate(self.validation)]
         if self.curves is not None:
             self.curves.clear()
-        return jobs.finetune_job(base=self.base, cases=cases, validation=validation, labels=self.jobLabels,
+        return training, validation
+
+    def _writeInputs(self, snapshot, report) -> Dict[str, Any]:
+        training, validation = snapshot
+        total, done = len(training) + len(validation), 0
+        written = ([], [])
+        for group, cases in zip(written, snapshot):
+            for stem, image, geometry, label in cases:
+                stem = os.path.join(self.workdir, stem)
+                group.append({"image": nodeio.writeVolumeArray(stem + "_image.nrrd", image, geometry),
+                              "label": stem + "_label.seg.nrrd"})
+                nodeio.writeLabelArray(stem + "_label.seg.nrrd", label, geometry, self.labelTable)
+                done += 1
+                report({"phase": "export", "step": done, "total": total})
+        return jobs.finetune_job(base=self.base, cases=written[0], validation=written[1], labels=self.jobLabels,
                                  method=self.method, rank=self.rank, steps=self.steps, lr=self.lr,
                                  patch_size=self.patchSize, out=os.path.join(self.workdir, "adapter.safetensors"),
                                  stop_file=os.path.join(self.workdir, jobs.STOP_FILE_NAME), resume=False,
                                  seed=self.seed, device=self.device)
 
     @property
+    def checkpoint(self) -> Optional[str]:
+        """The checkpoint a cancelled worker reported (None when it was killed before reaching one)."""
+        path = ((self.result or {}).get("outputs") or {}).get("checkpoint")
+        return path if path and os.path.isfile(path) else None
+
+    def _keepsWorkdir(self) -> bool:
+        return self.checkpoint is not None
+
+    @property
     def canResume(self) -> bool:
-        return self.status == CANCELLED and bool(self.workdir) and os.path.isdir(self.workdir) \
-            and self.jobDict is not None
+        return self.status == CANCELLED and self.jobDict is not None and self.checkpoint is not None
 
     def resume(self) -> "FinetuneTask":
         """Run the cancelled job again with ``"resume": true`` in the same folder."""
         if not self.canResume:
             raise RuntimeError("There is no cancelled training to resume.")
         self.jobDict = dict(self.jobDict, resume=True)
-        self._launch(self.jobDict)
+        self._cancelRequested = False
+        try:
+            self._launch(self.jobDict)
+        except RuntimeError as exc:
+            self.errorMessage = str(exc)
+            self._end(ERROR)
+            raise
         return self
 
     def _onProgressEvent(self, event: Dict[str, Any]) -> None:
-        if self.curves is not None:
+        if self.curves is not None and event.get("phase") == "train":
             self.curves.addProgressEvent(event)
 
-    def _importResults(self, result: Dict[str, Any]) -> None:
+    def _readOutputs(self, result, report):
         outputs = result.get("outputs") or {}
         path = outputs.get("adapter") or self.jobDict["out"]
         if not os.path.isfile(path):
             raise IOError("the worker reported success but wrote no adapter file")
-        self.metrics = dict(result.get("metrics") or {})
         store = self.adapterStore or os.path.join(os.path.dirname(self.workdir), "tcurlora-adapters")
         os.makedirs(store, exist_ok=True)
         target = uniquePath(os.path.join(store, safeFileName(self.adapterName) + ".safetensors"))
         shutil.copyfile(path, target)
-        self.adapterPath = target
-        self._log(f"Adapter stored as {target}")
+        return target, dict(result.get("metrics") or {})
+
+    def _applyOutputs(self, data):
+        self.adapterPath, self.metrics = data
+        self._log(f"Adapter stored as {self.adapterPath}")
+        return None
 
 
 def safeFileName(name: str) -> str:

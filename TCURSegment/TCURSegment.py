@@ -3,7 +3,6 @@ import sys
 from typing import Annotated, Optional
 
 import qt
-import vtk
 
 import slicer
 from slicer.ScriptedLoadableModule import (
@@ -35,10 +34,11 @@ def _addLibraryPath():
 
 _addLibraryPath()
 
-from TCURLoRALib import engine, models, nodeio, slicerapp, tasks  # noqa: E402
+from TCURLoRALib import engine, logic, models, nodeio, slicerapp, tasks  # noqa: E402
 
 ADAPTER_NONE = ""
 ADAPTER_LOAD = "__load__"
+LARGEST_COMPONENT_CHOICES = (("Model default", "default"), ("Yes", "yes"), ("No", "no"))
 
 
 #
@@ -78,6 +78,8 @@ class TCURSegmentParameterNode:
     adapterPath - adapter file applied on top of the base model ("" = none).
     loadedAdapters - adapter files offered in the adapter list.
     device - "auto", "cpu" or "cuda".
+    largestComponent - "default" (the base model decides: deepbet keeps its largest component), "yes", "no".
+    showIn3D - build 3D surfaces of the result (in the background).
     """
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
@@ -87,7 +89,8 @@ class TCURSegmentParameterNode:
     loadedAdapters: list[str]
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     testTimeAugmentation: bool = False
-    largestComponent: bool = False
+    largestComponent: Annotated[str, Choice(["default", "yes", "no"])] = "default"
+    showIn3D: bool = True
 
 
 #
@@ -95,7 +98,7 @@ class TCURSegmentParameterNode:
 #
 
 
-class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class TCURSegmentWidget(slicerapp.ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -116,59 +119,22 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.onProgress = self.onProgress
         self.logic.onFinished = self.onFinished
 
-        slicerapp.populateDeviceComboBox(self.ui.deviceComboBox)
-        slicerapp.setupAddModelMenu(self.ui.addModelButton, self.onAddBundleModel, self.onAddSpecModel)
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
+        self.setupModelWidgets()
+        slicerapp.populateChoiceComboBox(self.ui.largestComponentComboBox, LARGEST_COMPONENT_CHOICES)
         self.ui.adapterComboBox.connect("currentIndexChanged(int)", self.onAdapterSelected)
-        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceSelected)
+        self.ui.largestComponentComboBox.connect("currentIndexChanged(int)", self.onLargestComponentSelected)
+        self.ui.show3DCheckBox.connect("toggled(bool)", self.onShow3DToggled)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.addTrainingCaseButton.connect("clicked(bool)", self.onAddTrainingCase)
 
         self.initializeParameterNode()
-
-    def cleanup(self) -> None:
-        self.removeObservers()
-        if self.logic:
-            self.logic.shutdown()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.logic.cancel()
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        slicerapp.ModuleWidgetMixin.initializeParameterNode(self)
         if not self._parameterNode.inputVolume:
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode:
                 self._parameterNode.inputVolume = firstVolumeNode
-
-    def setParameterNode(self, inputParameterNode: Optional[TCURSegmentParameterNode]) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-        self.updateGUIFromParameterNode()
-
-    # -- parameter node -> GUI
 
     def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
         if self._updatingGUI:
@@ -179,12 +145,10 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if p is None:
                 self.ui.applyButton.enabled = False
                 return
-            entry = self.logic.modelEntry(p.model)
-            slicerapp.populateModelComboBox(self.ui.modelComboBox, self.logic.models(), p.model)
-            self.ui.modelInfoLabel.text = self.logic.modelDescription(entry) if entry else \
-                f"Model '{p.model}' is not available: select another one."
+            entry = self.updateModelWidgets(p)
+            self.ui.inputWarningLabel.text = "\n".join(self.logic.inputWarnings(p.inputVolume, p.model))
             self._populateAdapterComboBox(p)
-            slicerapp.selectComboData(self.ui.deviceComboBox, p.device)
+            slicerapp.selectComboData(self.ui.largestComponentComboBox, p.largestComponent)
             info = self.logic.describeAdapter(p.adapterPath, p.model) if p.adapterPath else None
             if info is None:
                 self.ui.adapterSummaryLabel.text = "No adapter: the base model as it is."
@@ -197,7 +161,9 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             canApply = bool(p.inputVolume) and entry is not None and (info is None or info["compatible"])
             self.ui.applyButton.enabled = running or canApply
             self.ui.applyButton.toolTip = "Stop the running segmentation." if running else (
-                "Segment the input volume." if canApply else "Select an input volume, a base model and a matching adapter.")
+                "Segment the input volume." if canApply
+                else "Select an input volume, a base model and a matching adapter.")
+            self.ui.addTrainingCaseButton.enabled = not running
         finally:
             self._updatingGUI = False
 
@@ -218,13 +184,32 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- GUI -> parameter node / logic
 
-    def onModelSelected(self, index: int) -> None:
+    def onLargestComponentSelected(self, index: int) -> None:
         if self._parameterNode and index >= 0 and not self._updatingGUI:
-            self._parameterNode.model = self.ui.modelComboBox.itemData(index)
+            self._parameterNode.largestComponent = self.ui.largestComponentComboBox.itemData(index)
 
-    def onDeviceSelected(self, index: int) -> None:
-        if self._parameterNode and index >= 0 and not self._updatingGUI:
-            self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
+    def onShow3DToggled(self, show: bool) -> None:
+        node = self._parameterNode.outputSegmentation if self._parameterNode else None
+        if node is not None and not self.logic.isRunning():
+            with slicer.util.tryWithErrorDisplay("Could not show the segmentation in 3D."):
+                slicerapp.showIn3D(node, show)
+
+    def onAddTrainingCase(self) -> None:
+        """One click: the input volume and the corrected output segmentation (else Segment Editor's current
+        selection) become a training case of the case library."""
+        p = self._parameterNode
+        volume, segmentation = (p.inputVolume, p.outputSegmentation) if p else (None, None)
+        if segmentation is None:
+            volume, segmentation = slicerapp.segmentEditorSelection()
+        with slicer.util.tryWithErrorDisplay("Could not add the training case."):
+            library = slicerapp.openCaseLibrary()
+
+            def added(entry):
+                self.ui.statusLabel.text = (f"Added '{entry['name']}' to the case library '{library.project}' "
+                                            f"({len(library.cases())} cases). Fine-tune in TCUR Finetune.")
+
+            slicerapp.addTrainingCase(library, volume, segmentation, added)
+            self.ui.statusLabel.text = "Storing the training case..."
 
     def onAdapterSelected(self, index: int) -> None:
         if not self._parameterNode or index < 0 or self._updatingGUI:
@@ -239,18 +224,6 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._parameterNode.adapterPath = value or ""
 
-    def onAddBundleModel(self) -> None:
-        folder = slicerapp.askBundleFolder(slicer.util.mainWindow())
-        if folder:
-            with slicer.util.tryWithErrorDisplay("Could not add the model."):
-                self._parameterNode.model = self.logic.addBundleModel(folder)["name"]
-
-    def onAddSpecModel(self) -> None:
-        spec, weights = slicerapp.askSpecAndWeights(slicer.util.mainWindow())
-        if spec and weights:
-            with slicer.util.tryWithErrorDisplay("Could not add the model."):
-                self._parameterNode.model = self.logic.addSpecModel(spec, weights)["name"]
-
     def onApplyButton(self) -> None:
         if self.logic.isRunning():
             self.logic.cancel()
@@ -258,19 +231,20 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("The Python packages TCURLoRA needs could not be installed."):
-            if not self.logic.ensureDependencies():
+            if not slicerapp.ensureDependencies(self.logic, self.ui.progressBar, self.ui.statusLabel):
                 return
         with slicer.util.tryWithErrorDisplay("Segmentation could not start.", waitCursor=True):
+            self.ui.progressBar.maximum = 100
             self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = "Starting..."
-            self.logic.segment(p.inputVolume, modelName=p.model, adapterPath=p.adapterPath or None,
-                               device=p.device, outputSegmentation=p.outputSegmentation,
-                               tta=p.testTimeAugmentation, largestComponent=p.largestComponent)
+            self.ui.statusLabel.text = "Exporting the volume..."
+            self.ui.logTextEdit.clear()
+            self.logic.segmentFromParameters(p)
         self.updateGUIFromParameterNode()
 
     # -- logic callbacks (main thread)
 
     def onLog(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
         slicer.util.showStatusMessage(text, 3000)
 
     def onProgress(self, event: dict) -> None:
@@ -298,58 +272,21 @@ class TCURSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class TCURSegmentLogic(ScriptedLoadableModuleLogic, slicerapp.EngineLogicMixin):
-    """Segmentation without the GUI.
+class TCURSegmentLogic(ScriptedLoadableModuleLogic, logic.SegmentLogic):
+    """Segmentation without the GUI: :class:`TCURLoRALib.logic.SegmentLogic` (launcher, models, adapters, runs)
+    plus the module's parameter node.
 
     :param launcher: ``launcher(job, workdir) -> WorkerJob`` (default: ``PythonSlicer -m tcurlora.worker``).
-    :param registry: :class:`TCURLoRALib.models.ModelRegistry` (default: the catalog + the user's models).
-    :param manifestReader: ``path -> manifest dict`` (default: ``tcurlora.manifest.read_manifest``).
-    :param dependencyInstaller: ``() -> bool`` (default: ask, then install torch and the other packages).
-
-    Callbacks ``onLog(text)``, ``onProgress(event)``, ``onFinished(task)`` run on the main thread.
+    :param kwargs: see :class:`TCURLoRALib.logic.SegmentLogic` (registry, manifestReader, dependencyInstaller,
+        discoverModels, runner); the defaults are the application's.
     """
 
-    def __init__(self, launcher=None, registry=None, manifestReader=None, dependencyInstaller=None) -> None:
+    def __init__(self, launcher=None, **kwargs) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.launcher = launcher
-        self.registry = registry if registry is not None else models.ModelRegistry(custom=slicerapp.loadCustomModels())
-        self.manifestReader = manifestReader
-        self.dependencyInstaller = dependencyInstaller
-        self.driver = slicerapp.TaskDriver()
-        self._manifestCache = {}
-        self.onLog = None
-        self.onProgress = None
-        self.onFinished = None
+        logic.SegmentLogic.__init__(self, launcher=launcher, **dict(slicerapp.engineLogicArguments(), **kwargs))
 
     def getParameterNode(self):
         return TCURSegmentParameterNode(super().getParameterNode())
-
-    # -- adapters
-
-    def readAdapter(self, path: str) -> dict:
-        """The adapter's manifest; raises with a one-line message on a bad file (cached per file version)."""
-        stat = os.stat(path)
-        key = (os.path.abspath(path), stat.st_mtime, stat.st_size)
-        if key not in self._manifestCache:
-            if self.manifestReader is not None:
-                manifest = self.manifestReader(path)
-            else:
-                from tcurlora.manifest import read_manifest
-
-                manifest = read_manifest(path)
-            self._manifestCache = {key: manifest}  # only the latest: the GUI asks again and again for one file
-        return self._manifestCache[key]
-
-    def describeAdapter(self, path: str, modelName: str) -> dict:
-        """``{"summary", "compatible", "message", "labels", "manifest"}`` for showing before applying."""
-        try:
-            manifest = self.readAdapter(path)
-        except Exception as exc:
-            return {"summary": "", "compatible": False, "message": f"Cannot read {os.path.basename(path)}: {exc}",
-                    "labels": [], "manifest": None}
-        ok, message = models.checkAdapterCompatibility(manifest, self.modelEntry(modelName))
-        return {"summary": models.adapterSummary(manifest), "compatible": ok, "message": message,
-                "labels": list(manifest.get("labels") or []), "manifest": manifest}
 
     @staticmethod
     def addAdapter(parameterNode, path: str, modelName: Optional[str] = None) -> None:
@@ -362,57 +299,8 @@ class TCURSegmentLogic(ScriptedLoadableModuleLogic, slicerapp.EngineLogicMixin):
                 parameterNode.model = modelName
             parameterNode.adapterPath = path
 
-    # -- running
-
-    def isRunning(self) -> bool:
-        return self.driver.isRunning
-
-    @property
-    def task(self):
-        return self.driver.task
-
-    def segment(self, inputVolume, modelName: str = "deepbet", adapterPath: Optional[str] = None,
-                device: str = "auto", outputSegmentation=None, tta: bool = False, largestComponent: bool = False):
-        """Start segmenting ``inputVolume`` in the background; returns the task (see :meth:`waitForCompletion`)."""
-        if inputVolume is None:
-            raise ValueError("Select an input volume.")
-        entry = self.modelEntry(modelName)
-        if entry is None:
-            raise ValueError(f"The base model '{modelName}' is not available.")
-        labels = list(entry.get("labels") or [])
-        if adapterPath:
-            info = self.describeAdapter(adapterPath, modelName)
-            if not info["compatible"]:
-                raise ValueError(info["message"])
-            labels = info["labels"] or labels
-        task = tasks.SegmentationTask(
-            inputVolume, models.ModelRegistry.jobBase(entry), self.launcher or engine.defaultLauncher(),
-            adapterPath=adapterPath, device=device, outputSegmentation=outputSegmentation, labels=labels,
-            tta=tta, largestComponent=largestComponent, onLog=self._log, onProgress=self._progress,
-            onFinished=self._finished)
-        self.driver.run(task)
-        return task
-
-    def cancel(self) -> None:
-        self.driver.cancel()
-
-    def waitForCompletion(self, timeoutSeconds: float = 600.0):
-        return self.driver.waitForCompletion(timeoutSeconds)
-
-    def shutdown(self) -> None:
-        self.driver.shutdown()
-
-    def _log(self, text):
-        if self.onLog:
-            self.onLog(text)
-
-    def _progress(self, event):
-        if self.onProgress:
-            self.onProgress(event)
-
-    def _finished(self, task):
-        if self.onFinished:
-            self.onFinished(task)
+    def waitForCompletion(self, timeoutSeconds: float = 600.0, idle=None):
+        return logic.SegmentLogic.waitForCompletion(self, timeoutSeconds, idle=idle or slicer.app.processEvents)
 
 
 #
@@ -421,8 +309,8 @@ class TCURSegmentLogic(ScriptedLoadableModuleLogic, slicerapp.EngineLogicMixin):
 
 
 class TCURSegmentTest(ScriptedLoadableModuleTest):
-    """Self-tests. The stand-in worker (``TCURLoRALib/fakeworker.py``) checks the Slicer side without torch; the
-    real engine runs too when its packages are installed and the base model is cached (or
+    """Self-tests. The stand-in worker (``Testing/standin_worker.py``, test-only) checks the Slicer side without
+    torch; the real engine runs too when its packages are installed and the base model is cached (or
     ``TCURLORA_SELFTEST_ENGINE=1``; ``=0`` skips it)."""
 
     LABELS = [{"value": 1, "name": "Brain", "color": [0.9, 0.7, 0.6]}]
@@ -433,6 +321,8 @@ class TCURSegmentTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_SegmentWithStandInWorker()
+        self.setUp()
+        self.test_ApplyTwiceReplacesTheNewSegmentation()
         self.setUp()
         self.test_RefuseAdapterForOtherBase()
         self.setUp()
@@ -449,11 +339,10 @@ class TCURSegmentTest(ScriptedLoadableModuleTest):
         return nodeio.addVolumeFromArray(slicer.mrmlScene, voxels, ijkToRAS, name)
 
     def standInLogic(self, fingerprint="toy-fingerprint", manifestReader=None):
-        from TCURLoRALib import fakeworker
-
         registry = models.ModelRegistry(catalog=[{"name": "toy", "title": "Toy model", "labels": self.LABELS,
                                                    "fingerprint": fingerprint, "cached": True}])
-        launcher = engine.defaultLauncher(script=fakeworker.__file__, pythonpath=[engine.engineRoot()])
+        standIn = engine.testingFile(__file__, "standin_worker.py")
+        launcher = engine.defaultLauncher(script=standIn, pythonpath=[engine.engineRoot()])
         return TCURSegmentLogic(launcher=launcher, registry=registry, manifestReader=manifestReader,
                                 dependencyInstaller=lambda: True)
 
@@ -475,6 +364,21 @@ class TCURSegmentTest(ScriptedLoadableModuleTest):
         self.assertTrue(segmentation.GetSegmentation().ContainsRepresentation("Closed surface"))
         self.assertFalse(os.path.exists(task.workdir), "temporary folder left behind")
         self.delayDisplay("Segment with the stand-in worker: passed")
+
+    def test_ApplyTwiceReplacesTheNewSegmentation(self):
+        self.delayDisplay("Apply twice with 'Create new segmentation': one new node, replaced")
+        volume = self.makeVolume()
+        logic = self.standInLogic()
+        p = logic.getParameterNode()
+        p.inputVolume, p.outputSegmentation, p.model, p.device = volume, None, "toy", "cpu"
+        self.assertEqual(p.largestComponent, "default")  # the base model decides (deepbet: keep largest)
+        for _ in range(2):
+            logic.segmentFromParameters(p)
+            self.assertEqual(logic.waitForCompletion(60), tasks.DONE, logic.task.errorMessage)
+            self.assertIsNone(logic.task.jobDict["largest_component"])
+        self.assertIs(p.outputSegmentation, logic.task.outputSegmentation)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), 1)
+        self.delayDisplay("Apply twice: passed")
 
     def test_RefuseAdapterForOtherBase(self):
         self.delayDisplay("Refuse an adapter trained on another base model")
@@ -502,7 +406,7 @@ class TCURSegmentTest(ScriptedLoadableModuleTest):
             return False
         from TCURLoRALib import dependencies
 
-        if dependencies.missingPackages():
+        if dependencies.missingPackages(dependencies.readRequirements()):
             return False
         entry = models.ModelRegistry().entry(modelName)
         return entry is not None and (bool(entry.get("cached")) or flag == "1")

@@ -76,7 +76,7 @@ def test_segment_job_fields(tmp_path):
     assert job["version"] == 1 and job["command"] == "segment"
     assert job["inputs"] == [str(tmp_path / "input.nrrd")]
     assert job["adapter"] == str(tmp_path / "a.safetensors")
-    assert job["tta"] is True and job["largest_component"] is False and job["device"] == "cuda"
+    assert job["tta"] is True and job["largest_component"] is None and job["device"] == "cuda"  # base decides
     json.dumps(job)  # serialisable
     assert jobs.segment_job(base={"spec": "s.json", "weights": "w.pt"}, inputs=["i"], output="o",
                             stop_file="s")["base"] == {"spec": "s.json", "weights": "w.pt"}
@@ -318,10 +318,10 @@ def test_cleanup_stops_a_running_worker(tmp_path):
 
 
 def test_stand_in_worker_of_the_slicer_modules_speaks_the_protocol(tmp_path):
-    """TCURLoRALib/fakeworker.py (used by the module self-tests) run as ``-m`` with the repo on PYTHONPATH."""
+    """Testing/standin_worker.py (used by the module self-tests) run as a script with the repo on PYTHONPATH."""
     workdir = str(tmp_path / "w")
     job = WorkerJob({"command": "segment", "inputs": [], "output": "x", "stop_file": os.path.join(workdir, "STOP")},
-                    workdir=workdir, module="TCURLoRALib.fakeworker", pythonpath=[REPO])
+                    workdir=workdir, script=os.path.join(REPO, "Testing", "standin_worker.py"), pythonpath=[REPO])
     events = run_to_end(job)
     assert events[0]["event"] == "error" and "input image missing" in events[0]["message"]
     assert events[-1]["returncode"] == jobs.EXIT_ERROR

@@ -1,6 +1,6 @@
 """The Slicer side of the job protocol against real MRML (the ``slicer-core`` wheel, no Slicer application):
 node <-> file / array conversion, the training-curve nodes, and whole segmentation / fine-tuning runs with the
-stand-in worker (``TCURLoRALib/fakeworker.py``), and one run of training then segmentation with the real worker."""
+stand-in worker (``Testing/standin_worker.py``), and one run of training then segmentation with the real worker."""
 
 import json
 import os
@@ -19,7 +19,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from TCURLoRALib import engine, fakeworker, models, nodeio, plots, tasks  # noqa: E402
+from TCURLoRALib import engine, models, nodeio, plots, tasks  # noqa: E402
+
+STANDIN_WORKER = os.path.join(REPO, "Testing", "standin_worker.py")
 
 # Oblique, anisotropic, permuted axes: IJK-to-RAS far from identity.
 _ROT = np.array([[0.0, -1.0, 0.0], [0.8, 0.0, 0.6], [-0.6, 0.0, 0.8]])
@@ -57,8 +59,24 @@ def label_array():
 def fake_launcher(**env):
     extra = {"TCURLORA_FAKE_STEP_S": "0.002"}
     extra.update(env)
-    return engine.defaultLauncher(pythonExecutable=sys.executable, script=fakeworker.__file__, pythonpath=[REPO],
+    return engine.defaultLauncher(pythonExecutable=sys.executable, script=STANDIN_WORKER, pythonpath=[REPO],
                                   extraEnv=extra)
+
+
+def recording(launcher, folder):
+    """``launcher`` that first copies the job folder as the worker will find it (inputs are written in the
+    background, so they exist only once the worker is launched); returns (launcher, [(job, copy folder)])."""
+    import shutil
+
+    seen = []
+
+    def launch(job, workdir):
+        copy = os.path.join(str(folder), f"launch{len(seen)}")
+        shutil.copytree(workdir, copy)
+        seen.append((dict(job), copy))
+        return launcher(job, workdir)
+
+    return launch, seen
 
 
 def ras_to_lps(matrix):
@@ -241,17 +259,22 @@ def test_training_curves(scene):
 # whole runs with the stand-in worker
 
 
-def test_segmentation_task_end_to_end(scene, volume):
+def test_segmentation_task_end_to_end(scene, volume, tmp_path):
     logs, progress, finished = [], [], []
-    task = tasks.SegmentationTask(volume, "deepbet", fake_launcher(TCURLORA_FAKE_MODE="noisy"),
-                                  labels=LABELS[:1], device="cpu", onLog=logs.append, onProgress=progress.append,
-                                  onFinished=finished.append)
+    launcher, launched = recording(fake_launcher(TCURLORA_FAKE_MODE="noisy"), tmp_path)
+    task = tasks.SegmentationTask(volume, "deepbet", launcher, labels=LABELS[:1], device="cpu", onLog=logs.append,
+                                  onProgress=progress.append, onFinished=finished.append)
     task.start()
-    assert task.isActive and os.path.isfile(os.path.join(task.workdir, "input.nrrd"))
-    job = json.load(open(os.path.join(task.workdir, "job.json")))
-    assert job["command"] == "segment" and job["device"] == "cpu" and job["adapter"] is None
+    assert task.isActive
     assert task.waitForCompletion(60) == tasks.DONE, task.errorMessage
-    assert finished == [task] and [e["step"] for e in progress] == [1, 2, 3]
+    job, folder = launched[0]
+    assert job["command"] == "segment" and job["device"] == "cpu" and job["adapter"] is None
+    written = nodeio.readVolume(scene, os.path.join(folder, "input.nrrd"))  # the input as the worker read it
+    np.testing.assert_array_equal(nodeio.arrayFromVolume(written), nodeio.arrayFromVolume(volume))
+    np.testing.assert_allclose(nodeio.ijkToRAS(written), IJK_TO_RAS, atol=1e-6)
+    assert finished == [task]
+    assert [e["step"] for e in progress if e["phase"] == "segment"] == [1, 2, 3]
+    assert [e["phase"] for e in progress][0] == "export" and "import" in [e["phase"] for e in progress]
     assert any("not json" in line for line in logs)  # non-JSON output shown as log
     segmentation = task.outputSegmentation
     assert segmentation.GetName() == "Head segmentation"
@@ -287,11 +310,12 @@ def test_worker_failures_are_reported(scene, volume, mode, fragment):
 
 
 def test_launch_failure_is_reported_and_cleaned(scene, volume):
-    launcher = engine.defaultLauncher(pythonExecutable="/nonexistent/PythonSlicer", script=fakeworker.__file__)
-    task = tasks.SegmentationTask(volume, "deepbet", launcher)
-    with pytest.raises(RuntimeError, match="Could not start"):
-        task.start()
-    assert task.status == tasks.ERROR and not os.path.exists(task.workdir)
+    launcher = engine.defaultLauncher(pythonExecutable="/nonexistent/PythonSlicer", script=STANDIN_WORKER)
+    finished = []
+    task = tasks.SegmentationTask(volume, "deepbet", launcher, onFinished=finished.append)
+    task.start()
+    assert task.waitForCompletion(30) == tasks.ERROR and "Could not start the worker process" in task.errorMessage
+    assert finished == [task] and not os.path.exists(task.workdir)
 
 
 def two_cases(scene):
@@ -313,19 +337,21 @@ def test_finetune_task_with_validation_curves_and_new_label(scene, tmp_path):
     job_labels, table, segment_to_value = models.labelsFromMapping(mapping, LABELS[:1])
     assert job_labels == table and segment_to_value == {"brain": 1, "Tumour": 2}
     curves = plots.TrainingCurves(scene)
-    task = tasks.FinetuneTask(pairs[:1], "deepbet", fake_launcher(), segment_to_value, table, job_labels,
+    launcher, launched = recording(fake_launcher(), tmp_path)
+    task = tasks.FinetuneTask(pairs[:1], "deepbet", launcher, segment_to_value, table, job_labels,
                               validation=pairs[1:], steps=20, rank=4, curves=curves,
                               adapterStore=str(tmp_path / "store"), adapterName="my adapter")
     task.start()
-    job = json.load(open(os.path.join(task.workdir, "job.json")))
+    assert task.waitForCompletion(60) == tasks.DONE, task.errorMessage
+    job, folder = launched[0]
     assert job["labels"] == [{"value": 1, "name": "Brain", "color": LABELS[0]["color"]},
                              {"value": 2, "name": "Tumour", "color": models.defaultColor(2)}]
     assert job["rank"] == 4 and job["method"] == "tcurlora" and len(job["validation"]) == 1
     import slicerio
 
-    seg = slicerio.read_segmentation(job["cases"][0]["label"])
+    seg = slicerio.read_segmentation(os.path.join(folder, os.path.basename(job["cases"][0]["label"])))
     assert sorted((s["name"], s["labelValue"]) for s in seg["segments"]) == [("Brain", 1), ("Tumour", 2)]
-    assert task.waitForCompletion(60) == tasks.DONE, task.errorMessage
+    np.testing.assert_array_equal(seg["voxels"].transpose(2, 1, 0), np.where(label_array() == 4, 2, label_array()))
     assert task.adapterPath == str(tmp_path / "store" / "my_adapter.safetensors")
     assert open(task.adapterPath, "rb").read().startswith(b"FAKE-TCURLORA-ADAPTER")
     assert len(curves.values("loss")[0]) == 20 and curves.values("dice")[0] == [5.0, 10.0, 15.0, 20.0]
@@ -338,13 +364,14 @@ def test_finetune_cancel_then_resume(scene, tmp_path):
         models.defaultLabelMapping(["brain"], LABELS[:1]), LABELS[:1])
     assert job_labels is None  # only base labels: the base head is fine-tuned
     curves = plots.TrainingCurves(scene)
-    task = tasks.FinetuneTask(pairs, "deepbet", fake_launcher(TCURLORA_FAKE_STEP_S="0.01"), segment_to_value, table,
+    launcher, launched = recording(fake_launcher(TCURLORA_FAKE_STEP_S="0.01"), tmp_path)
+    task = tasks.FinetuneTask(pairs, "deepbet", launcher, segment_to_value, table,
                               job_labels, steps=300, curves=curves, adapterStore=str(tmp_path / "store"))
     task.start()
     import time
 
     deadline = time.monotonic() + 30
-    while task.lastProgress is None and time.monotonic() < deadline:
+    while (task.lastProgress or {}).get("phase") != "train" and time.monotonic() < deadline:
         task.processEvents()
         time.sleep(0.01)
     task.cancel()
@@ -353,7 +380,7 @@ def test_finetune_cancel_then_resume(scene, tmp_path):
     done_before = len(curves.values("loss")[0])
     assert 0 < done_before < 300
     task.resume()
-    assert json.load(open(os.path.join(task.workdir, "job.json")))["resume"] is True
+    assert launched[-1][0]["resume"] is True
     assert task.waitForCompletion(60) == tasks.DONE, task.errorMessage
     assert curves.values("loss")[0] == [float(s) for s in range(1, 301)]
     assert os.path.isfile(task.adapterPath) and not os.path.exists(task.workdir)

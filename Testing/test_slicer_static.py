@@ -52,6 +52,8 @@ def test_every_ui_name_used_exists_in_the_ui_file(module):
     _, widgets = ui_widgets(module)
     code = read(os.path.join(REPO, module, module + ".py"))
     used = set(re.findall(r"\bself\.ui\.(\w+)", code))
+    if "slicerapp.ModuleWidgetMixin" in code:  # the widgets both modules share
+        used |= set(re.findall(r"\bself\.ui\.(\w+)", read(os.path.join(LIB, "slicerapp.py"))))
     assert used, "the widget uses no self.ui names?"
     missing = sorted(used - set(widgets))
     assert not missing, f"{module}.py uses self.ui.{missing} that {module}.ui does not define"
@@ -92,6 +94,33 @@ def test_slicer_parameter_names_are_parameter_node_fields(module):
     unknown = {w: p for w, p in bound.items() if p not in fields}
     assert not unknown, f"SlicerParameterName values that are not parameter node fields: {unknown}"
     assert len(set(bound.values())) == len(bound), "two widgets bound to one parameter"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_widget_and_logic_method_called_exists(module):
+    """``self.X(...)`` and callbacks ``self.X`` in the Widget and Logic classes name methods or attributes that
+    the class (or its TCURLoRALib base) defines: the module scripts cannot be imported without Slicer, so a
+    typo there would only show in the application."""
+    tree = ast.parse(read(os.path.join(REPO, module, module + ".py")))
+    bases_source = read(os.path.join(LIB, "logic.py")) + read(os.path.join(LIB, "slicerapp.py")) + read(
+        os.path.join(REPO, "TCURSegment", "TCURSegment.py"))
+    inherited = set(re.findall(r"def (\w+)\(", bases_source)) | set(
+        re.findall(r"self\.(\w+)(?:: [^=]+)? = ", bases_source)) | {
+        "layout", "parent", "resourcePath", "addObserver", "removeObserver", "removeObservers", "delayDisplay",
+        "assertEqual", "assertTrue", "assertFalse", "assertIsNone", "assertIsNotNone", "assertIs", "assertIn",
+        "assertLess", "assertGreater", "assertGreaterEqual", "assertRaises", "getParameterNode"}
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        defined = {f.name for f in cls.body if isinstance(f, ast.FunctionDef)} | inherited | {
+            t.id for n in cls.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        for node in ast.walk(cls):
+            if isinstance(node, ast.Assign):
+                defined |= {t.attr for t in node.targets if isinstance(t, ast.Attribute)}
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Attribute):
+                defined.add(node.target.attr)
+        used = {n.attr for n in ast.walk(cls) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                and n.value.id == "self" and isinstance(n.ctx, ast.Load)}
+        missing = sorted(used - defined)
+        assert not missing, f"{cls.name} uses self.{missing}, which nothing defines"
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -197,8 +226,13 @@ def test_extension_index_entry_and_icon():
 
 def test_docs_exist():
     text = read(os.path.join(REPO, "docs", "slicer.md"))
-    for needle in ("TCURLORA_WHEELHOUSE", "Additional module paths", "ctest", "PyTorch"):
-        assert needle in text
+    for needle in ("TCURLORA_WHEELHOUSE", "Additional module paths", "ctest", "PyTorch", "Add as training case",
+                   "## Troubleshooting", "No GPU", "proxy", "Out of memory", "tcurlora/requirements.txt"):
+        assert needle in text, needle
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(pictures) >= 2
+    for picture in pictures:
+        assert os.path.isfile(os.path.join(REPO, "docs", picture)), picture
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,9 +297,10 @@ def test_import_boundaries():
         roots = _imported_roots(os.path.join(LIB, name))
         if name != "slicerapp.py":
             assert "qt" not in roots and "ctk" not in roots, f"TCURLoRALib/{name} must not need Qt"
-        if name in ("models.py", "dependencies.py", "engine.py", "fakeworker.py"):
+        if name in ("models.py", "dependencies.py", "engine.py"):
             assert not roots & {"slicer", "vtk"}, f"TCURLoRALib/{name} must be plain Python"
-    assert _imported_roots(os.path.join(LIB, "fakeworker.py")) <= {"gzip", "json", "os", "sys", "time"}
+    standin = os.path.join(REPO, "Testing", "standin_worker.py")
+    assert _imported_roots(standin) <= {"gzip", "json", "os", "sys", "time"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -390,60 +425,122 @@ def test_a_bad_adapter_file_gives_one_line_for_the_gui(tmp_path):
     assert "\n" not in str(info.value) and "bad.safetensors" in str(info.value)
 
 
-def test_dependency_installer_asks_then_installs_and_keeps_simpleitk(tmp_path):
-    installed = {"scipy"}
-    calls, questions = [], []
+REQS = dependencies.readRequirements()
 
-    def pip(args):
-        calls.append(("pip", list(args)))
-        constraints = args[args.index("-c") + 1]
-        assert open(constraints).read() == "SimpleITK==2.4.0\n"
-        installed.update({"monai", "safetensors", "nibabel", "nrrd", "slicerio", "matplotlib"})
 
-    def torch():
-        calls.append(("torch",))
-        installed.add("torch")
+class FakeEnvironment:
+    """Installed distributions as {name: version}; pip and PyTorchUtils calls recorded."""
+
+    def __init__(self, installed, pipResult=None):
+        self.installed = dict(installed)
+        self.calls, self.questions, self.constraints = [], [], []
+        self.pipResult = pipResult
+
+    def versionOf(self, name):
+        return self.installed.get(name)
+
+    def pip(self, args):
+        self.calls.append(("pip", list(args)))
+        if "-c" in args:
+            self.constraints.append(open(args[args.index("-c") + 1]).read())
+        for req in args:
+            if ">=" in req:
+                name, minimum = req.split(">=")
+                if name == "torch" or "-c" not in args or "torch==" not in self.constraints[-1]:
+                    self.installed[name] = minimum + ".0"
+                else:  # pip would have to keep the pinned torch
+                    self.installed.setdefault(name, minimum + ".0")
+
+    def torch(self, requirement):
+        self.calls.append(("torch", requirement))
+        self.installed["torch"] = "2.13.0"
         return object()
 
-    installer = dependencies.DependencyInstaller(confirm=lambda text: questions.append(text) or True, pipInstall=pip,
-                                                 installTorch=torch, isAvailable=installed.__contains__,
-                                                 log=lambda s: None, environ={}, sitkVersion="2.4.0")
-    assert [p for p, _ in installer.missing()][:2] == ["torch", "monai"]
+    def installer(self, **kwargs):
+        args = dict(confirm=lambda text: self.questions.append(text) or True, pipInstall=self.pip,
+                    installTorch=self.torch, versionOf=self.versionOf, log=lambda s: None, environ={})
+        args.update(kwargs)
+        return dependencies.DependencyInstaller(**args)
+
+
+def test_the_installer_reads_the_engines_requirements_file_which_pyproject_uses():
+    names = [r.text for r in REQS]
+    assert "torch>=2.1" in names and "monai>=1.3" in names and "pynrrd>=1.0" in names
+    pyproject = read(os.path.join(REPO, "pyproject.toml"))
+    assert 'dynamic = ["dependencies"]' in pyproject
+    assert 'dependencies = { file = ["tcurlora/requirements.txt"] }' in pyproject
+    assert "monai>=" not in pyproject.split("[project.optional-dependencies]")[0]  # no second copy
+    assert os.path.samefile(dependencies.requirementsFile(), os.path.join(REPO, "tcurlora", "requirements.txt"))
+
+
+def test_a_bad_requirements_line_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "requirements.txt"
+    bad.write_text("# comment\ntorch>=2.1\nmonai @ https://x\n")
+    with pytest.raises(ValueError, match=r"requirements.txt:3: 'monai @ https://x'"):
+        dependencies.readRequirements(str(bad))
+
+
+@pytest.mark.parametrize("installed,minimum,ok", [("2.13.0+cpu", "2.1", True), ("2.0.1", "2.1", False),
+                                                  ("2.1", "2.1.0", True), ("1.10.0", "1.9", True),
+                                                  (None, "1.0", False), ("0.4.0rc1", None, True)])
+def test_version_minimum(installed, minimum, ok):
+    assert dependencies.satisfies(installed, minimum) is ok
+
+
+def test_dependency_installer_asks_once_installs_torch_first_and_pins_it():
+    env = FakeEnvironment({"scipy": "1.14.0", "SimpleITK": "2.4.0", "numpy": "1.26.4"})
+    steps = []
+    installer = env.installer(progress=lambda done, total, text: steps.append((done, total, text)))
+    missing = [m.requirement.name for m in installer.missing()]
+    assert missing[0] == "torch" and "monai" in missing and "scipy" not in missing
     assert installer.ensure() is True
-    assert "torch>=2.1" in questions[0] and "Install them now?" in questions[0]
-    assert calls[0] == ("torch",)
-    pip_args = calls[1][1]
-    assert "scipy>=1.9" not in pip_args and "pynrrd>=1.0" in pip_args and "--no-index" not in pip_args
-    assert not any(a.lower().startswith("simpleitk") for a in pip_args)
-    assert installer.ensure() is True and len(questions) == 1  # nothing missing: no question
+    assert len(env.questions) == 1 and "torch>=2.1" in env.questions[0]
+    assert env.calls[0] == ("torch", ">=2.1")  # PyTorchUtils with our minimum, no question of its own
+    kind, args = env.calls[1]
+    assert kind == "pip" and "monai>=1.3" in args and "scipy>=1.9" not in args
+    # the torch PyTorchUtils just installed, and Slicer's own SimpleITK/numpy, cannot be swapped by pip
+    assert set(env.constraints[0].split()) == {"torch==2.13.0", "SimpleITK==2.4.0", "numpy==1.26.4"}
+    assert not any(a.lower().startswith(("simpleitk", "numpy")) for a in args)
+    # the progress bar shows each installation step
+    assert [s[:2] for s in steps] == [(0, 2), (1, 2), (2, 2)]
+    assert "PyTorch" in steps[0][2] and "monai>=1.3" in steps[1][2]
+    assert installer.ensure() is True and len(env.questions) == 1  # nothing missing: no question
 
 
-def test_dependency_installer_declined_and_offline(tmp_path):
-    nothing = dependencies.DependencyInstaller(confirm=lambda text: False, pipInstall=None, isAvailable=lambda n: False,
-                                               environ={}, log=lambda s: None)
-    assert nothing.ensure() is False
+def test_an_old_torch_is_upgraded_through_pytorchutils():
+    everything = {r.name: "99.0" for r in REQS}
+    env = FakeEnvironment(dict(everything, torch="2.0.1"))
+    installer = env.installer()
+    assert [m.describe() for m in installer.missing()] == ["torch>=2.1 (installed: 2.0.1)"]
+    assert installer.ensure() is True
+    assert env.calls == [("torch", ">=2.1")] and "installed: 2.0.1" in env.questions[0]
+
+
+def test_slicer_installer_never_lets_pytorchutils_ask_again():
+    source = read(os.path.join(LIB, "dependencies.py"))
+    assert "askConfirmation=False" in source and "askConfirmation=True" not in source
+
+
+def test_dependency_installer_declined_offline_and_failing(tmp_path):
+    env = FakeEnvironment({})
+    assert env.installer(confirm=lambda text: False).ensure() is False and not env.calls
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    calls = []
-    installed = set()
-
-    def pip(args):
-        calls.append(list(args))
-        installed.update(p for p, _ in dependencies.missingPackages(lambda n: False))
-
-    offline = dependencies.DependencyInstaller(confirm=lambda text: str(wheels) in text, pipInstall=pip,
-                                               installTorch=None, isAvailable=installed.__contains__,
-                                               environ={dependencies.WHEELHOUSE_ENV: str(wheels)},
-                                               log=lambda s: None, sitkVersion="")
-    assert offline.ensure() is True
-    assert calls[0][:3] == ["--no-index", "--find-links", str(wheels)] and calls[0][-1] == "torch>=2.1"
+    offline = FakeEnvironment({"SimpleITK": "2.4.0"})
+    installer = offline.installer(installTorch=None, environ={dependencies.WHEELHOUSE_ENV: str(wheels)})
+    assert installer.ensure() is True and str(wheels) in offline.questions[0]
+    first = offline.calls[0][1]
+    assert first[:3] == ["--no-index", "--find-links", str(wheels)] and first[-1] == "torch>=2.1"
+    assert all(call[1][:3] == ["--no-index", "--find-links", str(wheels)] for call in offline.calls)
     with pytest.raises(ValueError, match="not a folder"):
         dependencies.wheelhouse({dependencies.WHEELHOUSE_ENV: str(tmp_path / "missing")})
-    failing = dependencies.DependencyInstaller(confirm=lambda text: True, pipInstall=lambda args: None,
-                                               installTorch=lambda: None, isAvailable=lambda n: False, environ={},
-                                               log=lambda s: None, sitkVersion="")
+    failing = FakeEnvironment({})
     with pytest.raises(RuntimeError, match="PyTorch was not installed"):
-        failing.ensure()
+        failing.installer(installTorch=lambda requirement: None).ensure()
+    stuck = FakeEnvironment({})
+    stuck.pip = lambda args: None  # pip "succeeds" but installs nothing
+    with pytest.raises(RuntimeError, match="could not be installed: monai>=1.3"):
+        stuck.installer().ensure()
 
 
 def test_engine_paths(tmp_path):
@@ -465,3 +562,8 @@ def test_engine_paths(tmp_path):
     assert job.command_line[:3] == ["/x/PythonSlicer", "-m", "tcurlora.worker"]
     assert job.environment()["PYTHONPATH"].split(os.pathsep)[0] == engine.engineRoot()
     job.cleanup()
+    assert engine.testingFile(module_file, "standin_worker.py") == os.path.join(REPO, "Testing", "standin_worker.py")
+    with pytest.raises(FileNotFoundError, match="TCURLORA_TESTING_DIR"):
+        engine.testingFile(str(fake_module), "standin_worker.py", environ={})
+    assert engine.testingFile(str(fake_module), "standin_worker.py",
+                              environ={engine.TESTING_DIR_ENV: os.path.join(REPO, "Testing")}).startswith(REPO)

@@ -116,6 +116,7 @@ def run(args) -> list:
     from tcurlora.events import Events
     from tcurlora.infer import segment
     from tcurlora.metrics import evaluate
+    from tcurlora.protocol import MAX_STEPS
     from tcurlora.train import DEFAULT_LR, FinetuneOptions, finetune
     from tcurlora.tuners.strategies import PEFT_METHODS
 
@@ -175,7 +176,7 @@ def run(args) -> list:
                 else:
                     adapter = seg.with_name(seg.name.replace(".nii.gz", ".safetensors"))
                     options = FinetuneOptions(steps=args.steps, batch_size=args.batch, seed=seed, device="cpu",
-                                              val_every=10 ** 9, **kwargs)
+                                              val_every=MAX_STEPS, **kwargs)  # no validation case: never
                     torch.manual_seed(seed)  # finetune injects (PEFT LoRA init) before it seeds: make that reproducible
                     t0 = time.time()
                     result = finetune(base, [cases[train]], adapter, options=options, events=Events())

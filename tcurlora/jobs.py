@@ -41,7 +41,8 @@ from . import protocol
 from .atomic import atomic_write_text
 from .protocol import COMMANDS, DEVICES, EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, JOB_VERSION, METHODS  # noqa: F401
 
-DEFAULT_GRACE_S = 15.0
+DEFAULT_GRACE_S = 1.0  # stop file, then SIGTERM, then SIGKILL after CANCEL_TERM_WAIT_S: gone within 2 s
+CANCEL_TERM_WAIT_S = 0.5
 JOB_FILE_NAME = "job.json"
 STOP_FILE_NAME = "STOP"
 WORKDIR_PREFIX = "tcurlora-"
@@ -64,7 +65,7 @@ def _check_base(base: Any) -> Any:
 
 
 def segment_job(*, base: Any, inputs: Sequence[str], output: str, stop_file: str, adapter: Optional[str] = None,
-                device: str = "auto", tta: bool = False, largest_component: Optional[bool] = False,
+                device: str = "auto", tta: bool = False, largest_component: Optional[bool] = None,
                 **settings: Any) -> Dict[str, Any]:
     """The job dictionary of a ``segment`` command, checked and completed by :func:`tcurlora.protocol.validate_job`
     (``settings``: any other segment key, e.g. ``sw_batch_size``). Raises ``ValueError`` naming the setting."""
@@ -355,17 +356,17 @@ class WorkerJob:
 
         def kill_later() -> None:
             if not self._finished.wait(grace_s):
-                self.kill()
+                self.kill(CANCEL_TERM_WAIT_S)
 
         threading.Thread(target=kill_later, daemon=True).start()
 
-    def kill(self) -> None:
-        """Kill the worker and its children now."""
+    def kill(self, term_wait_s: float = 2.0) -> None:
+        """Kill the worker and its children now (SIGTERM, then SIGKILL after ``term_wait_s``)."""
         with self._lock:
             if self.proc is None or self.proc.poll() is not None:
                 return
             self._killed = True
-            _kill_tree(self.proc)
+            _kill_tree(self.proc, term_wait_s)
 
     def cleanup(self, timeout_s: float = 10.0) -> None:
         """Stop the process if it is still running and remove the temporary folder (unless ``keep_workdir``).

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import __version__, protocol
+from . import __version__, distributed, protocol
 from .adapter import (adapter_state_dict, describe_adapter, inject_adapter, load_adapter_state_dict, merge_adapter,
                       trainable_parameter_count, unmerge_adapter)
 from .adapter_file import base_fingerprint, save_adapter
@@ -362,7 +362,7 @@ class Training:
 
     def __init__(self, base: BaseModel, network: torch.nn.Module, config: TCURLoRAConfig, options: FinetuneOptions,
                  prep, table: List[dict], train_cases: List[Case], val_cases: List[Case], device: torch.device,
-                 events: Events) -> None:
+                 events: Events, ctx: Optional[distributed.Context] = None) -> None:
         from monai.losses import DeepSupervisionLoss, DiceCELoss
 
         from .preprocess import train_transforms
@@ -370,6 +370,8 @@ class Training:
         self.base, self.network, self.config, self.options = base, network, config, options
         self.table, self.train_cases, self.val_cases, self.events = table, train_cases, val_cases, events
         self.device, self.amp = device, device.type == "cuda" and options.bf16
+        self.ctx = ctx or distributed.Context(device=device)
+        self.model = self.ctx.wrap(network)  # what training forwards run through (DistributedDataParallel across ranks)
         self.prep = prep
         self.lr = options.learning_rate()
         cores = _core_parameters(network)
@@ -422,10 +424,13 @@ class Training:
             self.transforms.set_random_state(seed=step_seed % (2 ** 32))
             rng = np.random.RandomState(step_seed % (2 ** 32))
             self.optimizer.zero_grad(set_to_none=True)
-            return _accumulate(self.network, self.transforms, self.train_cases, rng, self.loss_fn, self.device,
-                               self.amp, self.options)
+            across = {"ctx": self.ctx} if self.ctx.distributed else {}  # one process: the plain call
+            return _accumulate(self.model, self.transforms, self.train_cases, rng, self.loss_fn, self.device,
+                               self.amp, self.options, **across)
 
         def shrink() -> Optional[str]:
+            if self.ctx.distributed:  # every rank would have to shrink alike: stop with the error
+                raise TCURLoRAError(f"rank {self.ctx.rank}: out of GPU memory; lower --batch-size or --patch-size")
             self.optimizer.zero_grad(set_to_none=True)
             smaller = _smaller_patch(self.prep)
             if smaller is None:
@@ -459,7 +464,7 @@ class Training:
             merge_adapter(self.network)
         try:
             scores = []
-            for case in self.val_cases:
+            for case in self.val_cases[self.ctx.rank::self.ctx.world_size]:  # each rank scores its share
                 probs = sliding_window_probabilities(self.network, case.image, self.base.inference_roi, self.device,
                                                      self.amp, overlap=self.base.inference_overlap)
                 scores.append(_dice_per_label(probs.argmax(0), case.label[0], len(self.table)))
@@ -467,7 +472,7 @@ class Training:
             if merge:
                 unmerge_adapter(self.network)
             self.network.train()
-        dice = float(np.mean(scores))
+        dice = float(np.mean(self.ctx.gather(scores)))
         self.history["val_dice"].append((step, dice))
         if dice > self.best_dice:
             self.best_dice, self.best_step = dice, step
@@ -512,9 +517,9 @@ def _train_loop(training: Training, files: RunFiles, record: dict, stop_file: Op
                     events.log(f"early stop at step {step}: validation Dice has not improved for {options.patience} "
                                f"validations (best {training.best_dice:.3f} at step {training.best_step})")
                     break
-                if stop.requested():
+                if training.ctx.any(stop.requested()):
                     raise StopRequested()
-                if step < options.steps and schedule.due(step):
+                if step < options.steps and schedule.due(step) and training.ctx.is_main:
                     save_checkpoint(files.checkpoint, training, record)
                     schedule.saved()
                     events.log(f"checkpoint at step {step}: {files.checkpoint.name}")
@@ -535,8 +540,12 @@ def _provenance(training: Training, metrics: TrainingMetrics) -> dict:
 
 def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
              val_pairs: Sequence[Tuple[str, str]] = (), labels=None, options: Optional[FinetuneOptions] = None,
-             events: Optional[Events] = None, stop_file: Optional[str] = None, resume: bool = False) -> FinetuneResult:
+             events: Optional[Events] = None, stop_file: Optional[str] = None, resume: bool = False,
+             initial_state: Optional[dict] = None) -> FinetuneResult:
     """Train an adapter on ``base`` and write it to ``out`` (plus curve PNG and checkpoint beside it).
+
+    ``initial_state`` (an adapter state, e.g. a federated round's global cores) replaces the fresh adapter's.
+    Under ``torchrun`` every rank trains its share of each step and rank 0 writes (:mod:`tcurlora.distributed`).
 
     Raises :class:`TCURLoRAError` on bad input, always before the first training step.
     """
@@ -546,7 +555,10 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     if resume and not files.checkpoint.is_file():  # before reading any case: fail fast, with one line
         raise TCURLoRAError(f"{files.checkpoint.name}: no checkpoint to resume from")
     check_writable(files.adapter, what="adapter")
-    device = pick_device(options.device)
+    ctx = distributed.context(options.device)  # one process, or this rank of a torchrun launch
+    device = ctx.device
+    if not ctx.is_main:
+        events = Events()  # rank 0 alone reports
     table = resolve_labels(base, labels, train_pairs[0][1] if train_pairs else None)
     config = build_adapter_config(base, options, table)
     prep = training_preprocessing(base, options)
@@ -561,6 +573,8 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     network = base.network
     _seed_everything(options.seed)  # new heads and LoRA factors are initialised from the seed
     inject_adapter(network, config, "finetune")
+    if initial_state is not None:
+        load_adapter_state_dict(network, initial_state)
     network.to(device)
     if options.checkpointing:
         enable_activation_checkpointing(network)
@@ -574,26 +588,32 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
              else f"{len(info['stacks'] or info.get('tsvd_stacks', []))} stacks")
     events.log(f"{config.method}: {n_trainable:,} trainable values ({where}, rank {config.rank}) on {device.type}")
 
-    training = Training(base, network, config, options, prep, table, train_cases, val_cases, device, events)
+    training = Training(base, network, config, options, prep, table, train_cases, val_cases, device, events, ctx)
     if state is not None:
         training.load_state_dict(state)
         events.log(f"resuming at step {training.step} of {options.steps}")
     t0 = time.time()
     cancelled = _train_loop(training, files, record, stop_file, events)
-    save_checkpoint(files.checkpoint, training, record)
+    if ctx.is_main:
+        save_checkpoint(files.checkpoint, training, record)
     metrics = training.metrics(time.time() - t0, n_trainable)
     network.eval()
+    if cancelled or not ctx.is_main:
+        distributed.finish(ctx)
     if cancelled:
         events.log(f"stopped at step {training.step} of {options.steps}; a checkpoint to resume from is in "
                    f"{files.checkpoint.name}")
         return FinetuneResult(files, metrics, cancelled=True)
 
+    if not ctx.is_main:
+        return FinetuneResult(files, metrics, cancelled=False)
     if training.best_state is not None:
         load_adapter_state_dict(network, training.best_state)
     save_adapter(network, files.adapter, labels=table, preprocessing=base.preprocessing.to_dict(),
                  provenance=_provenance(training, metrics), base_name=base.name)
     write_curve(files.curve, training.history,
                 f"{config.method} r={config.rank} on {base.name}: {len(train_cases)} case(s)")
+    distributed.finish(ctx)
     return FinetuneResult(files, metrics, cancelled=False)
 
 
@@ -620,27 +640,37 @@ def write_curve(path: Path, history: dict, title: str) -> None:
     plt.close(fig)
 
 
-def _accumulate(network, transforms, cases, rng, loss_fn, device, amp, options) -> float:
-    """Forward/backward of ``grad_accum`` batches of patches; returns the summed loss."""
+def _accumulate(network, transforms, cases, rng, loss_fn, device, amp, options, ctx=None) -> float:
+    """Forward/backward of ``grad_accum`` batches of patches (per rank); returns the summed loss.
+
+    Across ranks every rank draws all ``grad_accum × world`` batches of the step and computes its own share
+    (see :mod:`tcurlora.distributed`); DDP averages the gradients over ranks.
+    """
+    ctx = ctx or distributed.Context(device=device)
+    count = options.grad_accum * ctx.world_size
+    last = max(i for i in range(count) if ctx.mine(i))
     total = 0.0
-    for _ in range(options.grad_accum):
+    for i in range(count):
         case = cases[rng.randint(len(cases))]
         patches = transforms({"image": case.image, "label": case.label})
+        if not ctx.mine(i):
+            continue  # drawn all the same: every rank's random stream stays in step
         x = torch.stack([p["image"] for p in patches]).to(device)
         y = torch.stack([p["label"] for p in patches]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = network(x)
-            if isinstance(logits, (list, tuple)):
-                # a new head (new labels) replaces the full-resolution head only: the coarser deep-supervision
-                # heads still predict the base's labels and are left out of the loss
-                logits = [l.float() for l in logits if l.shape[1] == logits[0].shape[1]]
-            else:
-                logits = logits.float()
-            # (float target: the loss resizes it to each level with nearest interpolation)
-            loss = loss_fn(logits, y.float()) / options.grad_accum
-        loss.backward()
+        with ctx.no_sync(network, i == last):  # DDP exchanges gradients after a rank's last batch of the step
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = network(x)
+                if isinstance(logits, (list, tuple)):
+                    # a new head (new labels) replaces the full-resolution head only: the coarser deep-supervision
+                    # heads still predict the base's labels and are left out of the loss
+                    logits = [l.float() for l in logits if l.shape[1] == logits[0].shape[1]]
+                else:
+                    logits = logits.float()
+                # (float target: the loss resizes it to each level with nearest interpolation)
+                loss = loss_fn(logits, y.float()) / options.grad_accum
+            loss.backward()
         total += float(loss.detach())
-    return total
+    return ctx.mean(total)
 
 
 def _smaller_patch(prep) -> Optional[Tuple[int, ...]]:

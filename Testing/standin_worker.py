@@ -1,9 +1,10 @@
 """A stand-in for ``tcurlora.worker`` that speaks the same job/events protocol with the standard library only.
 
-Used by the module self-tests and the pytest suite to exercise the Slicer side (export, process handling,
-progress, cancel/resume, import) quickly and without torch. It is never used for real work.
+Test-only (it is not installed with the extension). Used by the module self-tests and the pytest suite to
+exercise the Slicer side (export, process handling, progress, cancel/resume, import) quickly and without
+torch. It is never used for real work.
 
-    python fakeworker.py JOB.json
+    python standin_worker.py JOB.json
 
 Behaviour (environment variables):
 
@@ -161,7 +162,7 @@ def finetune(job, mode, step_s):
 
 def main(argv):
     if len(argv) != 1:
-        sys.stderr.write("usage: fakeworker.py JOB.json\n")
+        sys.stderr.write("usage: standin_worker.py JOB.json\n")
         return 2
     mode = os.environ.get("TCURLORA_FAKE_MODE", "ok")
     step_s = float(os.environ.get("TCURLORA_FAKE_STEP_S", "0.01"))
@@ -169,6 +170,13 @@ def main(argv):
         job = json.load(f)
     if mode == "error":
         fail("fake failure requested")
+    if mode == "stubborn":
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        emit("progress", phase=job.get("command"), step=0, total=1, loss=None, dice=None, eta_s=None)
+        while True:
+            time.sleep(0.05)
     if mode == "crash":
         sys.stderr.write("Traceback (most recent call last):\n  File \"worker.py\"\nRuntimeError: fake crash\n")
         return 1
