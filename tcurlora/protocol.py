@@ -316,6 +316,9 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("out", adapter_path, None, "where to write the adapter", _F, flag="--out",
             metavar="ADAPTER.safetensors", required=True),
     Setting("resume", boolean, False, "continue a stopped run from its checkpoint, to the same end", _F),
+    Setting("start_from", optional(text), None, "continue training an adapter of this base (its method, stacks, "
+            "indices and trained state are the starting point; it must have the same labels)", _F,
+            flag="--start-from", metavar="ADAPTER.safetensors"),
     Setting("method", choice(METHODS), "tcurlora", "tcurlora (default), or a baseline: lora (PEFT LoRA, same "
             "layers), decoder, full", _F, flag="--method"),
     Setting("rank", integer(1, MAX_RANK), 8, "CUR rank r (default 8)", _F, flag="--rank", cli_type=int),
