@@ -28,7 +28,7 @@ from tcurlora.tuners import get_tuner
 import torch
 from safetensors.torch import load_file
 
-from conftest import (CT, CT_VERT, SUBPROCESS_ENV, TRAIN_STEPS, VAL_EVERY, VERTEBRAE, cli_subprocess,
+from conftest import (CT, CT_VERT, SUBPROCESS_ENV, TRAIN_STEPS, VAL_EVERY, VERTEBRAE, assert_one_line_error, cli_subprocess,
                       finetune_args, read_events)
 from tcurlora import cli
 
@@ -234,6 +234,31 @@ def test_same_seed_gives_a_bit_identical_adapter(trained, tiny_unet, tmp_path):
     assert run(["finetune", *tiny_unet.args, "--image", CT, "--label", CT_VERT, "--out", other, "--steps", "1",
                 "--batch-size", "2", "--seed", "1", "--events", ev1]) == 0
     assert progress(read_events(ev1))[0]["loss"] != progress(trained.events)[0]["loss"]
+
+
+def test_start_from_continues_an_adapter(trained, tiny_unet, tmp_path):
+    """--start-from: the run starts at the given adapter's cores (the correct-and-retrain loop), keeps its
+    stacks and indices, and refuses an adapter whose labels differ from the run's."""
+    out = tmp_path / "continued.safetensors"
+    assert run(["finetune", *tiny_unet.args, "--image", CT, "--label", CT_VERT, "--out", out, "--steps", "1",
+                "--batch-size", "2", "--lr", "1e-12", "--start-from", trained.adapter]) == 0
+    before, after = adapter_tensors(trained.adapter), adapter_tensors(out)
+    assert before.keys() == after.keys()
+    for key in before:  # a vanishing learning rate: the continued adapter is where the first one ended
+        torch.testing.assert_close(after[key], before[key], rtol=1e-6, atol=1e-9)
+    assert any(bool(t.abs().sum() > 0) for t in after.values())
+    first, second = manifest_of(trained.adapter), manifest_of(out)
+    assert [s["I"] for s in first["method"]["stacks"]] == [s["I"] for s in second["method"]["stacks"]]
+
+    other_labels = tmp_path / "labels.json"
+    other_labels.write_text(json.dumps([{"value": 21, "name": "Sacrum"}, {"value": 22, "name": "L3"},
+                                        {"value": 23, "name": "L4"}]))
+    proc = subprocess.run(cli_subprocess("finetune", *tiny_unet.args, "--image", CT, "--label", CT_VERT, "--out",
+                                         tmp_path / "refused.safetensors", "--steps", "1", "--labels", other_labels,
+                                         "--start-from", trained.adapter),
+                          capture_output=True, text=True, env=SUBPROCESS_ENV)
+    assert "its labels" in assert_one_line_error(proc)
+    assert not (tmp_path / "refused.safetensors").exists()
 
 
 def test_steps_validation_and_best_versus_last(trained):

@@ -317,8 +317,12 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("out", adapter_path, None, "where to write the adapter", _F, flag="--out",
             metavar="ADAPTER.safetensors", required=True),
     Setting("resume", boolean, False, "continue a stopped run from its checkpoint, to the same end", _F),
+    Setting("start_from", optional(text), None, "continue training an adapter of this base (its method, stacks, "
+            "indices and trained state are the starting point; it must have the same labels)", _F,
+            flag="--start-from", metavar="ADAPTER.safetensors"),
     Setting("method", choice(METHODS), "tcurlora", "tcurlora (default), or a baseline: lora, pissa, dora (HF "
-            "PEFT, same layers), curlora (matrix CUR per layer), lorapt (t-SVD of the same stacks), decoder, full", _F, flag="--method"),
+            "PEFT, same layers), curlora (matrix CUR per layer), lorapt (t-SVD of the same stacks), decoder, full",
+            _F, flag="--method"),
     Setting("rank", integer(1, MAX_RANK), 8, "CUR rank r (default 8)", _F, flag="--rank", cli_type=int),
     Setting("preset", choice(PRESETS), "auto", "which stacks to adapt (default auto)", _F, flag="--preset"),
     Setting("train_modules", text_list(), [], "modules to train fully as well (e.g. a decoder); opt-in", _F,

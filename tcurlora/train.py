@@ -20,7 +20,8 @@ import torch
 from . import __version__, distributed, protocol
 from .adapter import (adapter_state_dict, describe_adapter, inject_adapter, load_adapter_state_dict, merge_adapter,
                       trainable_parameter_count, unmerge_adapter)
-from .adapter_file import base_fingerprint, save_adapter
+from .adapter_file import base_fingerprint, load_adapter, save_adapter
+from .tuners import get_tuner
 from .atomic import atomic_write, check_writable
 from .config import TCURLoRAConfig
 from .errors import InputError, TCURLoRAError
@@ -538,13 +539,32 @@ def _provenance(training: Training, metrics: TrainingMetrics) -> dict:
             "device": device.type, "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None}
 
 
+def _read_start(path: str, base: BaseModel, table: List[dict]):
+    """The config of the adapter a run continues; refused in one line unless it was trained on this base with
+    these labels (its tensors are loaded, with every check of ``load_adapter``, when training starts)."""
+    from .manifest import read_manifest
+
+    manifest = read_manifest(path)
+    name = Path(path).name
+    fingerprint = base_fingerprint(base.network)
+    if manifest["base"]["fingerprint"] != fingerprint:
+        raise TCURLoRAError(f"{name}: trained on another base model ({manifest['base']['name']}); "
+                            f"it cannot be continued on {base.name}")
+    if not same_labels(manifest["labels"], table):
+        raise TCURLoRAError(f"{name}: its labels ({', '.join(l['name'] for l in manifest['labels'])}) differ from "
+                            f"this run's ({', '.join(l['name'] for l in table)})")
+    return TCURLoRAConfig.from_dict(manifest["method"]["config"])
+
+
 def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
              val_pairs: Sequence[Tuple[str, str]] = (), labels=None, options: Optional[FinetuneOptions] = None,
              events: Optional[Events] = None, stop_file: Optional[str] = None, resume: bool = False,
-             initial_state: Optional[dict] = None) -> FinetuneResult:
+             initial_state: Optional[dict] = None, start_from: Optional[str] = None) -> FinetuneResult:
     """Train an adapter on ``base`` and write it to ``out`` (plus curve PNG and checkpoint beside it).
 
     ``initial_state`` (an adapter state, e.g. a federated round's global cores) replaces the fresh adapter's.
+    ``start_from`` (an adapter file for this base) continues that adapter: its method, stacks, CUR indices and
+    trained state replace what ``options`` would build (the correct-and-retrain loop).
     Under ``torchrun`` every rank trains its share of each step and rank 0 writes (:mod:`tcurlora.distributed`).
 
     Raises :class:`TCURLoRAError` on bad input, always before the first training step.
@@ -561,6 +581,8 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
         events = Events()  # rank 0 alone reports
     table = resolve_labels(base, labels, train_pairs[0][1] if train_pairs else None)
     config = build_adapter_config(base, options, table)
+    if start_from:
+        config = _read_start(start_from, base, table)
     prep = training_preprocessing(base, options)
 
     train_cases = load_cases(base, train_pairs, table)
@@ -572,7 +594,13 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
 
     network = base.network
     _seed_everything(options.seed)  # new heads and LoRA factors are initialised from the seed
-    inject_adapter(network, config, "finetune")
+    if start_from:
+        load_adapter(network, start_from, adapter_name="finetune")
+        for p in get_tuner(network).trainable_parameters():
+            p.requires_grad_(True)
+        events.log(f"continuing {Path(start_from).name}: {config.method}, rank {config.rank}")
+    else:
+        inject_adapter(network, config, "finetune")
     if initial_state is not None:
         load_adapter_state_dict(network, initial_state)
     network.to(device)
