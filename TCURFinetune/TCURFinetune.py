@@ -38,7 +38,7 @@ _addLibraryPath()
 
 from TCURLoRALib import caselibrary, engine, logic, models, nodeio, plots, slicerapp, tasks  # noqa: E402
 
-METHODS = ["tcurlora", "lora", "decoder", "full"]
+METHODS = ["tcurlora", "lora", "decoder", "full", "pissa", "dora", "curlora", "lorapt"]
 CASE_COLUMNS = (("vtkMRMLScalarVolumeNode", "Volume of this training case."),
                 ("vtkMRMLSegmentationNode", "Segmentation of this volume (the annotation to learn)."))
 MAPPING_SEGMENT, MAPPING_USE, MAPPING_LABEL, MAPPING_VALUE = range(4)

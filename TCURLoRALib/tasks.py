@@ -503,6 +503,8 @@ class FinetuneTask(WorkerTask):
     names/colours the values (written as the segment names of the training labels, which the engine maps by
     name); ``jobLabels`` is the job's ``"labels"`` (None = the base's labels). On success the adapter is copied
     to ``adapterStore`` (:attr:`adapterPath`); a cancelled run keeps its folder so it can be resumed.
+    ``startFrom`` (an adapter file of this base with the same labels) continues that adapter instead of
+    starting a new one.
     """
 
     def __init__(self, cases: Sequence[Tuple[Any, Any]], base: Any, launcher: Callable,
@@ -511,8 +513,9 @@ class FinetuneTask(WorkerTask):
                  validation: Sequence[Tuple[Any, Any]] = (), method: str = "tcurlora", rank: int = 8,
                  steps: int = 300, lr: Optional[float] = None, patchSize: Optional[Sequence[int]] = None,
                  seed: int = 0, device: str = "auto", adapterStore: Optional[str] = None,
-                 adapterName: str = "adapter", curves=None, **kwargs) -> None:
+                 adapterName: str = "adapter", curves=None, startFrom: Optional[str] = None, **kwargs) -> None:
         super().__init__(launcher, **kwargs)
+        self.startFrom = startFrom
         if not cases:
             raise ValueError("Add at least one training case (a volume and its segmentation).")
         self.cases = list(cases)
@@ -569,7 +572,7 @@ class FinetuneTask(WorkerTask):
                                  method=self.method, rank=self.rank, steps=self.steps, lr=self.lr,
                                  patch_size=self.patchSize, out=os.path.join(self.workdir, "adapter.safetensors"),
                                  stop_file=os.path.join(self.workdir, jobs.STOP_FILE_NAME), resume=False,
-                                 seed=self.seed, device=self.device)
+                                 seed=self.seed, device=self.device, start_from=self.startFrom)
 
     @property
     def checkpoint(self) -> Optional[str]:

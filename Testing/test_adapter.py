@@ -340,7 +340,7 @@ def test_baselines_through_the_same_api(method):
 
 def test_rank_clamped_to_small_layers_and_bad_config_rejected():
     with pytest.raises(ValueError):
-        TCURLoRAConfig(method="dora")
+        TCURLoRAConfig(method="qlora")
     with pytest.raises(ValueError):
         TCURLoRAConfig(rank=0)
     model, x = build("tiny")

@@ -28,7 +28,7 @@ from tcurlora.tuners import get_tuner
 import torch
 from safetensors.torch import load_file
 
-from conftest import (CT, CT_VERT, SUBPROCESS_ENV, TRAIN_STEPS, VAL_EVERY, VERTEBRAE, cli_subprocess,
+from conftest import (CT, CT_VERT, SUBPROCESS_ENV, TRAIN_STEPS, VAL_EVERY, VERTEBRAE, assert_one_line_error, cli_subprocess,
                       finetune_args, read_events)
 from tcurlora import cli
 
@@ -236,6 +236,31 @@ def test_same_seed_gives_a_bit_identical_adapter(trained, tiny_unet, tmp_path):
     assert progress(read_events(ev1))[0]["loss"] != progress(trained.events)[0]["loss"]
 
 
+def test_start_from_continues_an_adapter(trained, tiny_unet, tmp_path):
+    """--start-from: the run starts at the given adapter's cores (the correct-and-retrain loop), keeps its
+    stacks and indices, and refuses an adapter whose labels differ from the run's."""
+    out = tmp_path / "continued.safetensors"
+    assert run(["finetune", *tiny_unet.args, "--image", CT, "--label", CT_VERT, "--out", out, "--steps", "1",
+                "--batch-size", "2", "--lr", "1e-12", "--start-from", trained.adapter]) == 0
+    before, after = adapter_tensors(trained.adapter), adapter_tensors(out)
+    assert before.keys() == after.keys()
+    for key in before:  # a vanishing learning rate: the continued adapter is where the first one ended
+        torch.testing.assert_close(after[key], before[key], rtol=1e-6, atol=1e-9)
+    assert any(bool(t.abs().sum() > 0) for t in after.values())
+    first, second = manifest_of(trained.adapter), manifest_of(out)
+    assert [s["I"] for s in first["method"]["stacks"]] == [s["I"] for s in second["method"]["stacks"]]
+
+    other_labels = tmp_path / "labels.json"
+    other_labels.write_text(json.dumps([{"value": 21, "name": "Sacrum"}, {"value": 22, "name": "L3"},
+                                        {"value": 23, "name": "L4"}]))
+    proc = subprocess.run(cli_subprocess("finetune", *tiny_unet.args, "--image", CT, "--label", CT_VERT, "--out",
+                                         tmp_path / "refused.safetensors", "--steps", "1", "--labels", other_labels,
+                                         "--start-from", trained.adapter),
+                          capture_output=True, text=True, env=SUBPROCESS_ENV)
+    assert "its labels" in assert_one_line_error(proc)
+    assert not (tmp_path / "refused.safetensors").exists()
+
+
 def test_steps_validation_and_best_versus_last(trained):
     """(3) --steps N gives N progress events (step 1..N of N); validation Dice every --val-every steps;
     the adapter file holds the BEST validated state, the checkpoint the LAST; (8) curve beside it."""
@@ -350,11 +375,12 @@ def test_validation_leaves_the_base_weights_exact(tiny_base, tmp_path):
         assert torch.equal(before[key], after[key]), key
 
 
-def test_lora_adapter_can_be_applied(tiny_unet, tmp_path):
-    """(3)/(5) A --method lora baseline adapter is applied by `segment` too (merged into the weights)."""
+@pytest.mark.parametrize("method", ["lora", "pissa", "dora", "curlora", "lorapt"])
+def test_baseline_adapters_can_be_applied(tiny_unet, tmp_path, method):
+    """(3)/(5) A baseline adapter (--method lora, pissa, …) is trained by `finetune` and applied by `segment`."""
     out = tmp_path / "lora.safetensors"
     assert run(["finetune", *tiny_unet.args, "--image", CT, "--label", CT_VERT, "--out", out, "--steps", "2",
-                "--batch-size", "1", "--method", "lora", "--rank", "2", "--lr", "0.05"]) == 0
+                "--batch-size", "1", "--method", method, "--rank", "2", "--lr", "0.05"]) == 0
     assert run(["segment", *tiny_unet.args, "--adapter", out, CT, "-o", tmp_path / "lora.nii.gz",
                 "--probabilities"]) == 0
     assert run(["segment", *tiny_unet.args, CT, "-o", tmp_path / "plain.nii.gz", "--probabilities"]) == 0

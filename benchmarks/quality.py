@@ -42,7 +42,40 @@ def methods_for(base: str) -> list:
     rows += [("LoRA r=8 (PEFT)", {"method": "lora", "rank": 8, "preset": preset}),
              ("decoder-only", {"method": "decoder"}),
              ("full fine-tuning", {"method": "full"})]
-    return rows
+    return rows + baseline_rows(preset)
+
+
+# The paper's other baselines at matched trainable-value budgets (see ``budget_table``): on deepbet the
+# PEFT methods cannot go below r = 1 (≈ 25k values), tCURLoRA/CURLoRA r = 8 hold 2,036, so three budgets:
+# ≈ 2k (CUR methods r = 8), ≈ 20–27k (every method: CUR r = 32, the LoRA family r = 1) and ≈ 200k (LoRA r = 8).
+BASELINE_RANKS = {"curlora": (8, 32), "tcurlora": (32,), "lora": (1,), "pissa": (1, 8), "dora": (1, 8),
+                  "lorapt": (1, 8)}
+BASELINE_NAMES = {"curlora": "CURLoRA", "tcurlora": "tCURLoRA", "lora": "LoRA (PEFT)", "pissa": "PiSSA (PEFT)",
+                  "dora": "DoRA (PEFT)", "lorapt": "LoRA-PT (t-SVD)"}
+
+
+def baseline_rows(preset: str) -> list:
+    return [(f"{BASELINE_NAMES[m]} r={r}" + (f" ({preset})" if m == "tcurlora" else ""),
+             {"method": m, "rank": r, "preset": preset}) for m, ranks in BASELINE_RANKS.items() for r in ranks]
+
+
+def budget_table(base_name: str, ranks=(1, 2, 4, 8, 16, 32), resolution: int = 128, unetr_spec=None) -> str:
+    """Markdown: trainable values of every method at each rank on ``base_name`` (injection only, no training)."""
+    from tcurlora import TCURLoRAConfig, inject_adapter, trainable_parameter_count
+
+    base = load_benchmark_base(base_name, resolution, unetr_spec)
+    preset = "conv" if base_name == "deepbet" else "vit"
+    lines = [f"Trainable values per method and rank on **{base_name}** (preset `{preset}`; "
+             f"{sum(p.numel() for p in base.network.parameters()):,} base weights)", "",
+             "| method | " + " | ".join(f"r={r}" for r in ranks) + " |", "|---|" + "---|" * len(ranks)]
+    for method in ("tcurlora", "curlora", "lorapt", "lora", "pissa", "dora"):
+        counts = []
+        for r in ranks:
+            network = copy.deepcopy(base.network)
+            inject_adapter(network, TCURLoRAConfig(method=method, rank=r, preset=preset))
+            counts.append(f"{trainable_parameter_count(network):,}")
+        lines.append(f"| {BASELINE_NAMES.get(method, method)} | " + " | ".join(counts) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def load_benchmark_base(name: str, resolution: int = 128, unetr_spec: Path = None):
@@ -83,7 +116,9 @@ def run(args) -> list:
     from tcurlora.events import Events
     from tcurlora.infer import segment
     from tcurlora.metrics import evaluate
+    from tcurlora.protocol import MAX_STEPS
     from tcurlora.train import DEFAULT_LR, FinetuneOptions, finetune
+    from tcurlora.tuners.strategies import PEFT_METHODS
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +151,11 @@ def run(args) -> list:
     for label, kwargs in methods_for(args.base):
         if args.methods and not any(m in label for m in args.methods):
             continue
+        if args.lr_scale != 1:  # a learning-rate sensitivity row: its own label, so its own runs
+            if kwargs is None:
+                continue
+            label = f"{label} lr×{args.lr_scale:g}"
+            kwargs = {**kwargs, "lr": DEFAULT_LR[kwargs["method"]] * args.lr_scale}
         for train, test in directions:
             seeds = [None] if kwargs is None else args.seeds
             for seed in seeds:
@@ -136,7 +176,7 @@ def run(args) -> list:
                 else:
                     adapter = seg.with_name(seg.name.replace(".nii.gz", ".safetensors"))
                     options = FinetuneOptions(steps=args.steps, batch_size=args.batch, seed=seed, device="cpu",
-                                              val_every=10 ** 9, **kwargs)
+                                              val_every=MAX_STEPS, **kwargs)  # no validation case: never
                     torch.manual_seed(seed)  # finetune injects (PEFT LoRA init) before it seeds: make that reproducible
                     t0 = time.time()
                     result = finetune(base, [cases[train]], adapter, options=options, events=Events())
@@ -144,13 +184,12 @@ def run(args) -> list:
                     trainable = result.metrics.trainable_values
                     final_loss = result.metrics.final_loss
                     size = adapter.stat().st_size
-                    lr = DEFAULT_LR[kwargs["method"]]
+                    lr = kwargs.get("lr", DEFAULT_LR[kwargs["method"]])
                     result.files.checkpoint.unlink(missing_ok=True)  # resume state only (~3× the weights for full)
                     base.network = copy.deepcopy(pristine)
                     t0 = time.time()
-                    if kwargs["method"] == "lora":
-                        # tcurlora.infer.segment(adapter=LoRA file) fails (set_active_adapter knows only tCURLoRA
-                        # adapters, and PEFT cannot merge LoRA into 1×1×1 Conv3d): load it ourselves, unmerged.
+                    if kwargs["method"] in PEFT_METHODS:
+                        # PEFT's layers run unmerged (tcurlora.infer does the same): load the file ourselves
                         from tcurlora.adapter_file import load_adapter
 
                         load_adapter(base.network, str(adapter), adapter_name="segment")
@@ -268,22 +307,32 @@ def plot(summary: list, rows: list, out: Path) -> None:
     fig.savefig(out / "quality.png")
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(bases), figsize=(6.5 * len(bases), 4.2), dpi=100, squeeze=False)
-    for ax, base in zip(axes[0], bases):
-        for s in (s for s in summary if s["setting"] == base):
-            if s["trainable"]:
-                ax.errorbar(s["trainable"], s["dice_mean"], yerr=s["dice_sd"], fmt="o", capsize=3, label=s["method"])
-            else:
-                ax.axhline(s["dice_mean"], ls="--", lw=0.9, color="grey", label="zero-shot")
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable values (log)")
-        ax.set_ylabel("Dice, site convention (mean ± sd over runs)")
-        ax.set_title(base, fontsize=10)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "quality_dice_vs_trainable.png")
-    plt.close(fig)
+    for key, xlabel, name in (("trainable", "trainable values (log)", "quality_dice_vs_trainable.png"),
+                              ("train_s_median", "training time, median s (log; a shared 2-core VM)",
+                               "quality_dice_vs_time.png")):
+        fig, axes = plt.subplots(1, len(bases), figsize=(6.5 * len(bases), 4.2), dpi=100, squeeze=False)
+        for ax, base in zip(axes[0], bases):
+            for k, s in enumerate(s for s in summary if s["setting"] == base):
+                if s["trainable"]:  # the colours repeat after ten rows: the marker tells them apart
+                    ax.errorbar(s[key], s["dice_mean"], yerr=s["dice_sd"], fmt="osD^"[k // 10 % 4], capsize=3,
+                                label=s["method"])
+                else:
+                    ax.axhline(s["dice_mean"], ls="--", lw=0.9, color="grey", label="zero-shot")
+            zero = [s["dice_mean"] for s in summary if s["setting"] == base and not s["trainable"]]
+            low = [s["method"] for s in summary if s["setting"] == base and zero and s["dice_mean"] < zero[0] - 0.1]
+            if low:  # a diverged run would squash the rest: leave it off the scale, named
+                ax.set_ylim(bottom=zero[0] - 0.1)
+                ax.text(0.99, 0.01, "below the scale: " + ", ".join(low), transform=ax.transAxes, fontsize=6,
+                        ha="right")
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("Dice, site convention (mean ± sd over runs)")
+            ax.set_title(base, fontsize=10)
+            ax.legend(fontsize=6, ncol=2)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -297,6 +346,10 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=128, help="deepbet model input (256 = its real setting)")
     parser.add_argument("--unetr-spec", help="network spec JSON of the distilled UNETR (benchmarks/vit_base.py)")
     parser.add_argument("--methods", nargs="*", help="only methods whose label contains one of these strings")
+    parser.add_argument("--lr-scale", type=float, default=1.0,
+                        help="train at the method's default learning rate times this (rows labelled 'lr×…')")
+    parser.add_argument("--budgets", action="store_true",
+                        help="only write budgets_<base>.md: trainable values per method and rank (no training)")
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks-results"))
     parser.add_argument("--work", default=None, help="adapters and segmentations (default: cache)")
     args = parser.parse_args(argv)
@@ -308,6 +361,12 @@ def main(argv=None) -> int:
         import vit_base
 
         args.unetr_spec = str(vit_base.build(vit_base.default_dir()))
+    if args.budgets:
+        table = budget_table(args.base, resolution=args.resolution,
+                             unetr_spec=Path(args.unetr_spec) if args.unetr_spec else None)
+        (Path(args.out) / f"budgets_{args.base}.md").write_text(table)
+        print(table)
+        return 0
     run(args)
     # tables over every run recorded so far for the same settings (both bases when both were run)
     rows = [json.loads(l) for l in (Path(args.out) / "quality_runs.jsonl").read_text().splitlines()]

@@ -1,4 +1,5 @@
-"""The ``tcurlora`` command line: finetune, segment, evaluate, inspect, models, fetch-model, demo.
+"""The ``tcurlora`` command line: finetune, segment, evaluate, inspect, aggregate, federated, models, fetch-model,
+demo.
 
 One parser function and one handler per subcommand (:data:`COMMAND_HANDLERS`). The flags of job settings
 come from :mod:`tcurlora.protocol` (names, defaults, checks), so the CLI, job files and Slicer agree.
@@ -56,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with `tcurlora demo`. Each command has its own --help.")
     parser.add_argument("--version", action="version", version=f"tcurlora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_finetune_parser, _segment_parser, _evaluate_parser, _inspect_parser, _models_parser,
-                _fetch_model_parser, _demo_parser):
+    for add in (_finetune_parser, _segment_parser, _evaluate_parser, _inspect_parser, _aggregate_parser,
+                _federated_parser, _models_parser, _fetch_model_parser, _demo_parser):
         add(sub)
     return parser
 
@@ -76,7 +77,7 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--cases", metavar="FOLDER", help="a folder of cases (imagesTr/labelsTr, or X + X_label side by side)")
     p.add_argument("--val-image", action="append", default=[], metavar="FILE", help="a validation image")
     p.add_argument("--val-label", action="append", default=[], metavar="FILE", help="its label")
-    for key in ("labels", "out", "method", "rank", "preset", "train_modules", "steps", "lr", "weight_decay",
+    for key in ("labels", "out", "start_from", "method", "rank", "preset", "train_modules", "steps", "lr", "weight_decay",
                 "batch_size", "patch_size", "val_every", "patience", "grad_accum", "checkpoint_every", "seed"):
         _add_setting(p, key)
     _add_switch(p, "--checkpointing", "checkpointing")
@@ -120,6 +121,69 @@ def _inspect_parser(sub) -> None:
                        description="Read an adapter's manifest (never its code: there is none) and summarise it.")
     p.add_argument("adapter", metavar="ADAPTER.safetensors")
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+
+
+def _aggregate_parser(sub) -> None:
+    p = sub.add_parser("aggregate", help="average adapters trained at several sites into one (exact for tCURLoRA)",
+                       description="Weighted average of adapters trained on the same base with the same layout: "
+                                   "for tCURLoRA the mean of the cores is exactly the mean of the weight updates. "
+                                   "Refuses adapters of other bases, stacks, ranks, indices or labels, and LoRA "
+                                   "(whose factors do not average).",
+                       epilog="example: tcurlora aggregate siteA.safetensors siteB.safetensors -o merged.safetensors")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER.safetensors")
+    p.add_argument("--weights", type=float, nargs="+", metavar="N",
+                   help="one weight per adapter (default: each adapter's number of training cases)")
+    p.add_argument("-o", "--output", required=True, metavar="MERGED.safetensors")
+
+
+def _federated_parser(sub) -> None:
+    p = sub.add_parser("federated", help="federated fine-tuning across sites on Flower (only adapter cores travel)",
+                       description="One server and several sites train one adapter without moving a scan: each "
+                                   "round the sites run K steps of finetune on their own cases from the global "
+                                   "adapter and the server averages their cores (exact for tCURLoRA). TLS by "
+                                   "default. Needs: pip install \"tcurlora[federated]\".")
+    fed = p.add_subparsers(dest="federated_command", metavar="ROLE", required=True)
+    f = fed.add_parser("server", help="run the rounds and average the sites' adapters",
+                       epilog="example: tcurlora federated server --address 0.0.0.0:9092 --tls-dir certs "
+                              "--rounds 5 --local-steps 20 --min-clients 3 --out global.safetensors")
+    _base_args(f)
+    f.add_argument("--address", default="127.0.0.1:9092", metavar="HOST:PORT",
+                   help="where to listen (default 127.0.0.1:9092)")
+    f.add_argument("--rounds", type=int, default=3, help="federated rounds R (default 3)")
+    f.add_argument("--local-steps", type=int, default=20, help="training steps K each site runs per round (default 20)")
+    f.add_argument("--min-clients", type=int, default=2, help="sites that must join each round (default 2)")
+    f.add_argument("--method", default="tcurlora", choices=["tcurlora", "decoder", "full"],
+                   help="what the sites train (LoRA is not offered: its factors do not average)")
+    f.add_argument("--rank", type=int, default=8, help="CUR rank r (default 8)")
+    f.add_argument("--preset", default="auto", choices=["auto", "vit", "conv", "none"])
+    f.add_argument("--train-modules", nargs="*", default=[], metavar="REGEX")
+    f.add_argument("--labels", metavar="JSON", help="the adapter's label table (default: the base's)")
+    f.add_argument("--lr", type=float, default=None)
+    f.add_argument("--batch-size", type=int, default=2)
+    f.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"))
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", required=True, metavar="GLOBAL.safetensors",
+                   help="the final global adapter (each round's is kept as GLOBAL.roundN.safetensors)")
+    f.add_argument("--tls-dir", metavar="DIR", help="ca.crt, server.pem, server.key (see `tcurlora federated certs`)")
+    f.add_argument("--insecure", action="store_true", help="no TLS (tests on one machine only)")
+    f = fed.add_parser("client", help="train at this site in every round",
+                       epilog="example: tcurlora federated client --server fl.example.org:9092 --root-cert ca.crt "
+                              "--cases my_cases/ --out site.safetensors")
+    _base_args(f)
+    f.add_argument("--server", required=True, metavar="HOST:PORT", help="the federation server")
+    f.add_argument("--cases", metavar="FOLDER", help="this site's cases (imagesTr/labelsTr, or X + X_label side by side)")
+    f.add_argument("--image", action="append", default=[], metavar="FILE")
+    f.add_argument("--label", action="append", default=[], metavar="FILE")
+    f.add_argument("--out", required=True, metavar="ADAPTER.safetensors",
+                   help="the global adapter after the last round (this site's own round results: ADAPTER.roundN...)")
+    f.add_argument("--root-cert", metavar="CA.crt", help="the federation's CA certificate (TLS)")
+    f.add_argument("--insecure", action="store_true", help="no TLS (tests on one machine only)")
+    f.add_argument("--site", default=None, help="this site's name in the server's log (default: the host name)")
+    f.add_argument("--seed", type=int, default=0)
+    f = fed.add_parser("certs", help="make a self-signed CA and server certificate (for trying it out)")
+    f.add_argument("--out", required=True, metavar="DIR")
+    f.add_argument("--host", action="append", default=[], metavar="NAME|IP",
+                   help="the server's host name or IP address (repeat; default 127.0.0.1 and localhost)")
 
 
 def _models_parser(sub) -> None:
@@ -293,17 +357,69 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def cmd_aggregate(args) -> int:
+    from .aggregate import aggregate
+
+    done = aggregate(args.adapters, args.output, args.weights)
+    share = ", ".join(f"{Path(a).name} x{w:g}" for a, w in zip(args.adapters, done["weights"]))
+    print(f"{Path(args.output).name}: weighted mean of {share}")
+    return 0
+
+
+def cmd_federated(args, events) -> int:
+    if args.federated_command == "certs":
+        from .federated.tls import generate_certificates
+
+        folder = generate_certificates(args.out, args.host or ["127.0.0.1", "localhost"])
+        print(f"{folder}: ca.crt (give to every site), server.pem and server.key (keep on the server)")
+        return 0
+    from functools import partial
+
+    from .models import load_base
+
+    device = args.device or protocol.default("device")
+    load = partial(load_base, args.base or protocol.default("base"), weights=args.weights)
+    if args.federated_command == "server":
+        from .federated.server import run_server
+        from .train import FinetuneOptions
+
+        options = FinetuneOptions(method=args.method, rank=args.rank, preset=args.preset, steps=args.local_steps,
+                                  lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                                  patch_size=tuple(args.patch_size) if args.patch_size else None,
+                                  train_modules=args.train_modules, device=device)
+        result = run_server(load(), options, labels=_load_labels(args.labels), address=args.address,
+                            rounds=args.rounds, min_clients=args.min_clients, out=args.out, tls_dir=args.tls_dir,
+                            insecure=args.insecure, events=events)
+    else:
+        import socket
+
+        from .federated.client import run_client
+
+        pairs = _pairs(args.image, args.label, "training")
+        if args.cases:
+            from .io import find_cases
+
+            pairs += find_cases(args.cases)
+        result = run_client(load, pairs, server=args.server, out=args.out, root_cert=args.root_cert,
+                            insecure=args.insecure, seed=args.seed, device=device,
+                            site=args.site or socket.gethostname(), events=events)
+    events.result(result["outputs"], result["metrics"])
+    return 0
+
+
 #: One handler per subcommand; the ones that take ``events`` are those that run a job.
 COMMAND_HANDLERS = {
     "finetune": cmd_finetune,
     "segment": cmd_segment,
     "evaluate": lambda args, events: cmd_evaluate(args),
     "inspect": lambda args, events: cmd_inspect(args),
+    "aggregate": lambda args, events: cmd_aggregate(args),
+    "federated": cmd_federated,
     "models": lambda args, events: cmd_models(args),
     "fetch-model": lambda args, events: cmd_fetch_model(args),
     "demo": lambda args, events: cmd_demo(args),
 }
-JOB_COMMANDS = ("finetune", "segment")
+JOB_COMMANDS = ("finetune", "segment", "federated")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -312,10 +428,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_ERROR
+    from .distributed import is_main_process
     from .events import Events
 
     try:
         events = Events.for_cli(getattr(args, "events", None)) if args.command in JOB_COMMANDS else None
+        if events is not None and not is_main_process():  # a torchrun rank other than 0: rank 0 reports
+            events.close()
+            events = Events()
     except OSError as exc:  # e.g. --events in a folder that does not exist: one line, no traceback
         print(f"error: {Path(args.events).name}: cannot write the events file ({exc.strerror or exc})", file=sys.stderr)
         return EXIT_ERROR

@@ -31,8 +31,10 @@ class TCURLoRAConfig:
     """How to adapt a network.
 
     method:          ``tcurlora`` (train only the stack cores Δ𝒰, plus ``train_modules``), or the
-                     baselines ``lora`` (HF PEFT LoRA on the same target layers), ``decoder``
-                     (train ``train_modules`` only) and ``full`` (train every weight).
+                     baselines ``lora``, ``pissa``, ``dora`` (HF PEFT on the same target layers),
+                     ``curlora`` (matrix CUR per layer, inverted-probability indices), ``lorapt``
+                     (t-SVD of the same stacks), ``decoder`` (train ``train_modules`` only) and
+                     ``full`` (train every weight).
     preset:          which stacks to build: ``vit`` (per ViT/Swin stage: attention [out, q, k, v] of
                      every block, MLP up, MLP down), ``conv`` (same-shape Conv3d/ConvTranspose3d
                      kernels, each as out × in·k³), ``auto`` (``vit`` if the model has attention
@@ -40,13 +42,14 @@ class TCURLoRAConfig:
     stacks:          explicit stacks: name -> regular expressions matched (fullmatch) against module
                      names; every matched module's whole weight is a member, in module order.
     rank:            r, the number of CUR columns/rows (clamped to min(n1, n2) per stack).
-    selection:       ``deterministic`` (the paper's top-r rule) or ``sampled`` (CURLoRA, seeded).
+    selection:       ``deterministic`` (the paper's top-r rule) or ``sampled`` (inverted probabilities, seeded;
+                     ``seed`` also seeds the ``curlora`` draw).
     scale:           optional multiplier of Δ𝒲 (the paper has none: 1.0).
     train_modules:   regular expressions of modules trained fully (decoder, output head); opt-in.
     exclude_modules: regular expressions of modules never put in a stack.
     new_head:        ``{"module": name, "out_channels": n}`` to give the adapter its own output layer
                      (a new label set); that layer is trained fully.
-    lora_alpha:      LoRA scaling numerator for the ``lora`` baseline (PEFT's α; default = rank).
+    lora_alpha:      LoRA scaling numerator of the PEFT baselines (PEFT's α; default = rank).
     """
 
     method: str = "tcurlora"

@@ -19,6 +19,7 @@ from .errors import InputError, TCURLoRAError
 from .events import Events
 from .models import BaseModel
 from .runtime import InferenceStopped, StopWatch, pick_device, sliding_window_probabilities, with_oom_fallback
+from .tuners.strategies import PEFT_METHODS
 
 SEGMENTATION_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 
@@ -112,11 +113,11 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
     if adapter:
         manifest = load_adapter(network, adapter, adapter_name="segment")
         labels = manifest["labels"]
-        if manifest["method"]["name"] != "lora":
+        if manifest["method"]["name"] not in PEFT_METHODS:
             set_active_adapter(network, "segment")
             merge_adapter(network)  # zero-overhead inference
-        # else: the PEFT LoRA baseline runs unmerged: its layers are live once injected, and PEFT's merge
-        # fails on 1x1x1 Conv3d kernels (it squeezes them as 2D convolutions)
+        # else: the PEFT baselines run unmerged: their layers are live once injected, and PEFT's merge
+        # does not cover every conv layer (grouped ones)
         events.log(f"adapter {Path(adapter).name}: {manifest['method']['name']}, labels "
                    + ", ".join(l["name"] for l in labels))
     network.eval().to(dev)

@@ -39,6 +39,9 @@ CONFIG_FIELDS = set(TCURLoRAConfig.__dataclass_fields__)
 _MODULE_PATH = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 # PEFT's LoRA keys: <target>.lora_A.<adapter name>.weight
 LORA_KEY = re.compile(r"(?P<target>.+)\.lora_(?P<ab>[AB])\.[^.]+\.weight")
+# DoRA's magnitude per output: <target>.lora_magnitude_vector.<adapter name>.weight
+DORA_KEY = re.compile(r"(?P<target>.+)\.lora_magnitude_vector\.[^.]+\.weight")
+PEFT_METHOD_NAMES = ("lora", "pissa", "dora")  # files of HF PEFT LoRA layers (lora_targets, lora_A/B tensors)
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 METHOD_NAMES = CONFIG_METHODS
 PICKLE_PROBLEM = "is a PyTorch pickle/zip checkpoint, not a safetensors adapter; it was not opened"
@@ -209,10 +212,15 @@ def parse_manifest(text: str, where: str = "adapter") -> dict:
     seen_members: set = set()
     for stack in method["stacks"]:
         _check_stack(stack, where, seen_members)
+    if "tsvd_stacks" in method:  # lorapt: t-SVD stacks have a rank but no CUR indices
+        if method["name"] != "lorapt" or not isinstance(method["tsvd_stacks"], list):
+            raise _fail(where, "manifest has a malformed stack description")
+        for stack in method["tsvd_stacks"]:
+            _check_stack(stack, where, seen_members, indices=False)
     for key in ("trained_modules", "lora_targets"):
         if key in method and not (isinstance(method[key], list) and all(_is_module_path(m) for m in method[key])):
             raise _fail(where, f"manifest method field {key!r} must be a list of module names")
-    if method["name"] == "lora" and not method.get("lora_targets"):
+    if method["name"] in PEFT_METHOD_NAMES and not method.get("lora_targets"):
         raise _fail(where, "a LoRA adapter must list its lora_targets")
     base = data["base"]
     if not (isinstance(base.get("name"), str) and 0 < len(base["name"]) <= MAX_NAME
@@ -354,14 +362,17 @@ def _sub_patterns(av) -> list:
     return []
 
 
-def _check_stack(stack, where: str, seen: set) -> None:
+def _check_stack(stack, where: str, seen: set, indices: bool = True) -> None:
     ok = (isinstance(stack, dict) and _is_stack_name(stack.get("name")) and isinstance(stack.get("members"), list)
-          and 0 < len(stack["members"]) <= MAX_STACK_MEMBERS and isinstance(stack.get("I"), list)
-          and isinstance(stack.get("J"), list)
-          and all(_is_int(i) and 0 <= i < 2 ** 31 for i in stack["I"] + stack["J"])
-          and 0 < len(stack["I"]) == len(stack["J"]) <= MAX_RANK)
+          and 0 < len(stack["members"]) <= MAX_STACK_MEMBERS)
+    if ok and indices:
+        ok = (isinstance(stack.get("I"), list) and isinstance(stack.get("J"), list)
+              and all(_is_int(i) and 0 <= i < 2 ** 31 for i in stack["I"] + stack["J"])
+              and 0 < len(stack["I"]) == len(stack["J"]) <= MAX_RANK)
+    elif ok:
+        ok = _is_int(stack.get("rank")) and 0 < stack["rank"] <= MAX_RANK
     if ok:
-        for field, expected in (("k", len(stack["members"])), ("rank", len(stack["I"]))):
+        for field, expected in (("k", len(stack["members"])), ("rank", len(stack["I"]) if indices else stack["rank"])):
             ok = ok and (field not in stack or stack[field] == expected)
         for member in stack["members"]:
             rows = member.get("rows") if isinstance(member, dict) else 0
@@ -401,17 +412,17 @@ def _is_version(text: str) -> bool:
 def check_tensors(manifest: dict, index: Dict[str, dict], where: str = "adapter") -> None:
     """The file's tensors (its header index) must be those its manifest describes.
 
-    ``tcurlora``/``decoder`` adapters: keys ``stacks.<stack>.delta_u`` (F32, K×r×r) and
+    ``tcurlora``/``decoder``/``curlora`` adapters (``lorapt``: 𝒜, ℬ per t-SVD stack): keys ``stacks.<stack>.delta_u`` (F32, K×r×r) and
     ``trained.<module path with __>.<param>``, and a ``new_head`` has its weight in the file with
-    ``out_channels`` outputs.  ``lora``: one ``lora_A`` (r rows) and ``lora_B`` (r columns) per target, r the
+    ``out_channels`` outputs.  ``lora``/``pissa``/``dora``: one ``lora_A`` (r rows) and ``lora_B`` (r columns) per target, r the
     config's rank.  So ``tcurlora inspect`` already refuses a file with missing, extra or misshapen tensors, and
     a loader never builds more than the file's own tensors describe.
     """
     method = manifest["method"]
-    if method["name"] == "lora":
+    if method["name"] in PEFT_METHOD_NAMES:
         _check_lora_tensors(method, index, where)
         return
-    if method["name"] not in ("tcurlora", "decoder"):
+    if method["name"] not in ("tcurlora", "decoder", "curlora", "lorapt"):
         return
     stacks = {f"stacks.{s['name']}.delta_u": s for s in method["stacks"]}
     for key, stack in stacks.items():
@@ -421,6 +432,18 @@ def check_tensors(manifest: dict, index: Dict[str, dict], where: str = "adapter"
         k, rank = len(stack["members"]), len(stack["I"])
         if info["dtype"] != "F32" or info["shape"] != [k, rank, rank]:
             raise _fail(where, f"tensor {key!r} is {info['dtype']} {info['shape']}, the manifest says F32 {[k, rank, rank]}")
+    for stack in method.get("tsvd_stacks") or []:  # lorapt: 𝒜 (K, n1, r) and ℬ (K, r, n2) per stack
+        k, rank = len(stack["members"]), stack["rank"]
+        for part, rank_dim in (("principal_left", 2), ("principal_right", 1)):
+            key = f"stacks.{stack['name']}.{part}"
+            info = index.get(key)
+            if info is None:
+                raise _fail(where, f"tensor {key!r} is missing")
+            shape = info["shape"]
+            if info["dtype"] != "F32" or len(shape) != 3 or shape[0] != k or shape[rank_dim] != rank:
+                raise _fail(where, f"tensor {key!r} is {info['dtype']} {info['shape']}, the manifest says F32 with "
+                                   f"K = {k} and rank {rank}")
+            stacks[key] = stack
     trained = method.get("trained_modules")
     prefixes = (tuple(f"trained.{m.replace('.', '__')}." for m in trained)
                 if isinstance(trained, list) else ("trained.",))
@@ -448,9 +471,12 @@ def _check_lora_tensors(method: dict, index: Dict[str, dict], where: str) -> Non
             if len(info["shape"]) < 2 or info["shape"][dim] != rank:
                 raise _fail(where, f"tensor {key!r} has shape {info['shape']}, not rank {rank}")
             found.add((match.group("target"), match.group("ab")))
+        elif method["name"] == "dora" and DORA_KEY.fullmatch(key) and DORA_KEY.fullmatch(key).group("target") in targets:
+            found.add((DORA_KEY.fullmatch(key).group("target"), "magnitude"))
         elif not (trained and key.startswith(trained)):
             raise _fail(where, f"unexpected tensor {key!r} (not described by the manifest)")
-    missing = sorted(f"{t}.lora_{ab}" for t in targets for ab in "AB" if (t, ab) not in found)
+    parts = ("A", "B", "magnitude") if method["name"] == "dora" else ("A", "B")
+    missing = sorted(f"{t}.lora_{ab}" for t in targets for ab in parts if (t, ab) not in found)
     if missing:
         raise _fail(where, f"tensor {missing[0]}... is missing")
 
@@ -480,7 +506,8 @@ def summary(manifest: dict) -> str:
         "n/a" if dice is None else dice
     lines = [
         f"method:      {method['name']} (rank {_clip(method.get('config', {}).get('rank', '?'))}, "
-        f"{len(method['stacks'])} stacks, {_clip(method.get('trainable_values', '?'))} trained values)",
+        f"{len(method['stacks'] or method.get('tsvd_stacks') or [])} stacks, "
+        f"{_clip(method.get('trainable_values', '?'))} trained values)",
         f"base model:  {_clip(base['name'])} ({base['fingerprint'][:19]}...)",
         f"labels:      {_clip(labels, 400)}",
         f"trained on:  {_clip(prov.get('cases', '?'))} case(s), {_clip(prov.get('steps', '?'))} steps, "

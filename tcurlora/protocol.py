@@ -20,7 +20,7 @@ from .errors import TCURLoRAError, display_name
 
 JOB_VERSION = 1
 COMMANDS = ("finetune", "segment")
-METHODS = ("tcurlora", "lora", "decoder", "full")
+METHODS = ("tcurlora", "lora", "decoder", "full", "pissa", "dora", "curlora", "lorapt")
 PRESETS = ("auto", "vit", "conv", "none")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -41,7 +41,8 @@ EVENT_EXIT = "exit"
 
 ADAPTER_SUFFIX = ".safetensors"
 #: Learning rate when the job gives none: the cores learn fast, fully trained weights slowly.
-DEFAULT_LR = {"tcurlora": 1e-2, "lora": 1e-3, "decoder": 1e-3, "full": 1e-4}
+DEFAULT_LR = {"tcurlora": 1e-2, "lora": 1e-3, "decoder": 1e-3, "full": 1e-4,
+              "pissa": 1e-3, "dora": 1e-3, "curlora": 1e-2, "lorapt": 1e-3}
 #: Without ``checkpoint_every``, training saves a resumable checkpoint after the first step and then whenever
 #: this many seconds have passed since the last one: a kill -9 or power loss costs at most this much work.
 CHECKPOINT_INTERVAL_S = 120.0
@@ -319,8 +320,12 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("out", adapter_path, None, "where to write the adapter", _F, flag="--out",
             metavar="ADAPTER.safetensors", required=True),
     Setting("resume", boolean, False, "continue a stopped run from its checkpoint, to the same end", _F),
-    Setting("method", choice(METHODS), "tcurlora", "tcurlora (default), or a baseline: lora (PEFT LoRA, same "
-            "layers), decoder, full", _F, flag="--method"),
+    Setting("start_from", optional(text), None, "continue training an adapter of this base (its method, stacks, "
+            "indices and trained state are the starting point; it must have the same labels)", _F,
+            flag="--start-from", metavar="ADAPTER.safetensors"),
+    Setting("method", choice(METHODS), "tcurlora", "tcurlora (default), or a baseline: lora, pissa, dora (HF "
+            "PEFT, same layers), curlora (matrix CUR per layer), lorapt (t-SVD of the same stacks), decoder, full",
+            _F, flag="--method"),
     Setting("rank", integer(1, MAX_RANK), 8, "CUR rank r (default 8)", _F, flag="--rank", cli_type=int),
     Setting("preset", choice(PRESETS), "auto", "which stacks to adapt (default auto)", _F, flag="--preset"),
     Setting("train_modules", text_list(), [], "modules to train fully as well (e.g. a decoder); opt-in", _F,

@@ -119,3 +119,43 @@ def tensor_cur(
     r = w[:, rows, :]
     u0 = t_pinv(w[:, rows][:, :, cols])
     return c, u0, r, cols, rows
+
+
+def curlora_indices(matrix: torch.Tensor, rank: int,
+                    generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CURLoRA's column and row choice for one ``n1 × n2`` matrix (arXiv 2408.14572), sorted.
+
+    p_j = ‖W(:, j)‖² / ‖W‖_F² (rows alike, over the whole matrix), inverted and normalised, so that the
+    columns and rows that carry the *least* energy are the likeliest; ``rank`` of each drawn without
+    replacement, columns first, then rows, from ``generator`` (seed it for reproducibility).
+    """
+    n1, n2 = matrix.shape
+    if not 1 <= rank <= min(n1, n2):
+        raise ValueError(f"rank {rank} must be between 1 and min(n1, n2) = {min(n1, n2)}")
+    squares = matrix.detach().double().cpu().pow(2)
+    # the normalisation by ‖W‖_F² cancels once the inverses are normalised: _pick inverts the norms directly
+    cols = _pick(squares.sum(dim=0), rank, "sampled", generator)
+    rows = _pick(squares.sum(dim=1), rank, "sampled", generator)
+    return cols, rows
+
+
+def t_svd_factors(w: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The top-``rank`` tubal components of ``(K, n1, n2)`` ``w`` as two real tensors (arXiv 2407.11292).
+
+    Per Fourier slice Ŵ_f = U S Vᴴ; 𝒜 = 𝒰_r * 𝒮_r^{1/2} (K, n1, r) and ℬ = 𝒮_r^{1/2} * 𝒱_rᵀ (K, r, n2), so that
+    𝒜 * ℬ is the best tubal-rank-``rank`` approximation of ``w``.  The DC (and, for even K, Nyquist) slices
+    are real: their SVD is taken in real arithmetic, else a complex phase there would be lost by ``irfft``.
+    """
+    k, n1, n2 = w.shape
+    if not 1 <= rank <= min(n1, n2):
+        raise ValueError(f"rank {rank} must be between 1 and min(n1, n2) = {min(n1, n2)}")
+    w_hat = rfft3(w.detach())
+    u, s, vh = torch.linalg.svd(w_hat, full_matrices=False)
+    u, s, vh = u[:, :, :rank].clone(), s[:, :rank].clone(), vh[:, :rank, :].clone()
+    for f in {0, k // 2} if k % 2 == 0 else {0}:
+        ur, sr, vhr = torch.linalg.svd(w_hat[f].real, full_matrices=False)
+        u[f], s[f], vh[f] = ur[:, :rank].to(u.dtype), sr[:rank], vhr[:rank].to(vh.dtype)
+    root = s.sqrt()
+    a_hat = u * root[:, None, :].to(u.dtype)
+    b_hat = root[:, :, None].to(vh.dtype) * vh
+    return irfft3(a_hat, k), irfft3(b_hat, k)

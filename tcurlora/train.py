@@ -17,16 +17,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import __version__, protocol
+from . import __version__, distributed, protocol
 from .adapter import (adapter_state_dict, describe_adapter, inject_adapter, load_adapter_state_dict, merge_adapter,
                       trainable_parameter_count, unmerge_adapter)
-from .adapter_file import base_fingerprint, save_adapter
+from .adapter_file import base_fingerprint, load_adapter, save_adapter
+from .tuners import get_tuner
 from .atomic import atomic_write, check_writable
 from .config import TCURLoRAConfig
 from .errors import InputError, TCURLoRAError
 from .events import Events, StopRequested
 from .models import BaseModel
 from .protocol import DEFAULT_LR, FINETUNE_OPTION_KEYS
+from .tuners.strategies import PEFT_METHODS
 from .runtime import StopWatch, pick_device, sliding_window_probabilities, with_oom_fallback
 
 CHECKPOINT_FORMAT = 2
@@ -333,9 +335,14 @@ class _CheckpointSchedule:
 # training
 
 
+STACK_PARAMETERS = ("delta_u", "principal_left", "principal_right")
+
+
 def _core_parameters(network: torch.nn.Module) -> List[torch.nn.Parameter]:
-    """The tCURLoRA cores Δ𝒰 (they learn at the method's rate; fully trained weights at the decoder rate)."""
-    return [p for name, p in network.named_parameters() if p.requires_grad and name.rsplit(".", 1)[-1] == "delta_u"]
+    """The stack parameters: tCURLoRA/CURLoRA cores Δ𝒰, LoRA-PT's 𝒜 and ℬ (they learn at the method's rate;
+    fully trained weights at the decoder rate)."""
+    return [p for name, p in network.named_parameters()
+            if p.requires_grad and name.rsplit(".", 1)[-1] in STACK_PARAMETERS]
 
 
 def _dice_per_label(pred: torch.Tensor, ref: torch.Tensor, n: int) -> float:
@@ -356,7 +363,7 @@ class Training:
 
     def __init__(self, base: BaseModel, network: torch.nn.Module, config: TCURLoRAConfig, options: FinetuneOptions,
                  prep, table: List[dict], train_cases: List[Case], val_cases: List[Case], device: torch.device,
-                 events: Events) -> None:
+                 events: Events, ctx: Optional[distributed.Context] = None) -> None:
         from monai.losses import DeepSupervisionLoss, DiceCELoss
 
         from .preprocess import train_transforms
@@ -364,6 +371,8 @@ class Training:
         self.base, self.network, self.config, self.options = base, network, config, options
         self.table, self.train_cases, self.val_cases, self.events = table, train_cases, val_cases, events
         self.device, self.amp = device, device.type == "cuda" and options.bf16
+        self.ctx = ctx or distributed.Context(device=device)
+        self.model = self.ctx.wrap(network)  # what training forwards run through (DistributedDataParallel across ranks)
         self.prep = prep
         self.lr = options.learning_rate()
         cores = _core_parameters(network)
@@ -416,10 +425,13 @@ class Training:
             self.transforms.set_random_state(seed=step_seed % (2 ** 32))
             rng = np.random.RandomState(step_seed % (2 ** 32))
             self.optimizer.zero_grad(set_to_none=True)
-            return _accumulate(self.network, self.transforms, self.train_cases, rng, self.loss_fn, self.device,
-                               self.amp, self.options)
+            across = {"ctx": self.ctx} if self.ctx.distributed else {}  # one process: the plain call
+            return _accumulate(self.model, self.transforms, self.train_cases, rng, self.loss_fn, self.device,
+                               self.amp, self.options, **across)
 
         def shrink() -> Optional[str]:
+            if self.ctx.distributed:  # every rank would have to shrink alike: stop with the error
+                raise TCURLoRAError(f"rank {self.ctx.rank}: out of GPU memory; lower --batch-size or --patch-size")
             self.optimizer.zero_grad(set_to_none=True)
             smaller = _smaller_patch(self.prep)
             if smaller is None:
@@ -447,13 +459,13 @@ class Training:
         """Mean Dice over the validation cases; keeps the best adapter state."""
         self.network.eval()
         # Merge Δ𝒲 into the weights for the sliding window (else every window rebuilds it); the exact base
-        # weights are restored afterwards.  PEFT LoRA unmerges by subtraction (not exact): left unmerged.
-        merge = self.config.method != "lora"
+        # weights are restored afterwards.  PEFT layers stay unmerged (PEFT cannot merge every conv layer).
+        merge = self.config.method not in PEFT_METHODS
         if merge:
             merge_adapter(self.network)
         try:
             scores = []
-            for case in self.val_cases:
+            for case in self.val_cases[self.ctx.rank::self.ctx.world_size]:  # each rank scores its share
                 probs = sliding_window_probabilities(self.network, case.image, self.base.inference_roi, self.device,
                                                      self.amp, overlap=self.base.inference_overlap)
                 scores.append(_dice_per_label(probs.argmax(0), case.label[0], len(self.table)))
@@ -461,7 +473,7 @@ class Training:
             if merge:
                 unmerge_adapter(self.network)
             self.network.train()
-        dice = float(np.mean(scores))
+        dice = float(np.mean(self.ctx.gather(scores)))
         self.history["val_dice"].append((step, dice))
         if dice > self.best_dice:
             self.best_dice, self.best_step = dice, step
@@ -506,9 +518,9 @@ def _train_loop(training: Training, files: RunFiles, record: dict, stop_file: Op
                     events.log(f"early stop at step {step}: validation Dice has not improved for {options.patience} "
                                f"validations (best {training.best_dice:.3f} at step {training.best_step})")
                     break
-                if stop.requested():
+                if training.ctx.any(stop.requested()):
                     raise StopRequested()
-                if step < options.steps and schedule.due(step):
+                if step < options.steps and schedule.due(step) and training.ctx.is_main:
                     save_checkpoint(files.checkpoint, training, record)
                     schedule.saved()
                     events.log(f"checkpoint at step {step}: {files.checkpoint.name}")
@@ -527,10 +539,33 @@ def _provenance(training: Training, metrics: TrainingMetrics) -> dict:
             "device": device.type, "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None}
 
 
+def _read_start(path: str, base: BaseModel, table: List[dict]):
+    """The config of the adapter a run continues; refused in one line unless it was trained on this base with
+    these labels (its tensors are loaded, with every check of ``load_adapter``, when training starts)."""
+    from .manifest import read_manifest
+
+    manifest = read_manifest(path)
+    name = Path(path).name
+    fingerprint = base_fingerprint(base.network)
+    if manifest["base"]["fingerprint"] != fingerprint:
+        raise TCURLoRAError(f"{name}: trained on another base model ({manifest['base']['name']}); "
+                            f"it cannot be continued on {base.name}")
+    if not same_labels(manifest["labels"], table):
+        raise TCURLoRAError(f"{name}: its labels ({', '.join(l['name'] for l in manifest['labels'])}) differ from "
+                            f"this run's ({', '.join(l['name'] for l in table)})")
+    return TCURLoRAConfig.from_dict(manifest["method"]["config"])
+
+
 def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
              val_pairs: Sequence[Tuple[str, str]] = (), labels=None, options: Optional[FinetuneOptions] = None,
-             events: Optional[Events] = None, stop_file: Optional[str] = None, resume: bool = False) -> FinetuneResult:
+             events: Optional[Events] = None, stop_file: Optional[str] = None, resume: bool = False,
+             initial_state: Optional[dict] = None, start_from: Optional[str] = None) -> FinetuneResult:
     """Train an adapter on ``base`` and write it to ``out`` (plus curve PNG and checkpoint beside it).
+
+    ``initial_state`` (an adapter state, e.g. a federated round's global cores) replaces the fresh adapter's.
+    ``start_from`` (an adapter file for this base) continues that adapter: its method, stacks, CUR indices and
+    trained state replace what ``options`` would build (the correct-and-retrain loop).
+    Under ``torchrun`` every rank trains its share of each step and rank 0 writes (:mod:`tcurlora.distributed`).
 
     Raises :class:`TCURLoRAError` on bad input, always before the first training step.
     """
@@ -540,9 +575,14 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     if resume and not files.checkpoint.is_file():  # before reading any case: fail fast, with one line
         raise TCURLoRAError(f"{files.checkpoint.name}: no checkpoint to resume from")
     check_writable(files.adapter, what="adapter")
-    device = pick_device(options.device)
+    ctx = distributed.context(options.device)  # one process, or this rank of a torchrun launch
+    device = ctx.device
+    if not ctx.is_main:
+        events = Events()  # rank 0 alone reports
     table = resolve_labels(base, labels, train_pairs[0][1] if train_pairs else None)
     config = build_adapter_config(base, options, table)
+    if start_from:
+        config = _read_start(start_from, base, table)
     prep = training_preprocessing(base, options)
 
     train_cases = load_cases(base, train_pairs, table)
@@ -554,7 +594,15 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
 
     network = base.network
     _seed_everything(options.seed)  # new heads and LoRA factors are initialised from the seed
-    inject_adapter(network, config, "finetune")
+    if start_from:
+        load_adapter(network, start_from, adapter_name="finetune")
+        for p in get_tuner(network).trainable_parameters():
+            p.requires_grad_(True)
+        events.log(f"continuing {Path(start_from).name}: {config.method}, rank {config.rank}")
+    else:
+        inject_adapter(network, config, "finetune")
+    if initial_state is not None:
+        load_adapter_state_dict(network, initial_state)
     network.to(device)
     if options.checkpointing:
         enable_activation_checkpointing(network)
@@ -564,29 +612,36 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     _warn_absent_labels(train_cases, table, events)
     n_trainable = trainable_parameter_count(network)
     info = describe_adapter(network)
-    where = f"{len(info['lora_targets'])} LoRA layers" if "lora_targets" in info else f"{len(info['stacks'])} stacks"
+    where = (f"{len(info['lora_targets'])} LoRA layers" if "lora_targets" in info
+             else f"{len(info['stacks'] or info.get('tsvd_stacks', []))} stacks")
     events.log(f"{config.method}: {n_trainable:,} trainable values ({where}, rank {config.rank}) on {device.type}")
 
-    training = Training(base, network, config, options, prep, table, train_cases, val_cases, device, events)
+    training = Training(base, network, config, options, prep, table, train_cases, val_cases, device, events, ctx)
     if state is not None:
         training.load_state_dict(state)
         events.log(f"resuming at step {training.step} of {options.steps}")
     t0 = time.time()
     cancelled = _train_loop(training, files, record, stop_file, events)
-    save_checkpoint(files.checkpoint, training, record)
+    if ctx.is_main:
+        save_checkpoint(files.checkpoint, training, record)
     metrics = training.metrics(time.time() - t0, n_trainable)
     network.eval()
+    if cancelled or not ctx.is_main:
+        distributed.finish(ctx)
     if cancelled:
         events.log(f"stopped at step {training.step} of {options.steps}; a checkpoint to resume from is in "
                    f"{files.checkpoint.name}")
         return FinetuneResult(files, metrics, cancelled=True)
 
+    if not ctx.is_main:
+        return FinetuneResult(files, metrics, cancelled=False)
     if training.best_state is not None:
         load_adapter_state_dict(network, training.best_state)
     save_adapter(network, files.adapter, labels=table, preprocessing=base.preprocessing.to_dict(),
                  provenance=_provenance(training, metrics), base_name=base.name)
     write_curve(files.curve, training.history,
                 f"{config.method} r={config.rank} on {base.name}: {len(train_cases)} case(s)")
+    distributed.finish(ctx)
     return FinetuneResult(files, metrics, cancelled=False)
 
 
@@ -613,27 +668,37 @@ def write_curve(path: Path, history: dict, title: str) -> None:
     plt.close(fig)
 
 
-def _accumulate(network, transforms, cases, rng, loss_fn, device, amp, options) -> float:
-    """Forward/backward of ``grad_accum`` batches of patches; returns the summed loss."""
+def _accumulate(network, transforms, cases, rng, loss_fn, device, amp, options, ctx=None) -> float:
+    """Forward/backward of ``grad_accum`` batches of patches (per rank); returns the summed loss.
+
+    Across ranks every rank draws all ``grad_accum × world`` batches of the step and computes its own share
+    (see :mod:`tcurlora.distributed`); DDP averages the gradients over ranks.
+    """
+    ctx = ctx or distributed.Context(device=device)
+    count = options.grad_accum * ctx.world_size
+    last = max(i for i in range(count) if ctx.mine(i))
     total = 0.0
-    for _ in range(options.grad_accum):
+    for i in range(count):
         case = cases[rng.randint(len(cases))]
         patches = transforms({"image": case.image, "label": case.label})
+        if not ctx.mine(i):
+            continue  # drawn all the same: every rank's random stream stays in step
         x = torch.stack([p["image"] for p in patches]).to(device)
         y = torch.stack([p["label"] for p in patches]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = network(x)
-            if isinstance(logits, (list, tuple)):
-                # a new head (new labels) replaces the full-resolution head only: the coarser deep-supervision
-                # heads still predict the base's labels and are left out of the loss
-                logits = [l.float() for l in logits if l.shape[1] == logits[0].shape[1]]
-            else:
-                logits = logits.float()
-            # (float target: the loss resizes it to each level with nearest interpolation)
-            loss = loss_fn(logits, y.float()) / options.grad_accum
-        loss.backward()
+        with ctx.no_sync(network, i == last):  # DDP exchanges gradients after a rank's last batch of the step
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = network(x)
+                if isinstance(logits, (list, tuple)):
+                    # a new head (new labels) replaces the full-resolution head only: the coarser deep-supervision
+                    # heads still predict the base's labels and are left out of the loss
+                    logits = [l.float() for l in logits if l.shape[1] == logits[0].shape[1]]
+                else:
+                    logits = logits.float()
+                # (float target: the loss resizes it to each level with nearest interpolation)
+                loss = loss_fn(logits, y.float()) / options.grad_accum
+            loss.backward()
         total += float(loss.detach())
-    return total
+    return ctx.mean(total)
 
 
 def _smaller_patch(prep) -> Optional[Tuple[int, ...]]:

@@ -47,7 +47,8 @@ def run_finetune(job: dict, events: Events) -> int:
     base = _base(job)
     result = finetune(base, [(c["image"], c["label"]) for c in job["cases"]], job["out"],
                       val_pairs=[(c["image"], c["label"]) for c in job["validation"]], labels=job["labels"],
-                      options=options, events=events, stop_file=job["stop_file"], resume=job["resume"])
+                      options=options, events=events, stop_file=job["stop_file"], resume=job["resume"],
+                      start_from=job["start_from"])
     return _finish(result, events)
 
 

@@ -4,6 +4,8 @@
 ``decoder``   only modules trained fully (each adapter keeps its own copy);
 ``full``      every base weight, in place (the model can hold no other adapter);
 ``lora``      HF PEFT's LoRA on the layers tCURLoRA would stack (the comparison baseline; alone too).
+
+The paper's other baselines (``pissa``, ``dora``, ``curlora``, ``lorapt``) live in :mod:`.baselines`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class AdapterRecord:
     trained: "OrderedDict[str, nn.Module]" = field(default_factory=OrderedDict)  # base path -> own copy
     lora_targets: List[str] = field(default_factory=list)
     labels: Optional[list] = None  # the label table of an adapter loaded from a file
+    merge_backup: list = field(default_factory=list)  # (parameter, its value before a PEFT merge)
+    base_backup: list = field(default_factory=list)  # (parameter, its value before injection changed it: PiSSA)
 
     def parameters(self):
         for stack in self.stacks.values():
@@ -95,16 +99,30 @@ class Strategy:
     method = "tcurlora"
     exclusive = False  # the model can hold no other adapter beside one of this method
     trains_base = False  # base weights change in place: the tuner records the base fingerprint first
+    layout_key = "stacks"  # where :meth:`describe` (and so an adapter file) lists the stacks
 
     def inject(self, tuner: "TCURTuner", record: AdapterRecord, layout: Optional[dict]) -> None:
         """Put the adapter into the model: resolved from its config, or (``layout``: what :meth:`describe`
         returned, as an adapter file stores it) exactly as saved, with no pattern of the config evaluated."""
-        model, config = tuner.model, record.config
-        stacks = None if layout is None else layout.get("stacks", [])
-        if stacks is None:
-            built = [(spec, None) for spec in resolve_stacks(model, config)]
-        else:
-            built = [StackSpec.from_manifest(s) for s in stacks]
+        stored = None if layout is None else layout.get(self.layout_key, [])
+        self._build_stacks(tuner, record, self.stack_specs(tuner, record) if stored is None
+                           else [self.stored_spec(s) for s in stored])
+        self._add_trained(tuner, record, layout)
+
+    def stack_specs(self, tuner: "TCURTuner", record: AdapterRecord) -> list:
+        """(spec, indices or None) of every stack the config asks for."""
+        return [(spec, None) for spec in resolve_stacks(tuner.model, record.config)]
+
+    def stored_spec(self, stack: dict):
+        """(spec, indices) of one stack as :meth:`describe` listed it."""
+        return StackSpec.from_manifest(stack)
+
+    def make_stack(self, spec: StackSpec, matrices: torch.Tensor, config: TCURLoRAConfig, indices, linear: bool):
+        return TCURStack(spec.name, spec.members, matrices, config.rank, config.selection, config.seed,
+                         config.scale, indices, linear=linear)
+
+    def _build_stacks(self, tuner: "TCURTuner", record: AdapterRecord, built: list) -> None:
+        model = tuner.model
         device = next(model.parameters()).device
         for spec, indices in built:
             try:
@@ -112,14 +130,12 @@ class Strategy:
             except RuntimeError as exc:  # members of different shapes
                 raise AdapterError(f"stack {spec.name}: members do not fit this model ({exc})") from None
             linear = all(isinstance(find(model, m.module), nn.Linear) for m in spec.members)
-            stack = TCURStack(spec.name, spec.members, matrices, config.rank, config.selection, config.seed,
-                              config.scale, indices, linear=linear).to(device)
+            stack = self.make_stack(spec, matrices, record.config, indices, linear).to(device)
             stack._tuner = tuner
             record.stacks[spec.name] = stack
             for index, member in enumerate(spec.members):
                 layer = wrap_layer(model, find(model, member.module), lambda m: TCURLayer(m, tuner))
                 layer.add_entry(record.name, stack, index, member.rows)
-        self._add_trained(tuner, record, layout)
 
     def _add_trained(self, tuner: "TCURTuner", record: AdapterRecord, layout: Optional[dict]) -> None:
         model, config = tuner.model, record.config
@@ -148,7 +164,8 @@ class Strategy:
     def state_dict(self, tuner: "TCURTuner", record: AdapterRecord, keep_vars: bool = False) -> "OrderedDict[str, torch.Tensor]":
         out = OrderedDict()
         for name, stack in record.stacks.items():
-            out[f"stacks.{name}.delta_u"] = stack.delta_u
+            for key, value in stack.named_parameters():  # delta_u of a tCURLoRA stack
+                out[f"stacks.{name}.{key}"] = value
         for path, module in record.trained.items():
             for key, value in module.state_dict(keep_vars=True).items():
                 out[f"trained.{_file_key(path)}.{key}"] = value
@@ -171,8 +188,9 @@ class Strategy:
                     module.unmerge()
 
     def describe(self, tuner: "TCURTuner", record: AdapterRecord) -> dict:
-        return {"config": record.config.to_dict(), "stacks": [s.describe() for s in record.stacks.values()],
-                "trained_modules": list(record.trained)}
+        described = {"config": record.config.to_dict(), "stacks": [], "trained_modules": list(record.trained)}
+        described[self.layout_key] = [s.describe() for s in record.stacks.values()]
+        return described
 
     def tensors_from_file(self, tensors: Dict[str, torch.Tensor], adapter_name: str) -> Dict[str, torch.Tensor]:
         return tensors
@@ -215,6 +233,7 @@ class LoraStrategy(Strategy):
     method = "lora"
     exclusive = True
     trains_base = True  # train_modules train in place
+    peft_options: dict = {}  # LoraConfig settings of a PEFT variant (DoRA: use_dora)
 
     def inject(self, tuner, record, layout) -> None:
         try:
@@ -236,9 +255,13 @@ class LoraStrategy(Strategy):
             find(model, t)  # a stored name this model lacks: one clear error, not PEFT's
         record.lora_targets = targets
         lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha or config.rank, target_modules=targets,
-                          lora_dropout=0.0, bias="none")
+                          lora_dropout=0.0, bias="none", **self.peft_options)
         inject_adapter_in_model(lora, model, adapter_name=record.name)
+        self.initialise(tuner, record)
         record.trained = OrderedDict((p, find(model, p)) for p in trained_paths)
+
+    def initialise(self, tuner, record) -> None:
+        """After PEFT's injection: what a variant initialises itself (PiSSA's principal factors)."""
 
     def _lora_layers(self, tuner):
         from peft.tuners.lora import LoraLayer
@@ -268,23 +291,56 @@ class LoraStrategy(Strategy):
         pass
 
     def merge(self, tuner, record) -> None:
-        for layer in self._lora_layers(tuner):
-            layer.merge()
+        # PEFT unmerges by subtraction (DoRA by division): keep the exact base weights aside instead
+        layers = self._lora_layers(tuner)
+        record.merge_backup = [(w, w.detach().clone()) for w in (layer.get_base_layer().weight for layer in layers)]
+        try:
+            with torch.no_grad():
+                for layer in layers:
+                    _merge_peft_layer(layer, record.name)
+        except Exception:
+            self.unmerge(tuner, record)
+            raise
 
     def unmerge(self, tuner, record) -> None:
+        with torch.no_grad():
+            for weight, value in record.merge_backup:
+                weight.data.copy_(value)
+        record.merge_backup = []
         for layer in self._lora_layers(tuner):
-            layer.unmerge()
+            layer.merged_adapters = []
 
     def describe(self, tuner, record) -> dict:
         return {"config": record.config.to_dict(), "stacks": [], "trained_modules": list(record.trained),
                 "lora_targets": record.lora_targets}
 
     def tensors_from_file(self, tensors, adapter_name):
-        # PEFT puts the adapter's name in its keys: lora_A.<name>.weight
-        return {re.sub(r"\.(lora_[AB])\.[^.]+\.", rf".\1.{adapter_name}.", k): v for k, v in tensors.items()}
+        # PEFT puts the adapter's name in its keys: lora_A.<name>.weight, lora_magnitude_vector.<name>.weight
+        return {re.sub(r"\.(lora_(?:A|B|magnitude_vector))\.[^.]+\.", rf".\1.{adapter_name}.", k): v
+                for k, v in tensors.items()}
+
+
+def _merge_peft_layer(layer, adapter: str) -> None:
+    base = layer.get_base_layer()
+    if not (isinstance(base, nn.Conv3d) and tuple(base.kernel_size) == (1, 1, 1) and base.groups == 1):
+        layer.merge()
+        return
+    # PEFT 0.21 squeezes a 1×1×1 kernel as a 2-D one and fails: read the adapted layer's linear map off an
+    # identity input instead (one voxel per input channel; the same maths for LoRA, PiSSA and DoRA)
+    weight = base.weight
+    eye = torch.eye(base.in_channels, device=weight.device, dtype=weight.dtype).reshape(base.in_channels, -1, 1, 1, 1)
+    out = layer(eye)[(...,) + tuple(base.padding)]  # the voxel itself, not the zero padding around it
+    if base.bias is not None:
+        out = out - base.bias
+    weight.data.copy_(out.t().reshape(weight.shape))
+    layer.merged_adapters.append(adapter)
 
 
 STRATEGIES: Dict[str, Strategy] = {s.method: s for s in (Strategy(), DecoderStrategy(), FullStrategy(), LoraStrategy())}
+
+from .baselines import BASELINES  # noqa: E402  (they subclass the strategies above)
+
+STRATEGIES.update((s.method, s) for s in BASELINES)
 
 
 def strategy_for(method: str) -> Strategy:
@@ -292,3 +348,7 @@ def strategy_for(method: str) -> Strategy:
         return STRATEGIES[method]
     except KeyError:
         raise AdapterError(f"unknown method {method!r}; choose one of {', '.join(STRATEGIES)}") from None
+
+
+# HF PEFT's layers: training and inference run them unmerged (PEFT's merge covers not every conv layer: groups)
+PEFT_METHODS = tuple(m for m, s in STRATEGIES.items() if isinstance(s, LoraStrategy))

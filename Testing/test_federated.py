@@ -1,0 +1,148 @@
+"""Federated fine-tuning on Flower: a server and two sites as separate processes on loopback, over TLS.
+
+Site A holds the tptbox CT crop and the MRI crop (2 cases), site B the MRI crop (1 case).  The tiny base is a
+random-weight plumbing model with the labels L2-L4; the MRI crop's three vertebrae (C5-C7) are relabelled to its
+three values.  The sites train the cores and, fully, the last decoder block, so both kinds of tensors are
+averaged.  Each round the global adapter the server writes must be the case-weighted mean (2:1) of the two
+adapters the sites trained that round, and each site must end with the last global adapter.
+"""
+
+import json
+import socket
+import subprocess
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from tcurlora.aggregate import read_adapter
+from tcurlora.errors import TCURLoRAError
+from conftest import CT, CT_VERT, MRI, MRI_VERT, SUBPROCESS_ENV, VERTEBRAE, assert_one_line_error, cli_subprocess, \
+    read_events
+
+import flwr  # noqa: F401  (a test dependency: missing, these tests must fail, not skip)
+
+DECODER_BLOCK = r"model\.2(\..*)?"
+ROUNDS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def federation(tiny_unet, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("federation")
+    certs = folder / "certs"
+    subprocess.run(cli_subprocess("federated", "certs", "--out", certs, "--host", "127.0.0.1"), check=True,
+                   env=SUBPROCESS_ENV, capture_output=True)
+    mri_label = folder / "mri_vert_as_L2-L4.nii.gz"
+    label = sitk.ReadImage(str(MRI_VERT))
+    values = sitk.GetArrayFromImage(label)
+    relabelled = sitk.GetImageFromArray(np.select([values == 5, values == 6, values == 7], [21, 22, 23], 0).astype(np.uint8))
+    relabelled.CopyInformation(label)
+    sitk.WriteImage(relabelled, str(mri_label))
+    address = f"127.0.0.1:{free_port()}"
+    server = subprocess.Popen(cli_subprocess(
+        "federated", "server", *tiny_unet.args, "--address", address, "--rounds", str(ROUNDS), "--local-steps", "2",
+        "--min-clients", "2", "--rank", "2", "--batch-size", "1", "--train-modules", DECODER_BLOCK, "--tls-dir", certs,
+        "--out", folder / "global.safetensors", "--events", folder / "server.jsonl"),
+        env=SUBPROCESS_ENV, stdout=(folder / "server.log").open("w"), stderr=subprocess.STDOUT)
+    sites = {"A": [CT, CT_VERT, MRI, mri_label], "B": [MRI, mri_label]}
+    clients = {}
+    for name, files in sites.items():
+        cases = [a for image, label in zip(files[::2], files[1::2]) for a in ("--image", image, "--label", label)]
+        clients[name] = subprocess.Popen(cli_subprocess(
+            "federated", "client", *tiny_unet.args, "--server", address, "--root-cert", certs / "ca.crt",
+            *cases, "--site", name, "--out", folder / f"site{name}.safetensors",
+            "--events", folder / f"site{name}.jsonl"),
+            env=SUBPROCESS_ENV, stdout=(folder / f"site{name}.log").open("w"), stderr=subprocess.STDOUT)
+    procs = {"server": server, **clients}
+    try:
+        for p in procs.values():
+            p.wait(timeout=600)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    for name, p in procs.items():
+        log = (folder / f"{'site' if name != 'server' else ''}{name}.log").read_text(errors="replace")
+        assert p.returncode == 0, (name, log[-3000:])
+    return folder
+
+
+def test_global_adapter_is_weighted_mean_of_sites_each_round(federation):
+    previous = None
+    for r in range(1, ROUNDS + 1):
+        manifest, merged = read_adapter(federation / f"global.round{r}.safetensors")
+        _, a = read_adapter(federation / f"siteA.round{r}.safetensors")
+        _, b = read_adapter(federation / f"siteB.round{r}.safetensors")
+        assert set(merged) == set(a) == set(b)
+        assert any(k.startswith("stacks.") for k in merged) and any(k.startswith("trained.") for k in merged)
+        for key in merged:
+            torch.testing.assert_close(merged[key], (2 * a[key] + b[key]) / 3, rtol=1e-6, atol=1e-7)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4  # the sites really differ
+        assert sorted((s["adapter"], s["weight"]) for s in manifest["provenance"]["aggregated_from"]) == [("A", 2), ("B", 1)]
+        assert manifest["provenance"]["federated_rounds"] == r and manifest["provenance"]["cases"] == 3
+        if previous is not None:  # round 2 trained on from round 1's global state
+            assert max(float((merged[k] - previous[k]).abs().max()) for k in merged) > 1e-5
+        previous = merged
+    # the final global adapter: the server's output and each site's result
+    _, final = read_adapter(federation / "global.safetensors")
+    for out in ("global.safetensors", "siteA.safetensors", "siteB.safetensors"):
+        manifest, tensors = read_adapter(federation / out)
+        assert all(torch.equal(tensors[k], previous[k]) for k in previous), out
+        assert manifest["labels"] == VERTEBRAE
+
+
+def test_server_reports_rounds_and_bytes(federation):
+    events = read_events(federation / "server.jsonl")
+    logs = [e["message"] for e in events if e["event"] == "log"]
+    assert any("(TLS)" in m and "bytes per site each way per round" in m for m in logs), logs
+    result = [e for e in events if e["event"] == "result"][-1]
+    rounds = result["metrics"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    _, state = read_adapter(federation / "global.safetensors")
+    assert all(r["bytes_per_site_each_way"] == sum(t.numel() * 4 for t in state.values()) for r in rounds)
+    assert not [e for e in events if e["event"] == "warning"]
+
+
+def test_server_refuses_updates_of_another_base_or_layout(tmp_path):
+    from monai.networks.nets import UNet
+
+    from tcurlora.adapter import inject_adapter
+    from tcurlora.adapter_file import save_adapter
+    from tcurlora.config import TCURLoRAConfig
+    from tcurlora.federated.server import check_update
+
+    def adapter(name, seed=0, rank=2):
+        torch.manual_seed(seed)
+        model = UNet(3, 1, 2, (4, 8, 8), (2, 2), num_res_units=0)
+        inject_adapter(model, TCURLoRAConfig(rank=rank))
+        save_adapter(model, tmp_path / name)
+        return read_adapter(tmp_path / name)
+
+    reference, state = adapter("ref.safetensors")
+    other_base, other_state = adapter("other.safetensors", seed=1)
+    with pytest.raises(TCURLoRAError, match="site X: trained on another base model"):
+        check_update(reference, state, json.dumps(other_base), other_state, "site X")
+    other_rank, rank_state = adapter("rank.safetensors", rank=3)
+    with pytest.raises(TCURLoRAError, match="site Y: adapter layout differs: config rank 3 instead of 2"):
+        check_update(reference, state, json.dumps(other_rank), rank_state, "site Y")
+    poisoned = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
+    with pytest.raises(TCURLoRAError, match="non-finite"):
+        check_update(reference, state, json.dumps(reference), poisoned, "site Z")
+    check_update(reference, state, json.dumps(reference), state, "site W")  # the same layout passes
+
+
+def test_tls_is_the_default(tiny_unet, tmp_path):
+    server = subprocess.run(cli_subprocess("federated", "server", *tiny_unet.args, "--out", tmp_path / "g.safetensors"),
+                            env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert "--tls-dir" in assert_one_line_error(server)
+    client = subprocess.run(cli_subprocess("federated", "client", *tiny_unet.args, "--server", "127.0.0.1:1",
+                                           "--image", CT, "--label", CT_VERT, "--out", tmp_path / "s.safetensors"),
+                            env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert "--root-cert" in assert_one_line_error(client)
