@@ -38,7 +38,7 @@ _addLibraryPath()
 
 from TCURLoRALib import caselibrary, engine, logic, models, nodeio, plots, slicerapp, tasks  # noqa: E402
 
-METHODS = ["tcurlora", "lora", "decoder", "full", "pissa", "dora", "curlora", "lorapt"]
+from tcurlora.protocol import METHODS  # noqa: E402  (the one method list; standard library only)
 CASE_COLUMNS = (("vtkMRMLScalarVolumeNode", "Volume of this training case."),
                 ("vtkMRMLSegmentationNode", "Segmentation of this volume (the annotation to learn)."))
 MAPPING_SEGMENT, MAPPING_USE, MAPPING_LABEL, MAPPING_VALUE = range(4)
@@ -88,7 +88,7 @@ class TCURFinetuneParameterNode:
     trainingSegmentations: list[slicer.vtkMRMLSegmentationNode]
     labelMapping: str = "[]"
     model: str = "deepbet"
-    method: Annotated[str, Choice(METHODS)] = "tcurlora"
+    method: Annotated[str, Choice(list(METHODS))] = "tcurlora"
     rank: Annotated[int, WithinRange(1, 256)] = 8
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     steps: Annotated[int, WithinRange(1, 1000000)] = 300

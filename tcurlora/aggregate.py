@@ -33,6 +33,17 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
                       torch.uint8: "U8", torch.bool: "BOOL"}
 
 
+
+def check_like(state: dict, reference: dict, where: str, against: str) -> None:
+    """Each of ``reference``'s tensors is in ``state`` with the same shape and dtype; else one line naming it."""
+    for key, ref in reference.items():
+        value = state.get(key)
+        if value is None:
+            raise TCURLoRAError(f"{where}: tensor {key} is missing")
+        if tuple(value.shape) != tuple(ref.shape) or value.dtype != ref.dtype:
+            raise TCURLoRAError(f"{where}: tensor {key} is {value.dtype} {tuple(value.shape)}, "
+                                f"{against} {ref.dtype} {tuple(ref.shape)}")
+
 def layout(manifest: dict) -> dict:
     """What must be identical for two adapters' tensors to be averaged: base, method, config, stacks, labels."""
     method = manifest["method"]
@@ -104,11 +115,7 @@ def weighted_mean(states: Sequence[Dict[str, torch.Tensor]], weights: Sequence[f
         if set(state) != set(reference):
             extra = sorted(set(state) ^ set(reference))
             raise TCURLoRAError(f"{name}: tensors differ from {names[0]}'s (e.g. {extra[0]})")
-        for key, value in state.items():
-            ref = reference[key]
-            if tuple(value.shape) != tuple(ref.shape) or value.dtype != ref.dtype:
-                raise TCURLoRAError(f"{name}: tensor {key} is {value.dtype} {tuple(value.shape)}, "
-                                    f"{names[0]} has {ref.dtype} {tuple(ref.shape)}")
+        check_like(state, reference, name, f"{names[0]} has")
     out = {}
     for key, ref in reference.items():
         acc = torch.zeros(ref.shape, dtype=torch.float64)

@@ -230,6 +230,19 @@ def _as_plain_tensor(x: Any) -> torch.Tensor:
 # forward / backward
 
 
+def label_on_image_grid(label: sitk.Image, image: sitk.Image) -> sitk.Image:
+    """``label`` with exactly ``image``'s geometry; refused unless it already lies on the image's grid (within
+    the reading tolerance)."""
+    from .io import geometry_mismatch
+
+    problem = geometry_mismatch(label, image)
+    if problem is not None:
+        raise ValueError(f"label is not on the image grid ({problem})")
+    label = sitk.Image(label)
+    label.CopyInformation(image)
+    return label
+
+
 def to_model_space(image: sitk.Image, label: Optional[sitk.Image], prep: Preprocessing
                    ) -> tuple[torch.Tensor, Optional[torch.Tensor], dict[str, Any]]:
     """Reorient, resample and normalise ``image`` (and its ``label``, with nearest neighbour).
@@ -242,13 +255,7 @@ def to_model_space(image: sitk.Image, label: Optional[sitk.Image], prep: Preproc
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("to_model_space needs a 3D single-channel image")
     if label is not None:
-        from .io import geometry_mismatch
-
-        problem = geometry_mismatch(label, image)
-        if problem is not None:
-            raise ValueError(f"label is not on the image grid ({problem})")
-        label = sitk.Image(label)
-        label.CopyInformation(image)
+        label = label_on_image_grid(label, image)
     input_grid = _grid(image)
     # DICOMOrient uses the same "axis runs toward the letter" convention as nibabel/MONAI axcodes.
     oriented = sitk.DICOMOrient(image, prep.orientation)

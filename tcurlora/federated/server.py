@@ -10,8 +10,8 @@ from typing import Dict, List, Optional
 import torch
 
 from . import dumps, from_arrays, require_flower, round_path, state_bytes, to_arrays
-from ..aggregate import (AVERAGEABLE, LORA_REFUSAL, first_difference, merged_manifest, read_adapter, weighted_mean,
-                         write_adapter_tensors)
+from ..aggregate import (AVERAGEABLE, LORA_REFUSAL, check_like, first_difference, merged_manifest, read_adapter,
+                         weighted_mean, write_adapter_tensors)
 from ..errors import TCURLoRAError
 from ..events import Events
 from ..manifest import ManifestError, parse_manifest
@@ -51,11 +51,8 @@ def check_update(reference: dict, reference_state: Dict[str, torch.Tensor], mani
     problem = first_difference(reference, manifest)
     if problem:
         raise TCURLoRAError(f"{where}: adapter layout differs: {problem}")
-    for key, ref in reference_state.items():
-        value = state[key]
-        if tuple(value.shape) != tuple(ref.shape) or value.dtype != ref.dtype:
-            raise TCURLoRAError(f"{where}: tensor {key} is {value.dtype} {tuple(value.shape)}, "
-                                f"expected {ref.dtype} {tuple(ref.shape)}")
+    check_like(state, reference_state, where, "expected")
+    for key, value in state.items():
         if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
             raise TCURLoRAError(f"{where}: tensor {key} has non-finite values")
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError
-from ..preprocess import Preprocessing
+from ..preprocess import Preprocessing, label_on_image_grid
 from . import BaseModel
 
 #: ``config["network"]["_target_"]`` values accepted (the class Auto3DSeg's SegResNet algorithm trains).
@@ -247,13 +247,7 @@ class Auto3DSegBase(BaseModel):
     def prepare(self, image: sitk.Image, label: Optional[sitk.Image] = None):
         data = {"image1": to_meta_tensor(image)}
         if label is not None:
-            from ..io import geometry_mismatch
-
-            problem = geometry_mismatch(label, image)
-            if problem is not None:
-                raise ValueError(f"label is not on the image grid ({problem})")
-            label = sitk.Image(label)
-            label.CopyInformation(image)
+            label = label_on_image_grid(label, image)
             data["label"] = to_meta_tensor(label)
         out = (self._chain_with_label if label is not None else self._chain)(data)
         x = out["image"]
