@@ -476,3 +476,34 @@ def test_a_lora_adapter_can_be_removed_exactly():
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(model(X).detach(), base, rtol=0, atol=0)
     inject_adapter(model, TCURLoRAConfig(rank=2), "after")  # the model is free for any adapter again
+
+
+@pytest.mark.parametrize("config", [TCURLoRAConfig(method="decoder", train_modules=["stages"]),
+                                    TCURLoRAConfig(method="full"),
+                                    TCURLoRAConfig(method="lora", preset="conv", rank=2)],
+                         ids=["decoder", "full", "lora"])
+def test_aliased_tensors_are_saved_once_and_load_into_every_name(config, tmp_path):
+    from tcurlora import load_adapter, save_adapter
+
+    model = seeded(AliasedNet)
+    inject_adapter(model, config)
+    with torch.no_grad():
+        for p in get_tuner(model).trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
+        adapted = model(X)
+    state = adapter_state_dict(model)
+    assert len({id(v) for v in get_tuner(model).adapter_state_dict(keep_vars=True).values()}) == len(state)
+    save_adapter(model, tmp_path / "a.safetensors")  # safetensors refuses tensors that share memory
+    fresh = seeded(AliasedNet)
+    load_adapter(fresh, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X), adapted, rtol=1e-6, atol=1e-6)
+
+
+def test_lora_reaches_every_alias_of_a_layer():
+    from peft.tuners.lora import LoraLayer
+
+    model = seeded(AliasedNet)
+    inject_adapter(model, TCURLoRAConfig(method="lora", preset="conv", rank=2))
+    for block in model.stages:
+        assert isinstance(block.conv, LoraLayer) and block.all_modules[0] is block.conv

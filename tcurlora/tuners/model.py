@@ -168,14 +168,15 @@ class TCURTuner:
     def adapter_state_dict(self, adapter_name: Optional[str] = None, keep_vars: bool = False) -> "OrderedDict[str, torch.Tensor]":
         """The trainable state of one adapter: what an adapter file stores (never the frozen base)."""
         record = self.record(adapter_name)
-        return strategy_for(record.config.method).state_dict(self, record, keep_vars=keep_vars)
+        state = _first_names(strategy_for(record.config.method).state_dict(self, record, keep_vars=True))
+        return state if keep_vars else OrderedDict((k, v.detach()) for k, v in state.items())
 
     def load_adapter_state_dict(self, tensors: Dict[str, torch.Tensor], adapter_name: Optional[str] = None) -> None:
         """Load tensors saved by :meth:`adapter_state_dict`; every key, shape and dtype must match and every
         value be finite."""
         record = self.record(adapter_name)
         strategy = strategy_for(record.config.method)
-        target = strategy.state_dict(self, record, keep_vars=True)
+        target = self.adapter_state_dict(adapter_name, keep_vars=True)
         missing = sorted(set(target) - set(tensors))
         unexpected = sorted(set(tensors) - set(target))
         if missing or unexpected:
@@ -244,6 +245,17 @@ class TCURTuner:
             for stack in record.stacks.values():
                 stack.clear_cache()
         self._work = None
+
+
+def _first_names(state: "OrderedDict[str, torch.Tensor]") -> "OrderedDict[str, torch.Tensor]":
+    """Each tensor once, under the first name it has: a module held under two names (nnU-Net's ``.conv`` and
+    ``.all_modules.0``, its ``decoder.encoder``) lists its tensors twice, and loading one name fills both."""
+    seen, out = set(), OrderedDict()
+    for key, value in state.items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            out[key] = value
+    return out
 
 
 def get_tuner(model: nn.Module, create: bool = True) -> Optional[TCURTuner]:

@@ -257,6 +257,7 @@ class LoraStrategy(Strategy):
         lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha or config.rank, target_modules=targets,
                           lora_dropout=0.0, bias="none", **self.peft_options)
         inject_adapter_in_model(lora, model, adapter_name=record.name)
+        _wrap_aliases(model)
         self.initialise(tuner, record)
         record.trained = OrderedDict((p, find(model, p)) for p in trained_paths)
 
@@ -334,6 +335,18 @@ def _merge_peft_layer(layer, adapter: str) -> None:
         out = out - base.bias
     weight.data.copy_(out.t().reshape(weight.shape))
     layer.merged_adapters.append(adapter)
+
+
+def _wrap_aliases(model: nn.Module) -> None:
+    """PEFT wraps a layer under the first name it finds; a layer the model also holds under another name (nnU-Net's
+    ``.all_modules.0``, which its forward runs) gets the same LoRA layer there, or LoRA would be inert on it."""
+    from peft.tuners.lora import LoraLayer
+
+    wrapped = {id(m.get_base_layer()): m for m in model.modules() if isinstance(m, LoraLayer)}
+    for parent in list(model.modules()):
+        for attr, child in list(parent._modules.items()):
+            if child is not None and id(child) in wrapped and wrapped[id(child)] is not parent:
+                parent._modules[attr] = wrapped[id(child)]
 
 
 STRATEGIES: Dict[str, Strategy] = {s.method: s for s in (Strategy(), DecoderStrategy(), FullStrategy(), LoraStrategy())}
