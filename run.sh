@@ -14,11 +14,13 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
     "$VPY" -m pip install -q "${TCURLORA_TORCH:-torch==2.13.0}"
 fi
 stamp=.venv/.tcurlora-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ] \
-        || [ requirements-nnunet.txt -nt "$stamp" ]; then
-    "$VPY" -m pip install -q -c constraints.txt -e ".[test]"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements-nnunet.txt -nt "$stamp" ]; then
+    # the torch installed above stays: no optional dependency may replace it (e.g. a CPU build by a CUDA one)
+    pins=.venv/tcurlora-constraints.txt
+    "$VPY" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$pins"
+    "$VPY" -m pip install -q -c "$pins" -e ".[test]"
     # nnU-Net without its timm -> torchvision dependency (see requirements-nnunet.txt)
-    "$VPY" -m pip install -q -c constraints.txt --no-deps --require-hashes -r requirements-nnunet.txt
+    "$VPY" -m pip install -q -c "$pins" --no-deps --require-hashes -r requirements-nnunet.txt
     touch "$stamp"
 fi
 cmd=${1:-}
