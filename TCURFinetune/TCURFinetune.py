@@ -98,6 +98,7 @@ class TCURFinetuneParameterNode:
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     adapterName: str = "tcurlora-adapter"
     lastAdapterPath: str = ""
+    continueAdapter: bool = False
     trainingChart: slicer.vtkMRMLPlotChartNode
     useCaseLibrary: bool = False
 
@@ -182,6 +183,7 @@ class TCURFinetuneWidget(slicerapp.ModuleWidgetMixin, ScriptedLoadableModuleWidg
             hasAdapter = bool(p.lastAdapterPath) and os.path.isfile(p.lastAdapterPath)
             self.ui.saveAdapterButton.enabled = hasAdapter and not running
             self.ui.applyInSegmentButton.enabled = hasAdapter and not running
+            self.ui.continueAdapterCheckBox.enabled = hasAdapter and not running
             for widget in (self.ui.addCaseButton, self.ui.removeCaseButton, self.ui.refreshLabelsButton,
                            self.ui.addLibraryCaseButton, self.ui.removeLibraryCaseButton,
                            self.ui.toggleValidationButton, self.ui.projectComboBox, self.ui.libraryFolderButton):
@@ -602,9 +604,9 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
     def finetune(self, cases, mapping, modelName: str = "deepbet", method: str = "tcurlora", rank: int = 8,
                  steps: int = 300, learningRate: Optional[float] = None, patchSize=None, validationCount: int = 0,
                  seed: int = 0, device: str = "auto", adapterName: str = "tcurlora-adapter", chartNode=None,
-                 scene=None, onEnd=None):
+                 scene=None, onEnd=None, startFrom: Optional[str] = None):
         """Start training in the background; returns the task (see :meth:`waitForCompletion`). ``onEnd(task)``
-        runs when it ends (after ``onFinished``)."""
+        runs when it ends (after ``onFinished``); ``startFrom`` (an adapter file) continues that adapter."""
         entry = self.modelEntry(modelName)
         if entry is None:
             raise ValueError(f"The base model '{modelName}' is not available.")
@@ -621,7 +623,7 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
             segmentToValue, labelTable, jobLabels, validation=validation, method=method, rank=rank, steps=steps,
             lr=learningRate or None, patchSize=patchSize, seed=seed, device=device,
             adapterStore=self.adapterStore or slicerapp.adapterStoreDir(), adapterName=adapterName, curves=curves,
-            onLog=self._log, onProgress=self._progress,
+            startFrom=startFrom, onLog=self._log, onProgress=self._progress,
             onFinished=lambda task: (self._finished(task), onEnd(task) if onEnd else None))
         self.runner.run(task)
         return task
@@ -642,13 +644,15 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
         """Train with the parameter node's choices: on the case library (then its validation cases are
         segmented with the new adapter and their Dice recorded, ``onValidated(results)``) or the case table."""
         p = parameterNode
+        startFrom = p.lastAdapterPath if p.continueAdapter and p.lastAdapterPath and os.path.isfile(p.lastAdapterPath) \
+            else None
 
         def start(cases, validationCount, onEnd=None):
             return self.finetune(cases, self.labelMapping(p), modelName=p.model, method=p.method, rank=p.rank,
                                  steps=p.steps, learningRate=p.learningRate or None,
                                  patchSize=self.parsePatchSize(p.patchSize), validationCount=validationCount,
                                  seed=p.seed, device=p.device, adapterName=p.adapterName or "tcurlora-adapter",
-                                 chartNode=p.trainingChart, onEnd=onEnd)
+                                 chartNode=p.trainingChart, onEnd=onEnd, startFrom=startFrom)
 
         if p.useCaseLibrary:
             loop = logic.LibraryLogic(self.library(), slicer.mrmlScene, self.segmentLogic)

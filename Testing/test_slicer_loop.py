@@ -471,3 +471,24 @@ def test_the_loop_with_the_real_worker(scene, tiny_unet, tmp_path):
     assert caselibrary.CaseLibrary(str(tmp_path / "library"), "Spine site").case(caseId)["dice"] == \
         {k: (None if v is None else round(v, 4)) for k, v in scores.items()}
     loop.unload()
+
+
+def test_finetune_can_continue_an_adapter(scene, tmp_path):
+    """'Continue the last trained adapter': the job carries start_from, so the engine trains on from it."""
+    seen = []
+    launcher = standin()
+    job_labels, table, segment_to_value = models.labelsFromMapping(models.defaultLabelMapping(["Brain"], LABELS),
+                                                                   LABELS)
+    old = tmp_path / "old.safetensors"
+    task = tasks.FinetuneTask([add_case(scene)], "toy", lambda job, workdir: seen.append(job) or launcher(job, workdir),
+                              segment_to_value, table, job_labels, steps=3, adapterStore=str(tmp_path / "store"),
+                              startFrom=str(old))
+    runner = tasks.TaskRunner()
+    runner.run(task)
+    deadline = time.monotonic() + 60
+    while task.isActive and time.monotonic() < deadline:
+        runner.poll()
+        time.sleep(0.01)
+    assert seen and seen[0]["start_from"] == str(old)
+    source = open(os.path.join(REPO, "TCURFinetune", "TCURFinetune.py"), encoding="utf-8").read()
+    assert "startFrom=startFrom" in source and "continueAdapter: bool = False" in source
