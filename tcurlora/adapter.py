@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .config import TCURLoRAConfig
-from .tuners import AdapterError, AdapterRecord, TCURTuner, get_tuner, resolve_stacks
+from .tuners import AdapterError, AdapterRecord, get_tuner, resolve_stacks
 
 __all__ = ["AdapterError", "active_adapter", "adapter_state_dict", "base_fingerprint", "base_state_dict",
            "delete_adapter", "describe_adapter", "get_adapter", "inject_adapter", "list_adapters",

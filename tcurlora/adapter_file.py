@@ -7,7 +7,6 @@ whose fingerprint it records.  Writing is atomic; reading never unpickles anythi
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import math
 import re
@@ -25,13 +24,11 @@ from .errors import TCURLoRAError, display_name
 from .io import atomic_write, validate_label_table
 from .manifest import (FORMAT_VERSION, LORA_KEY, METADATA_KEY, PEFT_METHOD_NAMES, ManifestError, check_tensors,
                        parse_manifest, read_adapter_bytes)
+from .adapter import base_fingerprint
 from .tuners import AdapterError, get_tuner
+from .tuners.model import first_non_finite
+from .tuners.stacks import find
 from .tuners.strategies import strategy_for
-
-
-def base_fingerprint(model: nn.Module) -> str:
-    """sha256 over the frozen base weights in canonical order: sorted names, dtype, shape, bytes."""
-    return get_tuner(model).base_fingerprint()
 
 
 def _base_name(model: nn.Module) -> str:
@@ -48,7 +45,7 @@ def save_adapter(model: nn.Module, path, *, labels: Optional[List[dict]] = None,
     tuner = get_tuner(model)
     described = tuner.describe(adapter_name)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tuner.adapter_state_dict(adapter_name).items()}
-    bad = _non_finite(tensors)
+    bad = first_non_finite(tensors)
     if bad:  # a diverged training (NaN/inf) must not become a file that segments everything as background
         raise TCURLoRAError(f"{display_name(path)}: not written: tensor {bad} holds NaN or infinite values "
                             "(the training diverged; try a lower learning rate)")
@@ -111,7 +108,7 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, act
     except (SafetensorError, ValueError) as exc:
         raise ManifestError(f"{name}: unreadable tensors ({exc})") from None
     del data
-    bad = _non_finite(tensors)
+    bad = first_non_finite(tensors)
     if bad:
         raise ManifestError(f"{name}: tensor {bad} holds NaN or infinite values")
     strategy = strategy_for(config.method)
@@ -134,14 +131,6 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, act
     return manifest
 
 
-def _non_finite(tensors: dict) -> Optional[str]:
-    """The first floating-point tensor holding NaN or ±inf, by name; None if all are finite."""
-    for key, value in tensors.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return key
-    return None
-
-
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
@@ -151,11 +140,9 @@ def _check_layers_fit(model: nn.Module, method: dict, index: dict, name: str) ->
     (PEFT cannot take them out again once injected, so a misfit must be found before)."""
     def layer(path: str) -> nn.Module:
         try:
-            module = model.get_submodule(path)
-        except AttributeError:
+            module = find(model, path)  # the base's layer, through any earlier adapter's wrappers
+        except AdapterError:
             raise ManifestError(f"{name}: does not fit this base model: no module {path}") from None
-        module = getattr(module, "base_module", module)  # an earlier adapter's switch or stack wrapper
-        module = getattr(module, "base_layer", module)
         if not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.dim() < 2:
             raise ManifestError(f"{name}: does not fit this base model: {path} is not a Linear/Conv layer")
         return module

@@ -29,7 +29,7 @@ from .events import Events, StopRequested
 from .models import BaseModel
 from .protocol import DEFAULT_LR, FINETUNE_OPTION_KEYS
 from .tuners.strategies import PEFT_METHODS
-from .runtime import StopWatch, pick_device, sliding_window_probabilities, with_oom_fallback
+from .runtime import StopWatch, sliding_window_probabilities, with_oom_fallback
 
 CHECKPOINT_FORMAT = 2
 

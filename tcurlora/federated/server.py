@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -14,7 +14,8 @@ from ..aggregate import (AVERAGEABLE, LORA_REFUSAL, check_like, first_difference
                          weighted_mean, write_adapter_tensors)
 from ..errors import TCURLoRAError
 from ..events import Events
-from ..manifest import ManifestError, parse_manifest
+from ..manifest import parse_manifest
+from ..tuners.model import first_non_finite
 
 log = logging.getLogger("tcurlora.federated")
 
@@ -52,9 +53,9 @@ def check_update(reference: dict, reference_state: Dict[str, torch.Tensor], mani
     if problem:
         raise TCURLoRAError(f"{where}: adapter layout differs: {problem}")
     check_like(state, reference_state, where, "expected")
-    for key, value in state.items():
-        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
-            raise TCURLoRAError(f"{where}: tensor {key} has non-finite values")
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise TCURLoRAError(f"{where}: tensor {bad} has non-finite values")
 
 
 def make_strategy(manifest: dict, state: Dict[str, torch.Tensor], train: dict, rounds: int, min_clients: int,

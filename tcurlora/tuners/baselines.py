@@ -24,7 +24,7 @@ from ..tensor import curlora_indices, rfft3, t_svd_factors
 from . import fourier
 from .layers import TCURStack
 from .stacks import Member, StackSpec, member_matrix, resolve_stacks
-from .strategies import AdapterRecord, LoraStrategy, Strategy
+from .strategies import LoraStrategy, Strategy
 
 
 # ------------------------------------------------------------------------------------------------

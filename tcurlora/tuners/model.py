@@ -13,7 +13,7 @@ import math
 import re
 import weakref
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -187,8 +187,9 @@ class TCURTuner:
             ref = target[key]
             if tuple(value.shape) != tuple(ref.shape) or value.dtype != ref.dtype:
                 raise AdapterError(f"tensor {key}: expected {ref.dtype} {tuple(ref.shape)}, got {value.dtype} {tuple(value.shape)}")
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise AdapterError(f"tensor {key} holds NaN or infinite values")
+        bad = first_non_finite(tensors)
+        if bad is not None:
+            raise AdapterError(f"tensor {bad} holds NaN or infinite values")
         with torch.no_grad():
             for key, value in tensors.items():
                 target[key].copy_(value)
@@ -245,6 +246,14 @@ class TCURTuner:
             for stack in record.stacks.values():
                 stack.clear_cache()
         self._work = None
+
+
+def first_non_finite(tensors: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating-point tensor holding NaN or ±inf; None if all are finite."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
 
 
 def _first_names(state: "OrderedDict[str, torch.Tensor]") -> "OrderedDict[str, torch.Tensor]":

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..config import TCURLoRAConfig
 from .layers import AdapterError, ModuleSwitch, TCURLayer, TCURStack, unwrap
-from .stacks import (StackSpec, base_named_modules, find, member_matrix, resolve_stacks, switch_module,
+from .stacks import (StackSpec, find, member_matrix, resolve_stacks, switch_module,
                      trained_module_names, under, wrap_layer)
 
 if TYPE_CHECKING:
