@@ -14,7 +14,7 @@ from tcurlora import (TCURLoRAConfig, adapter_state_dict, base_fingerprint, inje
 from tcurlora.adapter import base_state_dict, get_adapter, list_adapters, set_active_adapter
 from tcurlora.tensor import select_indices
 from tcurlora.tuners import TCURLayer, fourier, get_tuner
-from tcurlora.tuners.layers import weight_to_matrix
+from tcurlora.tuners.layers import matrix_to_weight, weight_to_matrix
 
 
 class ConvNet(nn.Module):
@@ -445,6 +445,63 @@ def test_core_gradient_against_an_explicit_reference_with_scale_batch_and_odd_k(
     torch.testing.assert_close(stack.delta_u.grad.double(), ref_u.grad, rtol=1e-4, atol=1e-6)
 
 
+class ParallelConv(nn.Module):
+    """y = Σ_k conv_k(x): K same-shape Conv3d (or ConvTranspose3d) layers with stride, padding, dilation and bias."""
+
+    def __init__(self, k, n_in, n_out, transposed=False):
+        super().__init__()
+        if transposed:
+            make = lambda: nn.ConvTranspose3d(n_in, n_out, (2, 3, 2), stride=(2, 1, 2), padding=(0, 1, 0),  # noqa: E731
+                                              output_padding=(1, 0, 0), dilation=(1, 2, 1))
+        else:
+            make = lambda: nn.Conv3d(n_in, n_out, 3, stride=(1, 2, 1), padding=(1, 0, 2), dilation=(1, 1, 2))  # noqa: E731
+        self.convs = nn.ModuleList([make() for _ in range(k)])
+
+    def forward(self, x):
+        return sum(conv(x) for conv in self.convs)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("projected", [True, False])
+def test_conv_core_gradient_against_an_explicit_reference(projected, transposed):
+    """The conv projected gradient (X·Rᵀ as a (transposed) convolution with ℛ's rows as kernels) and the dense
+    path both equal a float64 reference that writes Δ𝒲 out and lets autograd differentiate plain convolutions;
+    so does the input gradient."""
+    k, n_in, n_out, rank, scale = 3, 4, 40, 2, 0.6
+    torch.manual_seed(0)
+    model = ParallelConv(k, n_in, n_out, transposed)
+    x = torch.randn(2, n_in, 7, 9, 8)
+    g = torch.randn_like(model(x))
+    convs = list(model.convs)  # the plain layers (wrapped by the adapter below)
+    inject_adapter(model, TCURLoRAConfig(preset="none", stacks={"conv": [r"convs\.\d+"]}, rank=rank, scale=scale))
+    stack = get_adapter(model).stacks["conv"]
+    assert stack.projected  # K·r = 6 against 40 output channels: the projected path …
+    stack.projected = projected  # … and the dense one forced for the comparison
+    du = torch.randn(k, rank, rank, generator=torch.Generator().manual_seed(1)) * 0.1
+    with torch.no_grad():
+        stack.delta_u.copy_(du)
+    xg = x.clone().requires_grad_(True)
+    (model(xg) * g).sum().backward()
+
+    w = torch.stack([weight_to_matrix(conv, conv.weight.detach()).double() for conv in convs])
+    c, r = w[:, :, stack.cols], w[:, stack.rows, :]
+    ref_u = du.double().requires_grad_(True)
+    ref_x = x.double().requires_grad_(True)
+    delta = scale * block_circulant_product(block_circulant_product(c, ref_u), r)
+    y = 0
+    for i, conv in enumerate(convs):
+        weight = matrix_to_weight(conv, w[i] + delta[i])
+        if transposed:
+            y = y + torch.nn.functional.conv_transpose3d(ref_x, weight, conv.bias.double(), conv.stride, conv.padding,
+                                                         conv.output_padding, 1, conv.dilation)
+        else:
+            y = y + torch.nn.functional.conv3d(ref_x, weight, conv.bias.double(), conv.stride, conv.padding,
+                                               conv.dilation)
+    (y * g.double()).sum().backward()
+    torch.testing.assert_close(stack.delta_u.grad.double(), ref_u.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(xg.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_a_container_selected_for_full_training_trains_its_children():
     class Net(nn.Module):
         def __init__(self):
@@ -507,3 +564,63 @@ def test_lora_reaches_every_alias_of_a_layer():
     inject_adapter(model, TCURLoRAConfig(method="lora", preset="conv", rank=2))
     for block in model.stages:
         assert isinstance(block.conv, LoraLayer) and block.all_modules[0] is block.conv
+
+
+# ------------------------------------------------------------------------------------------ decoder-side
+
+
+def _plain_conv_unet():
+    """nnU-Net's PlainConvUNet (its own architecture package), small; decoder patterns as the nnU-Net loader
+    declares them."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    torch.manual_seed(0)
+    net = PlainConvUNet(1, 3, (4, 8, 16), nn.Conv3d, 3, (1, 2, 2), (2, 2, 2), 2, (2, 2), True,
+                        nn.InstanceNorm3d, {"affine": True}, nonlin=nn.LeakyReLU, deep_supervision=False)
+    return net.eval(), [r"decoder\.(stages|transpconvs)\.\d+(\..*)?", r"decoder\.seg_layers\.1(\..*)?"]
+
+
+def test_decoder_side_adapts_only_the_decoder_and_backward_never_enters_the_encoder(tmp_path):
+    from types import SimpleNamespace
+
+    from tcurlora.adapter import describe_adapter
+    from tcurlora.adapter_file import load_adapter, save_adapter
+    from tcurlora.errors import TCURLoRAError
+    from tcurlora.train import adapted_layers
+
+    net, decoder = _plain_conv_unet()
+    base = SimpleNamespace(name="plain", network=net, decoder_modules=decoder)
+    assert adapted_layers(base, "auto") == ("conv", decoder) == adapted_layers(base, "decoder")
+    assert adapted_layers(base, "conv") == ("conv", [])
+    assert adapted_layers(SimpleNamespace(name="vit", network=TinyViT(), decoder_modules=decoder), "auto") == ("auto", [])
+    with pytest.raises(TCURLoRAError, match="declares no decoder modules"):
+        adapted_layers(SimpleNamespace(name="plain", network=net, decoder_modules=[]), "decoder")
+    assert adapted_layers(SimpleNamespace(name="plain", network=net, decoder_modules=[]), "auto") == ("auto", [])
+
+    reference = copy.deepcopy(net)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    inject_adapter(net, TCURLoRAConfig(rank=2, target_modules=decoder))
+    members = [m["module"] for stack in describe_adapter(net)["stacks"] for m in stack["members"]]
+    assert members and all(name.startswith("decoder.") for name in members), members
+    encoder_outputs = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: encoder_outputs.append(out))
+             for m in net.encoder.modules() if isinstance(m, nn.Conv3d)]
+    with torch.no_grad():
+        perturb(net)
+    x = torch.randn(1, 1, 16, 16, 16)
+    net(x).square().mean().backward()
+    for h in hooks:
+        h.remove()
+    assert encoder_outputs and not any(out.requires_grad for out in encoder_outputs)  # no graph in the encoder
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in get_tuner(net).trainable_parameters())
+
+    # the choice travels in the adapter file: the same layers come back on a fresh copy of the base
+    path = tmp_path / "decoder_side.safetensors"
+    save_adapter(net, path)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    load_adapter(reference, path)
+    with torch.no_grad():
+        assert torch.equal(reference(x), net(x))
+    assert describe_adapter(reference)["config"]["target_modules"] == decoder

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .protocol import METHODS, PRESETS
+from .protocol import METHODS, TUNER_PRESETS as PRESETS
 
 SELECTIONS = ("deterministic", "sampled")
 
@@ -47,6 +47,8 @@ class TCURLoRAConfig:
     scale:           optional multiplier of Δ𝒲 (the paper has none: 1.0).
     train_modules:   regular expressions of modules trained fully (decoder, output head); opt-in.
     exclude_modules: regular expressions of modules never put in a stack.
+    target_modules:  when not empty, stacks (and the LoRA family's targets) take only layers inside modules matching these
+                     regular expressions (e.g. a base's decoder: then backward never enters the encoder).
     new_head:        ``{"module": name, "out_channels": n}`` to give the adapter its own output layer
                      (a new label set); that layer is trained fully.
     lora_alpha:      LoRA scaling numerator of the PEFT baselines (PEFT's α; default = rank).
@@ -61,6 +63,7 @@ class TCURLoRAConfig:
     scale: float = 1.0
     train_modules: List[str] = field(default_factory=list)
     exclude_modules: List[str] = field(default_factory=list)
+    target_modules: List[str] = field(default_factory=list)
     new_head: Optional[Dict[str, object]] = None
     lora_alpha: Optional[float] = None
 
@@ -83,6 +86,7 @@ class TCURLoRAConfig:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         _check_patterns("train_modules", self.train_modules)
         _check_patterns("exclude_modules", self.exclude_modules)
+        _check_patterns("target_modules", self.target_modules)
         if not isinstance(self.stacks, dict) or not all(isinstance(k, str) for k in self.stacks):
             raise ValueError("stacks must map stack names to lists of regular expressions")
         for stack_name, patterns in self.stacks.items():

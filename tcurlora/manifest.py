@@ -289,7 +289,7 @@ def _check_config(config: dict, method: str, where: str) -> None:
         raise bad("scale", "must be a finite number")
     if config.get("lora_alpha") is not None and not _is_number(config["lora_alpha"]):
         raise bad("lora_alpha", "must be a finite number or null")
-    for field in ("train_modules", "exclude_modules"):
+    for field in ("train_modules", "exclude_modules", "target_modules"):
         patterns = config.get(field, [])
         if not isinstance(patterns, list) or len(patterns) > MAX_PATTERNS:
             raise bad(field, f"must be a list of at most {MAX_PATTERNS} regular expressions")

@@ -21,7 +21,11 @@ from .errors import TCURLoRAError, display_name
 JOB_VERSION = 1
 COMMANDS = ("finetune", "segment")
 METHODS = ("tcurlora", "lora", "decoder", "full", "pissa", "dora", "curlora", "lorapt")
-PRESETS = ("auto", "vit", "conv", "none")
+#: Which layers a job adapts. ``decoder``: the conv stacks of the base's decoder modules only (backward never
+#: enters the frozen encoder); ``auto``: ``vit`` for a network with attention blocks, else ``decoder`` when the
+#: base declares its decoder modules, else ``conv``. The tuner itself knows ``auto``/``vit``/``conv``/``none``.
+PRESETS = ("auto", "vit", "conv", "decoder", "none")
+TUNER_PRESETS = ("auto", "vit", "conv", "none")
 DEVICES = ("auto", "cpu", "cuda")
 
 #: Process exit status of ``tcurlora`` and ``python -m tcurlora.worker``.

@@ -218,8 +218,28 @@ def build_adapter_config(base: BaseModel, options: FinetuneOptions, labels: List
         if not base.head:
             raise TCURLoRAError(f"these labels differ from base {base.name}'s, and the base declares no output head to replace")
         new_head = {"module": base.head, "out_channels": len(labels) + 1}
-    return TCURLoRAConfig(method=options.method, preset=options.preset, rank=options.rank, seed=options.seed,
-                          train_modules=train_modules if options.method != "full" else [], new_head=new_head)
+    preset, targets = adapted_layers(base, options.preset)
+    return TCURLoRAConfig(method=options.method, preset=preset, rank=options.rank, seed=options.seed,
+                          train_modules=train_modules if options.method != "full" else [], new_head=new_head,
+                          target_modules=targets)
+
+
+def adapted_layers(base: BaseModel, preset: str) -> Tuple[str, List[str]]:
+    """A job's preset -> the tuner's (preset, target_modules).
+
+    ``auto`` on a convolutional base that declares its decoder is ``decoder``: only the decoder's conv stacks
+    are adapted, so backward stops at the decoder (on deepbet at 128³ a step then costs half of full
+    fine-tuning; adapting every conv costs as much as full fine-tuning, for no better Dice on our benchmark).
+    """
+    from .tuners.stacks import has_attention
+
+    if preset == "auto" and not has_attention(base.network) and base.decoder_modules:
+        preset = "decoder"
+    if preset != "decoder":
+        return preset, []
+    if not base.decoder_modules:
+        raise TCURLoRAError(f"base {base.name} declares no decoder modules: use --preset conv (or auto)")
+    return "conv", list(base.decoder_modules)
 
 
 def training_preprocessing(base: BaseModel, options: FinetuneOptions):

@@ -48,6 +48,16 @@ def matrix_to_weight(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
     return matrix.reshape(shape)
 
 
+def projectable_layer(module: nn.Module) -> bool:
+    """Layers whose core gradient can come straight from activations (:class:`_ProjectedLayer`): Linear, and
+    plain (transposed) convolutions, one group and zero padding, whose dL/dW is a sum of output-gradient ×
+    input-patch products."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1 and module.padding_mode == "zeros"
+            and isinstance(module.padding, tuple))
+
+
 def slot(adapter: str) -> str:
     """An adapter's key in the wrappers' ModuleDicts ('train', 'eval'… are attributes of every module)."""
     return f"adapter_{adapter}"
@@ -66,7 +76,7 @@ class TCURStack(nn.Module):
 
     def __init__(self, name: str, members: list, matrices: torch.Tensor, rank: int,
                  selection: str = "deterministic", seed: int = 0, scale: float = 1.0,
-                 indices: Optional[Tuple[List[int], List[int]]] = None, linear: bool = False) -> None:
+                 indices: Optional[Tuple[List[int], List[int]]] = None, projectable: bool = False) -> None:
         super().__init__()
         k, n1, n2 = matrices.shape
         rank = min(int(rank), n1, n2)
@@ -85,12 +95,14 @@ class TCURStack(nn.Module):
         r = w[:, rows.to(w.device), :]  # (K, r, n2)
         factors = {"c_block": fourier.real_block(rfft3(c)), "r_hat": rfft3(r),
                    "idft": fourier.inverse_dft_matrix(k).to(w.device)}
-        # Projected gradient (Linear members): contract dL/dW_k with 𝒞, ℛ straight from activations
-        # instead of forming the dense n1×n2 weight gradient, whose path also pays a K·n1·n2 FFT, a
-        # stack of the K slice gradients and a Fourier-domain bmm per stack (hence the 1.5 margin).
-        # True for the paper's MLP and attention stacks at r = 8; large r·K goes the dense way.
+        # Projected gradient (Linear and plain conv members): contract dL/dW_k with 𝒞, ℛ straight from
+        # activations instead of forming the dense n1×n2 weight gradient, whose path also pays a K·n1·n2 FFT,
+        # a stack of the K slice gradients and a Fourier-domain bmm per stack (hence the 1.5 margin). Per
+        # output position it costs (n1 + n2)·K·r against n1·n2: true for the paper's MLP and attention stacks
+        # at r = 8 and for conv stacks with K·r well under their output channels (a decoder's, K = 1 or 2);
+        # large r·K goes the dense way.
         rk = rank * k
-        self.projected = bool(linear) and (n1 + n2) * rk + rk * rk <= 1.5 * n1 * n2
+        self.projected = bool(projectable) and (n1 + n2) * rk + rk * rk <= 1.5 * n1 * n2
         if self.projected:
             a = torch.arange(k, device=w.device)
             factors.update(c_flat=c.permute(1, 0, 2).reshape(n1, rk).contiguous(),
@@ -206,32 +218,69 @@ class TCURStack(nn.Module):
         self._detached, self._detached_snapshot, self._buffer = None, None, None
 
 
-class _ProjectedLinear(torch.autograd.Function):
-    """y = x (W + ΔW)ᵀ + b whose backward gives Δ𝒰 its gradient without the dense dL/dW.
+def _apply(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """``layer``'s operation with another weight (and bias)."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[weight.dim() - 2]
+        return conv(x, weight, bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
+    return layer._conv_forward(x, weight, bias)
 
-    ``blocks``: (member index k, first row, last row) of each stack member in this layer's weight (a
-    fused qkv projection holds three); all from one stack.
+
+class _ProjectedLayer(torch.autograd.Function):
+    """y = layer(x; W + ΔW) whose backward gives Δ𝒰 its gradient without the dense dL/dW.
+
+    Linear: dL/dW = Gᵀ X, so Cᵀ dL/dW Rᵀ = (G C)ᵀ (X Rᵀ). A convolution's dL/dW is the same sum over output
+    positions with X's rows the input patches, and a patch times Rᵀ is a convolution with ℛ's rows as kernels:
+    X Rᵀ is one conv with K·r output channels. For a transposed convolution (weight matrix out × in·k³) the
+    same contraction is a transposed convolution of X with ℛ's rows as its kernels, read at the output positions. ``blocks``: (member index k, first row, last row) of each stack
+    member in this layer's weight (a fused qkv projection holds three); all from one stack.
     """
 
     @staticmethod
-    def forward(ctx, x, delta_u, weight, delta, bias, stack, blocks):  # noqa: D401
-        ctx.stack, ctx.blocks = stack, blocks
+    def forward(ctx, x, delta_u, weight, delta, bias, layer, stack, blocks):  # noqa: D401
+        ctx.stack, ctx.blocks, ctx.layer = stack, blocks, layer
         # keep W (the frozen parameter) and ΔW (a view of the stack's buffer), not their sum: the sums of
         # all layers would stay alive from forward to backward (0.34 GB fp32 for a ViT-B)
         ctx.save_for_backward(x, weight, delta)
         ctx.has_bias = bias is not None and bias.requires_grad
-        return F.linear(x, (weight + delta.to(weight.dtype)).to(x.dtype), None if bias is None else bias.to(x.dtype))
+        effective = (weight + delta.to(weight.dtype)).to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+        return _apply(layer, x, effective, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, delta = ctx.saved_tensors
         stack: TCURStack = ctx.stack
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = grad_u = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ (weight + delta.to(weight.dtype)).to(g2.dtype)).reshape(x.shape)
+        layer = ctx.layer
+        effective = (weight + delta.to(weight.dtype)).to(grad_out.dtype)
+        grad_x = grad_u = grad_b = None
+        if isinstance(layer, nn.Linear):
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])
+            if ctx.needs_input_grad[0]:
+                grad_x = (g2 @ effective).reshape(x.shape)
+            if ctx.has_bias:
+                grad_b = g2.sum(0)
+            xr = x.reshape(-1, stack.n2).float() @ stack.factor("r_flat").t() if ctx.needs_input_grad[1] else None
+        else:
+            transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+            # input (and bias) gradient in one call, the weight gradient not asked for
+            grad_x, _, grad_b = torch.ops.aten.convolution_backward(
+                grad_out, x, effective, [grad_out.shape[1]] if ctx.has_bias else None, layer.stride, layer.padding,
+                layer.dilation, transposed, list(layer.output_padding) if transposed else [0] * (x.dim() - 2),
+                layer.groups, [ctx.needs_input_grad[0], False, ctx.has_bias])
+            g2 = grad_out.movedim(1, -1).reshape(-1, grad_out.shape[1])
+            xr = None
+            if ctx.needs_input_grad[1]:
+                rk = stack.k * stack.rank
+                kernels = stack.factor("r_flat").to(x.dtype)  # (K·r, in·k³): ℛ's rows
+                if transposed:  # a transposed conv's weight is (in, out, k…)
+                    kernels = kernels.reshape(rk, weight.shape[0], *weight.shape[2:]).transpose(0, 1)
+                else:
+                    kernels = kernels.reshape(rk, *weight.shape[1:])
+                xr = _apply(layer, x, kernels, None).movedim(1, -1).reshape(-1, rk).float()
         if ctx.needs_input_grad[1]:
-            xr = x.reshape(-1, stack.n2).float() @ stack.factor("r_flat").t()  # (T, K·r), shared by the blocks
             for index, start, stop in ctx.blocks:
                 g = fourier.projected_core_grad(g2[:, start:stop], xr, stack.factor("c_flat"),
                                                 stack.factor("shift")[index], stack.k, stack.rank)
@@ -239,8 +288,9 @@ class _ProjectedLinear(torch.autograd.Function):
             if stack.scale != 1.0:
                 grad_u = grad_u * stack.scale
             grad_u = grad_u.to(stack.delta_u.dtype)
-        grad_b = g2.sum(0) if ctx.has_bias else None
-        return grad_x, grad_u, None, None, grad_b, None, None
+        if grad_b is not None:
+            grad_b = grad_b.to(layer.bias.dtype)
+        return grad_x, grad_u, None, None, grad_b, None, None, None
 
 
 class TCURLayer(nn.Module):
@@ -319,16 +369,6 @@ class TCURLayer(nn.Module):
             self.base_layer.weight.data.copy_(self._merge_backup)
             self._merge_backup = None
 
-    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        if isinstance(base, nn.Linear):
-            return F.linear(x, weight, base.bias)
-        if isinstance(base, nn.modules.conv._ConvTransposeNd):
-            conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[weight.dim() - 2]
-            return conv(x, weight, base.bias, base.stride, base.padding, base.output_padding, base.groups,
-                        base.dilation)
-        return base._conv_forward(x, weight, base.bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tuner = self._tuner
         active = tuner.active
@@ -337,12 +377,13 @@ class TCURLayer(nn.Module):
         entries = self._entries[active]
         base = self.base_layer
         stack = entries[0][0]
-        if stack.projects_gradient() and all(e[0] is stack for e in entries):  # projected stacks are all Linear
-            blocks = tuple((i, *(rows or (0, base.out_features))) for _, i, rows in entries)
-            return _ProjectedLinear.apply(x, stack.delta_u, base.weight, self.delta_weight(active, detached=True),
-                                          base.bias, stack, blocks)
+        if stack.projects_gradient() and all(e[0] is stack for e in entries):  # one stack: Linear or plain conv
+            n_rows = weight_to_matrix(base, base.weight).shape[0]
+            blocks = tuple((i, *(rows or (0, n_rows))) for _, i, rows in entries)
+            return _ProjectedLayer.apply(x, stack.delta_u, base.weight, self.delta_weight(active, detached=True),
+                                         base.bias, base, stack, blocks)
         delta = self.delta_weight(active)
-        return self._apply_weight(x, base.weight + delta.to(base.weight.dtype))
+        return _apply(base, x, base.weight + delta.to(base.weight.dtype), base.bias)
 
 
 class ModuleSwitch(nn.Module):

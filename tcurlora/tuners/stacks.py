@@ -246,6 +246,11 @@ def resolve_stacks(model: nn.Module, config: TCURLoRAConfig) -> List[StackSpec]:
                                                                  or matches(n, config.train_modules))]
     if config.new_head:
         excluded.append(str(config.new_head["module"]))
+    if config.target_modules:
+        targets = [n for n, _ in base_named_modules(model) if n and matches(n, config.target_modules)]
+        if not targets:
+            raise AdapterError(f"target_modules {config.target_modules} match no module of the network")
+        excluded += [n for n, m in base_named_modules(model) if isinstance(m, WEIGHTED_TYPES) and not under(n, targets)]
     preset = config.preset
     if preset == "auto":
         preset = "vit" if has_attention(model) else "conv"

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TCURLoRAConfig
-from .layers import AdapterError, ModuleSwitch, TCURLayer, TCURStack, unwrap
+from .layers import AdapterError, ModuleSwitch, TCURLayer, TCURStack, projectable_layer, unwrap
 from .stacks import (StackSpec, find, member_matrix, resolve_stacks, switch_module,
                      trained_module_names, under, wrap_layer)
 
@@ -117,9 +117,10 @@ class Strategy:
         """(spec, indices) of one stack as :meth:`describe` listed it."""
         return StackSpec.from_manifest(stack)
 
-    def make_stack(self, spec: StackSpec, matrices: torch.Tensor, config: TCURLoRAConfig, indices, linear: bool):
+    def make_stack(self, spec: StackSpec, matrices: torch.Tensor, config: TCURLoRAConfig, indices,
+                   projectable: bool):
         return TCURStack(spec.name, spec.members, matrices, config.rank, config.selection, config.seed,
-                         config.scale, indices, linear=linear)
+                         config.scale, indices, projectable=projectable)
 
     def _build_stacks(self, tuner: "TCURTuner", record: AdapterRecord, built: list) -> None:
         model = tuner.model
@@ -129,8 +130,8 @@ class Strategy:
                 matrices = torch.stack([member_matrix(model, m) for m in spec.members])
             except RuntimeError as exc:  # members of different shapes
                 raise AdapterError(f"stack {spec.name}: members do not fit this model ({exc})") from None
-            linear = all(isinstance(find(model, m.module), nn.Linear) for m in spec.members)
-            stack = self.make_stack(spec, matrices, record.config, indices, linear).to(device)
+            projectable = all(projectable_layer(find(model, m.module)) for m in spec.members)
+            stack = self.make_stack(spec, matrices, record.config, indices, projectable).to(device)
             stack._tuner = tuner
             record.stacks[spec.name] = stack
             for index, member in enumerate(spec.members):
