@@ -373,23 +373,20 @@ def cmd_federated(args, events) -> int:
         folder = generate_certificates(args.out, args.host or ["127.0.0.1", "localhost"])
         print(f"{folder}: ca.crt (give to every site), server.pem and server.key (keep on the server)")
         return 0
-    from functools import partial
-
-    from .models import load_base
-
     device = args.device or protocol.default("device")
-    load = partial(load_base, args.base or protocol.default("base"), weights=args.weights)
+    base = args.base or protocol.default("base")
     if args.federated_command == "server":
         from .federated.server import run_server
+        from .models import load_base
         from .train import FinetuneOptions
 
         options = FinetuneOptions(method=args.method, rank=args.rank, preset=args.preset, steps=args.local_steps,
                                   lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                                   patch_size=tuple(args.patch_size) if args.patch_size else None,
                                   train_modules=args.train_modules, device=device)
-        result = run_server(load(), options, labels=_load_labels(args.labels), address=args.address,
-                            rounds=args.rounds, min_clients=args.min_clients, out=args.out, tls_dir=args.tls_dir,
-                            insecure=args.insecure, events=events)
+        result = run_server(load_base(base, weights=args.weights), options, labels=_load_labels(args.labels),
+                            address=args.address, rounds=args.rounds, min_clients=args.min_clients, out=args.out,
+                            tls_dir=args.tls_dir, insecure=args.insecure, events=events, events_file=args.events)
     else:
         import socket
 
@@ -400,9 +397,9 @@ def cmd_federated(args, events) -> int:
             from .io import find_cases
 
             pairs += find_cases(args.cases)
-        result = run_client(load, pairs, server=args.server, out=args.out, root_cert=args.root_cert,
-                            insecure=args.insecure, seed=args.seed, device=device,
-                            site=args.site or socket.gethostname(), events=events)
+        result = run_client(pairs, base=base, weights=args.weights, server=args.server, out=args.out,
+                            root_cert=args.root_cert, insecure=args.insecure, seed=args.seed, device=device,
+                            site=args.site or socket.gethostname(), events=events, events_file=args.events)
     events.result(result["outputs"], result["metrics"])
     return 0
 
