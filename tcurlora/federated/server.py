@@ -129,14 +129,18 @@ def run_server(base, options, *, labels, address: str, rounds: int, min_clients:
                  "--ssl-keyfile", str(tls["key"])] if tls else ["--insecure"]
         superlink = start([flower_command("flower-superlink"), "--host", host, "--port", str(port), *flags,
                            "--disable-runtime-dependency-installation"], home, "Flower's SuperLink")
+        run = None
         try:
             wait_listening(LOOPBACK if host in ("0.0.0.0", "::", "localhost") else host, port, superlink, 60,
                            "Flower's SuperLink")
+            # `--stream` shows the ServerApp's log here and returns when the run has ended
             run = start([flower_command("flwr"), "run", str(APP_DIR), "tcurlora", "--run-config", str(run_config),
                          "--stream"], home, "flwr run")
             run.wait()
         finally:
-            stop(superlink)
+            for proc in (run, superlink):
+                if proc is not None:
+                    stop(proc)
         if not summary.exists():
             raise TCURLoRAError("the federation run ended without a result (Flower's log is above)")
         result = json.loads(summary.read_text(encoding="utf-8"))
