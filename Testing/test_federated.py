@@ -2,7 +2,9 @@
 
 `tcurlora federated server` starts Flower's SuperLink and submits the Flower App with `flwr run`; each
 `tcurlora federated client` starts a Flower SuperNode (real processes: flower-superlink, flower-supernode,
-flwr, and the flwr-serverapp / flwr-clientapp processes they start).  Site A holds the tptbox CT crop and the MRI crop (2 cases), site B the MRI crop (1 case).  The tiny base is a
+flwr, and the flwr-serverapp / flwr-clientapp processes they start).
+
+Site A holds the tptbox CT crop and the MRI crop (2 cases), site B the MRI crop (1 case).  The tiny base is a
 random-weight plumbing model with the labels L2-L4; the MRI crop's three vertebrae (C5-C7) are relabelled to its
 three values.  The sites train the cores and, fully, the last decoder block, so both kinds of tensors are
 averaged.  Each round the global adapter the server writes must be the case-weighted mean (2:1) of the two
@@ -23,6 +25,7 @@ import torch
 
 from tcurlora.aggregate import read_adapter
 from tcurlora.errors import TCURLoRAError
+from tcurlora.federated.processes import free_port
 from conftest import CT, CT_VERT, MRI, MRI_VERT, SUBPROCESS_ENV, VERTEBRAE, assert_one_line_error, cli_subprocess, \
     read_events
 
@@ -31,11 +34,6 @@ import flwr  # noqa: F401  (a test dependency: missing, these tests must fail, n
 DECODER_BLOCK = r"model\.2(\..*)?"
 ROUNDS = 2
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -216,19 +214,21 @@ def test_tls_is_the_default(tiny_unet, tmp_path):
                                            "--image", CT, "--label", CT_VERT, "--out", tmp_path / "s.safetensors"),
                             env=SUBPROCESS_ENV, capture_output=True, text=True)
     assert "--root-cert" in assert_one_line_error(client)
+    assert not list(tmp_path.iterdir())  # refused before anything was written or started
 
 
 def test_server_certificate_must_name_loopback(tmp_path):
-    from tcurlora.federated.tls import generate_certificates, server_certificate_files
-
-    files = server_certificate_files(generate_certificates(tmp_path / "ok", ["fl.example.org"]))
-    assert set(files) == {"ca", "cert", "key"}  # loopback added to the host asked for
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
     import datetime
 
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from tcurlora.federated.tls import generate_certificates, server_certificate_files
+
+    ok = generate_certificates(tmp_path / "ok", ["fl.example.org"])  # loopback is added to the host asked for
+    assert set(server_certificate_files(ok)) == {"ca", "cert", "key"}
     # a hospital-issued certificate naming only the public host name is refused with one clear line
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fl.example.org")])
@@ -237,12 +237,10 @@ def test_server_certificate_must_name_loopback(tmp_path):
             .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName("fl.example.org")]), critical=False)
             .sign(key, hashes.SHA256()))
-    from cryptography.hazmat.primitives import serialization
-
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in ("ca.crt", "server.key"):
-        (bad / f).write_bytes((tmp_path / "ok" / f).read_bytes())
+        (bad / f).write_bytes((ok / f).read_bytes())
     (bad / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     with pytest.raises(TCURLoRAError, match="server.pem: the certificate must also name 127.0.0.1"):
         server_certificate_files(bad)

@@ -85,14 +85,20 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """Stop a Flower process (and the app processes it started in its process group) if still running."""
     if proc.poll() is not None:
         return
+    group = hasattr(os, "killpg")  # POSIX: the whole process group; elsewhere the process alone
+
+    def send(sig):
+        try:
+            os.killpg(proc.pid, sig) if group else (proc.terminate() if sig == signal.SIGTERM else proc.kill())
+        except ProcessLookupError:
+            pass
+
+    send(signal.SIGTERM)
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        send(getattr(signal, "SIGKILL", signal.SIGTERM))
         proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 def start(cmd, home, what: str) -> subprocess.Popen:

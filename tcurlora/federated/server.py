@@ -4,7 +4,6 @@ Flower's SuperLink and of ``flwr run`` for the app whose ServerApp (:mod:`.serve
 from __future__ import annotations
 
 import json
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Dict, Optional
