@@ -623,7 +623,8 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
             segmentToValue, labelTable, jobLabels, validation=validation, method=method, rank=rank, steps=steps,
             lr=learningRate or None, patchSize=patchSize, seed=seed, device=device,
             adapterStore=self.adapterStore or slicerapp.adapterStoreDir(), adapterName=adapterName, curves=curves,
-            startFrom=startFrom, onLog=self._log, onProgress=self._progress,
+            startFrom=startFrom, baseSettings=models.ModelRegistry.jobSettings(entry), onLog=self._log,
+            onProgress=self._progress,
             onFinished=lambda task: (self._finished(task), onEnd(task) if onEnd else None))
         self.runner.run(task)
         return task

@@ -288,7 +288,7 @@ class SegmentLogic(EngineLogic):
 
         task = tasks.SegmentationTask(
             inputVolume, models.ModelRegistry.jobBase(entry), self.launcher or engine.defaultLauncher(),
-            adapterPath=adapterPath, device=device, outputSegmentation=outputSegmentation, labels=labels,
+            baseSettings=models.ModelRegistry.jobSettings(entry), adapterPath=adapterPath, device=device, outputSegmentation=outputSegmentation, labels=labels,
             tta=tta, largestComponent=largestComponent, createSurfaces=createSurfaces, onLog=self._log,
             onProgress=self._progress, onFinished=finished)
         return self.runner.run(task)

@@ -156,6 +156,11 @@ class ModelRegistry:
             return {"spec": entry["spec"], "weights": entry["weights"]}
         return entry["name"]
 
+    @staticmethod
+    def jobSettings(entry: Dict[str, Any]) -> Dict[str, Any]:
+        """Job keys that go with the base: the fold of an nnU-Net model folder that has several."""
+        return {"fold": entry["fold"]} if entry.get("fold") is not None else {}
+
 
 def discoveredEntries(found: Sequence[Any]) -> List[Dict[str, Any]]:
     """Model entries for bases found on this computer (``tcurlora.models.discover.discover_models()``: dicts
@@ -174,9 +179,17 @@ def discoveredEntries(found: Sequence[Any]) -> List[Dict[str, Any]]:
         what = item.get("kind") or "model"
         title = item.get("title") or item.get("name") or os.path.basename(path.rstrip(os.sep))
         names = [str(n) for n in item.get("labels") or []]
-        entries.append({"name": "found:" + path, "title": f"{title} ({what}, on this computer)", "kind": FOUND_KIND,
-                        "source": what, "path": path, "labels": [], "labelNames": names,
-                        "fingerprint": item.get("fingerprint")})
+        entry = {"name": "found:" + path, "title": f"{title} ({what}, on this computer)", "kind": FOUND_KIND,
+                 "source": what, "path": path, "labels": [], "labelNames": names,
+                 "fingerprint": item.get("fingerprint")}
+        folds = item.get("folds") or []
+        if len(folds) < 2:
+            entries.append(entry)
+            continue
+        # an nnU-Net folder trained with cross-validation: each fold is its own base (an adapter fits one)
+        for fold in folds:
+            entries.append(dict(entry, name=f"found:{path}#fold_{fold}", fold=int(fold),
+                                title=f"{title} fold {fold} ({what}, on this computer)"))
     return entries
 
 

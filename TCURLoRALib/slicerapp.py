@@ -9,7 +9,7 @@ Not importable without Slicer; everything testable lives in the other ``TCURLoRA
 
 import json
 import os
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import qt
 import vtk

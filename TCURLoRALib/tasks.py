@@ -71,7 +71,7 @@ def progressBarFormat(event: Dict[str, Any]) -> str:
 
 
 PHASES = {"train": "Training", "segment": "Segmenting", "export": "Exporting", "import": "Importing",
-          "surfaces": "Building 3D surfaces", "install": "Installing packages"}
+          "surfaces": "Building 3D surfaces", "install": "Installing packages", "download": "Downloading"}
 
 
 def progressText(event: Dict[str, Any]) -> Tuple[int, str]:
@@ -79,7 +79,11 @@ def progressText(event: Dict[str, Any]) -> Tuple[int, str]:
     step, total = event.get("step") or 0, event.get("total") or 0
     percent = int(round(100.0 * step / total)) if total else 0
     phase = PHASES.get(event.get("phase"), str(event.get("phase", "")))
-    parts = [f"{phase} {step}/{total}" if total else phase]
+    if event.get("unit") == "bytes":  # a model download: sizes, not steps
+        size = f"{step / 1e6:.1f} of {total / 1e6:.1f} MB" if total else f"{step / 1e6:.1f} MB"
+        parts = [" ".join(p for p in (phase, event.get("file"), size) if p)]
+    else:
+        parts = [f"{phase} {step}/{total}" if total else phase]
     if isinstance(event.get("loss"), (int, float)):
         parts.append(f"loss {event['loss']:.4f}")
     if isinstance(event.get("dice"), (int, float)):
@@ -431,13 +435,15 @@ class SegmentationTask(WorkerTask):
     def __init__(self, inputVolume, base: Any, launcher: Callable, adapterPath: Optional[str] = None,
                  device: str = "auto", outputSegmentation=None, labels: Sequence[Dict[str, Any]] = (),
                  tta: bool = False, largestComponent: Optional[bool] = None, createSurfaces: bool = True,
-                 outputName: Optional[str] = None, **kwargs) -> None:
+                 outputName: Optional[str] = None, baseSettings: Optional[Dict[str, Any]] = None,
+                 **kwargs) -> None:
         super().__init__(launcher, **kwargs)
         if inputVolume is None:
             raise ValueError("Select an input volume.")
         self.inputVolume = inputVolume
         self.scene = inputVolume.GetScene()
         self.base = base
+        self.baseSettings = dict(baseSettings or {})
         self.adapterPath = adapterPath or None
         self.device = device
         self.outputSegmentation = outputSegmentation
@@ -460,7 +466,7 @@ class SegmentationTask(WorkerTask):
                                 output=os.path.join(self.workdir, "segmentation.seg.nrrd"),
                                 stop_file=os.path.join(self.workdir, jobs.STOP_FILE_NAME),
                                 adapter=self.adapterPath, device=self.device, tta=self.tta,
-                                largest_component=self.largestComponent)
+                                largest_component=self.largestComponent, **self.baseSettings)
 
     def _readOutputs(self, result, report):
         path = (result.get("outputs") or {}).get("segmentation") or self.jobDict["output"]
@@ -513,7 +519,8 @@ class FinetuneTask(WorkerTask):
                  validation: Sequence[Tuple[Any, Any]] = (), method: str = "tcurlora", rank: int = 8,
                  steps: int = 300, lr: Optional[float] = None, patchSize: Optional[Sequence[int]] = None,
                  seed: int = 0, device: str = "auto", adapterStore: Optional[str] = None,
-                 adapterName: str = "adapter", curves=None, startFrom: Optional[str] = None, **kwargs) -> None:
+                 adapterName: str = "adapter", curves=None, startFrom: Optional[str] = None,
+                 baseSettings: Optional[Dict[str, Any]] = None, **kwargs) -> None:
         super().__init__(launcher, **kwargs)
         self.startFrom = startFrom
         if not cases:
@@ -521,6 +528,7 @@ class FinetuneTask(WorkerTask):
         self.cases = list(cases)
         self.validation = list(validation)
         self.base = base
+        self.baseSettings = dict(baseSettings or {})  # e.g. the fold of an nnU-Net folder
         self.segmentToValue = dict(segmentToValue)
         self.labelTable = list(labelTable)
         self.jobLabels = list(jobLabels) if jobLabels is not None else None
@@ -572,7 +580,7 @@ class FinetuneTask(WorkerTask):
                                  method=self.method, rank=self.rank, steps=self.steps, lr=self.lr,
                                  patch_size=self.patchSize, out=os.path.join(self.workdir, "adapter.safetensors"),
                                  stop_file=os.path.join(self.workdir, jobs.STOP_FILE_NAME), resume=False,
-                                 seed=self.seed, device=self.device, start_from=self.startFrom)
+                                 seed=self.seed, device=self.device, start_from=self.startFrom, **self.baseSettings)
 
     @property
     def checkpoint(self) -> Optional[str]:

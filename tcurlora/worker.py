@@ -28,10 +28,12 @@ def read_job(path) -> dict:
     return protocol.validate_job(job, where=path.name)
 
 
-def _base(job: dict):
+def _base(job: dict, events: Events):
+    from .fetch import download_progress
     from .models import load_base
 
-    return load_base(job["base"], weights=job.get("weights"), fold=job.get("fold"))
+    with download_progress(events.download):  # a catalog model is fetched on first use: show its bytes
+        return load_base(job["base"], weights=job.get("weights"), fold=job.get("fold"))
 
 
 def _finish(result, events: Events) -> int:
@@ -44,7 +46,7 @@ def run_finetune(job: dict, events: Events) -> int:
 
     job = protocol.validate_job(job)
     options = FinetuneOptions.from_job(job)
-    base = _base(job)
+    base = _base(job, events)
     result = finetune(base, [(c["image"], c["label"]) for c in job["cases"]], job["out"],
                       val_pairs=[(c["image"], c["label"]) for c in job["validation"]], labels=job["labels"],
                       options=options, events=events, stop_file=job["stop_file"], resume=job["resume"],
@@ -56,7 +58,7 @@ def run_segment(job: dict, events: Events) -> int:
     from .infer import segment
 
     job = protocol.validate_job(job)
-    base = _base(job)
+    base = _base(job, events)
     result = segment(base, job["inputs"], job["output"], adapter=job["adapter"], device=job["device"],
                      tta=job["tta"], largest_component=job["largest_component"], probabilities=job["probabilities"],
                      sw_batch_size=job["sw_batch_size"], overlap=job["overlap"], events=events,

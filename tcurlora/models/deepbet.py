@@ -35,7 +35,7 @@ __all__ = [
 
 DEEPBET_PIN = PinnedArchive(
     "deepbet", "1.0.2", "deepbet-1.0.2-py3-none-any.whl",
-    "1999e2ea00ec48f6233b95b96f3901a962d3f70431c63aeb985e8a49a198473c", "MIT")
+    "1999e2ea00ec48f6233b95b96f3901a962d3f70431c63aeb985e8a49a198473c", "MIT", size=10252582)
 
 # variant -> (wheel member, sha256 of that member), checked again before the one-time conversion.
 DEEPBET_MEMBERS: Dict[str, Tuple[str, str]] = {
