@@ -1,5 +1,9 @@
 """Federated fine-tuning on Flower: a server and two sites as separate processes on loopback, over TLS.
 
+`tcurlora federated server` starts Flower's SuperLink and submits the Flower App with `flwr run`; each
+`tcurlora federated client` starts a Flower SuperNode (real processes: flower-superlink, flower-supernode,
+flwr, and the flwr-serverapp / flwr-clientapp processes they start).
+
 Site A holds the tptbox CT crop and the MRI crop (2 cases), site B the MRI crop (1 case).  The tiny base is a
 random-weight plumbing model with the labels L2-L4; the MRI crop's three vertebrae (C5-C7) are relabelled to its
 three values.  The sites train the cores and, fully, the last decoder block, so both kinds of tensors are
@@ -8,8 +12,11 @@ adapters the sites trained that round, and each site must end with the last glob
 """
 
 import json
+import os
 import socket
+import ssl
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +25,7 @@ import torch
 
 from tcurlora.aggregate import read_adapter
 from tcurlora.errors import TCURLoRAError
+from tcurlora.federated.processes import free_port
 from conftest import CT, CT_VERT, MRI, MRI_VERT, SUBPROCESS_ENV, VERTEBRAE, assert_one_line_error, cli_subprocess, \
     read_events
 
@@ -26,11 +34,6 @@ import flwr  # noqa: F401  (a test dependency: missing, these tests must fail, n
 DECODER_BLOCK = r"model\.2(\..*)?"
 ROUNDS = 2
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +48,17 @@ def federation(tiny_unet, tmp_path_factory):
     relabelled = sitk.GetImageFromArray(np.select([values == 5, values == 6, values == 7], [21, 22, 23], 0).astype(np.uint8))
     relabelled.CopyInformation(label)
     sitk.WriteImage(relabelled, str(mri_label))
-    address = f"127.0.0.1:{free_port()}"
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    home = folder / "home"  # Flower must keep its state in the launchers' own folders, not in ~/.flwr
+    home.mkdir()
+    env = dict(SUBPROCESS_ENV, HOME=str(home))
+    env.pop("FLWR_HOME", None)
     server = subprocess.Popen(cli_subprocess(
         "federated", "server", *tiny_unet.args, "--address", address, "--rounds", str(ROUNDS), "--local-steps", "2",
         "--min-clients", "2", "--rank", "2", "--batch-size", "1", "--train-modules", DECODER_BLOCK, "--tls-dir", certs,
         "--out", folder / "global.safetensors", "--events", folder / "server.jsonl"),
-        env=SUBPROCESS_ENV, stdout=(folder / "server.log").open("w"), stderr=subprocess.STDOUT)
+        env=env, stdout=(folder / "server.log").open("w"), stderr=subprocess.STDOUT)
     sites = {"A": [CT, CT_VERT, MRI, mri_label], "B": [MRI, mri_label]}
     clients = {}
     for name, files in sites.items():
@@ -59,9 +67,10 @@ def federation(tiny_unet, tmp_path_factory):
             "federated", "client", *tiny_unet.args, "--server", address, "--root-cert", certs / "ca.crt",
             *cases, "--site", name, "--out", folder / f"site{name}.safetensors",
             "--events", folder / f"site{name}.jsonl"),
-            env=SUBPROCESS_ENV, stdout=(folder / f"site{name}.log").open("w"), stderr=subprocess.STDOUT)
+            env=env, stdout=(folder / f"site{name}.log").open("w"), stderr=subprocess.STDOUT)
     procs = {"server": server, **clients}
     try:
+        (folder / "wire.json").write_text(json.dumps(probe_tls(port, certs / "ca.crt", server)))
         for p in procs.values():
             p.wait(timeout=600)
     finally:
@@ -71,7 +80,32 @@ def federation(tiny_unet, tmp_path_factory):
     for name, p in procs.items():
         log = (folder / f"{'site' if name != 'server' else ''}{name}.log").read_text(errors="replace")
         assert p.returncode == 0, (name, log[-3000:])
+    assert not (home / ".flwr").exists()
     return folder
+
+
+def probe_tls(port: int, ca, server, timeout: float = 120.0) -> dict:
+    """While the federation runs: does the SuperLink's port answer plain HTTP, and does it complete a TLS
+    handshake whose certificate the federation's CA verifies?"""
+    deadline = time.monotonic() + timeout
+    while True:  # until the SuperLink listens
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "the SuperLink never listened"
+            time.sleep(0.2)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        try:
+            plain = s.recv(64)
+        except OSError:
+            plain = b""
+    context = ssl.create_default_context(cafile=os.fspath(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            version = tls.version()
+    return {"plain_http_answer": plain.decode("latin-1"), "tls_version": version}
 
 
 def test_global_adapter_is_weighted_mean_of_sites_each_round(federation):
@@ -102,12 +136,26 @@ def test_server_reports_rounds_and_bytes(federation):
     events = read_events(federation / "server.jsonl")
     logs = [e["message"] for e in events if e["event"] == "log"]
     assert any("(TLS)" in m and "bytes per site each way per round" in m for m in logs), logs
+    # the ServerApp (in Flower's flwr-serverapp process) logged each round into the same events file
+    assert sum("averaged 2 site(s) (A x2, B x1)" in m or "averaged 2 site(s) (B x1, A x2)" in m for m in logs) == 2
     result = [e for e in events if e["event"] == "result"][-1]
     rounds = result["metrics"]["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     _, state = read_adapter(federation / "global.safetensors")
-    assert all(r["bytes_per_site_each_way"] == sum(t.numel() * 4 for t in state.values()) for r in rounds)
-    assert not [e for e in events if e["event"] == "warning"]
+    data = sum(t.numel() * 4 for t in state.values())
+    assert all(r["bytes_per_site_each_way"] == data for r in rounds)
+    # Flower's ArrayRecord: the same data as .npy bytes, plus a header per tensor
+    assert all(data < r["record_bytes_per_site_each_way"] <= data + 200 * len(state) for r in rounds)
+    assert not [e for e in events if e["event"] in ("warning", "error")]
+    for site in "AB":
+        site_logs = [e["message"] for e in read_events(federation / f"site{site}.jsonl") if e["event"] == "log"]
+        assert sum(m.startswith("round ") and "training on" in m for m in site_logs) == 2, site_logs
+
+
+def test_federation_speaks_only_tls(federation):
+    wire = json.loads((federation / "wire.json").read_text())
+    assert wire["tls_version"] in ("TLSv1.2", "TLSv1.3")
+    assert not wire["plain_http_answer"].startswith("HTTP/"), wire  # no plaintext service on the port
 
 
 def test_server_refuses_updates_of_another_base_or_layout(tmp_path):
@@ -137,6 +185,26 @@ def test_server_refuses_updates_of_another_base_or_layout(tmp_path):
         check_update(reference, state, json.dumps(reference), poisoned, "site Z")
     check_update(reference, state, json.dumps(reference), state, "site W")  # the same layout passes
 
+    # the same checks on replies as the ServerApp receives them (Flower records built by the ClientApp's code)
+    from tcurlora.federated.client_app import site_update
+    from tcurlora.federated.server import accept_update
+
+    site, update, _, cases = accept_update(reference, state, site_update(reference, state, 3, "W"), node=7)
+    assert (site, cases) == ("W", 3) and all(torch.equal(update[k], state[k]) for k in state)
+    with pytest.raises(TCURLoRAError, match="site X: trained on another base model"):
+        accept_update(reference, state, site_update(other_base, other_state, 3, "X"), node=7)
+    with pytest.raises(TCURLoRAError, match="site Y: sent other adapter tensors"):
+        accept_update(reference, state, site_update(other_rank, {f"x{k}": v for k, v in rank_state.items()}, 3, "Y"),
+                      node=7)
+    with pytest.raises(TCURLoRAError, match="site Y: adapter layout differs: config rank 3 instead of 2"):
+        accept_update(reference, state, site_update(other_rank, {k: rank_state[k] for k in state}, 3, "Y"), node=7)
+    with pytest.raises(TCURLoRAError, match="site V: reports no training cases"):
+        accept_update(reference, state, site_update(reference, state, 0, "V"), node=7)
+    from flwr.app import RecordDict
+
+    with pytest.raises(TCURLoRAError, match=r"site \(node 7\): the reply is not an adapter update"):
+        accept_update(reference, state, RecordDict(), node=7)
+
 
 def test_tls_is_the_default(tiny_unet, tmp_path):
     server = subprocess.run(cli_subprocess("federated", "server", *tiny_unet.args, "--out", tmp_path / "g.safetensors"),
@@ -146,3 +214,33 @@ def test_tls_is_the_default(tiny_unet, tmp_path):
                                            "--image", CT, "--label", CT_VERT, "--out", tmp_path / "s.safetensors"),
                             env=SUBPROCESS_ENV, capture_output=True, text=True)
     assert "--root-cert" in assert_one_line_error(client)
+    assert not list(tmp_path.iterdir())  # refused before anything was written or started
+
+
+def test_server_certificate_must_name_loopback(tmp_path):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from tcurlora.federated.tls import generate_certificates, server_certificate_files
+
+    ok = generate_certificates(tmp_path / "ok", ["fl.example.org"])  # loopback is added to the host asked for
+    assert set(server_certificate_files(ok)) == {"ca", "cert", "key"}
+    # a hospital-issued certificate naming only the public host name is refused with one clear line
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fl.example.org")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("fl.example.org")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ("ca.crt", "server.key"):
+        (bad / f).write_bytes((ok / f).read_bytes())
+    (bad / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(TCURLoRAError, match="server.pem: the certificate must also name 127.0.0.1"):
+        server_certificate_files(bad)

@@ -140,7 +140,9 @@ def _federated_parser(sub) -> None:
     p = sub.add_parser("federated", help="federated fine-tuning across sites on Flower (only adapter cores travel)",
                        description="One server and several sites train one adapter without moving a scan: each "
                                    "round the sites run K steps of finetune on their own cases from the global "
-                                   "adapter and the server averages their cores (exact for tCURLoRA). TLS by "
+                                   "adapter and the server averages their cores (exact for tCURLoRA). Runs on "
+                                   "Flower's deployment engine: the server starts a SuperLink and submits the "
+                                   "federation's Flower App with `flwr run`, each site starts a SuperNode. TLS by "
                                    "default. Needs: pip install \"tcurlora[federated]\".")
     fed = p.add_subparsers(dest="federated_command", metavar="ROLE", required=True)
     f = fed.add_parser("server", help="run the rounds and average the sites' adapters",
@@ -148,7 +150,8 @@ def _federated_parser(sub) -> None:
                               "--rounds 5 --local-steps 20 --min-clients 3 --out global.safetensors")
     _base_args(f)
     f.add_argument("--address", default="127.0.0.1:9092", metavar="HOST:PORT",
-                   help="where to listen (default 127.0.0.1:9092)")
+                   help="where Flower's SuperLink listens for the sites (default 127.0.0.1:9092; 0.0.0.0:PORT "
+                        "for other machines)")
     f.add_argument("--rounds", type=int, default=3, help="federated rounds R (default 3)")
     f.add_argument("--local-steps", type=int, default=20, help="training steps K each site runs per round (default 20)")
     f.add_argument("--min-clients", type=int, default=2, help="sites that must join each round (default 2)")
@@ -164,13 +167,15 @@ def _federated_parser(sub) -> None:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", required=True, metavar="GLOBAL.safetensors",
                    help="the final global adapter (each round's is kept as GLOBAL.roundN.safetensors)")
-    f.add_argument("--tls-dir", metavar="DIR", help="ca.crt, server.pem, server.key (see `tcurlora federated certs`)")
+    f.add_argument("--tls-dir", metavar="DIR", help="ca.crt, server.pem, server.key (see `tcurlora federated certs`; "
+                   "the certificate must name the server's host and 127.0.0.1)")
     f.add_argument("--insecure", action="store_true", help="no TLS (tests on one machine only)")
     f = fed.add_parser("client", help="train at this site in every round",
                        epilog="example: tcurlora federated client --server fl.example.org:9092 --root-cert ca.crt "
                               "--cases my_cases/ --out site.safetensors")
     _base_args(f)
-    f.add_argument("--server", required=True, metavar="HOST:PORT", help="the federation server")
+    f.add_argument("--server", required=True, metavar="HOST:PORT",
+                   help="the federation server (its SuperLink, which this site's Flower SuperNode connects to)")
     f.add_argument("--cases", metavar="FOLDER", help="this site's cases (imagesTr/labelsTr, or X + X_label side by side)")
     f.add_argument("--image", action="append", default=[], metavar="FILE")
     f.add_argument("--label", action="append", default=[], metavar="FILE")
@@ -183,7 +188,8 @@ def _federated_parser(sub) -> None:
     f = fed.add_parser("certs", help="make a self-signed CA and server certificate (for trying it out)")
     f.add_argument("--out", required=True, metavar="DIR")
     f.add_argument("--host", action="append", default=[], metavar="NAME|IP",
-                   help="the server's host name or IP address (repeat; default 127.0.0.1 and localhost)")
+                   help="the server's host name or IP address (repeat; 127.0.0.1 and localhost are always added: "
+                        "Flower's SuperLink connects to itself over loopback)")
 
 
 def _models_parser(sub) -> None:
@@ -377,23 +383,20 @@ def cmd_federated(args, events) -> int:
         folder = generate_certificates(args.out, args.host or ["127.0.0.1", "localhost"])
         print(f"{folder}: ca.crt (give to every site), server.pem and server.key (keep on the server)")
         return 0
-    from functools import partial
-
-    from .models import load_base
-
     device = args.device or protocol.default("device")
-    load = partial(load_base, args.base or protocol.default("base"), weights=args.weights)
+    base = args.base or protocol.default("base")
     if args.federated_command == "server":
         from .federated.server import run_server
+        from .models import load_base
         from .train import FinetuneOptions
 
         options = FinetuneOptions(method=args.method, rank=args.rank, preset=args.preset, steps=args.local_steps,
                                   lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                                   patch_size=tuple(args.patch_size) if args.patch_size else None,
                                   train_modules=args.train_modules, device=device)
-        result = run_server(load(), options, labels=_load_labels(args.labels), address=args.address,
-                            rounds=args.rounds, min_clients=args.min_clients, out=args.out, tls_dir=args.tls_dir,
-                            insecure=args.insecure, events=events)
+        result = run_server(load_base(base, weights=args.weights), options, labels=_load_labels(args.labels),
+                            address=args.address, rounds=args.rounds, min_clients=args.min_clients, out=args.out,
+                            tls_dir=args.tls_dir, insecure=args.insecure, events=events, events_file=args.events)
     else:
         import socket
 
@@ -404,9 +407,9 @@ def cmd_federated(args, events) -> int:
             from .io import find_cases
 
             pairs += find_cases(args.cases)
-        result = run_client(load, pairs, server=args.server, out=args.out, root_cert=args.root_cert,
-                            insecure=args.insecure, seed=args.seed, device=device,
-                            site=args.site or socket.gethostname(), events=events)
+        result = run_client(pairs, base=base, weights=args.weights, server=args.server, out=args.out,
+                            root_cert=args.root_cert, insecure=args.insecure, seed=args.seed, device=device,
+                            site=args.site or socket.gethostname(), events=events, events_file=args.events)
     events.result(result["outputs"], result["metrics"])
     return 0
 

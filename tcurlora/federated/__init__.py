@@ -1,13 +1,16 @@
 """Federated fine-tuning on Flower: sites train on their own cases, only adapter cores travel.
 
-``tcurlora federated server`` runs R rounds of FedAvg over the adapter state: each round it sends the global
-cores to every site, each site runs K steps of the ordinary ``finetune`` from them on its own cases and sends
-its cores back, and the server takes their case-weighted mean (:func:`tcurlora.aggregate.weighted_mean`, the
-code ``tcurlora aggregate`` uses; exact for tCURLoRA because Δ𝒲 is linear in the core).  The server accepts
-only updates whose base fingerprint and adapter layout match its own.  Connections use TLS unless
-``--insecure`` is given.
+Each round the server sends the global adapter state to every site, each site runs K steps of the ordinary
+``finetune`` from it on its own cases and sends its state back, and the server takes their case-weighted mean
+(:func:`tcurlora.aggregate.weighted_mean`, the code ``tcurlora aggregate`` uses; exact for tCURLoRA because
+Δ𝒲 is linear in the core).  The server accepts only updates whose base fingerprint and adapter layout match
+its own.  Connections use TLS unless ``--insecure`` is given.
 
-Transport: Flower's gRPC server and client (``flwr.compat``), arrays as ``.npy`` bytes (never pickled).
+Transport: Flower's deployment engine.  The rounds are a Flower App (``flower_app/pyproject.toml``): a
+``ServerApp`` (:mod:`.server_app`) and a ``ClientApp`` (:mod:`.client_app`) exchanging Flower ``Message``s
+whose arrays are ``ArrayRecord``s (``.npy`` bytes, never pickled).  ``tcurlora federated server`` starts a
+``flower-superlink`` and submits the app with ``flwr run``; ``tcurlora federated client`` starts a
+``flower-supernode`` with the site's inputs as its ``--node-config`` (:mod:`.server`, :mod:`.client`).
 Needs the ``federated`` extra: ``pip install "tcurlora[federated]"``.
 """
 
@@ -15,15 +18,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List
+from pathlib import Path
+from typing import Dict
 
-import numpy as np
 import torch
 
 from ..errors import TCURLoRAError
 
 # Flower reports usage to its own server unless told not to; a federation of hospitals must not phone home
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+#: the Flower App directory ``flwr run`` builds the bundle from (configuration only: the code is tcurlora's)
+APP_DIR = Path(__file__).resolve().parent / "flower_app"
 
 
 def require_flower():
@@ -33,14 +39,24 @@ def require_flower():
         raise TCURLoRAError('federated fine-tuning needs Flower: pip install "tcurlora[federated]"') from None
 
 
-def to_arrays(state: Dict[str, torch.Tensor], keys: List[str]) -> List[np.ndarray]:
-    return [state[k].detach().cpu().contiguous().numpy() for k in keys]
+def to_record(state: Dict[str, torch.Tensor]):
+    """Adapter state as a Flower ``ArrayRecord`` (tensor names kept, arrays as ``.npy`` bytes)."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(t.detach().cpu().contiguous().numpy()) for k, t in state.items()})
 
 
-def from_arrays(arrays: List[np.ndarray], keys: List[str], where: str) -> Dict[str, torch.Tensor]:
-    if len(arrays) != len(keys):
-        raise TCURLoRAError(f"{where}: {len(arrays)} arrays for {len(keys)} adapter tensors")
-    return {k: torch.from_numpy(np.array(a, copy=True)) for k, a in zip(keys, arrays)}
+def from_record(record, where: str) -> Dict[str, torch.Tensor]:
+    """Adapter state from an ``ArrayRecord`` (``np.load`` with ``allow_pickle=False`` inside Flower)."""
+    import numpy as np
+
+    state = {}
+    for key, array in record.items():
+        try:
+            state[key] = torch.from_numpy(np.array(array.numpy(), copy=True))
+        except (TypeError, ValueError) as exc:
+            raise TCURLoRAError(f"{where}: tensor {key} is not a plain array ({exc})") from None
+    return state
 
 
 def state_bytes(state: Dict[str, torch.Tensor]) -> int:
@@ -48,13 +64,33 @@ def state_bytes(state: Dict[str, torch.Tensor]) -> int:
     return int(sum(t.numel() * t.element_size() for t in state.values()))
 
 
-def round_path(out, server_round: int):
+def round_path(out, server_round: int) -> Path:
     """``global.safetensors`` -> ``global.round2.safetensors`` (every round's state is kept for audit)."""
-    from pathlib import Path
-
     out = Path(out)
     return out.with_name(f"{out.name.split('.')[0]}.round{server_round}.safetensors")
 
 
 def dumps(value) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+def write_json(path, value) -> None:
+    from ..atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(value, indent=1))
+
+
+def app_events(target: str):
+    """Events of a ServerApp/ClientApp process: appended to the launcher's ``--events`` file, echoed to the
+    console Flower captures."""
+    import sys
+
+    from ..events import Events
+
+    return Events(open(target, "a", encoding="utf-8", buffering=1) if target else None, sys.stderr)
+
+
+def app_events_target(events_file) -> str:
+    """What a launcher's ``--events`` becomes for its app process: the same file (absolute), or "" for
+    none or stdout (the app's events then reach the console through Flower's log)."""
+    return "" if events_file in (None, "", "-") else str(Path(events_file).absolute())

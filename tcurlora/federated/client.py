@@ -1,13 +1,15 @@
-"""A federation's site: trains on its own cases, sends back only adapter state (``tcurlora federated client``)."""
+"""A federation's site (``tcurlora federated client``): one round's training, and the launcher of Flower's
+SuperNode, whose ClientApp (:mod:`.client_app`) trains in every round."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from . import dumps, from_arrays, require_flower, round_path, to_arrays
+from . import app_events_target, require_flower, round_path
 from ..aggregate import read_adapter
 from ..errors import TCURLoRAError
 from ..events import Events
@@ -35,16 +37,22 @@ def train_round(load_base, pairs: Sequence[Tuple[str, str]], out, server_round: 
     return read_adapter(path)
 
 
-def run_client(load_base, pairs: List[Tuple[str, str]], *, server: str, out, root_cert: Optional[str],
-               insecure: bool, seed: int, device: str, site: str, events: Events,
-               connect_timeout: float = 120.0) -> dict:
-    require_flower()
-    from flwr.client import NumPyClient
-    from flwr.compat.client.app import start_client
+def run_client(pairs: List[Tuple[str, str]], *, base: str, weights: Optional[str], server: str, out,
+               root_cert: Optional[str], insecure: bool, seed: int, device: str, site: str, events: Events,
+               events_file: Optional[str] = None, connect_timeout: float = 300.0) -> dict:
+    """Join the federation at ``server`` as a Flower SuperNode until the server's last round is done.
 
+    The site's inputs reach its ClientApp as the SuperNode's ``--node-config`` (a TOML file in a folder of
+    this command's own, which is also Flower's ``FLWR_HOME``); the ClientApp reports the end of the
+    federation (or its error) in a status file there."""
+    require_flower()
+    import tomli_w
+
+    from ..models import load_base
+    from .processes import flower_command, free_port, split_address, start, stop, wait_closed
     from .tls import read_root_certificate
 
-    out = Path(out)
+    out = Path(out).absolute()
     if out.suffix != ".safetensors":
         raise TCURLoRAError(f"{out.name}: the adapter file must end in .safetensors")
     if not pairs:
@@ -52,62 +60,41 @@ def run_client(load_base, pairs: List[Tuple[str, str]], *, server: str, out, roo
     if insecure:
         events.warning(f"INSECURE: --insecure given: this site's adapter updates travel to {server} unencrypted, "
                        "and the server is not authenticated; use --root-cert outside a test")
-        root = None
+        tls = ["--insecure"]
     elif not root_cert:
         raise TCURLoRAError("give --root-cert CA.crt (the federation's CA certificate) or --insecure")
     else:
-        root = read_root_certificate(root_cert)
-    done = {"rounds": [], "global": None}
-
-    class Site(NumPyClient):
-        def fit(self, parameters, config):
-            server_round = int(config["round"])
-            keys = json.loads(str(config["keys"]))
-            initial = from_arrays(parameters, keys, "the server's global adapter")
-            events.log(f"round {server_round}/{config['rounds']}: training on {len(pairs)} case(s)")
-            manifest, state = train_round(load_base, pairs, out, server_round, json.loads(str(config["train"])),
-                                          initial, str(config["fingerprint"]), seed=seed, device=device,
-                                          events=events)
-            if list(state) != keys:
-                raise TCURLoRAError("this site's adapter has other tensors than the server's")
-            done["rounds"].append(str(round_path(out, server_round)))
-            done["manifest"] = manifest
-            return to_arrays(state, keys), len(pairs), {"manifest": dumps(manifest), "keys": dumps(keys), "site": site}
-
-        def evaluate(self, parameters, config):
-            """The server's new global adapter after a round: kept as this site's result."""
-            keys = json.loads(str(config["keys"]))
-            done["global"] = (int(config["round"]), from_arrays(parameters, keys, "the server's global adapter"))
-            return 0.0, len(pairs), {}
-
-    def client_fn(context):
-        return Site().to_client()
-
-    import grpc
-
-    deadline = time.monotonic() + connect_timeout
-    while True:  # the server may not be listening yet: retry the first connection until the deadline
+        read_root_certificate(root_cert)
+        tls = ["--root-certificates", str(Path(root_cert).absolute())]
+    load_base(base, weights=weights)  # a base that does not load fails here, not in the first round
+    with tempfile.TemporaryDirectory(prefix="tcurlora-supernode-") as home:
+        home = Path(home)
+        status = home / "status.json"
+        node_config = home / "node_config.toml"
+        node_config.write_text(tomli_w.dumps({
+            "base": str(Path(base).absolute()) if Path(base).exists() else base, "weights": str(Path(weights).absolute()) if weights else "", "device": device,
+            "cases": json.dumps([[str(Path(i).absolute()), str(Path(label).absolute())] for i, label in pairs]),
+            "out": str(out), "site": site, "seed": seed, "events": app_events_target(events_file),
+            "status": str(status)}))
+        events.log(f"site {site}: joining the federation at {server} ({'no TLS' if insecure else 'TLS'}) with "
+                   f"{len(pairs)} case(s)")
+        supernode = start([flower_command("flower-supernode"), "--superlink", server, *tls,
+                           "--node-config", str(node_config), "--port", str(free_port()),
+                           "--max-wait-time", str(connect_timeout)], home, "Flower's SuperNode")
         try:
-            start_client(server_address=server, client_fn=client_fn, root_certificates=root, insecure=insecure)
-            break
-        except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            if done["rounds"] or code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                details = exc.details() if hasattr(exc, "details") else ""
-                raise TCURLoRAError(f"{server}: the federation connection failed "
-                                    f"({code.name if code else exc}: {details})") from None
-            time.sleep(1.0)
-    if not done["rounds"]:
-        raise TCURLoRAError(f"{server}: no round completed (server unreachable, refused the connection, "
-                            "or the TLS certificate does not match)")
-    if done["global"] is None or done["global"][0] != len(done["rounds"]):
-        raise TCURLoRAError(f"{server}: the federation ended before sending the global adapter of the last round")
-    from ..aggregate import write_adapter_tensors
-
-    # this site's manifest (same layout as the global one: the server checked it) with the global state
-    provenance = {**done["manifest"]["provenance"], "federated_rounds": done["global"][0], "cases": None,
-                  "site_cases": len(pairs)}
-    manifest = dict(done["manifest"], provenance=provenance)
-    write_adapter_tensors(out, manifest, done["global"][1])
+            while not status.exists():
+                if supernode.poll() is not None:
+                    raise TCURLoRAError(f"{server}: Flower's SuperNode stopped (exit status {supernode.returncode}) "
+                                        "before the federation ended: server unreachable, TLS certificate not "
+                                        "matching, or the server stopped (Flower's log is above)")
+                time.sleep(0.5)
+            # the ClientApp wrote the status before its reply left: stop once the server has closed (it does
+            # after every site's reply arrived), or after a grace period
+            wait_closed(*split_address(server, "--server"), timeout=30.0)
+        finally:
+            stop(supernode)
+        done = json.loads(status.read_text(encoding="utf-8"))
+    if "error" in done:
+        raise TCURLoRAError(done["error"])
     return {"outputs": {"adapter": out, "rounds": done["rounds"]}, "metrics": {"rounds": len(done["rounds"])},
             "cancelled": False}

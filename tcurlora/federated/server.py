@@ -1,23 +1,21 @@
-"""The federation's server: R rounds of exact FedAvg over adapter cores (``tcurlora federated server``)."""
+"""The federation's server (``tcurlora federated server``): checks, the round-0 adapter, and the launcher of
+Flower's SuperLink and of ``flwr run`` for the app whose ServerApp (:mod:`.server_app`) runs the rounds."""
 
 from __future__ import annotations
 
 import json
-import logging
+import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
-from . import dumps, from_arrays, require_flower, round_path, state_bytes, to_arrays
-from ..aggregate import (AVERAGEABLE, LORA_REFUSAL, check_like, first_difference, merged_manifest, read_adapter,
-                         weighted_mean, write_adapter_tensors)
+from . import APP_DIR, app_events_target, dumps, from_record, require_flower, round_path, state_bytes
+from ..aggregate import AVERAGEABLE, LORA_REFUSAL, check_like, first_difference, read_adapter
 from ..errors import TCURLoRAError
 from ..events import Events
 from ..manifest import parse_manifest
 from ..tuners.model import first_non_finite
-
-log = logging.getLogger("tcurlora.federated")
 
 # training settings the server decides for every site (a site cannot train another layout)
 TRAIN_KEYS = ("method", "rank", "preset", "train_modules", "steps", "lr", "batch_size", "patch_size", "labels")
@@ -58,116 +56,97 @@ def check_update(reference: dict, reference_state: Dict[str, torch.Tensor], mani
         raise TCURLoRAError(f"{where}: tensor {bad} has non-finite values")
 
 
-def make_strategy(manifest: dict, state: Dict[str, torch.Tensor], train: dict, rounds: int, min_clients: int,
-                  out, events: Events):
-    from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.server.strategy import Strategy
-
-    keys = list(state)
-
-    class CoreAveraging(Strategy):
-        """FedAvg over adapter state, weighted by each site's case count, checked against the server's layout."""
-
-        def __init__(self) -> None:
-            self.manifest, self.state, self.history = manifest, state, []
-
-        def initialize_parameters(self, client_manager):
-            return ndarrays_to_parameters(to_arrays(self.state, keys))
-
-        def configure_fit(self, server_round, parameters, client_manager):
-            clients = client_manager.sample(num_clients=min_clients, min_num_clients=min_clients)
-            config = {"round": server_round, "rounds": rounds, "keys": dumps(keys),
-                      "fingerprint": self.manifest["base"]["fingerprint"], "train": dumps(train)}
-            events.log(f"round {server_round}/{rounds}: sending the global adapter "
-                       f"({state_bytes(self.state):,} bytes) to {len(clients)} site(s)")
-            return [(c, FitIns(parameters, config)) for c in clients]
-
-        def aggregate_fit(self, server_round, results, failures):
-            states, weights, names, manifests = [], [], [], []
-            for proxy, res in results:
-                site = str(res.metrics.get("site") or proxy.cid)
-                try:
-                    update = from_arrays(parameters_to_ndarrays(res.parameters), keys, f"site {site}")
-                    if json.loads(str(res.metrics.get("keys", "[]"))) != keys:
-                        raise TCURLoRAError(f"site {site}: sent other adapter tensors than the federation's")
-                    manifest_text = str(res.metrics.get("manifest", ""))
-                    check_update(self.manifest, self.state, manifest_text, update, f"site {site}")
-                    if not (isinstance(res.num_examples, int) and res.num_examples > 0):
-                        raise TCURLoRAError(f"site {site}: reports no training cases")
-                except (TCURLoRAError, ValueError) as exc:
-                    events.warning(f"round {server_round}: update refused: {exc}")
-                    continue
-                states.append(update)
-                weights.append(res.num_examples)
-                names.append(site)
-                manifests.append(json.loads(str(res.metrics["manifest"])))
-            for failure in failures:
-                what = repr(failure) if isinstance(failure, BaseException) else f"status {failure[1].status}"
-                events.warning(f"round {server_round}: a site failed ({what})")
-            if not states:
-                raise TCURLoRAError(f"round {server_round}: no acceptable update from any site")
-            self.state = weighted_mean(states, weights, names)
-            path = round_path(out, server_round)
-            merged = merged_manifest(manifests, weights, names, self.state, rounds=server_round)
-            write_adapter_tensors(path, merged, self.state)
-            sent = state_bytes(self.state)
-            record = {"round": server_round, "sites": names, "weights": weights, "adapter": str(path),
-                      "bytes_per_site_each_way": sent}
-            self.history.append(record)
-            events.log(f"round {server_round}/{rounds}: averaged {len(states)} site(s) "
-                       f"({', '.join(f'{n} x{w}' for n, w in zip(names, weights))}) -> {path.name}")
-            return ndarrays_to_parameters(to_arrays(self.state, keys)), {"sites": len(states)}
-
-        def configure_evaluate(self, server_round, parameters, client_manager):
-            # not an evaluation: hands every site the new global adapter, which each keeps as its result
-            clients = client_manager.sample(num_clients=min_clients, min_num_clients=min_clients)
-            config = {"round": server_round, "keys": dumps(keys), "global": dumps(self.history[-1]["adapter"])}
-            return [(c, EvaluateIns(parameters, config)) for c in clients]
-
-        def aggregate_evaluate(self, server_round, results, failures):
-            return None, {}
-
-        def evaluate(self, server_round, parameters):
-            return None
-
-    return CoreAveraging()
+def accept_update(reference: dict, reference_state: Dict[str, torch.Tensor], content, node: int):
+    """A site's reply (a Flower ``RecordDict``) as (site name, state, manifest, case count), or TCURLoRAError
+    naming the site when it is not an update of the federation's adapter."""
+    meta = content.config_records.get("meta")
+    site = str(meta.get("site") or "") if meta is not None else ""
+    where = f"site {site or f'(node {node})'}"
+    record, metrics = content.array_records.get("update"), content.metric_records.get("metrics")
+    if record is None or meta is None or metrics is None or not isinstance(meta.get("manifest"), str):
+        raise TCURLoRAError(f"{where}: the reply is not an adapter update")
+    if list(record.keys()) != list(reference_state):
+        raise TCURLoRAError(f"{where}: sent other adapter tensors than the federation's")
+    state = from_record(record, where)
+    check_update(reference, reference_state, meta["manifest"], state, where)
+    cases = metrics.get("num-examples")
+    if not (isinstance(cases, int) and cases > 0):
+        raise TCURLoRAError(f"{where}: reports no training cases")
+    return site or f"node {node}", state, json.loads(meta["manifest"]), cases
 
 
 def run_server(base, options, *, labels, address: str, rounds: int, min_clients: int, out,
-               tls_dir: Optional[str], insecure: bool, events: Events) -> dict:
-    """Serve ``rounds`` rounds to ``min_clients`` sites; write every round's global adapter and ``out``."""
+               tls_dir: Optional[str], insecure: bool, events: Events, events_file: Optional[str] = None) -> dict:
+    """Serve ``rounds`` rounds to ``min_clients`` sites; write every round's global adapter and ``out``.
+
+    Starts ``flower-superlink`` on ``address`` (TLS with ``tls_dir``'s certificates), submits the Flower App
+    with ``flwr run`` (run config: the rounds, the round-0 adapter, the training settings) and waits for the
+    run to end; the ServerApp writes the adapters and a summary, which becomes this command's result.
+    ``events_file``: the ``--events`` file, which the ServerApp appends its round events to."""
     require_flower()
-    from flwr.server import ServerConfig, start_server
+    import tomli_w
 
-    from .tls import server_credentials
+    from .processes import LOOPBACK, flower_command, split_address, start, stop, wait_listening
+    from .tls import server_certificate_files
 
-    out = Path(out)
+    out = Path(out).absolute()
     if out.suffix != ".safetensors":
         raise TCURLoRAError(f"{out.name}: the global adapter must end in .safetensors")
     if rounds < 1 or min_clients < 1:
         raise TCURLoRAError("--rounds and --min-clients must be at least 1")
+    host, port = split_address(address, "--address")
     if insecure:
         events.warning("INSECURE: --insecure given: adapter updates travel unencrypted and any host that reaches "
                        f"{address} can join; use TLS (--tls-dir) outside a test")
-        certificates = None
+        tls = None
     elif not tls_dir:
         raise TCURLoRAError("give --tls-dir DIR (ca.crt, server.pem, server.key; `tcurlora federated certs` makes a "
                             "self-signed set) or --insecure")
     else:
-        certificates = server_credentials(tls_dir)
+        tls = server_certificate_files(tls_dir)
     manifest, state = read_adapter(initial_adapter(base, options, labels, out))
     train = {k: getattr(options, k) for k in TRAIN_KEYS if k != "labels"}
     train["patch_size"] = list(train["patch_size"]) if train["patch_size"] else None
     train["labels"] = manifest["labels"]
-    strategy = make_strategy(manifest, state, train, rounds, min_clients, out, events)
-    events.log(f"federation on {address} ({'TLS' if certificates else 'no TLS'}): {rounds} round(s) of "
+    events.log(f"federation on {address} ({'TLS' if tls else 'no TLS'}): {rounds} round(s) of "
                f"{options.steps} local step(s), {min_clients} site(s), {manifest['method']['name']} "
                f"rank {options.rank}, {state_bytes(state):,} bytes per site each way per round")
-    start_server(server_address=address, config=ServerConfig(num_rounds=rounds), strategy=strategy,
-                 certificates=certificates)
-    if len(strategy.history) != rounds:
-        raise TCURLoRAError(f"the federation ended after {len(strategy.history)} of {rounds} round(s)")
-    final, final_state = read_adapter(strategy.history[-1]["adapter"])
-    write_adapter_tensors(out, final, final_state)
-    return {"outputs": {"adapter": out, "rounds": [r["adapter"] for r in strategy.history]},
-            "metrics": {"rounds": strategy.history}, "cancelled": False}
+    with tempfile.TemporaryDirectory(prefix="tcurlora-superlink-") as home:
+        home = Path(home)
+        # the SuperLink connection `flwr run` uses: the SuperLink this command starts, over loopback (the
+        # SuperLink's own processes connect there too, so a TLS certificate must also name 127.0.0.1)
+        connection = {"address": f"{LOOPBACK}:{port}"}
+        connection.update({"root-certificates": str(tls["ca"])} if tls else {"insecure": True})
+        (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "tcurlora",
+                                                                       "tcurlora": connection}}))
+        summary = home / "summary.json"
+        run_config = home / "run_config.toml"
+        run_config.write_text(tomli_w.dumps({
+            "rounds": rounds, "min-clients": min_clients, "initial": str(round_path(out, 0)), "out": str(out),
+            "train": dumps(train), "events": app_events_target(events_file), "summary": str(summary)}))
+        flags = ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]),
+                 "--ssl-keyfile", str(tls["key"])] if tls else ["--insecure"]
+        superlink = start([flower_command("flower-superlink"), "--host", host, "--port", str(port), *flags,
+                           "--disable-runtime-dependency-installation"], home, "Flower's SuperLink")
+        run = None
+        try:
+            wait_listening(LOOPBACK if host in ("0.0.0.0", "::", "localhost") else host, port, superlink, 60,
+                           "Flower's SuperLink")
+            # `--stream` shows the ServerApp's log here and returns when the run has ended
+            run = start([flower_command("flwr"), "run", str(APP_DIR), "tcurlora", "--run-config", str(run_config),
+                         "--stream"], home, "flwr run")
+            run.wait()
+        finally:
+            for proc in (run, superlink):
+                if proc is not None:
+                    stop(proc)
+        if not summary.exists():
+            raise TCURLoRAError("the federation run ended without a result (Flower's log is above)")
+        result = json.loads(summary.read_text(encoding="utf-8"))
+    if "error" in result:
+        raise TCURLoRAError(result["error"])
+    history = result["rounds"]
+    if len(history) != rounds:
+        raise TCURLoRAError(f"the federation ended after {len(history)} of {rounds} round(s)")
+    return {"outputs": {"adapter": out, "rounds": [r["adapter"] for r in history]},
+            "metrics": {"rounds": history}, "cancelled": False}

@@ -1,7 +1,8 @@
 """Self-signed TLS credentials for a federation: a CA, and a server certificate it signs.
 
 For trying a federation out and for the tests.  A hospital network normally issues its own certificates:
-pass those to ``tcurlora federated server --tls-dir`` instead (same three file names).
+pass those to ``tcurlora federated server --tls-dir`` instead (same three file names).  The server
+certificate must also name 127.0.0.1: Flower's SuperLink reaches its own API over loopback with it.
 """
 
 from __future__ import annotations
@@ -9,15 +10,17 @@ from __future__ import annotations
 import datetime
 import ipaddress
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import Dict, Sequence
 
 from ..errors import TCURLoRAError
 
 CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server.pem", "server.key"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 
 
 def generate_certificates(folder, hosts: Sequence[str] = ("127.0.0.1", "localhost"), days: int = 365) -> Path:
-    """Write ca.crt, server.pem and server.key (EC P-256) for ``hosts`` into ``folder``; returns the folder."""
+    """Write ca.crt, server.pem and server.key (EC P-256) for ``hosts`` (and loopback, which the SuperLink's own
+    processes use) into ``folder``; returns the folder."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -40,7 +43,7 @@ def generate_certificates(folder, hosts: Sequence[str] = ("127.0.0.1", "localhos
           .sign(ca_key, hashes.SHA256()))
 
     names = []
-    for host in hosts:
+    for host in dict.fromkeys([*hosts, *LOOPBACK_NAMES]):
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
@@ -62,9 +65,23 @@ def generate_certificates(folder, hosts: Sequence[str] = ("127.0.0.1", "localhos
     return folder
 
 
-def server_credentials(folder) -> Tuple[bytes, bytes, bytes]:
-    """(CA certificate, server certificate, server key) from ``folder``, as Flower's server takes them."""
-    return tuple(_read(Path(folder) / name) for name in (CA_CERT, SERVER_CERT, SERVER_KEY))
+def server_certificate_files(folder) -> Dict[str, Path]:
+    """The paths of ``folder``'s CA certificate, server certificate and key, as Flower's SuperLink takes them,
+    after checking they are PEM files and that the certificate names 127.0.0.1."""
+    from cryptography import x509
+
+    folder = Path(folder)
+    files = {"ca": folder / CA_CERT, "cert": folder / SERVER_CERT, "key": folder / SERVER_KEY}
+    data = {k: _read(p) for k, p in files.items()}
+    try:
+        cert = x509.load_pem_x509_certificate(data["cert"])
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound) as exc:
+        raise TCURLoRAError(f"{SERVER_CERT}: not a server certificate with subject alternative names ({exc})") from None
+    if ipaddress.ip_address("127.0.0.1") not in names.get_values_for_type(x509.IPAddress):
+        raise TCURLoRAError(f"{SERVER_CERT}: the certificate must also name 127.0.0.1 (Flower's SuperLink connects "
+                            "to itself over loopback); `tcurlora federated certs` adds it")
+    return {k: p.absolute() for k, p in files.items()}
 
 
 def _read(path: Path) -> bytes:
