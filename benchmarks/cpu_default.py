@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="an extra variant: a name and the finetune flags it adds")
     parser.add_argument("--only-extra", action="store_true", help="run only the --variant ones")
+    parser.add_argument("--reuse", type=Path, metavar="JSON", help="take the rows of variants with the same name "
+                        "from an earlier cpu_default.json instead of running them again (marked in the table)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-results"))
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -70,8 +72,15 @@ def main(argv=None) -> int:
     test_img, test_mask = get_scan(TEST_SCAN)
     train_label = site_convention(str(train_img), str(train_mask), work / "train_site.nii.gz")
     test_label = site_convention(str(test_img), str(test_mask), work / "test_site.nii.gz")
+    earlier = {}
+    if args.reuse:
+        data = json.loads(args.reuse.read_text(encoding="utf-8"))
+        earlier = {r["variant"]: dict(r, reused=data["machine"]["date"]) for r in data["rows"]}
     rows = []
     for i, (name, flags) in enumerate(variants.items()):
+        if name in earlier and earlier[name]["flags"] == flags:
+            rows.append(earlier[name])
+            continue
         adapter, seg = work / f"v{i}.safetensors", work / f"v{i}.seg.nrrd"
         train_s = run(["finetune", "--image", train_img, "--label", train_label, "--out", adapter, "--device", "cpu",
                        *flags], work / f"v{i}.finetune.log")
@@ -97,7 +106,8 @@ def main(argv=None) -> int:
              "| variant | steps | patch | lr | finetune wall time | Dice | HD95 mm |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         patch = "×".join(map(str, r["patch_size"])) if r["patch_size"] else "?"
-        lines.append(f"| {r['variant']} | {r['steps']} | {patch} | {r['learning_rate']} | "
+        name = r["variant"] + (f" (run {r['reused']})" if r.get("reused") else "")
+        lines.append(f"| {name} | {r['steps']} | {patch} | {r['learning_rate']} | "
                      f"{r['train_wall_s'] / 60:.1f} min | {r['dice']:.4f} | {r['hd95_mm']:.2f} |")
     (out / "cpu_default.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))

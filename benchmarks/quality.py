@@ -39,7 +39,7 @@ def methods_for(base: str) -> list:
         rows += [("tCURLoRA r=8 (conv)", {"method": "tcurlora", "rank": 8, "preset": "conv"}),
                  ("tCURLoRA r=8 (vit) + decoder", {"method": "tcurlora", "rank": 8, "preset": "vit",
                                                    "train_modules": UNETR_DECODER})]
-    if base == "deepbet":  # the default on conv bases (preset auto): the decoder's conv stacks only
+    if base == "deepbet":  # --preset decoder: the decoder's conv stacks only (faster steps)
         rows += [(f"tCURLoRA r={r} (decoder)", {"method": "tcurlora", "rank": r, "preset": "decoder"}) for r in (8, 16)]
     rows += [("LoRA r=8 (PEFT)", {"method": "lora", "rank": 8, "preset": preset}),
              ("decoder-only", {"method": "decoder"}),

@@ -186,7 +186,6 @@ def child_infer(job: dict) -> dict:
     from tcurlora.adapter import get_adapter
 
     device = job["device"]
-    cfg = MODELS[job["model"]]
     base, _ = _build(job["model"])
     preset = preset_of(job["model"])
     adapted = copy.deepcopy(base)
@@ -306,7 +305,8 @@ def machine_line() -> str:
 
 
 def run(args) -> dict:
-    results = {"train": [], "infer": [], "segment": [], "machine": machine_line(), "device": args.device,
+    results = {"train": [], "infer": [], "segment": [], "machine": machine_line(), "date": time.strftime("%Y-%m-%d"),
+               "device": args.device,
                "bf16": args.bf16, "checkpointing": args.checkpointing}
     common = {"device": args.device, "bf16": args.bf16, "checkpointing": args.checkpointing,
               "steps": args.steps, "warmup": args.warmup, "threads": args.threads}

@@ -5,9 +5,12 @@
 
 Steps: (1) build or reuse the distilled UNETR base (benchmarks/vit_base.py); (2) quality on the real
 heads for deepbet and for the UNETR (benchmarks/quality.py); (3) CPU speed and memory per method, each
-in a fresh subprocess (benchmarks/resources.py).  Writes CSV, Markdown and PNG under
-docs/benchmarks-results/ (``--quick``: docs/benchmarks-results/quick/), plus results.md with the
-machine, the command, the date and the load average before and after.
+in a fresh subprocess (benchmarks/resources.py): the ViT bases (UNETR small and ViT-B, ``resources.*``) and the
+conv bases (deepbet 128³ and nnU-Net's PlainConvUNet at its planned patch, ``resources_conv.*``); (4) the time to
+a useful adapter on this CPU: the default ``tcurlora finetune`` against 100 full-resolution steps
+(benchmarks/cpu_default.py).  Writes CSV, Markdown and PNG under docs/benchmarks-results/ (``--quick``:
+docs/benchmarks-results/quick/), plus results.md with the machine, the command, the date and the load average
+before and after, and (not with ``--quick``) regenerates the README's speed table (benchmarks/readme_table.py).
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def main(argv=None) -> int:
                         help="one quality run per value (the UNETR is cheap enough for two budgets)")
     parser.add_argument("--distill-steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["quality-deepbet", "quality-unetr", "resources"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["quality-deepbet", "quality-unetr", "resources", "resources-conv", "cpu-default"])
     args = parser.parse_args(argv)
     import vit_base  # benchmarks/ is on sys.path when run as a script
 
@@ -82,11 +86,11 @@ def main(argv=None) -> int:
     if args.quick:
         seeds, directions, db_steps, un_steps = [0], 1, 2, [2]
         distill = args.distill_steps or 4
-        res_args = ["--steps", "1", "--warmup", "1", "--segment-repeats", "1"]
+        res_args = ["--steps", "1", "--warmup", "1", "--segment-repeats", "1", "--rounds", "1"]
     else:
         seeds, directions, db_steps, un_steps = args.seeds, 2, args.deepbet_steps, args.unetr_steps
         distill = args.distill_steps or vit_base.DEFAULT_STEPS
-        res_args = ["--steps", "5", "--warmup", "2", "--segment-repeats", "2"]
+        res_args = ["--steps", "5", "--warmup", "2", "--segment-repeats", "2", "--rounds", "3"]
     t_start = time.time()
     lines = []
     log = lambda m: (print(m, flush=True), lines.append(m))  # noqa: E731
@@ -110,12 +114,25 @@ def main(argv=None) -> int:
             timings[f"quality_unetr_{n}steps"] = step([HERE / "quality.py", "--base", "unetr", "--steps", n,
                                                        "--unetr-spec", spec, *quality_out, *work], log)
     if "resources" not in args.skip:
-        timings["resources"] = step([HERE / "resources.py", "--out", out, *res_args], log)
+        vit = ["unetr-small"] if args.quick else ["unetr-small", "vitb"]
+        timings["resources"] = step([HERE / "resources.py", "--out", out, "--models", *vit, "--no-segment256",
+                                     *res_args], log)
+    if "resources-conv" not in args.skip:
+        conv = ["deepbet128"] if args.quick else ["deepbet128", "nnunet"]
+        timings["resources_conv"] = step([HERE / "resources.py", "--out", out, "--models", *conv, "--stem",
+                                          "resources_conv", *res_args], log)
+    if "cpu-default" not in args.skip and not args.quick:  # minutes of real training: no quick form
+        timings["cpu_default"] = step([HERE / "cpu_default.py", "--out", out], log)
     info["uptime_after"] = uptime()
     info["wall_s"] = {k: round(v, 1) for k, v in timings.items()}
     info["total_wall_s"] = round(time.time() - t_start, 1)
     (out / "machine.json").write_text(json.dumps(info, indent=2))
     write_results(out, info, spec)
+    if not args.quick:
+        import readme_table
+
+        readme_table.update_readme(ROOT / "README.md", readme_table.speed_table(out))
+        log("# README.md speed table regenerated")
     log(f"# done in {info['total_wall_s'] / 60:.1f} min; {info['uptime_after']}")
     log(f"# results: {out / 'results.md'}")
     return 0
@@ -146,7 +163,9 @@ def write_results(out: Path, info: dict, spec: str) -> None:
         parts += [f"| {r['head']} | {r['dice_vs_deepbet']:.3f} | {r['hd95_mm_vs_deepbet']:.1f} |" for r in a["rows"]]
         parts.append("")
     for title, name in (("Quality (site convention: expert masks grown by 3 mm)", "quality_summary.md"),
-                        ("Speed and memory (CPU, one fresh process per method)", "resources.md")):
+                        ("Speed and memory, ViT bases (CPU, one fresh process per method)", "resources.md"),
+                        ("Speed and memory, conv bases (CPU, one fresh process per method)", "resources_conv.md"),
+                        ("Time to a useful adapter on this CPU", "cpu_default.md")):
         if (out / name).is_file():
             parts += [f"## {title}", "", (out / name).read_text(), ""]
     (out / "results.md").write_text("\n".join(parts))

@@ -21,9 +21,10 @@ from .errors import TCURLoRAError, display_name
 JOB_VERSION = 1
 COMMANDS = ("finetune", "segment")
 METHODS = ("tcurlora", "lora", "decoder", "full", "pissa", "dora", "curlora", "lorapt")
-#: Which layers a job adapts. ``decoder``: the conv stacks of the base's decoder modules only (backward never
-#: enters the frozen encoder); ``auto``: ``vit`` for a network with attention blocks, else ``decoder`` when the
-#: base declares its decoder modules, else ``conv``. The tuner itself knows ``auto``/``vit``/``conv``/``none``.
+#: Which layers a job adapts: ``auto`` (``vit`` for a network with attention blocks, else ``conv``), ``vit``,
+#: ``conv`` (every same-shape conv stack), ``decoder`` (the conv stacks of the base's declared decoder modules
+#: only: backward never enters the frozen encoder; faster, less to adapt) or ``none``. The tuner itself knows
+#: all but ``decoder``, which the job resolves per base (:func:`tcurlora.train.adapted_layers`).
 PRESETS = ("auto", "vit", "conv", "decoder", "none")
 TUNER_PRESETS = ("auto", "vit", "conv", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -331,7 +332,9 @@ SETTINGS: Tuple[Setting, ...] = (
             "PEFT, same layers), curlora (matrix CUR per layer), lorapt (t-SVD of the same stacks), decoder, full",
             _F, flag="--method"),
     Setting("rank", integer(1, MAX_RANK), 8, "CUR rank r (default 8)", _F, flag="--rank", cli_type=int),
-    Setting("preset", choice(PRESETS), "auto", "which stacks to adapt (default auto)", _F, flag="--preset"),
+    Setting("preset", choice(PRESETS), "auto", "which stacks to adapt: auto (default: vit if the network has "
+            "attention, else conv), vit, conv, decoder (only the base's decoder convs: faster steps, less to adapt) "
+            "or none", _F, flag="--preset"),
     Setting("train_modules", text_list(), [], "modules to train fully as well (e.g. a decoder); opt-in", _F,
             flag="--train-modules", nargs="*", metavar="REGEX"),
     Setting("steps", integer(1, MAX_STEPS), 300, "training steps (default 300)", _F, flag="--steps", cli_type=int),

@@ -227,14 +227,11 @@ def build_adapter_config(base: BaseModel, options: FinetuneOptions, labels: List
 def adapted_layers(base: BaseModel, preset: str) -> Tuple[str, List[str]]:
     """A job's preset -> the tuner's (preset, target_modules).
 
-    ``auto`` on a convolutional base that declares its decoder is ``decoder``: only the decoder's conv stacks
-    are adapted, so backward stops at the decoder (on deepbet at 128³ a step then costs half of full
-    fine-tuning; adapting every conv costs as much as full fine-tuning, for no better Dice on our benchmark).
+    ``decoder``: only the conv stacks of the base's decoder modules, so backward stops at the decoder (on
+    deepbet at 128³ a CPU step then costs half of full fine-tuning, against about as much for every conv
+    stack; but on the demo's task it levelled off at Dice 0.954 where every stack reached 0.965, so ``auto``
+    keeps every stack and the decoder is the user's choice for speed).
     """
-    from .tuners.stacks import has_attention
-
-    if preset == "auto" and not has_attention(base.network) and base.decoder_modules:
-        preset = "decoder"
     if preset != "decoder":
         return preset, []
     if not base.decoder_modules:

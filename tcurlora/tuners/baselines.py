@@ -197,7 +197,7 @@ class LoraptStrategy(Strategy):
         return StackSpec(str(stack["name"]), members), None
 
     def make_stack(self, spec: StackSpec, matrices: torch.Tensor, config: TCURLoRAConfig, indices: Optional[tuple],
-                   projectable: bool) -> TSVDStack:
+                   projectable: Optional[str]) -> TSVDStack:
         return TSVDStack(spec.name, spec.members, matrices, config.rank, config.scale)
 
 

@@ -48,14 +48,16 @@ def matrix_to_weight(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
     return matrix.reshape(shape)
 
 
-def projectable_layer(module: nn.Module) -> bool:
-    """Layers whose core gradient can come straight from activations (:class:`_ProjectedLayer`): Linear, and
-    plain (transposed) convolutions, one group and zero padding, whose dL/dW is a sum of output-gradient ×
-    input-patch products."""
+def projectable_kind(module: nn.Module) -> Optional[str]:
+    """``"linear"`` or ``"conv"`` when the layer's core gradient can come straight from activations
+    (:class:`_ProjectedLayer`): Linear, and plain convolutions (one group, zero padding), whose dL/dW is a sum of
+    output-gradient × input-patch products; else None (transposed convolutions: measured slower that way)."""
     if isinstance(module, nn.Linear):
-        return True
-    return (isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1 and module.padding_mode == "zeros"
-            and isinstance(module.padding, tuple))
+        return "linear"
+    if (isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd)
+            and module.groups == 1 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)):
+        return "conv"
+    return None
 
 
 def slot(adapter: str) -> str:
@@ -76,7 +78,7 @@ class TCURStack(nn.Module):
 
     def __init__(self, name: str, members: list, matrices: torch.Tensor, rank: int,
                  selection: str = "deterministic", seed: int = 0, scale: float = 1.0,
-                 indices: Optional[Tuple[List[int], List[int]]] = None, projectable: bool = False) -> None:
+                 indices: Optional[Tuple[List[int], List[int]]] = None, projectable: Optional[str] = None) -> None:
         super().__init__()
         k, n1, n2 = matrices.shape
         rank = min(int(rank), n1, n2)
@@ -97,12 +99,14 @@ class TCURStack(nn.Module):
                    "idft": fourier.inverse_dft_matrix(k).to(w.device)}
         # Projected gradient (Linear and plain conv members): contract dL/dW_k with 𝒞, ℛ straight from
         # activations instead of forming the dense n1×n2 weight gradient, whose path also pays a K·n1·n2 FFT,
-        # a stack of the K slice gradients and a Fourier-domain bmm per stack (hence the 1.5 margin). Per
-        # output position it costs (n1 + n2)·K·r against n1·n2: true for the paper's MLP and attention stacks
-        # at r = 8 and for conv stacks with K·r well under their output channels (a decoder's, K = 1 or 2);
-        # large r·K goes the dense way.
+        # a stack of the K slice gradients and a Fourier-domain bmm per stack (hence the 1.5 margin). Linear:
+        # per token (n1 + n2)·K·r against n1·n2, true for the paper's MLP and attention stacks at r = 8. Conv:
+        # the projection is a convolution with K·r output channels, which on a CPU costs as much as the dense
+        # weight gradient until K·r is a quarter of the output channels or less (measured: 3× faster backward
+        # at 320 channels, 1.3× slower at 16). Other stacks go the dense way.
         rk = rank * k
-        self.projected = bool(projectable) and (n1 + n2) * rk + rk * rk <= 1.5 * n1 * n2
+        self.projected = ((projectable == "linear" and (n1 + n2) * rk + rk * rk <= 1.5 * n1 * n2)
+                          or (projectable == "conv" and 4 * rk <= n1))
         if self.projected:
             a = torch.arange(k, device=w.device)
             factors.update(c_flat=c.permute(1, 0, 2).reshape(n1, rk).contiguous(),
@@ -233,8 +237,7 @@ class _ProjectedLayer(torch.autograd.Function):
 
     Linear: dL/dW = Gᵀ X, so Cᵀ dL/dW Rᵀ = (G C)ᵀ (X Rᵀ). A convolution's dL/dW is the same sum over output
     positions with X's rows the input patches, and a patch times Rᵀ is a convolution with ℛ's rows as kernels:
-    X Rᵀ is one conv with K·r output channels. For a transposed convolution (weight matrix out × in·k³) the
-    same contraction is a transposed convolution of X with ℛ's rows as its kernels, read at the output positions. ``blocks``: (member index k, first row, last row) of each stack
+    X Rᵀ is one conv with K·r output channels. ``blocks``: (member index k, first row, last row) of each stack
     member in this layer's weight (a fused qkv projection holds three); all from one stack.
     """
 
@@ -264,22 +267,17 @@ class _ProjectedLayer(torch.autograd.Function):
                 grad_b = g2.sum(0)
             xr = x.reshape(-1, stack.n2).float() @ stack.factor("r_flat").t() if ctx.needs_input_grad[1] else None
         else:
-            transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
             # input (and bias) gradient in one call, the weight gradient not asked for
             grad_x, _, grad_b = torch.ops.aten.convolution_backward(
                 grad_out, x, effective, [grad_out.shape[1]] if ctx.has_bias else None, layer.stride, layer.padding,
-                layer.dilation, transposed, list(layer.output_padding) if transposed else [0] * (x.dim() - 2),
-                layer.groups, [ctx.needs_input_grad[0], False, ctx.has_bias])
+                layer.dilation, False, [0] * (x.dim() - 2), layer.groups,
+                [ctx.needs_input_grad[0], False, ctx.has_bias])
             g2 = grad_out.movedim(1, -1).reshape(-1, grad_out.shape[1])
             xr = None
             if ctx.needs_input_grad[1]:
-                rk = stack.k * stack.rank
-                kernels = stack.factor("r_flat").to(x.dtype)  # (K·r, in·k³): ℛ's rows
-                if transposed:  # a transposed conv's weight is (in, out, k…)
-                    kernels = kernels.reshape(rk, weight.shape[0], *weight.shape[2:]).transpose(0, 1)
-                else:
-                    kernels = kernels.reshape(rk, *weight.shape[1:])
-                xr = _apply(layer, x, kernels, None).movedim(1, -1).reshape(-1, rk).float()
+                kernels = stack.factor("r_flat").to(x.dtype)  # (K·r, in·k³): ℛ's rows as conv kernels
+                xr = _apply(layer, x, kernels.reshape(-1, *weight.shape[1:]), None)
+                xr = xr.movedim(1, -1).reshape(-1, kernels.shape[0]).float()
         if ctx.needs_input_grad[1]:
             for index, start, stop in ctx.blocks:
                 g = fourier.projected_core_grad(g2[:, start:stop], xr, stack.factor("c_flat"),

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TCURLoRAConfig
-from .layers import AdapterError, ModuleSwitch, TCURLayer, TCURStack, projectable_layer, unwrap
+from .layers import AdapterError, ModuleSwitch, TCURLayer, TCURStack, projectable_kind, unwrap
 from .stacks import (StackSpec, find, member_matrix, resolve_stacks, switch_module,
                      trained_module_names, under, wrap_layer)
 
@@ -118,7 +118,7 @@ class Strategy:
         return StackSpec.from_manifest(stack)
 
     def make_stack(self, spec: StackSpec, matrices: torch.Tensor, config: TCURLoRAConfig, indices,
-                   projectable: bool):
+                   projectable: Optional[str]):
         return TCURStack(spec.name, spec.members, matrices, config.rank, config.selection, config.seed,
                          config.scale, indices, projectable=projectable)
 
@@ -130,7 +130,8 @@ class Strategy:
                 matrices = torch.stack([member_matrix(model, m) for m in spec.members])
             except RuntimeError as exc:  # members of different shapes
                 raise AdapterError(f"stack {spec.name}: members do not fit this model ({exc})") from None
-            projectable = all(projectable_layer(find(model, m.module)) for m in spec.members)
+            kinds = {projectable_kind(find(model, m.module)) for m in spec.members}
+            projectable = kinds.pop() if len(kinds) == 1 else None
             stack = self.make_stack(spec, matrices, record.config, indices, projectable).to(device)
             stack._tuner = tuner
             record.stacks[spec.name] = stack
