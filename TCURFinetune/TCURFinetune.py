@@ -38,7 +38,7 @@ _addLibraryPath()
 
 from TCURLoRALib import caselibrary, engine, logic, models, nodeio, plots, slicerapp, tasks  # noqa: E402
 
-from tcurlora.protocol import METHODS  # noqa: E402  (the one method list; standard library only)
+from tcurlora.protocol import METHODS, default as protocolDefault  # noqa: E402  (standard library only)
 CASE_COLUMNS = (("vtkMRMLScalarVolumeNode", "Volume of this training case."),
                 ("vtkMRMLSegmentationNode", "Segmentation of this volume (the annotation to learn)."))
 MAPPING_SEGMENT, MAPPING_USE, MAPPING_LABEL, MAPPING_VALUE = range(4)
@@ -91,7 +91,7 @@ class TCURFinetuneParameterNode:
     method: Annotated[str, Choice(list(METHODS))] = "tcurlora"
     rank: Annotated[int, WithinRange(1, 256)] = 8
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
-    steps: Annotated[int, WithinRange(1, 1000000)] = 300
+    steps: Annotated[int, WithinRange(1, 1000000)] = protocolDefault("steps")
     learningRate: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     patchSize: str = ""
     validationCases: Annotated[int, WithinRange(0, 1000)] = 0
@@ -602,7 +602,7 @@ class TCURFinetuneLogic(ScriptedLoadableModuleLogic, logic.EngineLogic):
         return task is not None and not task.isActive and getattr(task, "canResume", False)
 
     def finetune(self, cases, mapping, modelName: str = "deepbet", method: str = "tcurlora", rank: int = 8,
-                 steps: int = 300, learningRate: Optional[float] = None, patchSize=None, validationCount: int = 0,
+                 steps: int = protocolDefault("steps"), learningRate: Optional[float] = None, patchSize=None, validationCount: int = 0,
                  seed: int = 0, device: str = "auto", adapterName: str = "tcurlora-adapter", chartNode=None,
                  scene=None, onEnd=None, startFrom: Optional[str] = None):
         """Start training in the background; returns the task (see :meth:`waitForCompletion`). ``onEnd(task)``

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from tcurlora import jobs
+from tcurlora import jobs, protocol
 
 from . import nodeio
 
@@ -517,7 +517,7 @@ class FinetuneTask(WorkerTask):
                  segmentToValue: Dict[str, int], labelTable: Sequence[Dict[str, Any]],
                  jobLabels: Optional[Sequence[Dict[str, Any]]] = None,
                  validation: Sequence[Tuple[Any, Any]] = (), method: str = "tcurlora", rank: int = 8,
-                 steps: int = 300, lr: Optional[float] = None, patchSize: Optional[Sequence[int]] = None,
+                 steps: int = protocol.default("steps"), lr: Optional[float] = None, patchSize: Optional[Sequence[int]] = None,
                  seed: int = 0, device: str = "auto", adapterStore: Optional[str] = None,
                  adapterName: str = "adapter", curves=None, startFrom: Optional[str] = None,
                  baseSettings: Optional[Dict[str, Any]] = None, **kwargs) -> None:

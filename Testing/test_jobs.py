@@ -94,7 +94,7 @@ def test_finetune_job_fields():
                             labels=[{"value": 2, "name": "Lesion", "color": [1, 0, 0], "terminology": "t"}],
                             patch_size=(64, 64, 32))
     assert job["command"] == "finetune" and job["method"] == "tcurlora" and job["rank"] == 8
-    assert job["steps"] == 300 and job["lr"] is None and job["resume"] is False and job["seed"] == 0
+    assert job["steps"] == 30 and job["lr"] is None and job["resume"] is False and job["seed"] == 0
     assert job["validation"] == [] and job["patch_size"] == [64, 64, 32]
     assert job["labels"] == [{"value": 2, "name": "Lesion", "color": [1.0, 0.0, 0.0], "terminology": "t"}]
     assert jobs.finetune_job(base="deepbet", cases=cases, out="x.safetensors", stop_file="s")["labels"] is None

@@ -79,7 +79,7 @@ def test_one_definition_of_methods_devices_and_defaults():
         assert job[key] == expected, key
         value = getattr(options, key)
         assert (list(value) if isinstance(value, tuple) else value) == expected, key
-    assert job["steps"] == 300
+    assert job["steps"] == 30 and job["batch_size"] == 1  # the CPU-sized default (benchmarks/cpu_default.py)
     # the CLI's flags carry no default of their own: a job built from them gets the protocol's
     for key, action in actions.items():
         if key in protocol.SETTINGS_BY_KEY:

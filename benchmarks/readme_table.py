@@ -78,9 +78,9 @@ def speed_table(results: Path = RESULTS) -> str:
         if "default" in rows and "reference" in rows:
             d, r = rows["default"], rows["reference"]
             lines.append(f"Default `tcurlora finetune` on the demo's heads ({data['machine']['cpus']} CPUs, "
-                         f"{data['machine']['date']}): {d['train_wall_s'] / 60:.1f} min, Dice {d['dice']:.3f} on the "
-                         f"held-out head; {r['steps']} full-resolution steps: {r['train_wall_s'] / 60:.1f} min, Dice "
-                         f"{r['dice']:.3f} (`benchmarks/cpu_default.py`).")
+                         f"{data['machine']['date']}): {d['steps']} steps in {d['train_wall_s'] / 60:.1f} min of wall "
+                         f"time, Dice {d['dice']:.4f} on the held-out head, against {r['dice']:.4f} after {r['steps']} "
+                         f"full-resolution steps of two patches (`benchmarks/cpu_default.py`).")
     return "\n".join(lines)
 
 

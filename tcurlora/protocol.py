@@ -337,12 +337,15 @@ SETTINGS: Tuple[Setting, ...] = (
             "or none", _F, flag="--preset"),
     Setting("train_modules", text_list(), [], "modules to train fully as well (e.g. a decoder); opt-in", _F,
             flag="--train-modules", nargs="*", metavar="REGEX"),
-    Setting("steps", integer(1, MAX_STEPS), 300, "training steps (default 300)", _F, flag="--steps", cli_type=int),
+    # 30 steps of one full-size patch: about 3 minutes for deepbet on 2 CPU cores, and on the demo's task as good
+    # as 100 steps of two patches (benchmarks/cpu_default.py); more cases, or a GPU, can take more
+    Setting("steps", integer(1, MAX_STEPS), 30, "training steps (default 30; raise it for many cases or on a GPU)",
+            _F, flag="--steps", cli_type=int),
     Setting("lr", optional(number(0.0, 10.0, lo_open=True)), None, "learning rate (default depends on the method: "
             + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR.items()) + ")", _F, flag="--lr", cli_type=float),
     Setting("weight_decay", number(0.0, 1.0), 2e-5, "AdamW weight decay (default 2e-5)", _F,
             flag="--weight-decay", cli_type=float),
-    Setting("batch_size", integer(1, MAX_BATCH), 2, f"patches per step (default 2, at most {MAX_BATCH})", _F,
+    Setting("batch_size", integer(1, MAX_BATCH), 1, f"patches per step (default 1, at most {MAX_BATCH})", _F,
             flag="--batch-size", cli_type=int),
     Setting("patch_size", optional(int_triple(1, MAX_PATCH)), None, "training patch, each side a multiple of what "
             "the base needs (default: the base's)", _F, flag="--patch-size", cli_type=int, nargs=3,
