@@ -127,6 +127,8 @@ def write_dicom_series(volume: sitk.Image, folder, series_uid: str = "1.2.826.0.
         "0020|000d": "1.2.826.0.1.3680043.2.1125.7", "0020|000e": series_uid, "0008|103e": description,
         "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
     }
+    import locale
+
     files = []
     for k in range(vol.GetDepth()):
         s = vol[:, :, k]
@@ -137,7 +139,11 @@ def write_dicom_series(volume: sitk.Image, folder, series_uid: str = "1.2.826.0.
         s.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
         path = str(folder / f"s{series_uid.split('.')[-1]}_{k:03d}.dcm")
         writer.SetFileName(path)
+        ctype = locale.setlocale(locale.LC_CTYPE)
         writer.Execute(s)
+        # GDCM's writer sets the C library's LC_CTYPE to "C" and leaves it: every later test in this process
+        # would decode subprocess output as ASCII (reading DICOM, which the engine does, leaves it alone)
+        locale.setlocale(locale.LC_CTYPE, ctype)
         files.append(path)
     return files
 
