@@ -80,8 +80,7 @@ def progressText(event: Dict[str, Any]) -> Tuple[int, str]:
     percent = int(round(100.0 * step / total)) if total else 0
     phase = PHASES.get(event.get("phase"), str(event.get("phase", "")))
     if event.get("unit") == "bytes":  # a model download: sizes, not steps
-        size = f"{step / 1e6:.1f} of {total / 1e6:.1f} MB" if total else f"{step / 1e6:.1f} MB"
-        parts = [" ".join(p for p in (phase, event.get("file"), size) if p)]
+        parts = [" ".join(p for p in (phase, event.get("file"), jobs.format_size(step, total)) if p)]
     else:
         parts = [f"{phase} {step}/{total}" if total else phase]
     if isinstance(event.get("loss"), (int, float)):
@@ -344,15 +343,21 @@ class WorkerTask:
                           pollSeconds: float = 0.02) -> str:
         """Block until the task ends (tests / headless use); ``idle`` is called between polls (e.g.
         ``slicer.app.processEvents``). Returns the final status; cancels and raises TimeoutError on time-out."""
-        deadline = time.monotonic() + timeoutSeconds
-        while self.processEvents():
-            if time.monotonic() > deadline:
-                self.abort()
-                raise TimeoutError(f"the task did not finish within {timeoutSeconds:.0f} s")
-            if idle:
-                idle()
-            time.sleep(pollSeconds)
+        _pollUntilDone(self.processEvents, self.abort, timeoutSeconds, idle, pollSeconds)
         return self.status
+
+
+def _pollUntilDone(poll: Callable[[], bool], stop: Callable[[], None], timeoutSeconds: float,
+                   idle: Optional[Callable[[], None]], pollSeconds: float) -> None:
+    """Call ``poll`` until it returns False, ``idle`` between calls; on time-out ``stop()`` and TimeoutError."""
+    deadline = time.monotonic() + timeoutSeconds
+    while poll():
+        if time.monotonic() > deadline:
+            stop()
+            raise TimeoutError(f"the task did not finish within {timeoutSeconds:.0f} s")
+        if idle:
+            idle()
+        time.sleep(pollSeconds)
 
 
 class TaskRunner:
@@ -401,14 +406,7 @@ class TaskRunner:
                           pollSeconds: float = 0.02):
         """Block (self-tests, scripts) until nothing runs, tasks chained by callbacks included, keeping the
         application responsive through ``idle``; the last task's status. TimeoutError (task ended) on time-out."""
-        deadline = time.monotonic() + timeoutSeconds
-        while self.poll():
-            if time.monotonic() > deadline:
-                self.shutdown()
-                raise TimeoutError(f"the task did not finish within {timeoutSeconds:.0f} s")
-            if idle:
-                idle()
-            time.sleep(pollSeconds)
+        _pollUntilDone(self.poll, self.shutdown, timeoutSeconds, idle, pollSeconds)
         return self.task.status if self.task is not None else None
 
     def shutdown(self) -> None:

@@ -94,8 +94,10 @@ def main(argv=None) -> int:
                      "steps": training.get("steps"), "patch_size": training.get("patch_size"),
                      "learning_rate": training.get("learning_rate"), "trainable": manifest.get("trainable_values")})
         print(f"{name}: {train_s:.0f} s, Dice {metric['dice']:.4f}", flush=True)
+    import torch
+
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-               "torch_threads": __import__("torch").get_num_threads(),
+               "torch_threads": torch.get_num_threads(),
                "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
                "date": time.strftime("%Y-%m-%d %H:%M")}
     out = Path(args.out)

