@@ -5,6 +5,7 @@ stand-in worker (``Testing/standin_worker.py``), and one run of training then se
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -41,6 +42,14 @@ def converter_rules():
 @pytest.fixture
 def scene():
     return slicer.vtkMRMLScene()
+
+
+def wait_for_phase(task, phase, poll, timeout_s=30.0):
+    """Call ``poll`` until the task reports progress of ``phase`` (or ``timeout_s`` passes)."""
+    deadline = time.monotonic() + timeout_s
+    while (task.lastProgress or {}).get("phase") != phase and time.monotonic() < deadline:
+        poll()
+        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -368,12 +377,7 @@ def test_finetune_cancel_then_resume(scene, tmp_path):
     task = tasks.FinetuneTask(pairs, "deepbet", launcher, segment_to_value, table,
                               job_labels, steps=300, curves=curves, adapterStore=str(tmp_path / "store"))
     task.start()
-    import time
-
-    deadline = time.monotonic() + 30
-    while (task.lastProgress or {}).get("phase") != "train" and time.monotonic() < deadline:
-        task.processEvents()
-        time.sleep(0.01)
+    wait_for_phase(task, "train", task.processEvents)
     task.cancel()
     assert task.waitForCompletion(30) == tasks.CANCELLED
     assert task.canResume and os.path.isdir(task.workdir)  # checkpoint kept

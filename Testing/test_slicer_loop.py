@@ -26,7 +26,7 @@ if REPO not in sys.path:
 
 from TCURLoRALib import caselibrary, engine, logic, models, nodeio, plots, tasks  # noqa: E402
 
-from test_mrml_nodes import STANDIN_WORKER, converter_rules, scene  # noqa: E402,F401  (shared fixtures)
+from test_mrml_nodes import STANDIN_WORKER, converter_rules, scene, wait_for_phase  # noqa: E402,F401  (shared fixtures)
 
 LABELS = [{"value": 1, "name": "Brain", "color": [0.9, 0.7, 0.6]}]
 SHAPE = (12, 14, 16)  # K, J, I
@@ -98,10 +98,7 @@ def test_closing_the_scene_during_training_ends_the_task_and_a_new_run_can_start
     task = finetune_task([add_case(scene)], standin(TCURLORA_FAKE_STEP_S="0.05"), tmp_path, steps=500)
     task.onFinished = finished.append
     runner.run(task)
-    deadline = time.monotonic() + 30
-    while (task.lastProgress or {}).get("phase") != "train" and time.monotonic() < deadline:
-        runner.poll()
-        time.sleep(0.01)
+    wait_for_phase(task, "train", runner.poll)
     process = task.workerJob.proc
     runner.shutdown()  # what onSceneStartClose does
     assert not runner.isRunning and task.status == tasks.CANCELLED and finished == [task]
@@ -150,10 +147,7 @@ def test_cancel_stops_a_stuck_worker_within_two_seconds(scene):
     volume, _ = add_case(scene)
     segmentLogic = segment_logic(launcher=standin(TCURLORA_FAKE_MODE="stubborn"))
     task = segmentLogic.segment(volume, modelName="toy")
-    deadline = time.monotonic() + 30
-    while (task.lastProgress or {}).get("phase") != "segment" and time.monotonic() < deadline:
-        segmentLogic.runner.poll()
-        time.sleep(0.01)
+    wait_for_phase(task, "segment", segmentLogic.runner.poll)
     process = task.workerJob.proc
     start = time.monotonic()
     segmentLogic.cancel()
@@ -169,10 +163,7 @@ def test_a_training_killed_before_its_checkpoint_offers_no_resume(scene, tmp_pat
     task = finetune_task([add_case(scene)], standin(TCURLORA_FAKE_MODE="stubborn"), tmp_path)
     runner = tasks.TaskRunner()
     runner.run(task)
-    deadline = time.monotonic() + 30
-    while (task.lastProgress or {}).get("phase") != "finetune" and time.monotonic() < deadline:
-        runner.poll()
-        time.sleep(0.01)
+    wait_for_phase(task, "finetune", runner.poll)
     runner.cancel()
     assert runner.waitForCompletion(10) == tasks.CANCELLED
     assert task.checkpoint is None and not task.canResume
@@ -485,10 +476,7 @@ def test_finetune_can_continue_an_adapter(scene, tmp_path):
                               startFrom=str(old))
     runner = tasks.TaskRunner()
     runner.run(task)
-    deadline = time.monotonic() + 60
-    while task.isActive and time.monotonic() < deadline:
-        runner.poll()
-        time.sleep(0.01)
+    runner.waitForCompletion(60)
     assert seen and seen[0]["start_from"] == str(old)
     source = open(os.path.join(REPO, "TCURFinetune", "TCURFinetune.py"), encoding="utf-8").read()
     assert "startFrom=startFrom" in source and "continueAdapter: bool = False" in source
