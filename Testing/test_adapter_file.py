@@ -214,6 +214,37 @@ def test_new_head_gives_a_new_label_set(tmp_path):
     assert_same(run(fresh, x), base_out)
 
 
+def test_full_fine_tuning_with_a_new_head_saves_and_reloads(tmp_path):
+    """method 'full' with new labels: the head is the adapter's own new layer (its old weights train no more),
+    every other base weight trains in place; the file carries both and reloads onto a fresh base."""
+    model = small_unetr()
+    x = x_for(UNETR_X)
+    inject_adapter(model, TCURLoRAConfig(method="full", new_head={"module": "out.conv.conv", "out_channels": 3}))
+    tuner = get_tuner(model)
+    old_head = model.out.conv.conv.base_module
+    trainable = tuner.trainable_parameters()
+    assert not any(p is old_head.weight for p in trainable)
+    assert sum(p.numel() for p in trainable) == (sum(p.numel() for p in small_unetr().parameters())
+                                                 - old_head.weight.numel() - old_head.bias.numel()
+                                                 + 3 * old_head.weight[0].numel() + 3)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # stands in for training: the base weights and the new head change
+        for p in trainable:
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    adapted = run(model, x)
+    assert adapted.shape[1] == 3
+    path = tmp_path / "full3.safetensors"
+    save_adapter(model, path, labels=LABELS_3)
+    assert load_file(path)["trained.out__conv__conv.weight"].shape[0] == 3
+    assert read_manifest(path)["method"]["trained_modules"] == ["out.conv.conv"]
+
+    fresh = small_unetr()
+    load_adapter(fresh, path)
+    assert_same(run(fresh, x), adapted)
+    merge_adapter(fresh)  # what segmentation does: nothing to merge, the head stays the adapter's
+    assert_same(run(fresh, x), adapted)
+
+
 def _header_length(path):
     with open(path, "rb") as f:
         return struct.unpack("<Q", f.read(8))[0]

@@ -214,13 +214,17 @@ class FullStrategy(Strategy):
     trains_base = True
 
     def inject(self, tuner, record, layout) -> None:
-        pass
+        if record.config.new_head:  # new labels: a new output layer of its own, as every method has
+            self._add_trained(tuner, record, layout)
 
     def trainable(self, tuner, record):
-        return list(tuner.model.parameters())
+        replaced = {id(p) for path in record.trained for p in unwrap(find(tuner.model, path)).parameters()}
+        return [p for p in tuner.model.parameters() if id(p) not in replaced]  # the old head gets no gradient
 
     def state_dict(self, tuner, record, keep_vars: bool = False):
-        return tuner.base_state_dict(keep_vars=keep_vars)
+        out = tuner.base_state_dict(keep_vars=keep_vars)
+        out.update(super().state_dict(tuner, record, keep_vars=keep_vars))  # the new head, if any
+        return out
 
     def merge(self, tuner, record) -> None:  # the weights are the adapter
         pass
@@ -228,7 +232,7 @@ class FullStrategy(Strategy):
     unmerge = merge
 
     def describe(self, tuner, record) -> dict:
-        return {"config": record.config.to_dict(), "stacks": [], "trained_modules": []}
+        return {"config": record.config.to_dict(), "stacks": [], "trained_modules": list(record.trained)}
 
 
 class LoraStrategy(Strategy):
