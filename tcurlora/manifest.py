@@ -463,6 +463,9 @@ def _check_lora_tensors(method: dict, index: Dict[str, dict], where: str) -> Non
     rank = method["config"].get("rank", 8)
     targets = set(method["lora_targets"])
     trained = tuple(f"{m}." for m in method.get("trained_modules") or [])
+    head = method["config"].get("new_head")
+    if head:  # a new output layer: its own tensors, under the key every method gives it
+        trained += (f"trained.{head['module'].replace('.', '__')}.",)
     found = set()
     for key, info in index.items():
         match = LORA_KEY.fullmatch(key)

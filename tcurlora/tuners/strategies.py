@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TCURLoRAConfig
-from .layers import AdapterError, ModuleSwitch, TCURLayer, TCURStack, projectable_kind, unwrap
+from .layers import COPIES, AdapterError, ModuleSwitch, TCURLayer, TCURStack, projectable_kind, unwrap
 from .stacks import (StackSpec, find, member_matrix, resolve_stacks, switch_module,
                      trained_module_names, under, wrap_layer)
 
@@ -40,6 +40,7 @@ class AdapterRecord:
     labels: Optional[list] = None  # the label table of an adapter loaded from a file
     merge_backup: list = field(default_factory=list)  # (parameter, its value before a PEFT merge)
     base_backup: list = field(default_factory=list)  # (parameter, its value before injection changed it: PiSSA)
+    head: Optional[nn.Module] = None  # the new output layer of a PEFT adapter (new labels), behind a ModuleSwitch
 
     def parameters(self):
         for stack in self.stacks.values():
@@ -264,6 +265,11 @@ class LoraStrategy(Strategy):
                           lora_dropout=0.0, bias="none", **self.peft_options)
         inject_adapter_in_model(lora, model, adapter_name=record.name)
         _wrap_aliases(model)
+        if config.new_head:  # new labels: a new output layer of the adapter's own, trained fully (as every method)
+            path = str(config.new_head["module"])
+            record.head = _new_head(find(model, path), int(config.new_head["out_channels"]))
+            switch_module(model, find(model, path), lambda chain: ModuleSwitch(chain, tuner)).set_copy(record.name,
+                                                                                                       record.head)
         self.initialise(tuner, record)
         record.trained = OrderedDict((p, find(model, p)) for p in trained_paths)
 
@@ -284,15 +290,22 @@ class LoraStrategy(Strategy):
             for attr, child in list(parent._modules.items()):
                 if isinstance(child, LoraLayer):
                     parent._modules[attr] = child.get_base_layer()
+                elif isinstance(child, ModuleSwitch):
+                    child.set_copy(record.name, None)
 
     def trainable(self, tuner, record):
-        params = [p for n, p in tuner.model.named_parameters() if "lora_" in n]
-        return params + [p for m in record.trained.values() for p in m.parameters()]
+        params = [p for n, p in tuner.model.named_parameters() if "lora_" in n and COPIES not in n.split(".")]
+        head = list(record.head.parameters()) if record.head is not None else []
+        return params + [p for m in record.trained.values() for p in m.parameters()] + head
 
     def state_dict(self, tuner, record, keep_vars: bool = False):
         trained = list(record.trained)
-        return OrderedDict((k, v if keep_vars else v.detach()) for k, v in tuner.model.state_dict(keep_vars=True).items()
-                           if "lora_" in k or under(k.rsplit(".", 1)[0], trained))
+        out = OrderedDict((k, v) for k, v in tuner.model.state_dict(keep_vars=True).items()
+                          if ("lora_" in k or under(k.rsplit(".", 1)[0], trained)) and COPIES not in k.split("."))
+        if record.head is not None:  # under the key every method gives a new head
+            path = _file_key(str(record.config.new_head["module"]))
+            out.update((f"trained.{path}.{k}", v) for k, v in record.head.state_dict(keep_vars=True).items())
+        return out if keep_vars else OrderedDict((k, v.detach()) for k, v in out.items())
 
     def after_load(self, tuner, record) -> None:
         pass
