@@ -1,0 +1,400 @@
+"""New-structure benchmark: teach a pretrained base a label it never had (a new output head), on two real cases.
+
+The task: the two pyradiomics brain MRI cases with manual lesion labels, ``brain1`` (lesion ≈ 16 ml) and
+``brain2`` (≈ 1.8 ml), 0.78 × 0.78 × 6.5 mm slices.  Label table ``[{"value": 1, "name": "lesion"}]``
+differs from the base's, so ``tcurlora.train.finetune`` replaces the base's output head (a new head, trained
+by every method).  Leave-one-case-out in both directions (brain1 → brain2, brain2 → brain1), every method
+with the same steps, batch and seeds at the package's default learning rate (``tcurlora.protocol.DEFAULT_LR``).
+
+Two bases, both brain-MRI nets whose labels ({brain}) differ from the task's:
+
+* ``deepbet``: the real pretrained deepbet brain-extraction net (``quality.load_benchmark_base``).
+* ``nnunet``: an nnU-Net v2 folder made by nnU-Net's own planner and stock ``nnUNetTrainer`` (started as
+  ``Testing/nnunet_fixture.py`` starts it), trained here on brain extraction of the two real heads ``mni152``
+  and ``robex`` (each plus mirrored copies), with narrow plans so it trains in minutes on one CPU core.  It is
+  built once and cached under ``<cache>/benchmarks/new_structure_nnunet``.
+
+Per held-out case: Dice and HD95 of the lesion (``tcurlora.metrics.evaluate``); per run: trainable values (the
+new head included), adapter file size, train time.  Two cases, not a cohort: the numbers compare methods on one
+task, they validate nothing clinically.
+
+    OMP_NUM_THREADS=1 python benchmarks/new_structure.py --base deepbet --steps 40 --seeds 0 1 2
+    OMP_NUM_THREADS=1 python benchmarks/new_structure.py --base nnunet --steps 40 --seeds 0 1 2
+    python benchmarks/new_structure.py --report     # tables and plot from the runs recorded so far
+
+Runs are appended to ``<out>/new_structure_runs.jsonl`` and skipped when already there (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "Testing"))
+
+from quality import BASELINE_NAMES, load_benchmark_base  # noqa: E402  (benchmarks/ is on sys.path as a script)
+
+LESION = [{"value": 1, "name": "lesion"}]
+DIRECTIONS = [("brain1", "brain2"), ("brain2", "brain1")]
+RUNS_FILE = "new_structure_runs.jsonl"
+
+# the nnU-Net base: brain extraction on the two real heads
+NNUNET_DATASET_ID = 902
+NNUNET_DATASET = f"Dataset{NNUNET_DATASET_ID}_BrainHeads"
+NNUNET_PLANS = "nnUNetPlansNarrow"
+NNUNET_SPACING_MM = 3.0  # the heads are resampled to this before planning: a patch one CPU core can train
+NNUNET_FLIPS = [(), (2,), (1,)]  # each head and two mirrored copies (array axes): 6 cases, nnU-Net's 5 folds
+NNUNET_ITERATIONS = 400  # the stock trainer, 1 epoch of this many iterations
+
+
+def methods(preset: str) -> list:
+    """(label, FinetuneOptions kwargs) in table order: the rank-8 adapters, then decoder-only and full."""
+    rows = [(f"{BASELINE_NAMES[m]} r=8", {"method": m, "rank": 8, "preset": preset})
+            for m in ("tcurlora", "curlora", "lora", "pissa", "dora", "lorapt")]
+    return rows + [("decoder-only", {"method": "decoder"}), ("full fine-tuning", {"method": "full"})]
+
+
+# --- the nnU-Net base ------------------------------------------------------------------------------------
+
+def nnunet_base_folder(work: Path) -> Path:
+    return work / "nnUNet_results" / NNUNET_DATASET / f"nnUNetTrainer__{NNUNET_PLANS}__3d_fullres"
+
+
+def write_heads_dataset(raw: Path) -> None:
+    """nnU-Net raw dataset: mni152 and robex (resampled to NNUNET_SPACING_MM) and mirrored copies, brain = 1."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from tcurlora.datasets import get_scan
+
+    (raw / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (raw / "labelsTr").mkdir(parents=True, exist_ok=True)
+    n = 0
+    for name in ("mni152", "robex"):
+        image_path, mask_path = get_scan(name)
+        image, mask = sitk.ReadImage(str(image_path), sitk.sitkFloat32), sitk.ReadImage(str(mask_path))
+        size = [int(round(s * sp / NNUNET_SPACING_MM)) for s, sp in zip(image.GetSize(), image.GetSpacing())]
+        spacing = [NNUNET_SPACING_MM] * 3
+        image = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
+                              image.GetDirection(), 0.0, sitk.sitkFloat32)
+        mask = sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        x, y = sitk.GetArrayFromImage(image), (sitk.GetArrayFromImage(mask) > 0).astype(np.uint8)
+        for axes in NNUNET_FLIPS:
+            for array, path in ((x, raw / "imagesTr" / f"head_{n:03d}_0000.nii.gz"),
+                                (y, raw / "labelsTr" / f"head_{n:03d}.nii.gz")):
+                out = sitk.GetImageFromArray(np.ascontiguousarray(np.flip(array, axes) if axes else array))
+                out.CopyInformation(image)
+                sitk.WriteImage(out, str(path))
+            n += 1
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1"}, "labels": {"background": 0, "brain": 1}, "numTraining": n,
+        "file_ending": ".nii.gz", "name": "mni152 and robex heads, brain masks, mirrored copies"}, indent=2))
+
+
+def narrow_plans(preprocessed: Path) -> None:
+    """nnU-Net's own plans with 8, 16, 32, 64, 64... features per stage (a CPU-trainable width)."""
+    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    plans["plans_name"] = NNUNET_PLANS
+    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    arch["features_per_stage"] = [min(8 * 2 ** i, 64) for i in range(len(arch["features_per_stage"]))]
+    (preprocessed / f"{NNUNET_PLANS}.json").write_text(json.dumps(plans, indent=2))
+
+
+def train_nnunet_base(work: Path, iterations: int) -> Path:
+    """The stock nnUNetTrainer, fold 0, one epoch of ``iterations`` (started as Testing/nnunet_fixture.py does)."""
+    import numpy as np
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    pre = work / "nnUNet_preprocessed" / NNUNET_DATASET
+    plans = json.loads((pre / f"{NNUNET_PLANS}.json").read_text())
+    plans["continue_training"] = False
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    trainer = nnUNetTrainer(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+    trainer.num_epochs = 1
+    trainer.num_iterations_per_epoch = iterations
+    trainer.num_val_iterations_per_epoch = 2
+    trainer.run_training()
+    return Path(trainer.output_folder_base)
+
+
+def build_nnunet_base(work: Path, iterations: int = NNUNET_ITERATIONS) -> Path:
+    """The cached trained-model folder, built with nnU-Net's own commands when missing."""
+    from nnunet_fixture import nnunet_command, nnunet_env
+
+    folder = nnunet_base_folder(work)
+    if (folder / "fold_0" / "checkpoint_final.pth").is_file():
+        return folder
+    env = nnunet_env(work)
+    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_compile")},
+                      nnUNet_n_proc_DA="0")
+    write_heads_dataset(work / "nnUNet_raw" / NNUNET_DATASET)
+    quiet = dict(env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(NNUNET_DATASET_ID), "-c", "3d_fullres",
+                    "-npfp", "1", "--no_pp"], **quiet)
+    narrow_plans(work / "nnUNet_preprocessed" / NNUNET_DATASET)
+    subprocess.run([nnunet_command("nnUNetv2_preprocess"), "-d", str(NNUNET_DATASET_ID), "-plans_name", NNUNET_PLANS,
+                    "-c", "3d_fullres", "-np", "1"], **quiet)
+    t0 = time.time()
+    folder = train_nnunet_base(work, iterations)
+    (folder / "build_seconds.txt").write_text(f"{time.time() - t0:.0f}\n")
+    return folder
+
+
+def nnunet_sanity(base, work: Path) -> dict:
+    """The nnU-Net base's own brain Dice on the robex head at its native 1.5 mm (a head it was trained on, resampled)."""
+    from tcurlora.datasets import get_scan
+    from tcurlora.events import Events
+    from tcurlora.infer import segment
+    from tcurlora.metrics import evaluate
+
+    image, mask = get_scan("robex")
+    out = work / "sanity_robex_brain.nii.gz"
+    segment(base, [str(image)], str(out), device="cpu", events=Events())
+    return evaluate([str(out)], [str(mask)])[0]
+
+
+# --- the runs ------------------------------------------------------------------------------------------------
+
+def load_base_for(args):
+    from tcurlora.models import load_base
+
+    if args.base == "deepbet":
+        return load_benchmark_base("deepbet", args.resolution), args.resolution
+    folder = build_nnunet_base(Path(args.nnunet_work))
+    base = load_base(str(folder), fold=0)
+    return base, int(max(base.preprocessing.patch_size))
+
+
+def run(args) -> None:
+    import torch
+
+    from tcurlora.adapter_file import load_adapter
+    from tcurlora.datasets import get_scan
+    from tcurlora.events import Events
+    from tcurlora.infer import segment
+    from tcurlora.metrics import evaluate
+    from tcurlora.protocol import DEFAULT_LR, MAX_STEPS
+    from tcurlora.train import FinetuneOptions, finetune
+    from tcurlora.tuners.strategies import PEFT_METHODS
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work) / args.base
+    work.mkdir(parents=True, exist_ok=True)
+    runs_file = out / RUNS_FILE
+    done = set()
+    if runs_file.is_file():
+        for line in runs_file.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["base"], r["method"], r["train"], r["seed"], r["steps"], r["resolution"]))
+    cases = {name: tuple(str(p) for p in get_scan(name)) for name in ("brain1", "brain2")}
+    base, resolution = load_base_for(args)
+    if args.base == "nnunet":
+        sanity = nnunet_sanity(base, work)
+        print(f"nnU-Net base {base.name}: brain Dice {sanity['dice']:.3f}, HD95 {sanity['hd95_mm']:.1f} mm on robex",
+              flush=True)
+        (out / "new_structure_nnunet_base.json").write_text(json.dumps({
+            "folder": nnunet_base_folder(Path(".")).as_posix(), "patch_size": list(base.preprocessing.patch_size),
+            "iterations": NNUNET_ITERATIONS, "build_seconds": float(
+                (nnunet_base_folder(Path(args.nnunet_work)) / "build_seconds.txt").read_text()),
+            "spacing": list(base.preprocessing.spacing) if base.preprocessing.spacing else None,
+            "parameters": sum(p.numel() for p in base.network.parameters()),
+            "brain_dice_robex": sanity["dice"], "brain_hd95_mm_robex": sanity["hd95_mm"]}, indent=2) + "\n")
+    pristine, base_labels = copy.deepcopy(base.network), base.labels
+    preset = "conv"
+    # seed by seed: a run cut short still has every method at the first seeds
+    for seed in args.seeds:
+        for label, kwargs in methods(preset):
+            if args.methods and not any(m in label for m in args.methods):
+                continue
+            for train, test in DIRECTIONS[:args.directions]:
+                if (args.base, label, train, seed, args.steps, resolution) in done:
+                    continue
+                tag = "".join(c if c.isalnum() else "_" for c in label)
+                seg = work / f"{tag}_{train}_to_{test}_s{seed}.nii.gz"
+                adapter = seg.with_name(seg.name.replace(".nii.gz", ".safetensors"))
+                base.network, base.labels = copy.deepcopy(pristine), base_labels
+                options = FinetuneOptions(steps=args.steps, batch_size=args.batch, seed=seed, device="cpu",
+                                          val_every=MAX_STEPS, **kwargs)  # no validation case: never
+                torch.manual_seed(seed)  # finetune injects (PEFT LoRA init) before it seeds: make that reproducible
+                t0 = time.time()
+                result = finetune(base, [cases[train]], adapter, labels=LESION, options=options, events=Events())
+                train_s = time.time() - t0
+                result.files.checkpoint.unlink(missing_ok=True)  # resume state only
+                base.network = copy.deepcopy(pristine)
+                # the network's own output, without the deepbet base's largest-component post-processing (a
+                # brain-mask rule): the same for both bases
+                if kwargs["method"] in PEFT_METHODS:
+                    # PEFT's layers run unmerged (tcurlora.infer does the same): load the file ourselves
+                    manifest = load_adapter(base.network, str(adapter), adapter_name="segment")
+                    base.labels = manifest["labels"]
+                    use = {}
+                else:
+                    use = {"adapter": str(adapter)}
+                t0 = time.time()
+                segment(base, [cases[test][0]], str(seg), device="cpu", largest_component=False, events=Events(), **use)
+                seg_s = time.time() - t0
+                m = evaluate([str(seg)], [cases[test][1]], label_table=LESION)[0]
+                # the training case too: did the method fit what it saw (tells "did not learn" from "did not carry
+                # over to the other case")
+                if use:
+                    base.network = copy.deepcopy(pristine)
+                seen = seg.with_name(seg.name.replace(".nii.gz", "_train.nii.gz"))
+                segment(base, [cases[train][0]], str(seen), device="cpu", largest_component=False, events=Events(),
+                        **use)
+                fit = evaluate([str(seen)], [cases[train][1]], label_table=LESION)[0]
+                row = {"base": args.base, "method": label, "train": train, "test": test, "seed": seed,
+                       "steps": args.steps, "batch": args.batch, "lr": kwargs.get("lr", DEFAULT_LR[kwargs["method"]]),
+                       "resolution": resolution, "dice": m["dice"], "hd95_mm": m["hd95_mm"], "dice_train_case": fit["dice"],
+                       "trainable": result.metrics.trainable_values, "adapter_bytes": adapter.stat().st_size,
+                       "train_s": round(train_s, 1), "segment_s": round(seg_s, 1),
+                       "final_loss": result.metrics.final_loss}
+                with open(runs_file, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"  {args.base:8s} {label:22s} {train}->{test} seed {seed}: Dice {row['dice']:.3f}  "
+                      f"HD95 {row['hd95_mm']:6.2f} mm  (train case {fit['dice']:.3f})  trainable {row['trainable']:>9,d}  "
+                      f"file {row['adapter_bytes'] / 1024:8.1f} KB  train {train_s:5.0f} s  loss {row['final_loss']:.3f}",
+                      flush=True)
+
+
+# --- tables and plot -------------------------------------------------------------------------------------
+
+def _mean_sd(values: list) -> str:
+    finite = [v for v in values if v == v and v != float("inf")]
+    if not finite:
+        return "–"
+    sd = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    missing = len(values) - len(finite)
+    return f"{statistics.mean(finite):.2f} ± {sd:.2f}" + (f" ({missing} empty)" if missing else "")
+
+
+def settings(rows: list) -> list:
+    """(base, steps, batch, resolution) blocks in the order first seen."""
+    return list(dict.fromkeys((r["base"], r["steps"], r["batch"], r["resolution"]) for r in rows))
+
+
+def table(rows: list) -> str:
+    lines = []
+    for base, steps, batch, res in settings(rows):
+        block = [r for r in rows if (r["base"], r["steps"], r["batch"], r["resolution"]) == (base, steps, batch, res)]
+        seeds = sorted({r["seed"] for r in block})
+        lines += [f"**{base}** ({'model input ' + str(res) + '³' if base == 'deepbet' else 'patch ≤ ' + str(res)}, "
+                  f"{steps} steps, batch {batch}, seeds {', '.join(map(str, seeds))}; runs = directions × seeds)", "",
+                  "| method | runs | Dice mean ± sd | Dice, test brain2 (1.8 ml) | Dice, test brain1 (16 ml) | "
+                  "HD95 mm mean ± sd | fit: Dice on the training case | trainable values | adapter file | "
+                  "train time (median) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for method in dict.fromkeys(r["method"] for r in block):
+            sub = [r for r in block if r["method"] == method]
+            dice = [r["dice"] for r in sub]
+            per = {}
+            for test in ("brain2", "brain1"):
+                d = [r["dice"] for r in sub if r["test"] == test]
+                per[test] = (f"{statistics.mean(d):.3f} ± {statistics.stdev(d) if len(d) > 1 else 0.0:.3f}"
+                             if d else "–")
+            sd = statistics.stdev(dice) if len(dice) > 1 else 0.0
+            lines.append(f"| {method} | {len(sub)} | {statistics.mean(dice):.3f} ± {sd:.3f} | {per['brain2']} | "
+                         f"{per['brain1']} | {_mean_sd([r['hd95_mm'] for r in sub])} | "
+                         f"{statistics.mean(r['dice_train_case'] for r in sub):.3f} | {sub[0]['trainable']:,d} | "
+                         f"{sub[0]['adapter_bytes'] / 1024:,.1f} KB | "
+                         f"{statistics.median(r['train_s'] for r in sub):.0f} s |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    blocks = settings(rows)
+    fig, axes = plt.subplots(1, len(blocks), figsize=(6.5 * len(blocks), 4.4), dpi=100, squeeze=False)
+    for ax, key in zip(axes[0], blocks):
+        block = [r for r in rows if (r["base"], r["steps"], r["batch"], r["resolution"]) == key]
+        names = list(dict.fromkeys(r["method"] for r in block))
+        for k, name in enumerate(names):
+            pts = [r for r in block if r["method"] == name]
+            for test, colour, dx in (("brain2", "tab:blue", -0.12), ("brain1", "tab:orange", 0.12)):
+                v = [r["dice"] for r in pts if r["test"] == test]
+                ax.scatter(np.full(len(v), k) + dx, v, s=14, color=colour, zorder=3,
+                           label=f"test {test}" if k == 0 else None)
+            ax.hlines(np.mean([r["dice"] for r in pts]), k - 0.3, k + 0.3, color="black", lw=1.5, zorder=4)
+            fit = [r["dice_train_case"] for r in pts]
+            ax.scatter(np.full(len(fit), k + 0.3), fit, s=16, marker="x", color="grey", zorder=3,
+                       label="fit: the training case" if k == 0 else None)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(-0.02, 1.0)
+        ax.set_ylabel("lesion Dice, held-out case (points: runs; bar: mean)")
+        ax.set_title(f"{key[0]}, {key[1]} steps: new head, lesion", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", choices=["deepbet", "nnunet"])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--directions", type=int, default=2, choices=[1, 2],
+                        help="2: brain1->brain2 and brain2->brain1; 1: brain1->brain2 only")
+    parser.add_argument("--resolution", type=int, default=128, help="deepbet model input (256 = its real setting)")
+    parser.add_argument("--methods", nargs="*", help="only methods whose label contains one of these strings")
+    parser.add_argument("--report", action="store_true", help="only write the table and plot from recorded runs")
+    parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks-results"))
+    parser.add_argument("--work", default=None, help="adapters and segmentations (default: cache)")
+    parser.add_argument("--nnunet-work", default=None, help="the nnU-Net base's folders (default: cache)")
+    args = parser.parse_args(argv)
+    from tcurlora.fetch import cache_dir
+
+    args.work = args.work or str(cache_dir() / "benchmarks" / "work" / "new_structure")
+    args.nnunet_work = args.nnunet_work or str(cache_dir() / "benchmarks" / "new_structure_nnunet")
+    if not args.report:
+        if not args.base:
+            parser.error("--base is required (or --report)")
+        run(args)
+    rows = [json.loads(l) for l in (Path(args.out) / RUNS_FILE).read_text().splitlines()]
+    text = table(rows)
+    write_summary(Path(args.out) / "new_structure.md", text)
+    plot(rows, Path(args.out) / "new_structure.png")
+    print(text)
+    return 0
+
+
+TABLE_START = "<!-- tables: written by benchmarks/new_structure.py from new_structure_runs.jsonl -->"
+TABLE_END = "<!-- end of tables -->"
+
+
+def write_summary(path: Path, tables: str) -> None:
+    """Put the tables between the markers of ``path`` (the prose around them is kept), or start the file."""
+    text = path.read_text() if path.is_file() else f"{TABLE_START}\n{TABLE_END}\n"
+    head, sep, rest = text.partition(TABLE_START)
+    _, sep2, tail = rest.partition(TABLE_END)
+    if not (sep and sep2):
+        raise SystemExit(f"{path}: the table markers are missing")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{head}{TABLE_START}\n\n{tables}\n{TABLE_END}{tail}")
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
