@@ -367,6 +367,17 @@ def test_finetune_task_with_validation_curves_and_new_label(scene, tmp_path):
     assert task.metrics["steps"] == 20 and not os.path.exists(task.workdir)
 
 
+def test_a_segment_named_ignore_reaches_the_engine_as_unannotated_voxels():
+    """A segment painted over what nobody checked, named 'ignore': the job carries it as a label, and the
+    engine reads it as unannotated voxels, not as a class, so the base's own head is still the one adapted."""
+    from tcurlora.train import same_labels, split_ignore
+
+    mapping = models.defaultLabelMapping(["brain", "ignore"], LABELS[:1])
+    job_labels, table, segment_to_value = models.labelsFromMapping(mapping, LABELS[:1])
+    classes, ignore_value = split_ignore(job_labels)
+    assert same_labels(classes, LABELS[:1]) and ignore_value == segment_to_value["ignore"] != segment_to_value["brain"]
+
+
 def test_finetune_cancel_then_resume(scene, tmp_path):
     pairs = two_cases(scene)
     job_labels, table, segment_to_value = models.labelsFromMapping(

@@ -1,7 +1,8 @@
 """The paper's comparison on our task: every method at matched trainable-value budgets, each at the learning
 rate it does best with on a validation split, several seeds, Dice and HD95 per held-out case.
 
-Task: ``quality.py``'s (the demo's site convention on two real heads, deepbet at 128³).  Splits, per
+Task: ``quality.py``'s (the demo's site convention on two real heads), on deepbet at 128³ or on the distilled
+UNETR (``vit_base.py``, ViT stacks; also the paper's own setting, ViT stacks + the conv decoder).  Splits, per
 direction (train on one head, test on the other):
 
 * training: the training head's left hemisphere (the mask's bounding-box centre on the left-right axis);
@@ -13,9 +14,11 @@ Protocol: (1) every method at each multiple of its default learning rate (``--lr
 seed 0, both directions; (2) per method the rate with the best mean validation Dice over the two directions;
 (3) seeds 0, 1, 2 at that rate (seed 0 is the sweep's run).  The table reports the test Dice of (3).
 
-    python benchmarks/comparison.py                   # ≈ 1 h on 2 cores (resumable: finished runs are kept)
+    python benchmarks/comparison.py                   # deepbet: 140 runs, ≈ 30 min on one core
+    python benchmarks/comparison.py --base unetr      # builds the distilled UNETR first (≈ 12 min) if needed
     python benchmarks/comparison.py --report          # tables and plots from the runs so far
 
+Runs are appended to ``comparison[_unetr]_runs.jsonl`` and skipped when already there (resumable).
 Two templates, not a cohort: the numbers compare methods on one task and validate nothing clinically.
 """
 
@@ -30,18 +33,34 @@ from pathlib import Path
 import numpy as np
 
 from quality import BASELINE_NAMES, DIRECTIONS, HERE, adapt_and_segment, load_benchmark_base, site_labels
+from resources import UNETR_DECODER
 
 IGNORE_VALUE = 2
 
-#: (budget, row label, FinetuneOptions kwargs): tCURLoRA and CURLoRA hold r² values per stack member, the
-#: LoRA family and LoRA-PT r·(n1 + n2), so on deepbet the budgets meet at ≈ 2 k (CUR methods r = 8),
-#: ≈ 20–27 k (CUR methods r = 32, the others r = 1) and ≈ 200 k (the others r = 8); decoder-only and full
-#: fine-tuning are the references.
-ROWS = ([("≈ 2 k", f"{BASELINE_NAMES[m]} r=8", {"method": m, "rank": 8}) for m in ("tcurlora", "curlora")]
-        + [("≈ 20–27 k", f"{BASELINE_NAMES[m]} r=32", {"method": m, "rank": 32}) for m in ("tcurlora", "curlora")]
-        + [("≈ 20–27 k", f"{BASELINE_NAMES[m]} r=1", {"method": m, "rank": 1}) for m in ("lora", "pissa", "dora", "lorapt")]
-        + [("≈ 200 k", f"{BASELINE_NAMES[m]} r=8", {"method": m, "rank": 8}) for m in ("lora", "pissa", "dora", "lorapt")]
-        + [("50 k", "decoder-only", {"method": "decoder"}), ("2.1 M", "full fine-tuning", {"method": "full"})])
+def rows_for(base: str) -> list:
+    """(budget, row label, FinetuneOptions kwargs) in table order.
+
+    tCURLoRA and CURLoRA hold r² values per stack member, the LoRA family and LoRA-PT r·(n1 + n2): on deepbet
+    (conv stacks) the budgets meet at ≈ 2 k (CUR methods r = 8), ≈ 20–27 k (CUR methods r = 32, the others
+    r = 1) and ≈ 200 k (the others r = 8).  On the UNETR (ViT stacks, where the LoRA family cannot go below
+    r = 1 of the 48 linears) the CUR methods at r = 8 face the others at r = 1, plus the paper's own setting:
+    tCURLoRA on the ViT with the conv decoder trained fully.  Decoder-only and full fine-tuning are references.
+    """
+    names = BASELINE_NAMES
+    if base == "unetr":
+        vit = {"preset": "vit"}
+        return ([("CUR r = 8", f"{names[m]} r=8 (vit)", {"method": m, "rank": 8, **vit}) for m in ("tcurlora", "curlora")]
+                + [("others r = 1", f"{names[m]} r=1 (vit)", {"method": m, "rank": 1, **vit})
+                   for m in ("lora", "pissa", "dora", "lorapt")]
+                + [("paper's setting", "tCURLoRA r=8 (vit) + decoder",
+                    {"method": "tcurlora", "rank": 8, "train_modules": UNETR_DECODER, **vit}),
+                   ("reference", "decoder-only", {"method": "decoder", "train_modules": UNETR_DECODER}),
+                   ("reference", "full fine-tuning", {"method": "full"})])
+    return ([("≈ 2 k", f"{names[m]} r=8", {"method": m, "rank": 8}) for m in ("tcurlora", "curlora")]
+            + [("≈ 20–27 k", f"{names[m]} r=32", {"method": m, "rank": 32}) for m in ("tcurlora", "curlora")]
+            + [("≈ 20–27 k", f"{names[m]} r=1", {"method": m, "rank": 1}) for m in ("lora", "pissa", "dora", "lorapt")]
+            + [("≈ 200 k", f"{names[m]} r=8", {"method": m, "rank": 8}) for m in ("lora", "pissa", "dora", "lorapt")]
+            + [("50 k", "decoder-only", {"method": "decoder"}), ("2.1 M", "full fine-tuning", {"method": "full"})])
 
 
 def half_labelled(work: Path, name: str, label_path: str) -> tuple:
@@ -77,12 +96,13 @@ def run(args) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs_file = out / "comparison_runs.jsonl"
+    runs_file = runs_path(args)
     done = {(r["method"], r["lr_scale"], r["train"], r["seed"]): r for r in read_runs(runs_file)}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cases = site_labels(work / "data")
-    base = load_benchmark_base("deepbet", args.resolution)
+    base = load_benchmark_base(args.base, args.resolution, Path(args.unetr_spec) if args.unetr_spec else None)
+    resolution = args.resolution if args.base == "deepbet" else int(base.preprocessing.patch_size[0])
     import copy
 
     pristine = copy.deepcopy(base.network)
@@ -105,7 +125,7 @@ def run(args) -> None:
         ref = sitk.GetArrayFromImage(sitk.ReadImage(cases[train][1])) > 0
         m = evaluate([str(test_seg)], [cases[test][1]])[0]
         row = {"method": label, "lr_scale": scale, "lr": lr, "train": train, "test": test, "seed": seed,
-               "steps": args.steps, "resolution": args.resolution, "val_dice": dice(pred & right, ref & right),
+               "steps": args.steps, "resolution": resolution, "val_dice": dice(pred & right, ref & right),
                "dice": m["dice"], "hd95_mm": m["hd95_mm"], "trainable": got["trainable"],
                "adapter_bytes": got["adapter_bytes"], "train_s": round(got["train_s"], 1),
                "final_loss": got["final_loss"]}
@@ -118,7 +138,7 @@ def run(args) -> None:
               f"test {row['dice']:.3f}  HD95 {row['hd95_mm']:6.2f} mm  {row['train_s']:5.0f} s", flush=True)
         return row
 
-    rows = [r for r in ROWS if not args.methods or any(m in r[1] for m in args.methods)]
+    rows = [r for r in rows_for(args.base) if not args.methods or any(m in r[1] for m in args.methods)]
     for _, label, kwargs in rows:  # (1) the sweep
         for scale in args.lr_scales:
             for train, test in DIRECTIONS:
@@ -128,6 +148,10 @@ def run(args) -> None:
         for seed in args.seeds:
             for train, test in DIRECTIONS:
                 one(label, kwargs, scale, seed, train, test)
+
+
+def runs_path(args) -> Path:
+    return Path(args.out) / ("comparison_runs.jsonl" if args.base == "deepbet" else f"comparison_{args.base}_runs.jsonl")
 
 
 def read_runs(path: Path) -> list:
@@ -143,13 +167,13 @@ def chosen_scale(sweep: list, scales) -> float:
 
 def report(args) -> str:
     """comparison.md and the two plots, from every run recorded."""
-    runs = read_runs(Path(args.out) / "comparison_runs.jsonl")
+    runs = read_runs(runs_path(args))
     lines = ["**Learning-rate sweep** (seed 0; validation Dice = the training head's unseen right hemisphere, "
              "mean of the two directions; ← the rate chosen)", "",
              "| method | " + " | ".join(f"lr × {s:g}" for s in args.lr_scales) + " |",
              "|---|" + "---|" * len(args.lr_scales)]
     summary = []
-    for budget, label, kwargs in ROWS:
+    for budget, label, kwargs in rows_for(args.base):
         sweep = [r for r in runs if r["method"] == label and r["seed"] == 0]
         if not sweep:
             continue
@@ -183,14 +207,16 @@ def report(args) -> str:
                      f"{s['hd95_sd']:.2f} | {s['val_dice']:.3f} | {s['trainable']:,d} | {s['adapter_kb']:,.1f} KB | "
                      f"{s['train_s']:.0f} s |")
     text = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    (out / "comparison.md").write_text(text)
-    (out / "comparison_summary.json").write_text(json.dumps(summary, indent=1))
-    plot(summary, out)
+    out, stem = Path(args.out), "comparison" if args.base == "deepbet" else f"comparison_{args.base}"
+    steps, res = runs[0]["steps"], runs[0]["resolution"]
+    text = f"{args.base} at {res}³, {steps} steps, batch 1\n\n" + text
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}_summary.json").write_text(json.dumps(summary, indent=1))
+    plot(summary, out, stem, f"{args.base} {res}³, {steps} steps, learning rate chosen on validation")
     return text
 
 
-def plot(summary: list, out: Path) -> None:
+def plot(summary: list, out: Path, stem: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,18 +224,19 @@ def plot(summary: list, out: Path) -> None:
 
     family = {"tCURLoRA": "tab:red", "CURLoRA": "tab:orange", "LoRA (PEFT)": "tab:blue", "PiSSA (PEFT)": "tab:cyan",
               "DoRA (PEFT)": "tab:purple", "LoRA-PT (t-SVD)": "tab:green"}
-    for key, xlabel, name in (("trainable", "trainable values (log)", "comparison_dice_vs_trainable.png"),
-                              ("train_s", "training time, median s (8 steps, 2-core CPU)", "comparison_dice_vs_time.png")):
+    for key, xlabel, name in (("trainable", "trainable values (log)", f"{stem}_dice_vs_trainable.png"),
+                              ("train_s", "training time, median s (one CPU thread)", f"{stem}_dice_vs_time.png")):
         fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=100)
         for s in summary:
             colour = next((c for f, c in family.items() if s["method"].startswith(f + " ")), "black")
-            marker = "o" if "r=8" in s["method"] else "s" if "r=32" in s["method"] else "^" if "r=1" in s["method"] else "D"
+            marker = ("P" if "+ decoder" in s["method"] else "o" if "r=8" in s["method"] else "s" if "r=32" in s["method"]
+                      else "^" if "r=1" in s["method"] else "D")
             ax.errorbar(s[key], s["dice_mean"], yerr=s["dice_sd"], fmt=marker, color=colour, capsize=3,
                         label=f"{s['method']} (lr {s['lr']:.0e})")
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test Dice (mean ± sd, 2 directions × seeds)")
-        ax.set_title("deepbet 128³, 8 steps, learning rate chosen on validation", fontsize=10)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
@@ -219,8 +246,10 @@ def plot(summary: list, out: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", choices=["deepbet", "unetr"], default="deepbet")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--resolution", type=int, default=128, help="deepbet's model input")
+    parser.add_argument("--unetr-spec", help="the distilled UNETR's spec (default: build or reuse benchmarks/vit_base.py's)")
     parser.add_argument("--lr-scales", type=float, nargs="+", default=[1.0, 3.0, 10.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="*", help="only rows whose label contains one of these strings")
@@ -231,7 +260,11 @@ def main(argv=None) -> int:
     if args.work is None:
         from tcurlora.fetch import cache_dir
 
-        args.work = str(cache_dir() / "benchmarks" / "work" / "comparison")
+        args.work = str(cache_dir() / "benchmarks" / "work" / f"comparison_{args.base}")
+    if args.base == "unetr" and not args.unetr_spec and not args.report:
+        import vit_base
+
+        args.unetr_spec = str(vit_base.build(vit_base.default_dir()))
     if not args.report:
         run(args)
     print(report(args))
