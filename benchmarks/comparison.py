@@ -37,6 +37,7 @@ from quality import BASELINE_NAMES, DIRECTIONS, HERE, adapt_and_segment, load_be
 from resources import UNETR_DECODER
 
 IGNORE_VALUE = 2
+ZERO_SHOT = "zero-shot"
 
 def rows_for(base: str) -> list:
     """(budget, row label, FinetuneOptions kwargs) in table order.
@@ -92,6 +93,8 @@ def run(args) -> None:
     import SimpleITK as sitk
 
     from tcurlora.metrics import evaluate
+    from tcurlora.events import Events
+    from tcurlora.infer import segment
     from tcurlora.protocol import DEFAULT_LR, MAX_STEPS
     from tcurlora.train import FinetuneOptions
 
@@ -114,14 +117,20 @@ def run(args) -> None:
         key = (label, scale, train, seed)
         if key in done:
             return done[key]
-        lr = DEFAULT_LR[kwargs["method"]] * scale
-        options = FinetuneOptions(steps=args.steps, batch_size=1, seed=seed, device="cpu", val_every=MAX_STEPS,
-                                  lr=lr, **kwargs)
         tag = "".join(c if c.isalnum() else "_" for c in f"{label}_lr{scale:g}_{train}_s{seed}")
         val_seg, test_seg = work / f"{tag}_val.nii.gz", work / f"{tag}_test.nii.gz"
         half_file, right = halves[train]
-        got = adapt_and_segment(base, pristine, (cases[train][0], half_file), options,
-                                [(cases[train][0], val_seg), (cases[test][0], test_seg)], labels=labels)
+        jobs = [(cases[train][0], val_seg), (cases[test][0], test_seg)]
+        if kwargs is None:  # zero-shot: the base as it is
+            lr, got = None, {"trainable": 0, "adapter_bytes": 0, "train_s": 0.0, "final_loss": None}
+            for image, seg in jobs:
+                base.network = copy.deepcopy(pristine)
+                segment(base, [image], str(seg), device="cpu", events=Events())
+        else:
+            lr = DEFAULT_LR[kwargs["method"]] * scale
+            options = FinetuneOptions(steps=args.steps, batch_size=1, seed=seed, device="cpu", val_every=MAX_STEPS,
+                                      lr=lr, **kwargs)
+            got = adapt_and_segment(base, pristine, (cases[train][0], half_file), options, jobs, labels=labels)
         pred = sitk.GetArrayFromImage(sitk.ReadImage(str(val_seg))) > 0
         ref = sitk.GetArrayFromImage(sitk.ReadImage(cases[train][1])) > 0
         m = evaluate([str(test_seg)], [cases[test][1]])[0]
@@ -139,6 +148,8 @@ def run(args) -> None:
               f"test {row['dice']:.3f}  HD95 {row['hd95_mm']:6.2f} mm  {row['train_s']:5.0f} s", flush=True)
         return row
 
+    for train, test in DIRECTIONS:
+        one(ZERO_SHOT, None, 0.0, 0, train, test)
     rows = [r for r in rows_for(args.base) if not args.methods or any(m in r[1] for m in args.methods)]
     for _, label, kwargs in rows:  # (1) the sweep, widened upwards while the top rate wins
         scales = list(args.lr_scales)
@@ -181,24 +192,25 @@ def chosen_scale(sweep: list) -> float:
 def report(args) -> str:
     """comparison.md and the two plots, from every run recorded."""
     runs = read_runs(runs_path(args))
-    scales = sorted({r["lr_scale"] for r in runs})
+    scales = sorted({r["lr_scale"] for r in runs if r["method"] != ZERO_SHOT})
     lines = ["**Learning-rate sweep** (seed 0; validation Dice = the training head's unseen right hemisphere, "
              "mean of the two directions; ← the rate chosen; – not run: the sweep goes above × "
              f"{max(args.lr_scales):g} only while the highest rate wins)", "",
              "| method | " + " | ".join(f"lr × {s:g}" for s in scales) + " |",
              "|---|" + "---|" * len(scales)]
     summary = []
-    for budget, label, kwargs in rows_for(args.base):
+    for budget, label, kwargs in [("0", ZERO_SHOT, None)] + rows_for(args.base):
         sweep = [r for r in runs if r["method"] == label and r["seed"] == 0]
         if not sweep:
             continue
         scale = chosen_scale(sweep)
-        cells = []
-        for s in scales:
-            v = [r["val_dice"] for r in sweep if r["lr_scale"] == s]
-            lr = next((r["lr"] for r in sweep if r["lr_scale"] == s), None)
-            cells.append(f"{statistics.mean(v):.3f} ({lr:.0e})" + (" ←" if s == scale else "") if v else "–")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if kwargs is not None:
+            cells = []
+            for s in scales:
+                v = [r["val_dice"] for r in sweep if r["lr_scale"] == s]
+                lr = next((r["lr"] for r in sweep if r["lr_scale"] == s), None)
+                cells.append(f"{statistics.mean(v):.3f} ({lr:.0e})" + (" ←" if s == scale else "") if v else "–")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         final = [r for r in runs if r["method"] == label and r["lr_scale"] == scale]
         d = [r["dice"] for r in final]
         summary.append({
@@ -217,10 +229,12 @@ def report(args) -> str:
               "| validation Dice | trainable values | adapter file | train time (median) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        lines.append(f"| {s['budget']} | {s['method']} | {s['lr']:.0e} | {s['runs']} | {s['dice_mean']:.3f} ± "
+        trained = s["trainable"] > 0
+        lr, size, t = ((f"{s['lr']:.0e}", f"{s['adapter_kb']:,.1f} KB", f"{s['train_s']:.0f} s") if trained
+                       else ("–", "–", "–"))
+        lines.append(f"| {s['budget']} | {s['method']} | {lr} | {s['runs']} | {s['dice_mean']:.3f} ± "
                      f"{s['dice_sd']:.3f} | {s['dice_robex']:.3f} | {s['dice_mni152']:.3f} | {s['hd95_mean']:.2f} ± "
-                     f"{s['hd95_sd']:.2f} | {s['val_dice']:.3f} | {s['trainable']:,d} | {s['adapter_kb']:,.1f} KB | "
-                     f"{s['train_s']:.0f} s |")
+                     f"{s['hd95_sd']:.2f} | {s['val_dice']:.3f} | {s['trainable']:,d} | {size} | {t} |")
     text = "\n".join(lines) + "\n"
     out, stem = Path(args.out), "comparison" if args.base == "deepbet" else f"comparison_{args.base}"
     steps, res = runs[0]["steps"], runs[0]["resolution"]
@@ -243,6 +257,9 @@ def plot(summary: list, out: Path, stem: str, title: str) -> None:
                               ("train_s", "training time, median s (one CPU thread)", f"{stem}_dice_vs_time.png")):
         fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=100)
         for s in summary:
+            if not s["trainable"]:
+                ax.axhline(s["dice_mean"], ls="--", lw=0.9, color="grey", label="zero-shot")
+                continue
             colour = next((c for f, c in family.items() if s["method"].startswith(f + " ")), "black")
             marker = ("P" if "+ decoder" in s["method"] else "o" if "r=8" in s["method"] else "s" if "r=32" in s["method"]
                       else "^" if "r=1" in s["method"] else "D")
