@@ -35,6 +35,7 @@ from tcurlora import cli
 pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.SUBPROCESS_ENV
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+VALUES = {0, 21, 22, 23}  # background and the vertebra label values of the tptbox crop
 
 
 def run(argv) -> int:
