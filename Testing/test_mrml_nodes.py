@@ -2,7 +2,6 @@
 node <-> file / array conversion, the training-curve nodes, and whole segmentation / fine-tuning runs with the
 stand-in worker (``Testing/standin_worker.py``), and one run of training then segmentation with the real worker."""
 
-import json
 import os
 import sys
 import time
