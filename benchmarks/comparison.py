@@ -157,7 +157,7 @@ def run(args) -> None:
             for train, test in DIRECTIONS:
                 one(label, kwargs, scale, 0, train, test)
             sweep = [r for r in done.values() if r["method"] == label and r["seed"] == 0]
-            if scale == scales[-1] and chosen_scale(sweep) == scale and len(scales) < len(args.lr_scales) + MAX_WIDEN:
+            if scale == scales[-1] and chosen_scale(sweep) == scale and len(scales) < len(args.lr_scales) + args.widen:
                 scales.append(scale * WIDEN)
     for _, label, kwargs in rows:  # (2) choose, (3) seeds
         scale = chosen_scale([r for r in done.values() if r["method"] == label and r["seed"] == 0])
@@ -174,8 +174,8 @@ def read_runs(path: Path) -> list:
     return [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
 
 
-#: When the highest rate tried wins, the sweep goes on upwards by this factor, at most this many times.
-WIDEN, MAX_WIDEN = 3.0, 2
+#: When the highest rate tried wins, the sweep goes on upwards by this factor (at most ``--widen`` times).
+WIDEN = 3.0
 
 
 def chosen_scale(sweep: list) -> float:
@@ -284,6 +284,8 @@ def main(argv=None) -> int:
     parser.add_argument("--unetr-spec", help="the distilled UNETR's spec (default: build or reuse benchmarks/vit_base.py's)")
     parser.add_argument("--lr-scales", type=float, nargs="+", default=[1.0, 3.0, 10.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--widen", type=int, default=2,
+                        help="while the highest rate tried wins, try up to this many higher ones (×3 each)")
     parser.add_argument("--methods", nargs="*", help="only rows whose label contains one of these strings")
     parser.add_argument("--report", action="store_true", help="only write the tables and plots")
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks-results"))

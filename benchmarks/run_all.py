@@ -117,7 +117,8 @@ def main(argv=None) -> int:
                                                        "--unetr-spec", spec, *quality_out, *work], log)
     for name in ("deepbet", "unetr"):  # the paper's baselines, learning rates chosen on a validation split
         if f"comparison-{name}" not in args.skip:
-            smoke = ["--steps", "1", "--seeds", "0", "--lr-scales", "1", "--methods", "tCURLoRA r=8", "LoRA"] if args.quick else []
+            smoke = (["--steps", "1", "--seeds", "0", "--lr-scales", "1", "--widen", "0", "--methods", "tCURLoRA r=8",
+                      "LoRA (PEFT) r=1"] if args.quick else [])
             timings[f"comparison_{name}"] = step([HERE / "comparison.py", "--base", name, "--unetr-spec", spec,
                                                   "--out", out, *smoke], log)
     if "resources" not in args.skip:
