@@ -35,7 +35,7 @@ from tcurlora import cli
 pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.SUBPROCESS_ENV
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-VALUES = {0, 21, 22, 23}
+VALUES = {0, 21, 22, 23}  # background and the vertebra label values of the tptbox crop
 
 
 def run(argv) -> int:
@@ -120,7 +120,7 @@ def test_every_input_format_reads_to_the_same_case(tiny_base, formats):
     from tcurlora.train import load_cases
 
     ref = load_cases(tiny_base, [formats.pairs["nifti"]], VERTEBRAE)[0]
-    assert set(torch.unique(ref.label).tolist()) == VALUES
+    assert set(torch.unique(ref.label).tolist()) == {0, 1, 2, 3}  # values 21..23 -> channels in table order
     for name, pair in formats.pairs.items():
         case = load_cases(tiny_base, [pair], VERTEBRAE)[0]
         assert torch.equal(case.image, ref.image), name
@@ -325,6 +325,69 @@ def test_early_stop_and_the_loss_is_dice_ce(tiny_unet, tmp_path, monkeypatch):
     assert events[-1]["event"] == "result" and events[-1]["metrics"]["steps"] == 2
     assert out.is_file()
     assert_png(curve_of(out))
+
+
+def test_the_loss_and_validation_dice_leave_ignored_voxels_out():
+    """(3) Voxels labelled 'ignore' (a partly annotated case) count in neither loss term: their logits get
+    exactly zero gradient, and the loss equals MONAI's DiceCELoss over the annotated voxels alone; without
+    ignored voxels it is DiceCELoss itself. Validation Dice does not see predictions there either."""
+    from monai.losses import DiceCELoss
+    from tcurlora.train import IGNORE_INDEX, DiceCEOnAnnotated, _dice_per_label
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 3, 6, 7, 5, generator=g, requires_grad=True)
+    target = torch.randint(0, 3, (1, 1, 6, 7, 5), generator=g).float()
+    loss_fn = DiceCEOnAnnotated()
+    with torch.no_grad():
+        assert float(loss_fn(logits, target)) == float(DiceCELoss(to_onehot_y=True, softmax=True)(logits, target))
+
+    target[..., :3, :] = IGNORE_INDEX
+    loss = loss_fn(logits, target)
+    loss.backward()
+    assert torch.count_nonzero(logits.grad[..., :3, :]) == 0 and torch.count_nonzero(logits.grad[..., 3:, :]) > 0
+    annotated = (target != IGNORE_INDEX)[0, 0]
+    n = int(annotated.sum())
+    reference = DiceCELoss(to_onehot_y=True, softmax=True)(logits[:, :, annotated].reshape(1, 3, n, 1, 1),
+                                                          target[:, :, annotated].reshape(1, 1, n, 1, 1))
+    assert float(loss) == pytest.approx(float(reference), rel=1e-5)
+    assert float(loss_fn(logits, torch.full_like(target, IGNORE_INDEX))) == 0.0
+
+    ref = torch.zeros(8, 8, 8, dtype=torch.long)
+    ref[2:6, 2:6, 2:6] = 1
+    pred = ref.clone()
+    ref[:, :, 6:] = IGNORE_INDEX
+    pred[:, :, 6:] = 1  # wrong only where nobody annotated
+    assert _dice_per_label(pred, ref, 1) == 1.0
+
+
+def test_a_partly_annotated_case_trains_its_classes_and_never_outputs_ignore(tiny_unet, tmp_path):
+    """(3) A case whose upper slabs nobody annotated (value 99, named 'ignore' in the table): it trains; the
+    adapter's labels are the base's three vertebrae (no 'ignore' class, so no new head) and segmentations
+    never contain 99; a table holding only 'ignore' is one clear error and writes nothing."""
+    label = sitk.ReadImage(str(CT_VERT))
+    arr = sitk.GetArrayFromImage(label)
+    arr[arr.shape[0] // 2:] = 99
+    partial = sitk.GetImageFromArray(arr)
+    partial.CopyInformation(label)
+    sitk.WriteImage(partial, str(tmp_path / "partial_label.nii.gz"))
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(VERTEBRAE + [{"value": 99, "name": "ignore"}]))
+    out = tmp_path / "partial.safetensors"
+    assert run(["finetune", *tiny_unet.args, "--image", CT, "--label", tmp_path / "partial_label.nii.gz",
+                "--labels", labels, "--out", out, "--steps", "2", "--batch-size", "1"]) == 0
+    assert [(l["value"], l["name"]) for l in manifest_of(out)["labels"]] == [(e["value"], e["name"]) for e in VERTEBRAE]
+    assert manifest_of(out)["method"]["config"]["new_head"] is None
+    seg = tmp_path / "seg.nii.gz"
+    assert run(["segment", *tiny_unet.args, "--adapter", out, CT, "-o", seg]) == 0
+    assert 99 not in np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(seg))))
+
+    labels.write_text(json.dumps([{"value": 99, "name": "Ignore"}]))
+    proc = subprocess.run(cli_subprocess("finetune", *tiny_unet.args, "--image", CT, "--label",
+                                         tmp_path / "partial_label.nii.gz", "--labels", labels, "--out",
+                                         tmp_path / "x.safetensors", "--steps", "1"),
+                          capture_output=True, text=True, env=SUBPROCESS_ENV)
+    assert "only the 'ignore' label" in assert_one_line_error(proc)
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_methods_and_rank(tiny_unet, tmp_path):

@@ -2,7 +2,6 @@
 node <-> file / array conversion, the training-curve nodes, and whole segmentation / fine-tuning runs with the
 stand-in worker (``Testing/standin_worker.py``), and one run of training then segmentation with the real worker."""
 
-import json
 import os
 import sys
 import time
@@ -365,6 +364,17 @@ def test_finetune_task_with_validation_curves_and_new_label(scene, tmp_path):
     assert open(task.adapterPath, "rb").read().startswith(b"FAKE-TCURLORA-ADAPTER")
     assert len(curves.values("loss")[0]) == 20 and curves.values("dice")[0] == [5.0, 10.0, 15.0, 20.0]
     assert task.metrics["steps"] == 20 and not os.path.exists(task.workdir)
+
+
+def test_a_segment_named_ignore_reaches_the_engine_as_unannotated_voxels():
+    """A segment painted over what nobody checked, named 'ignore': the job carries it as a label, and the
+    engine reads it as unannotated voxels, not as a class, so the base's own head is still the one adapted."""
+    from tcurlora.train import same_labels, split_ignore
+
+    mapping = models.defaultLabelMapping(["brain", "ignore"], LABELS[:1])
+    job_labels, table, segment_to_value = models.labelsFromMapping(mapping, LABELS[:1])
+    classes, ignore_value = split_ignore(job_labels)
+    assert same_labels(classes, LABELS[:1]) and ignore_value == segment_to_value["ignore"] != segment_to_value["brain"]
 
 
 def test_finetune_cancel_then_resume(scene, tmp_path):

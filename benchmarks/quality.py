@@ -112,15 +112,46 @@ def site_labels(work: Path) -> dict:
     return cases
 
 
-def run(args) -> list:
+def adapt_and_segment(base, pristine, train_pair, options, jobs, labels=None) -> dict:
+    """Train ``options`` on ``train_pair`` from a copy of ``pristine`` (the adapter is written beside the first
+    output), then segment each ``(image, output)`` of ``jobs`` with it.  Returns train and segment seconds,
+    trainable values, adapter bytes and the final loss; ``base.network`` is left a pristine copy."""
     import torch
 
+    from tcurlora.adapter_file import load_adapter
+    from tcurlora.events import Events
+    from tcurlora.infer import segment
+    from tcurlora.train import finetune
+    from tcurlora.tuners.strategies import PEFT_METHODS
+
+    adapter = Path(jobs[0][1]).with_name(Path(jobs[0][1]).name.replace(".nii.gz", ".safetensors"))
+    base.network = copy.deepcopy(pristine)
+    torch.manual_seed(options.seed)  # finetune injects (PEFT LoRA init) before it seeds: make that reproducible
+    t0 = time.time()
+    result = finetune(base, [train_pair], adapter, options=options, labels=labels, events=Events())
+    train_s = time.time() - t0
+    result.files.checkpoint.unlink(missing_ok=True)  # resume state only (~3× the weights for full)
+    t0 = time.time()
+    for image, out in jobs:
+        base.network = copy.deepcopy(pristine)
+        if options.method in PEFT_METHODS:
+            # PEFT's layers run unmerged (tcurlora.infer does the same): load the file ourselves
+            load_adapter(base.network, str(adapter), adapter_name="segment")
+            segment(base, [image], str(out), device="cpu", events=Events())
+        else:
+            segment(base, [image], str(out), adapter=str(adapter), device="cpu", events=Events())
+    seg_s = time.time() - t0
+    base.network = copy.deepcopy(pristine)
+    return {"train_s": train_s, "segment_s": seg_s, "trainable": result.metrics.trainable_values,
+            "adapter_bytes": adapter.stat().st_size, "final_loss": result.metrics.final_loss}
+
+
+def run(args) -> list:
     from tcurlora.events import Events
     from tcurlora.infer import segment
     from tcurlora.metrics import evaluate
     from tcurlora.protocol import MAX_STEPS
-    from tcurlora.train import DEFAULT_LR, FinetuneOptions, finetune
-    from tcurlora.tuners.strategies import PEFT_METHODS
+    from tcurlora.train import DEFAULT_LR, FinetuneOptions
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,29 +207,12 @@ def run(args) -> list:
                     segment(base, [test_img], str(seg), device="cpu", events=Events())
                     seg_s = time.time() - t0
                 else:
-                    adapter = seg.with_name(seg.name.replace(".nii.gz", ".safetensors"))
                     options = FinetuneOptions(steps=args.steps, batch_size=args.batch, seed=seed, device="cpu",
                                               val_every=MAX_STEPS, **kwargs)  # no validation case: never
-                    torch.manual_seed(seed)  # finetune injects (PEFT LoRA init) before it seeds: make that reproducible
-                    t0 = time.time()
-                    result = finetune(base, [cases[train]], adapter, options=options, events=Events())
-                    train_s = time.time() - t0
-                    trainable = result.metrics.trainable_values
-                    final_loss = result.metrics.final_loss
-                    size = adapter.stat().st_size
+                    got = adapt_and_segment(base, pristine, cases[train], options, [(test_img, seg)])
+                    train_s, seg_s, trainable, size, final_loss = (got[k] for k in (
+                        "train_s", "segment_s", "trainable", "adapter_bytes", "final_loss"))
                     lr = kwargs.get("lr", DEFAULT_LR[kwargs["method"]])
-                    result.files.checkpoint.unlink(missing_ok=True)  # resume state only (~3× the weights for full)
-                    base.network = copy.deepcopy(pristine)
-                    t0 = time.time()
-                    if kwargs["method"] in PEFT_METHODS:
-                        # PEFT's layers run unmerged (tcurlora.infer does the same): load the file ourselves
-                        from tcurlora.adapter_file import load_adapter
-
-                        load_adapter(base.network, str(adapter), adapter_name="segment")
-                        segment(base, [test_img], str(seg), device="cpu", events=Events())
-                    else:
-                        segment(base, [test_img], str(seg), adapter=str(adapter), device="cpu", events=Events())
-                    seg_s = time.time() - t0
                 m = evaluate([str(seg)], [test_label])[0]
                 record({"base": args.base, "method": label, "train": train if kwargs else "-", "test": test,
                         "seed": seed if seed is not None else -1, "steps": 0 if kwargs is None else args.steps,

@@ -4,7 +4,8 @@
     nice -n 10 python benchmarks/run_all.py --quick    # every code path in a few minutes; numbers meaningless
 
 Steps: (1) build or reuse the distilled UNETR base (benchmarks/vit_base.py); (2) quality on the real
-heads for deepbet and for the UNETR (benchmarks/quality.py); (3) CPU speed and memory per method, each
+heads for deepbet and for the UNETR (benchmarks/quality.py), and the paper's baselines with learning rates chosen
+on a validation split (benchmarks/comparison.py); (3) CPU speed and memory per method, each
 in a fresh subprocess (benchmarks/resources.py): the ViT bases (UNETR small and ViT-B, ``resources.*``) and the
 conv bases (deepbet 128³ and nnU-Net's PlainConvUNet at its planned patch, ``resources_conv.*``); (4) the time to
 a useful adapter on this CPU: the default ``tcurlora finetune`` against 100 full-resolution steps
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
     parser.add_argument("--distill-steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["quality-deepbet", "quality-unetr", "resources", "resources-conv", "cpu-default"])
+                        choices=["quality-deepbet", "quality-unetr", "comparison-deepbet", "comparison-unetr",
+                                 "resources", "resources-conv", "cpu-default"])
     args = parser.parse_args(argv)
     import vit_base  # benchmarks/ is on sys.path when run as a script
 
@@ -113,6 +115,12 @@ def main(argv=None) -> int:
         for n in un_steps:
             timings[f"quality_unetr_{n}steps"] = step([HERE / "quality.py", "--base", "unetr", "--steps", n,
                                                        "--unetr-spec", spec, *quality_out, *work], log)
+    for name in ("deepbet", "unetr"):  # the paper's baselines, learning rates chosen on a validation split
+        if f"comparison-{name}" not in args.skip:
+            smoke = (["--steps", "1", "--seeds", "0", "--lr-scales", "1", "--widen", "0", "--methods", "tCURLoRA r=8",
+                      "LoRA (PEFT) r=1"] if args.quick else [])
+            timings[f"comparison_{name}"] = step([HERE / "comparison.py", "--base", name, "--unetr-spec", spec,
+                                                  "--out", out, *smoke], log)
     if "resources" not in args.skip:
         vit = ["unetr-small"] if args.quick else ["unetr-small", "vitb"]
         timings["resources"] = step([HERE / "resources.py", "--out", out, "--models", *vit, "--no-segment256",
@@ -163,6 +171,8 @@ def write_results(out: Path, info: dict, spec: str) -> None:
         parts += [f"| {r['head']} | {r['dice_vs_deepbet']:.3f} | {r['hd95_mm_vs_deepbet']:.1f} |" for r in a["rows"]]
         parts.append("")
     for title, name in (("Quality (site convention: expert masks grown by 3 mm)", "quality_summary.md"),
+                        ("The paper's baselines, deepbet (learning rate chosen on validation)", "comparison.md"),
+                        ("The paper's baselines, UNETR (learning rate chosen on validation)", "comparison_unetr.md"),
                         ("Speed and memory, ViT bases (CPU, one fresh process per method)", "resources.md"),
                         ("Speed and memory, conv bases (CPU, one fresh process per method)", "resources_conv.md"),
                         ("Time to a useful adapter on this CPU", "cpu_default.md")):

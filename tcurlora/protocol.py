@@ -230,6 +230,9 @@ def case_list(min_items: int) -> Check:
 
 
 LABELS_FROM_SEGMENTATION = "from-segmentation"
+#: A label of this name (any value, case-insensitive) marks voxels nobody annotated (a partly corrected case):
+#: training leaves them out of the loss and of validation; it is not an output class (nnU-Net's convention).
+IGNORE_LABEL = "ignore"
 
 
 def label_table(value):

@@ -169,32 +169,48 @@ def resolve_labels(base: BaseModel, labels: Optional[Sequence[dict]], first_labe
     return [dict(l) for l in base.labels]
 
 
+def split_ignore(table: Sequence[dict]) -> Tuple[List[dict], Optional[int]]:
+    """A label table -> (its classes, the value of its ``ignore`` label or None)."""
+    ignore = [l for l in table if l["name"].lower() == protocol.IGNORE_LABEL]
+    return [dict(l) for l in table if l not in ignore], (int(ignore[0]["value"]) if ignore else None)
+
+
 def same_labels(a: Sequence[dict], b: Sequence[dict]) -> bool:
     return [(l["value"], l["name"].lower()) for l in a] == [(l["value"], l["name"].lower()) for l in b]
 
 
 def load_cases(base: BaseModel, pairs: Sequence[Tuple[str, str]], labels: List[dict], what: str = "training") -> List[Case]:
-    """Read and check every case before any training starts; errors name the file."""
+    """Read and check every case before any training starts; errors name the file.  ``labels`` is the whole
+    table (its ``ignore`` label too); the cases' labels come back as channel indices (:func:`_encode_labels`)."""
     from .io import read_image, read_label
 
     if not pairs and what == "training":
         raise TCURLoRAError("no training cases given (use --image/--label, --cases FOLDER or a job file)")
+    classes, ignore_value = split_ignore(labels)
     cases = []
     for image_path, label_path in pairs:
         image = read_image(image_path)
         label = read_label(label_path, image, labels, image_path=image_path)
         x, y, _ = base.prepare(image, label)
-        if int(y.max()) == 0:
+        if not bool(((y > 0) & (y != ignore_value)).any()):
             raise InputError(label_path, "the label is empty after preprocessing (outside the model's field of view)")
-        cases.append(Case(str(image_path), str(label_path), x.float(), y.long()))
+        cases.append(Case(str(image_path), str(label_path), x.float(), _encode_labels(y.long(), classes, ignore_value)))
     return cases
 
 
-def _encode_labels(y: torch.Tensor, labels: List[dict]) -> torch.Tensor:
-    """Label values -> channel indices 1..N in table order (values need not be contiguous)."""
+#: What an ``ignore`` voxel becomes in training targets: below background, so patch sampling counts it as
+#: background and nearest-neighbour resizing keeps it.
+IGNORE_INDEX = -1
+
+
+def _encode_labels(y: torch.Tensor, classes: List[dict], ignore_value: Optional[int] = None) -> torch.Tensor:
+    """Label values -> channel indices 1..N in table order (values need not be contiguous); the ignore
+    label's voxels -> :data:`IGNORE_INDEX`."""
     out = torch.zeros_like(y)
-    for i, entry in enumerate(labels, start=1):
+    for i, entry in enumerate(classes, start=1):
         out[y == int(entry["value"])] = i
+    if ignore_value is not None:
+        out[y == ignore_value] = IGNORE_INDEX
     return out
 
 
@@ -363,12 +379,40 @@ def _core_parameters(network: torch.nn.Module) -> List[torch.nn.Parameter]:
 
 
 def _dice_per_label(pred: torch.Tensor, ref: torch.Tensor, n: int) -> float:
+    annotated = ref != IGNORE_INDEX
     scores = []
     for c in range(1, n + 1):
-        a, b = pred == c, ref == c
+        a, b = (pred == c) & annotated, ref == c
         denom = int(a.sum()) + int(b.sum())
         scores.append(1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom)
     return float(np.mean(scores))
+
+
+class DiceCEOnAnnotated(torch.nn.Module):
+    """MONAI's Dice + cross-entropy (softmax, one-hot target) over the annotated voxels only: targets equal to
+    :data:`IGNORE_INDEX` count in neither term.  Without such voxels it is exactly ``DiceCELoss``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from monai.losses import DiceCELoss, MaskedDiceLoss
+
+        self.plain = DiceCELoss(to_onehot_y=True, softmax=True)
+        # one-hot before masking: MaskedDiceLoss(to_onehot_y=True) would one-hot the masked target, turning
+        # every ignored voxel into background
+        self.dice = MaskedDiceLoss(softmax=True)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        annotated = target != IGNORE_INDEX
+        if bool(annotated.all()):
+            return self.plain(logits, target)
+        if not bool(annotated.any()):  # a patch drawn wholly from unannotated voxels teaches nothing
+            return logits.sum() * 0.0
+        from monai.networks.utils import one_hot
+
+        target = torch.where(annotated, target, torch.zeros_like(target))
+        ce = torch.nn.functional.cross_entropy(logits, target[:, 0].long(), reduction="none")
+        dice = self.dice(logits, one_hot(target, logits.shape[1]), mask=annotated)
+        return dice + ce[annotated[:, 0]].mean()
 
 
 class Training:
@@ -381,7 +425,7 @@ class Training:
     def __init__(self, base: BaseModel, network: torch.nn.Module, config: TCURLoRAConfig, options: FinetuneOptions,
                  prep, table: List[dict], train_cases: List[Case], val_cases: List[Case], device: torch.device,
                  events: Events, ctx: Optional[distributed.Context] = None) -> None:
-        from monai.losses import DeepSupervisionLoss, DiceCELoss
+        from monai.losses import DeepSupervisionLoss
 
         from .preprocess import train_transforms
 
@@ -404,7 +448,7 @@ class Training:
                                                            lambda s: (1 - min(s, steps) / (steps + 1)) ** 0.9)
         # deep-supervision nets (SegResNetDS) return one output per level in train mode: weighted sum over the
         # levels, the target resized to each (what Auto3DSeg's own trainer does); a single output passes through
-        self.loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))
+        self.loss_fn = DeepSupervisionLoss(DiceCEOnAnnotated())
         self._make_transforms = lambda prep: train_transforms(prep, num_samples=options.batch_size, label_table=table)
         self.transforms = self._make_transforms(prep)
         self.history = {"loss": [], "val_dice": []}
@@ -596,16 +640,17 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
     device = ctx.device
     if not ctx.is_main:
         events = Events()  # rank 0 alone reports
-    table = resolve_labels(base, labels, train_pairs[0][1] if train_pairs else None)
+    full_table = resolve_labels(base, labels, train_pairs[0][1] if train_pairs else None)
+    table, _ = split_ignore(full_table)  # the adapter's classes; voxels labelled "ignore" are left out of the loss
+    if not table:
+        raise TCURLoRAError("the label table holds only the 'ignore' label: nothing to learn")
     config = build_adapter_config(base, options, table)
     if start_from:
         config = _read_start(start_from, base, table)
     prep = training_preprocessing(base, options)
 
-    train_cases = load_cases(base, train_pairs, table)
-    val_cases = load_cases(base, val_pairs, table, "validation") if val_pairs else []
-    for c in train_cases + val_cases:
-        c.label = _encode_labels(c.label, table)
+    train_cases = load_cases(base, train_pairs, full_table)
+    val_cases = load_cases(base, val_pairs, full_table, "validation") if val_pairs else []
     record = run_record(files, train_cases, val_cases, options, config, table, base_fingerprint(base.network))
     state = load_checkpoint(files.checkpoint, record) if resume else None
 
