@@ -275,7 +275,7 @@ def run(args) -> None:
 def _mean_sd(values: list) -> str:
     finite = [v for v in values if v == v and v != float("inf")]
     if not finite:
-        return "–"
+        return f"– ({len(values)} empty)"
     sd = statistics.stdev(finite) if len(finite) > 1 else 0.0
     missing = len(values) - len(finite)
     return f"{statistics.mean(finite):.2f} ± {sd:.2f}" + (f" ({missing} empty)" if missing else "")
@@ -291,7 +291,7 @@ def table(rows: list) -> str:
     for base, steps, batch, res in settings(rows):
         block = [r for r in rows if (r["base"], r["steps"], r["batch"], r["resolution"]) == (base, steps, batch, res)]
         seeds = sorted({r["seed"] for r in block})
-        lines += [f"**{base}** ({'model input ' + str(res) + '³' if base == 'deepbet' else 'patch ≤ ' + str(res)}, "
+        lines += [f"**{base}** ({'model input ' + str(res) + '³' if base == 'deepbet' else 'nnU-Net patch, largest side ' + str(res)}, "
                   f"{steps} steps, batch {batch}, seeds {', '.join(map(str, seeds))}; runs = directions × seeds)", "",
                   "| method | runs | Dice mean ± sd | Dice, test brain2 (1.8 ml) | Dice, test brain1 (16 ml) | "
                   "HD95 mm mean ± sd | fit: Dice on the training case | trainable values | adapter file | "
@@ -323,8 +323,12 @@ def plot(rows: list, path: Path) -> None:
     import numpy as np
 
     blocks = settings(rows)
-    fig, axes = plt.subplots(1, len(blocks), figsize=(6.5 * len(blocks), 4.4), dpi=100, squeeze=False)
-    for ax, key in zip(axes[0], blocks):
+    cols = min(2, len(blocks))
+    rows_n = (len(blocks) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(7 * cols, 4.6 * rows_n), dpi=100, squeeze=False)
+    for ax in axes.flat[len(blocks):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, blocks):
         block = [r for r in rows if (r["base"], r["steps"], r["batch"], r["resolution"]) == key]
         names = list(dict.fromkeys(r["method"] for r in block))
         for k, name in enumerate(names):
