@@ -70,51 +70,61 @@ def write_raw_dataset(raw: Path) -> None:
         "name": "TPTBox CT crop, 5 mirrored copies (test dataset)"}, indent=2))
 
 
-def narrow_plans(preprocessed: Path) -> None:
-    """``nnUNetPlansTiny``: nnU-Net's plans with 4, 8, 16, 32, 32... features per stage."""
+def narrow_plans(preprocessed: Path, plans_name: str = PLANS, first: int = 4, widest: int = 32) -> None:
+    """``plans_name``: nnU-Net's plans with ``first``, 2×, 4×… features per stage, at most ``widest``
+    (the test model: 4, 8, 16, 32, 32...)."""
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
-    plans["plans_name"] = PLANS
+    plans["plans_name"] = plans_name
     arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
-    arch["features_per_stage"] = [min(4 * 2 ** i, 32) for i in range(len(arch["features_per_stage"]))]
-    (preprocessed / f"{PLANS}.json").write_text(json.dumps(plans, indent=2))
+    arch["features_per_stage"] = [min(first * 2 ** i, widest) for i in range(len(arch["features_per_stage"]))]
+    (preprocessed / f"{plans_name}.json").write_text(json.dumps(plans, indent=2))
 
 
-def train(work: Path, fold: int) -> Path:
-    """Train the stock nnUNetTrainer on one fold for one short epoch; returns the trained-model folder."""
+def train(work: Path, fold: int, dataset: str = DATASET, plans_name: str = PLANS, iterations: int = ITERATIONS,
+          val_iterations: int = 1) -> Path:
+    """Train the stock nnUNetTrainer on one fold for one epoch of ``iterations``; returns the trained-model folder."""
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     torch.manual_seed(fold)
     np.random.seed(fold)
-    pre = work / "nnUNet_preprocessed" / DATASET
-    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    pre = work / "nnUNet_preprocessed" / dataset
+    plans = json.loads((pre / f"{plans_name}.json").read_text())
     plans["continue_training"] = False  # what nnU-Net's run_training passes for a fresh run
     dataset_json = json.loads((pre / "dataset.json").read_text())
     trainer = nnUNetTrainer(plans, "3d_fullres", fold, dataset_json, device=torch.device("cpu"))
     trainer.num_epochs = 1
-    trainer.num_iterations_per_epoch = ITERATIONS
-    trainer.num_val_iterations_per_epoch = 1
+    trainer.num_iterations_per_epoch = iterations
+    trainer.num_val_iterations_per_epoch = val_iterations
     trainer.run_training()  # writes plans.json, dataset.json, fold_N/checkpoint_final.pth (no validation export)
     return Path(trainer.output_folder_base)
 
 
-def build(work: Path) -> Path:
+def plan_and_train(work: Path, dataset_id: int, dataset: str, write_raw, *, plans_name: str = PLANS, first: int = 4,
+                   widest: int = 32, folds=FOLDS, iterations: int = ITERATIONS, val_iterations: int = 1) -> Path:
+    """nnU-Net's own pipeline on the raw dataset ``write_raw(folder)`` writes: plan, narrow the plans
+    (:func:`narrow_plans`), preprocess, train each fold; returns the trained-model folder."""
     work = Path(work)
     env = nnunet_env(work)
     # the trainer runs in this process; 0 augmentation workers = nnU-Net's single-threaded loader (the planner
     # needs at least 1: it sets torch's thread count from it)
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_compile")},
                       nnUNet_n_proc_DA="0")
-    write_raw_dataset(work / "nnUNet_raw" / DATASET)
+    write_raw(work / "nnUNet_raw" / dataset)
     quiet = dict(env=env, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres",
+    subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres",
                     "-npfp", "1", "--no_pp"], **quiet)
-    narrow_plans(work / "nnUNet_preprocessed" / DATASET)
-    subprocess.run([nnunet_command("nnUNetv2_preprocess"), "-d", str(DATASET_ID), "-plans_name", PLANS,
+    narrow_plans(work / "nnUNet_preprocessed" / dataset, plans_name, first, widest)
+    subprocess.run([nnunet_command("nnUNetv2_preprocess"), "-d", str(dataset_id), "-plans_name", plans_name,
                     "-c", "3d_fullres", "-np", "1"], **quiet)
-    for fold in FOLDS:
-        folder = train(work, fold)
+    for fold in folds:
+        folder = train(work, fold, dataset, plans_name, iterations, val_iterations)
     return folder
+
+
+def build(work: Path) -> Path:
+    """The test model: the tptbox crop dataset, nnUNetPlansTiny, folds 0 and 1."""
+    return plan_and_train(work, DATASET_ID, DATASET, write_raw_dataset)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -100,54 +99,16 @@ def write_heads_dataset(raw: Path) -> None:
         "file_ending": ".nii.gz", "name": "mni152 and robex heads, brain masks, mirrored copies"}, indent=2))
 
 
-def narrow_plans(preprocessed: Path) -> None:
-    """nnU-Net's own plans with 8, 16, 32, 64, 64... features per stage (a CPU-trainable width)."""
-    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
-    plans["plans_name"] = NNUNET_PLANS
-    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
-    arch["features_per_stage"] = [min(8 * 2 ** i, 64) for i in range(len(arch["features_per_stage"]))]
-    (preprocessed / f"{NNUNET_PLANS}.json").write_text(json.dumps(plans, indent=2))
-
-
-def train_nnunet_base(work: Path, iterations: int) -> Path:
-    """The stock nnUNetTrainer, fold 0, one epoch of ``iterations`` (started as Testing/nnunet_fixture.py does)."""
-    import numpy as np
-    import torch
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    torch.manual_seed(0)
-    np.random.seed(0)
-    pre = work / "nnUNet_preprocessed" / NNUNET_DATASET
-    plans = json.loads((pre / f"{NNUNET_PLANS}.json").read_text())
-    plans["continue_training"] = False
-    dataset_json = json.loads((pre / "dataset.json").read_text())
-    trainer = nnUNetTrainer(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
-    trainer.num_epochs = 1
-    trainer.num_iterations_per_epoch = iterations
-    trainer.num_val_iterations_per_epoch = 2
-    trainer.run_training()
-    return Path(trainer.output_folder_base)
-
-
 def build_nnunet_base(work: Path, iterations: int = NNUNET_ITERATIONS) -> Path:
     """The cached trained-model folder, built with nnU-Net's own commands when missing."""
-    from nnunet_fixture import nnunet_command, nnunet_env
+    from nnunet_fixture import plan_and_train
 
     folder = nnunet_base_folder(work)
     if (folder / "fold_0" / "checkpoint_final.pth").is_file():
         return folder
-    env = nnunet_env(work)
-    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_compile")},
-                      nnUNet_n_proc_DA="0")
-    write_heads_dataset(work / "nnUNet_raw" / NNUNET_DATASET)
-    quiet = dict(env=env, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(NNUNET_DATASET_ID), "-c", "3d_fullres",
-                    "-npfp", "1", "--no_pp"], **quiet)
-    narrow_plans(work / "nnUNet_preprocessed" / NNUNET_DATASET)
-    subprocess.run([nnunet_command("nnUNetv2_preprocess"), "-d", str(NNUNET_DATASET_ID), "-plans_name", NNUNET_PLANS,
-                    "-c", "3d_fullres", "-np", "1"], **quiet)
-    t0 = time.time()
-    folder = train_nnunet_base(work, iterations)
+    t0 = time.time()  # planning, preprocessing and training
+    folder = plan_and_train(work, NNUNET_DATASET_ID, NNUNET_DATASET, write_heads_dataset, plans_name=NNUNET_PLANS,
+                            first=8, widest=64, folds=(0,), iterations=iterations, val_iterations=2)
     (folder / "build_seconds.txt").write_text(f"{time.time() - t0:.0f}\n")
     return folder
 
