@@ -23,7 +23,7 @@ from .config import TCURLoRAConfig
 from .errors import TCURLoRAError, display_name
 from .io import atomic_write, validate_label_table
 from .manifest import (FORMAT_VERSION, LORA_KEY, METADATA_KEY, PEFT_METHOD_NAMES, ManifestError, check_tensors,
-                       parse_manifest, read_adapter_bytes)
+                       parse_manifest, read_adapter_bytes, trained_prefix)
 from .adapter import base_fingerprint
 from .tuners import AdapterError, get_tuner
 from .tuners.model import first_non_finite
@@ -160,7 +160,7 @@ def _check_layers_fit(model: nn.Module, method: dict, index: dict, name: str) ->
         module = layer(head["module"])
         shape = list(module.weight.shape)
         shape[1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0] = head["out_channels"]
-        expect(f"trained.{head['module'].replace('.', '__')}.weight", shape, module.weight.dtype)
+        expect(trained_prefix(head["module"]) + "weight", shape, module.weight.dtype)
     if method["name"] in PEFT_METHOD_NAMES:
         rank = method["config"].get("rank", TCURLoRAConfig.rank)
         for target in method["lora_targets"]:

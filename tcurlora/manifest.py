@@ -409,6 +409,11 @@ def _is_version(text: str) -> bool:
     return len(parts) == 2 and all(p.isdigit() and p.isascii() and len(p) < 6 for p in parts)
 
 
+def trained_prefix(module_path: str) -> str:
+    """Where a fully trained module's tensors sit in an adapter file: ``trained.<module path, dots as __>.``"""
+    return f"trained.{module_path.replace('.', '__')}."
+
+
 def check_tensors(manifest: dict, index: Dict[str, dict], where: str = "adapter") -> None:
     """The file's tensors (its header index) must be those its manifest describes.
 
@@ -445,14 +450,14 @@ def check_tensors(manifest: dict, index: Dict[str, dict], where: str = "adapter"
                                    f"K = {k} and rank {rank}")
             stacks[key] = stack
     trained = method.get("trained_modules")
-    prefixes = (tuple(f"trained.{m.replace('.', '__')}." for m in trained)
+    prefixes = (tuple(trained_prefix(m) for m in trained)
                 if isinstance(trained, list) else ("trained.",))
     for key in index:
         if key not in stacks and not (prefixes and key.startswith(prefixes)):
             raise _fail(where, f"unexpected tensor {key!r} (not described by the manifest)")
     head = method["config"].get("new_head")
     if head:
-        key = f"trained.{head['module'].replace('.', '__')}.weight"
+        key = trained_prefix(head["module"]) + "weight"
         info = index.get(key)
         if info is None or len(info["shape"]) < 2 or head["out_channels"] not in info["shape"][:2]:
             raise _fail(where, f"new_head {head['module']} with {head['out_channels']} outputs has no matching "
@@ -465,7 +470,7 @@ def _check_lora_tensors(method: dict, index: Dict[str, dict], where: str) -> Non
     trained = tuple(f"{m}." for m in method.get("trained_modules") or [])
     head = method["config"].get("new_head")
     if head:  # a new output layer: its own tensors, under the key every method gives it
-        trained += (f"trained.{head['module'].replace('.', '__')}.",)
+        trained += (trained_prefix(head["module"]),)
     found = set()
     for key, info in index.items():
         match = LORA_KEY.fullmatch(key)

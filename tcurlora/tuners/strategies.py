@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TCURLoRAConfig
+from ..manifest import trained_prefix
 from .layers import COPIES, AdapterError, ModuleSwitch, TCURLayer, TCURStack, projectable_kind, unwrap
 from .stacks import (StackSpec, find, member_matrix, resolve_stacks, switch_module,
                      trained_module_names, under, wrap_layer)
@@ -90,8 +91,10 @@ def _new_head(base: nn.Module, out_channels: int) -> nn.Module:
     return head
 
 
-def _file_key(path: str) -> str:  # a trained module's key in the adapter's tensors
-    return path.replace(".", "__")
+def _switch_in(tuner: "TCURTuner", record: AdapterRecord, target: nn.Module, own: nn.Module) -> nn.Module:
+    """Run ``own`` in place of ``target`` while the adapter is active (behind a ModuleSwitch); returns ``own``."""
+    switch_module(tuner.model, target, lambda chain: ModuleSwitch(chain, tuner)).set_copy(record.name, own)
+    return own
 
 
 class Strategy:
@@ -150,9 +153,7 @@ class Strategy:
         for path in paths:
             target = find(model, path)
             own = _new_head(target, int(config.new_head["out_channels"])) if path == head else _clean_copy(tuner, target)
-            switch = switch_module(model, target, lambda chain: ModuleSwitch(chain, tuner))
-            switch.set_copy(record.name, own)
-            record.trained[path] = own
+            record.trained[path] = _switch_in(tuner, record, target, own)
 
     def remove(self, tuner: "TCURTuner", record: AdapterRecord) -> None:
         for module in tuner.model.modules():
@@ -171,7 +172,7 @@ class Strategy:
                 out[f"stacks.{name}.{key}"] = value
         for path, module in record.trained.items():
             for key, value in module.state_dict(keep_vars=True).items():
-                out[f"trained.{_file_key(path)}.{key}"] = value
+                out[trained_prefix(path) + key] = value
         return out if keep_vars else OrderedDict((k, v.detach()) for k, v in out.items())
 
     def after_load(self, tuner: "TCURTuner", record: AdapterRecord) -> None:
@@ -266,10 +267,8 @@ class LoraStrategy(Strategy):
         inject_adapter_in_model(lora, model, adapter_name=record.name)
         _wrap_aliases(model)
         if config.new_head:  # new labels: a new output layer of the adapter's own, trained fully (as every method)
-            path = str(config.new_head["module"])
-            record.head = _new_head(find(model, path), int(config.new_head["out_channels"]))
-            switch_module(model, find(model, path), lambda chain: ModuleSwitch(chain, tuner)).set_copy(record.name,
-                                                                                                       record.head)
+            target = find(model, str(config.new_head["module"]))
+            record.head = _switch_in(tuner, record, target, _new_head(target, int(config.new_head["out_channels"])))
         self.initialise(tuner, record)
         record.trained = OrderedDict((p, find(model, p)) for p in trained_paths)
 
@@ -303,8 +302,8 @@ class LoraStrategy(Strategy):
         out = OrderedDict((k, v) for k, v in tuner.model.state_dict(keep_vars=True).items()
                           if ("lora_" in k or under(k.rsplit(".", 1)[0], trained)) and COPIES not in k.split("."))
         if record.head is not None:  # under the key every method gives a new head
-            path = _file_key(str(record.config.new_head["module"]))
-            out.update((f"trained.{path}.{k}", v) for k, v in record.head.state_dict(keep_vars=True).items())
+            prefix = trained_prefix(str(record.config.new_head["module"]))
+            out.update((prefix + k, v) for k, v in record.head.state_dict(keep_vars=True).items())
         return out if keep_vars else OrderedDict((k, v.detach()) for k, v in out.items())
 
     def after_load(self, tuner, record) -> None:
