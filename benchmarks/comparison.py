@@ -26,6 +26,7 @@ Two templates, not a cohort: the numbers compare methods on one task and validat
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -107,8 +108,6 @@ def run(args) -> None:
     cases = site_labels(work / "data")
     base = load_benchmark_base(args.base, args.resolution, Path(args.unetr_spec) if args.unetr_spec else None)
     resolution = args.resolution if args.base == "deepbet" else int(base.preprocessing.patch_size[0])
-    import copy
-
     pristine = copy.deepcopy(base.network)
     labels = [dict(l) for l in base.labels] + [{"value": IGNORE_VALUE, "name": "ignore"}]
     halves = {name: half_labelled(work / "data", name, cases[name][1]) for name in cases}

@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "Testing"))
 
-from quality import BASELINE_NAMES, load_benchmark_base  # noqa: E402  (benchmarks/ is on sys.path as a script)
+from quality import BASELINE_NAMES, adapt_and_segment, load_benchmark_base  # noqa: E402  (benchmarks/ is on sys.path as a script)
 
 LESION = [{"value": 1, "name": "lesion"}]
 DIRECTIONS = [("brain1", "brain2"), ("brain2", "brain1")]
@@ -141,14 +141,10 @@ def load_base_for(args):
 def run(args) -> None:
     import torch
 
-    from tcurlora.adapter_file import load_adapter
     from tcurlora.datasets import get_scan
-    from tcurlora.events import Events
-    from tcurlora.infer import segment
     from tcurlora.metrics import evaluate
     from tcurlora.protocol import DEFAULT_LR, MAX_STEPS
-    from tcurlora.train import FinetuneOptions, finetune
-    from tcurlora.tuners.strategies import PEFT_METHODS
+    from tcurlora.train import FinetuneOptions
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = Path(args.out)
@@ -174,7 +170,7 @@ def run(args) -> None:
             "spacing": list(base.preprocessing.spacing) if base.preprocessing.spacing else None,
             "parameters": sum(p.numel() for p in base.network.parameters()),
             "brain_dice_robex": sanity["dice"], "brain_hd95_mm_robex": sanity["hd95_mm"]}, indent=2) + "\n")
-    pristine, base_labels = copy.deepcopy(base.network), base.labels
+    pristine = copy.deepcopy(base.network)
     preset = "conv"
     # seed by seed: a run cut short still has every method at the first seeds
     for seed in args.seeds:
@@ -186,43 +182,25 @@ def run(args) -> None:
                     continue
                 tag = "".join(c if c.isalnum() else "_" for c in label)
                 seg = work / f"{tag}_{train}_to_{test}_s{seed}.nii.gz"
-                adapter = seg.with_name(seg.name.replace(".nii.gz", ".safetensors"))
-                base.network, base.labels = copy.deepcopy(pristine), base_labels
-                options = FinetuneOptions(steps=args.steps, batch_size=args.batch, seed=seed, device="cpu",
-                                          val_every=MAX_STEPS, **kwargs)  # no validation case: never
-                torch.manual_seed(seed)  # finetune injects (PEFT LoRA init) before it seeds: make that reproducible
-                t0 = time.time()
-                result = finetune(base, [cases[train]], adapter, labels=LESION, options=options, events=Events())
-                train_s = time.time() - t0
-                result.files.checkpoint.unlink(missing_ok=True)  # resume state only
-                base.network = copy.deepcopy(pristine)
-                # the network's own output, without the deepbet base's largest-component post-processing (a
-                # brain-mask rule): the same for both bases
-                if kwargs["method"] in PEFT_METHODS:
-                    # PEFT's layers run unmerged (tcurlora.infer does the same): load the file ourselves
-                    manifest = load_adapter(base.network, str(adapter), adapter_name="segment")
-                    base.labels = manifest["labels"]
-                    use = {}
-                else:
-                    use = {"adapter": str(adapter)}
-                t0 = time.time()
-                segment(base, [cases[test][0]], str(seg), device="cpu", largest_component=False, events=Events(), **use)
-                seg_s = time.time() - t0
-                m = evaluate([str(seg)], [cases[test][1]], label_table=LESION)[0]
                 # the training case too: did the method fit what it saw (tells "did not learn" from "did not carry
                 # over to the other case")
-                if use:
-                    base.network = copy.deepcopy(pristine)
                 seen = seg.with_name(seg.name.replace(".nii.gz", "_train.nii.gz"))
-                segment(base, [cases[train][0]], str(seen), device="cpu", largest_component=False, events=Events(),
-                        **use)
+                options = FinetuneOptions(steps=args.steps, batch_size=args.batch, seed=seed, device="cpu",
+                                          val_every=MAX_STEPS, **kwargs)  # no validation case: never
+                # the network's own output, without the deepbet base's largest-component post-processing (a
+                # brain-mask rule): the same for both bases
+                got = adapt_and_segment(base, pristine, cases[train], options,
+                                        [(cases[test][0], seg), (cases[train][0], seen)], labels=LESION,
+                                        largest_component=False)
+                train_s = got["train_s"]
+                m = evaluate([str(seg)], [cases[test][1]], label_table=LESION)[0]
                 fit = evaluate([str(seen)], [cases[train][1]], label_table=LESION)[0]
                 row = {"base": args.base, "method": label, "train": train, "test": test, "seed": seed,
                        "steps": args.steps, "batch": args.batch, "lr": kwargs.get("lr", DEFAULT_LR[kwargs["method"]]),
                        "resolution": resolution, "dice": m["dice"], "hd95_mm": m["hd95_mm"], "dice_train_case": fit["dice"],
-                       "trainable": result.metrics.trainable_values, "adapter_bytes": adapter.stat().st_size,
-                       "train_s": round(train_s, 1), "segment_s": round(seg_s, 1),
-                       "final_loss": result.metrics.final_loss}
+                       "trainable": got["trainable"], "adapter_bytes": got["adapter_bytes"],
+                       "train_s": round(train_s, 1), "segment_s": round(got["segment_s"][0], 1),
+                       "final_loss": got["final_loss"]}
                 with open(runs_file, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(f"  {args.base:8s} {label:22s} {train}->{test} seed {seed}: Dice {row['dice']:.3f}  "

@@ -112,10 +112,11 @@ def site_labels(work: Path) -> dict:
     return cases
 
 
-def adapt_and_segment(base, pristine, train_pair, options, jobs, labels=None) -> dict:
+def adapt_and_segment(base, pristine, train_pair, options, jobs, labels=None, **segment_options) -> dict:
     """Train ``options`` on ``train_pair`` from a copy of ``pristine`` (the adapter is written beside the first
-    output), then segment each ``(image, output)`` of ``jobs`` with it.  Returns train and segment seconds,
-    trainable values, adapter bytes and the final loss; ``base.network`` is left a pristine copy."""
+    output), then segment each ``(image, output)`` of ``jobs`` with it (``segment_options`` go to ``segment``).
+    Returns train seconds, segment seconds per job, trainable values, adapter bytes and the final loss;
+    ``base.network`` and ``base.labels`` are left as they were (a pristine copy)."""
     import torch
 
     from tcurlora.adapter_file import load_adapter
@@ -131,17 +132,21 @@ def adapt_and_segment(base, pristine, train_pair, options, jobs, labels=None) ->
     result = finetune(base, [train_pair], adapter, options=options, labels=labels, events=Events())
     train_s = time.time() - t0
     result.files.checkpoint.unlink(missing_ok=True)  # resume state only (~3× the weights for full)
-    t0 = time.time()
-    for image, out in jobs:
-        base.network = copy.deepcopy(pristine)
-        if options.method in PEFT_METHODS:
-            # PEFT's layers run unmerged (tcurlora.infer does the same): load the file ourselves
-            load_adapter(base.network, str(adapter), adapter_name="segment")
-            segment(base, [image], str(out), device="cpu", events=Events())
-        else:
-            segment(base, [image], str(out), adapter=str(adapter), device="cpu", events=Events())
-    seg_s = time.time() - t0
-    base.network = copy.deepcopy(pristine)
+    base_labels, seg_s = base.labels, []
+    try:
+        for image, out in jobs:
+            base.network = copy.deepcopy(pristine)
+            t0 = time.time()
+            if options.method in PEFT_METHODS:
+                # PEFT's layers run unmerged (tcurlora.infer does the same): load the file ourselves, and with
+                # it the adapter's labels (a new head's), which segment reads from the base
+                base.labels = load_adapter(base.network, str(adapter), adapter_name="segment")["labels"]
+                segment(base, [image], str(out), device="cpu", events=Events(), **segment_options)
+            else:
+                segment(base, [image], str(out), adapter=str(adapter), device="cpu", events=Events(), **segment_options)
+            seg_s.append(time.time() - t0)
+    finally:
+        base.network, base.labels = copy.deepcopy(pristine), base_labels
     return {"train_s": train_s, "segment_s": seg_s, "trainable": result.metrics.trainable_values,
             "adapter_bytes": adapter.stat().st_size, "final_loss": result.metrics.final_loss}
 
@@ -210,7 +215,7 @@ def run(args) -> list:
                     options = FinetuneOptions(steps=args.steps, batch_size=args.batch, seed=seed, device="cpu",
                                               val_every=MAX_STEPS, **kwargs)  # no validation case: never
                     got = adapt_and_segment(base, pristine, cases[train], options, [(test_img, seg)])
-                    train_s, seg_s, trainable, size, final_loss = (got[k] for k in (
+                    train_s, (seg_s,), trainable, size, final_loss = (got[k] for k in (
                         "train_s", "segment_s", "trainable", "adapter_bytes", "final_loss"))
                     lr = kwargs.get("lr", DEFAULT_LR[kwargs["method"]])
                 m = evaluate([str(seg)], [test_label])[0]
