@@ -294,7 +294,8 @@ def test_steps_validation_and_best_versus_last(trained):
 
 
 def test_early_stop_and_the_loss_is_dice_ce(tiny_unet, tmp_path, monkeypatch):
-    """(3) The training loss is MONAI DiceCELoss (one-hot labels, softmax) and is what progress reports;
+    """(3) The training loss is MONAI DiceCELoss (one-hot labels, softmax, Dice over the labels pooled over the
+    batch, as nnU-Net's) and is what progress reports;
     with no improvement (--lr 1e-12: the weights barely move) and --patience 1, training stops early and still writes the adapter."""
     import monai.losses
 
@@ -317,7 +318,7 @@ def test_early_stop_and_the_loss_is_dice_ce(tiny_unet, tmp_path, monkeypatch):
                 "--lr", "1e-12", "--batch-size", "1", "--events", ev]) == 0
     events = read_events(ev)
     steps = progress(events)
-    assert seen["kwargs"] == {"to_onehot_y": True, "softmax": True}
+    assert seen["kwargs"] == {"to_onehot_y": True, "softmax": True, "include_background": False, "batch": True}
     assert [e["loss"] for e in steps] == pytest.approx(seen["values"], abs=1e-6)
     assert [e["step"] for e in steps] == [1, 2] and steps[-1]["total"] == 6
     assert steps[0]["dice"] == steps[1]["dice"]  # lr 0: nothing changes
@@ -327,19 +328,30 @@ def test_early_stop_and_the_loss_is_dice_ce(tiny_unet, tmp_path, monkeypatch):
     assert_png(curve_of(out))
 
 
+def _dice_ce_reference(logits, target):
+    """nnU-Net's Dice + CE, written out: soft Dice over the label channels only (not the background), each
+    channel's sums pooled over the batch (MONAI's smoothing 1e-5), plus mean cross-entropy."""
+    p = torch.softmax(logits, 1)
+    onehot = torch.nn.functional.one_hot(target[:, 0].long(), logits.shape[1]).movedim(-1, 1).float()
+    dims = [0] + list(range(2, logits.dim()))
+    inter, total = (p * onehot).sum(dims)[1:], (p + onehot).sum(dims)[1:]
+    dice = 1 - ((2 * inter + 1e-5) / (total + 1e-5)).mean()
+    return dice + torch.nn.functional.cross_entropy(logits, target[:, 0].long())
+
+
 def test_the_loss_and_validation_dice_leave_ignored_voxels_out():
-    """(3) Voxels labelled 'ignore' (a partly annotated case) count in neither loss term: their logits get
-    exactly zero gradient, and the loss equals MONAI's DiceCELoss over the annotated voxels alone; without
-    ignored voxels it is DiceCELoss itself. Validation Dice does not see predictions there either."""
-    from monai.losses import DiceCELoss
+    """(3) The training loss is nnU-Net's (Dice over the labels, not the background, pooled over the batch,
+    plus cross-entropy: a small structure's Dice is the whole Dice term, not half of it). Voxels labelled
+    'ignore' (a partly annotated case) count in neither term: their logits get exactly zero gradient, and the
+    loss equals the same loss over the annotated voxels alone. Validation Dice does not see them either."""
     from tcurlora.train import IGNORE_INDEX, DiceCEOnAnnotated, _dice_per_label
 
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(1, 3, 6, 7, 5, generator=g, requires_grad=True)
-    target = torch.randint(0, 3, (1, 1, 6, 7, 5), generator=g).float()
+    logits = torch.randn(2, 3, 6, 7, 5, generator=g, requires_grad=True)
+    target = torch.randint(0, 3, (2, 1, 6, 7, 5), generator=g).float()
     loss_fn = DiceCEOnAnnotated()
     with torch.no_grad():
-        assert float(loss_fn(logits, target)) == float(DiceCELoss(to_onehot_y=True, softmax=True)(logits, target))
+        assert float(loss_fn(logits, target)) == pytest.approx(float(_dice_ce_reference(logits, target)), rel=1e-5)
 
     target[..., :3, :] = IGNORE_INDEX
     loss = loss_fn(logits, target)
@@ -347,8 +359,8 @@ def test_the_loss_and_validation_dice_leave_ignored_voxels_out():
     assert torch.count_nonzero(logits.grad[..., :3, :]) == 0 and torch.count_nonzero(logits.grad[..., 3:, :]) > 0
     annotated = (target != IGNORE_INDEX)[0, 0]
     n = int(annotated.sum())
-    reference = DiceCELoss(to_onehot_y=True, softmax=True)(logits[:, :, annotated].reshape(1, 3, n, 1, 1),
-                                                          target[:, :, annotated].reshape(1, 1, n, 1, 1))
+    reference = _dice_ce_reference(logits[:, :, annotated].reshape(2, 3, n, 1, 1),
+                                   target[:, :, annotated].reshape(2, 1, n, 1, 1))
     assert float(loss) == pytest.approx(float(reference), rel=1e-5)
     assert float(loss_fn(logits, torch.full_like(target, IGNORE_INDEX))) == 0.0
 
@@ -766,3 +778,36 @@ def test_worker_runs_a_finetune_job(tiny_unet, tmp_path):
     assert progress(events)[-1]["dice"] is not None
     assert Path(events[-1]["outputs"]["adapter"]) == out and out.is_file()
     assert_png(curve_of(out))
+
+
+@pytest.mark.parametrize("method", ["tcurlora", "lora"])
+def test_a_new_head_starts_each_label_from_the_base_channel_of_its_name_or_at_a_low_prior(method):
+    """New labels (a new head, here deepbet's transposed-conv output layer): the background and a label the
+    base has (matched by name, any case) start as the base's channels, whatever their position; a label new
+    to the base starts as the base's background less log(99), i.e. at 1 % of the background's probability
+    everywhere (not as a copy of whatever base channel sat at its position: a new 'lesion' as 'brain')."""
+    from types import SimpleNamespace
+
+    from tcurlora.adapter import inject_adapter, set_active_adapter
+    from tcurlora.config import TCURLoRAConfig
+    from tcurlora.models.deepbet import LinkNet3d
+    from tcurlora.train import _start_new_head
+
+    torch.manual_seed(0)
+    network = LinkNet3d().eval()
+    x = torch.randn(1, 1, 64, 64, 64)  # deepbet's bottom level needs > 1 voxel (instance norm)
+    with torch.no_grad():
+        base_out = network(x)
+    base = SimpleNamespace(head="tp_conv2", labels=[{"value": 1, "name": "Brain"}])
+    table = [{"value": 1, "name": "lesion"}, {"value": 2, "name": "brain"}]
+    inject_adapter(network, TCURLoRAConfig(method=method, rank=2, target_modules=["conv.0"] if method == "lora" else [],
+                                           new_head={"module": "tp_conv2", "out_channels": 3}), "finetune")
+    _start_new_head(network, base, table)
+    with torch.no_grad():
+        out = network(x)
+    assert torch.allclose(out[:, 0], base_out[:, 0], atol=1e-5)  # background
+    assert torch.allclose(out[:, 2], base_out[:, 1], atol=1e-5)  # 'brain', at another position than the base's
+    assert torch.allclose(out[:, 1], base_out[:, 0] - math.log(99), atol=1e-5)  # 'lesion': new, at a low prior
+    set_active_adapter(network, None)
+    with torch.no_grad():
+        assert torch.equal(network(x), base_out)  # the base's own head is untouched
