@@ -42,9 +42,68 @@ sys.path.insert(0, str(HERE.parent / "Testing"))
 
 from quality import BASELINE_NAMES, adapt_and_segment, load_benchmark_base  # noqa: E402  (benchmarks/ is on sys.path as a script)
 
-LESION = [{"value": 1, "name": "lesion"}]
-DIRECTIONS = [("brain1", "brain2"), ("brain2", "brain1")]
 RUNS_FILE = "new_structure_runs.jsonl"
+ATLAS_DIR = "deepmriprep/data/templates"
+VENTRICLES = ("Right Lateral Ventricle", "Left Lateral Ventricle")  # Neuromorphometrics structure names
+
+
+def lesion_cases(work: Path) -> dict:
+    """The pyradiomics cases as shipped: image and manual lesion label."""
+    from tcurlora.datasets import get_scan
+
+    return {name: tuple(str(p) for p in get_scan(name)) for name in ("brain1", "brain2")}
+
+
+def ventricle_cases(work: Path) -> dict:
+    """Two T1 templates of MNI152 space with the Neuromorphometrics atlas's lateral ventricles on their grids:
+    CAT12's skull-stripped template (the atlas's own template, resampled from 0.5 to 1 mm) and FSL's MNI152
+    head (the atlas resampled by world coordinates: the two templates are different averages, so there the
+    label is the atlas's, not a tracing of that image)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from tcurlora.datasets import DEEPMRIPREP_PIN, get_scan
+    from tcurlora.fetch import extract_member
+
+    work.mkdir(parents=True, exist_ok=True)
+    cases = {"cat12": (work / "cat12_t1_1mm.nii.gz", work / "cat12_ventricles.nii.gz"),
+             "mni152": (Path(get_scan("mni152")[0]), work / "mni152_ventricles.nii.gz")}
+    if not all(label.is_file() for _, label in cases.values()) or not cases["cat12"][0].is_file():
+        atlas = sitk.ReadImage(str(extract_member(DEEPMRIPREP_PIN, f"{ATLAS_DIR}/neuromorphometrics.nii.gz")))
+        names = extract_member(DEEPMRIPREP_PIN, f"{ATLAS_DIR}/neuromorphometrics.csv").read_text().splitlines()
+        ids = [int(row.split(";")[1]) for row in names[1:] if row.split(";")[2] in VENTRICLES]
+        assert len(ids) == len(VENTRICLES), f"neuromorphometrics.csv: {VENTRICLES} not found"
+        mask = sitk.GetImageFromArray(np.isin(sitk.GetArrayFromImage(atlas), ids).astype(np.uint8))
+        mask.CopyInformation(atlas)
+        template = sitk.ReadImage(str(extract_member(DEEPMRIPREP_PIN, f"{ATLAS_DIR}/Template_05mm_bet.nii.gz")),
+                                  sitk.sitkFloat32)
+        size = [int(round(n * sp)) for n, sp in zip(template.GetSize(), template.GetSpacing())]  # to 1 mm
+        template = sitk.Resample(template, size, sitk.Transform(), sitk.sitkLinear, template.GetOrigin(),
+                                 (1.0, 1.0, 1.0), template.GetDirection(), 0.0, sitk.sitkFloat32)
+        _write(template, cases["cat12"][0])
+        for image_path, label_path in cases.values():
+            image = sitk.ReadImage(str(image_path))
+            _write(sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8), label_path)
+    return {name: (str(image), str(label)) for name, (image, label) in cases.items()}
+
+
+def _write(image, path: Path) -> None:
+    import SimpleITK as sitk
+
+    tmp = path.with_name("tmp_" + path.name)
+    sitk.WriteImage(image, str(tmp))
+    tmp.replace(path)
+
+
+def task_of(row: dict) -> str:
+    return row.get("task", "lesion")  # the first runs were all the lesion task
+
+
+#: task -> (label table, the two cases in table order, the function that gives them)
+TASKS = {
+    "lesion": ([{"value": 1, "name": "lesion"}], ("brain1", "brain2"), lesion_cases),
+    "ventricles": ([{"value": 1, "name": "lateral ventricles"}], ("cat12", "mni152"), ventricle_cases),
+}
 
 # the nnU-Net base: brain extraction on the two real heads
 NNUNET_DATASET_ID = 902
@@ -141,7 +200,6 @@ def load_base_for(args):
 def run(args) -> None:
     import torch
 
-    from tcurlora.datasets import get_scan
     from tcurlora.metrics import evaluate
     from tcurlora.protocol import DEFAULT_LR, MAX_STEPS
     from tcurlora.train import FinetuneOptions
@@ -149,15 +207,17 @@ def run(args) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work) / args.base
+    work = Path(args.work) / args.task / args.base
     work.mkdir(parents=True, exist_ok=True)
     runs_file = out / RUNS_FILE
     done = set()
     if runs_file.is_file():
         for line in runs_file.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["base"], r["method"], r["train"], r["seed"], r["steps"], r["resolution"]))
-    cases = {name: tuple(str(p) for p in get_scan(name)) for name in ("brain1", "brain2")}
+            done.add((task_of(r), r["base"], r["method"], r["train"], r["seed"], r["steps"], r["resolution"]))
+    table, names, case_files = TASKS[args.task]
+    cases = case_files(Path(args.work) / "cases")
+    directions = [names, names[::-1]][:args.directions]
     base, resolution = load_base_for(args)
     if args.base == "nnunet":
         sanity = nnunet_sanity(base, work)
@@ -177,8 +237,8 @@ def run(args) -> None:
         for label, kwargs in methods(preset):
             if args.methods and not any(m in label for m in args.methods):
                 continue
-            for train, test in DIRECTIONS[:args.directions]:
-                if (args.base, label, train, seed, args.steps, resolution) in done:
+            for train, test in directions:
+                if (args.task, args.base, label, train, seed, args.steps, resolution) in done:
                     continue
                 tag = "".join(c if c.isalnum() else "_" for c in label)
                 seg = work / f"{tag}_{train}_to_{test}_s{seed}.nii.gz"
@@ -190,12 +250,12 @@ def run(args) -> None:
                 # the network's own output, without the deepbet base's largest-component post-processing (a
                 # brain-mask rule): the same for both bases
                 got = adapt_and_segment(base, pristine, cases[train], options,
-                                        [(cases[test][0], seg), (cases[train][0], seen)], labels=LESION,
+                                        [(cases[test][0], seg), (cases[train][0], seen)], labels=table,
                                         largest_component=False)
                 train_s = got["train_s"]
-                m = evaluate([str(seg)], [cases[test][1]], label_table=LESION)[0]
-                fit = evaluate([str(seen)], [cases[train][1]], label_table=LESION)[0]
-                row = {"base": args.base, "method": label, "train": train, "test": test, "seed": seed,
+                m = evaluate([str(seg)], [cases[test][1]], label_table=table)[0]
+                fit = evaluate([str(seen)], [cases[train][1]], label_table=table)[0]
+                row = {"task": args.task, "base": args.base, "method": label, "train": train, "test": test, "seed": seed,
                        "steps": args.steps, "batch": args.batch, "lr": kwargs.get("lr", DEFAULT_LR[kwargs["method"]]),
                        "resolution": resolution, "dice": m["dice"], "hd95_mm": m["hd95_mm"], "dice_train_case": fit["dice"],
                        "trainable": got["trainable"], "adapter_bytes": got["adapter_bytes"],
@@ -220,19 +280,25 @@ def _mean_sd(values: list) -> str:
     return f"{statistics.mean(finite):.2f} ± {sd:.2f}" + (f" ({missing} empty)" if missing else "")
 
 
+def setting(row: dict) -> tuple:
+    return task_of(row), row["base"], row["steps"], row["batch"], row["resolution"]
+
+
 def settings(rows: list) -> list:
-    """(base, steps, batch, resolution) blocks in the order first seen."""
-    return list(dict.fromkeys((r["base"], r["steps"], r["batch"], r["resolution"]) for r in rows))
+    """(task, base, steps, batch, resolution) blocks in the order first seen."""
+    return list(dict.fromkeys(setting(r) for r in rows))
 
 
 def table(rows: list) -> str:
     lines = []
-    for base, steps, batch, res in settings(rows):
-        block = [r for r in rows if (r["base"], r["steps"], r["batch"], r["resolution"]) == (base, steps, batch, res)]
+    for key in settings(rows):
+        task, base, steps, batch, res = key
+        block = [r for r in rows if setting(r) == key]
         seeds = sorted({r["seed"] for r in block})
-        lines += [f"**{base}** ({'model input ' + str(res) + '³' if base == 'deepbet' else 'nnU-Net patch, largest side ' + str(res)}, "
+        tests = TASKS[task][1][::-1]
+        lines += [f"**{task}, {base}** ({'model input ' + str(res) + '³' if base == 'deepbet' else 'nnU-Net patch, largest side ' + str(res)}, "
                   f"{steps} steps, batch {batch}, seeds {', '.join(map(str, seeds))}; runs = directions × seeds)", "",
-                  "| method | runs | Dice mean ± sd | Dice, test brain2 (1.8 ml) | Dice, test brain1 (16 ml) | "
+                  f"| method | runs | Dice mean ± sd | Dice, test {tests[0]} | Dice, test {tests[1]} | "
                   "HD95 mm mean ± sd | fit: Dice on the training case | trainable values | adapter file | "
                   "train time (median) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -240,13 +306,13 @@ def table(rows: list) -> str:
             sub = [r for r in block if r["method"] == method]
             dice = [r["dice"] for r in sub]
             per = {}
-            for test in ("brain2", "brain1"):
+            for test in tests:
                 d = [r["dice"] for r in sub if r["test"] == test]
                 per[test] = (f"{statistics.mean(d):.3f} ± {statistics.stdev(d) if len(d) > 1 else 0.0:.3f}"
                              if d else "–")
             sd = statistics.stdev(dice) if len(dice) > 1 else 0.0
-            lines.append(f"| {method} | {len(sub)} | {statistics.mean(dice):.3f} ± {sd:.3f} | {per['brain2']} | "
-                         f"{per['brain1']} | {_mean_sd([r['hd95_mm'] for r in sub])} | "
+            lines.append(f"| {method} | {len(sub)} | {statistics.mean(dice):.3f} ± {sd:.3f} | {per[tests[0]]} | "
+                         f"{per[tests[1]]} | {_mean_sd([r['hd95_mm'] for r in sub])} | "
                          f"{statistics.mean(r['dice_train_case'] for r in sub):.3f} | {sub[0]['trainable']:,d} | "
                          f"{sub[0]['adapter_bytes'] / 1024:,.1f} KB | "
                          f"{statistics.median(r['train_s'] for r in sub):.0f} s |")
@@ -268,11 +334,12 @@ def plot(rows: list, path: Path) -> None:
     for ax in axes.flat[len(blocks):]:
         ax.set_visible(False)
     for ax, key in zip(axes.flat, blocks):
-        block = [r for r in rows if (r["base"], r["steps"], r["batch"], r["resolution"]) == key]
+        block = [r for r in rows if setting(r) == key]
+        tests = TASKS[key[0]][1][::-1]
         names = list(dict.fromkeys(r["method"] for r in block))
         for k, name in enumerate(names):
             pts = [r for r in block if r["method"] == name]
-            for test, colour, dx in (("brain2", "tab:blue", -0.12), ("brain1", "tab:orange", 0.12)):
+            for test, colour, dx in ((tests[0], "tab:blue", -0.12), (tests[1], "tab:orange", 0.12)):
                 v = [r["dice"] for r in pts if r["test"] == test]
                 ax.scatter(np.full(len(v), k) + dx, v, s=14, color=colour, zorder=3,
                            label=f"test {test}" if k == 0 else None)
@@ -283,8 +350,8 @@ def plot(rows: list, path: Path) -> None:
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(-0.02, 1.0)
-        ax.set_ylabel("lesion Dice, held-out case (points: runs; bar: mean)")
-        ax.set_title(f"{key[0]}, {key[1]} steps: new head, lesion", fontsize=10)
+        ax.set_ylabel(f"{TASKS[key[0]][0][0]['name']} Dice, held-out case (points: runs; bar: mean)")
+        ax.set_title(f"{key[0]} on {key[1]}, {key[2]} steps: a new head", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -295,6 +362,8 @@ def plot(rows: list, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", choices=["deepbet", "nnunet"])
+    parser.add_argument("--task", choices=sorted(TASKS), default="ventricles",
+                        help="ventricles: CAT12 template <-> FSL MNI152 head, atlas labels; lesion: pyradiomics brain1 <-> brain2")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
