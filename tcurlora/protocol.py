@@ -49,8 +49,8 @@ ADAPTER_SUFFIX = ".safetensors"
 DEFAULT_LR = {"tcurlora": 1e-2, "lora": 1e-3, "decoder": 1e-3, "full": 1e-4,
               "pissa": 1e-3, "dora": 1e-3, "curlora": 1e-2, "lorapt": 1e-3}
 #: A new output layer (labels the base lacks) starts untrained for its new labels: it learns at this rate
-#: whatever the method and its ``lr`` (at the methods' 1e-3 or 1e-4 a 2-16 ml lesion was still unfitted after
-#: 100 steps on deepbet; at 1e-2 ...).
+#: whatever the method and its ``lr`` (at 1e-3, the rate fully trained modules get beside cores, the last
+#: layer of deepbet moved its lesion channel too slowly to leave the all-background start within 100 steps).
 NEW_HEAD_LR = 1e-2
 #: Without ``checkpoint_every``, training saves a resumable checkpoint after the first step and then whenever
 #: this many seconds have passed since the last one: a kill -9 or power loss costs at most this much work.
