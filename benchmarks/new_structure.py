@@ -90,7 +90,7 @@ def ventricle_cases(work: Path) -> dict:
 def _write(image, path: Path) -> None:
     import SimpleITK as sitk
 
-    tmp = path.with_name("tmp_" + path.name)
+    tmp = path.with_name(f"tmp{os.getpid()}_{path.name}")  # two runs may build the cases at once
     sitk.WriteImage(image, str(tmp))
     tmp.replace(path)
 

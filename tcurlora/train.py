@@ -413,7 +413,7 @@ class DiceCEOnAnnotated(torch.nn.Module):
 
         # Dice over the labels, not the background, pooled over the batch (nnU-Net's own choice): with the
         # background in the mean, a small structure's term is one of two and the loss sits at 0.5 with it
-        # unfound (a 2-16 ml lesion on deepbet never left that plateau in 300 steps)
+        # unfound (a 16 ml lesion on deepbet never left that plateau in 300 steps)
         dice = {"include_background": False, "batch": True}
         self.plain = DiceCELoss(to_onehot_y=True, softmax=True, **dice)
         # one-hot before masking: MaskedDiceLoss(to_onehot_y=True) would one-hot the masked target, turning

@@ -111,7 +111,8 @@ def start_new_head(head: nn.Module, base: nn.Module, sources: Sequence[Optional[
     wherever the base saw background (the "prior" start of RetinaNet, Lin et al. 2017). Starting it as a
     copy of whatever base channel sits at its position (a new "lesion" as the base's "brain") makes the
     first steps unlearn that label, and a random start leaves softmax ties that a small structure's few
-    voxels barely move; with this start a 2-16 ml lesion was fitted where neither was.
+    voxels barely move; with this start (and the loss of :class:`tcurlora.train.DiceCEOnAnnotated`) deepbet
+    fitted a 16 ml lesion in 100 steps where neither had in 300.
     """
     out_dim = output_dim(base)
     with torch.no_grad():
