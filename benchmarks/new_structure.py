@@ -99,6 +99,21 @@ def task_of(row: dict) -> str:
     return row.get("task", "lesion")  # the first runs were all the lesion task
 
 
+def rates_of(row: dict) -> str:
+    return row.get("rates", "default")
+
+
+def comparison_rates(out: Path) -> dict:
+    """method label -> the learning rate benchmarks/comparison.py chose for it on deepbet's validation split."""
+    path = out / "comparison_summary.json"
+    if not path.is_file():
+        raise SystemExit(f"{path}: missing; run benchmarks/comparison.py first (or use --rates default)")
+    return {row["method"]: row["lr"] for row in json.loads(path.read_text()) if row.get("lr")}
+
+
+RATES = {"default": "the package's default learning rates",
+         "comparison": "each method at the rate benchmarks/comparison.py chose for it on deepbet's brain-mask task"}
+
 #: task -> (label table, the two cases in table order, the function that gives them)
 TASKS = {
     "lesion": ([{"value": 1, "name": "lesion"}], ("brain1", "brain2"), lesion_cases),
@@ -210,11 +225,11 @@ def run(args) -> None:
     work = Path(args.work) / args.task / args.base
     work.mkdir(parents=True, exist_ok=True)
     runs_file = out / RUNS_FILE
-    done = set()
+    done = {}
     if runs_file.is_file():
         for line in runs_file.read_text().splitlines():
             r = json.loads(line)
-            done.add((task_of(r), r["base"], r["method"], r["train"], r["seed"], r["steps"], r["resolution"]))
+            done[(task_of(r), rates_of(r), r["base"], r["method"], r["train"], r["seed"], r["steps"], r["resolution"])] = r
     table, names, case_files = TASKS[args.task]
     cases = case_files(Path(args.work) / "cases")
     directions = [names, names[::-1]][:args.directions]
@@ -233,12 +248,22 @@ def run(args) -> None:
     pristine = copy.deepcopy(base.network)
     preset = "conv"
     # seed by seed: a run cut short still has every method at the first seeds
+    chosen = comparison_rates(out) if args.rates == "comparison" else {}
     for seed in args.seeds:
         for label, kwargs in methods(preset):
             if args.methods and not any(m in label for m in args.methods):
                 continue
+            if chosen:
+                kwargs = {**kwargs, "lr": chosen[label]}
             for train, test in directions:
-                if (args.task, args.base, label, train, seed, args.steps, resolution) in done:
+                key = (args.task, args.rates, args.base, label, train, seed, args.steps, resolution)
+                if key in done:
+                    continue
+                same = done.get((key[0], "default") + key[2:])
+                if chosen and same is not None and same["lr"] == kwargs["lr"]:
+                    # the chosen rate is the default: that run is this run
+                    with open(runs_file, "a") as f:
+                        f.write(json.dumps({**same, "rates": args.rates, "reused": True}) + "\n")
                     continue
                 tag = "".join(c if c.isalnum() else "_" for c in label)
                 seg = work / f"{tag}_{train}_to_{test}_s{seed}.nii.gz"
@@ -255,7 +280,7 @@ def run(args) -> None:
                 train_s = got["train_s"]
                 m = evaluate([str(seg)], [cases[test][1]], label_table=table)[0]
                 fit = evaluate([str(seen)], [cases[train][1]], label_table=table)[0]
-                row = {"task": args.task, "base": args.base, "method": label, "train": train, "test": test, "seed": seed,
+                row = {"task": args.task, "rates": args.rates, "base": args.base, "method": label, "train": train, "test": test, "seed": seed,
                        "steps": args.steps, "batch": args.batch, "lr": kwargs.get("lr", DEFAULT_LR[kwargs["method"]]),
                        "resolution": resolution, "dice": m["dice"], "hd95_mm": m["hd95_mm"], "dice_train_case": fit["dice"],
                        "trainable": got["trainable"], "adapter_bytes": got["adapter_bytes"],
@@ -281,27 +306,28 @@ def _mean_sd(values: list) -> str:
 
 
 def setting(row: dict) -> tuple:
-    return task_of(row), row["base"], row["steps"], row["batch"], row["resolution"]
+    return task_of(row), rates_of(row), row["base"], row["steps"], row["batch"], row["resolution"]
 
 
 def settings(rows: list) -> list:
-    """(task, base, steps, batch, resolution) blocks in the order first seen."""
+    """(task, rates, base, steps, batch, resolution) blocks in the order first seen."""
     return list(dict.fromkeys(setting(r) for r in rows))
 
 
 def table(rows: list) -> str:
     lines = []
     for key in settings(rows):
-        task, base, steps, batch, res = key
+        task, rates, base, steps, batch, res = key
         block = [r for r in rows if setting(r) == key]
         seeds = sorted({r["seed"] for r in block})
         tests = TASKS[task][1][::-1]
         lines += [f"**{task}, {base}** ({'model input ' + str(res) + '³' if base == 'deepbet' else 'nnU-Net patch, largest side ' + str(res)}, "
-                  f"{steps} steps, batch {batch}, seeds {', '.join(map(str, seeds))}; runs = directions × seeds)", "",
-                  f"| method | runs | Dice mean ± sd | Dice, test {tests[0]} | Dice, test {tests[1]} | "
+                  f"{steps} steps, batch {batch}, seeds {', '.join(map(str, seeds))}; runs = directions × seeds; "
+                  f"{RATES[rates]})", "",
+                  f"| method | lr | runs | Dice mean ± sd | Dice, test {tests[0]} | Dice, test {tests[1]} | "
                   "HD95 mm mean ± sd | fit: Dice on the training case | trainable values | adapter file | "
                   "train time (median) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for method in dict.fromkeys(r["method"] for r in block):
             sub = [r for r in block if r["method"] == method]
             dice = [r["dice"] for r in sub]
@@ -311,7 +337,7 @@ def table(rows: list) -> str:
                 per[test] = (f"{statistics.mean(d):.3f} ± {statistics.stdev(d) if len(d) > 1 else 0.0:.3f}"
                              if d else "–")
             sd = statistics.stdev(dice) if len(dice) > 1 else 0.0
-            lines.append(f"| {method} | {len(sub)} | {statistics.mean(dice):.3f} ± {sd:.3f} | {per[tests[0]]} | "
+            lines.append(f"| {method} | {sub[0]['lr']:.0e} | {len(sub)} | {statistics.mean(dice):.3f} ± {sd:.3f} | {per[tests[0]]} | "
                          f"{per[tests[1]]} | {_mean_sd([r['hd95_mm'] for r in sub])} | "
                          f"{statistics.mean(r['dice_train_case'] for r in sub):.3f} | {sub[0]['trainable']:,d} | "
                          f"{sub[0]['adapter_bytes'] / 1024:,.1f} KB | "
@@ -351,7 +377,7 @@ def plot(rows: list, path: Path) -> None:
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(-0.02, 1.0)
         ax.set_ylabel(f"{TASKS[key[0]][0][0]['name']} Dice, held-out case (points: runs; bar: mean)")
-        ax.set_title(f"{key[0]} on {key[1]}, {key[2]} steps: a new head", fontsize=10)
+        ax.set_title(f"{key[0]} on {key[2]}, {key[3]} steps, {key[1]} rates: a new head", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -362,6 +388,9 @@ def plot(rows: list, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", choices=["deepbet", "nnunet"])
+    parser.add_argument("--rates", choices=sorted(RATES), default="default",
+                        help="default: the package's learning rates; comparison: each method's rate chosen by "
+                             "benchmarks/comparison.py (comparison_summary.json)")
     parser.add_argument("--task", choices=sorted(TASKS), default="ventricles",
                         help="ventricles: CAT12 template <-> FSL MNI152 head, atlas labels; lesion: pyradiomics brain1 <-> brain2")
     parser.add_argument("--steps", type=int, default=40)
