@@ -114,6 +114,11 @@ def comparison_rates(out: Path) -> dict:
 RATES = {"default": "the package's default learning rates",
          "comparison": "each method at the rate benchmarks/comparison.py chose for it on deepbet's brain-mask task"}
 
+def rates_text(rates: str) -> str:
+    name, _, scale = rates.partition("×")
+    return RATES[name] + (f", times {scale}" if scale else "")
+
+
 #: task -> (label table, the two cases in table order, the function that gives them)
 TASKS = {
     "lesion": ([{"value": 1, "name": "lesion"}], ("brain1", "brain2"), lesion_cases),
@@ -249,21 +254,21 @@ def run(args) -> None:
     preset = "conv"
     # seed by seed: a run cut short still has every method at the first seeds
     chosen = comparison_rates(out) if args.rates == "comparison" else {}
+    rates = args.rates if args.lr_scale == 1 else f"{args.rates}×{args.lr_scale:g}"
     for seed in args.seeds:
         for label, kwargs in methods(preset):
             if args.methods and not any(m in label for m in args.methods):
                 continue
-            if chosen:
-                kwargs = {**kwargs, "lr": chosen[label]}
+            kwargs = {**kwargs, "lr": args.lr_scale * (chosen[label] if chosen else DEFAULT_LR[kwargs["method"]])}
             for train, test in directions:
-                key = (args.task, args.rates, args.base, label, train, seed, args.steps, resolution)
+                key = (args.task, rates, args.base, label, train, seed, args.steps, resolution)
                 if key in done:
                     continue
                 same = done.get((key[0], "default") + key[2:])
-                if chosen and same is not None and same["lr"] == kwargs["lr"]:
+                if rates != "default" and same is not None and same["lr"] == kwargs["lr"]:
                     # the chosen rate is the default: that run is this run
                     with open(runs_file, "a") as f:
-                        f.write(json.dumps({**same, "rates": args.rates, "reused": True}) + "\n")
+                        f.write(json.dumps({**same, "rates": rates, "reused": True}) + "\n")
                     continue
                 tag = "".join(c if c.isalnum() else "_" for c in label)
                 seg = work / f"{tag}_{train}_to_{test}_s{seed}.nii.gz"
@@ -280,8 +285,8 @@ def run(args) -> None:
                 train_s = got["train_s"]
                 m = evaluate([str(seg)], [cases[test][1]], label_table=table)[0]
                 fit = evaluate([str(seen)], [cases[train][1]], label_table=table)[0]
-                row = {"task": args.task, "rates": args.rates, "base": args.base, "method": label, "train": train, "test": test, "seed": seed,
-                       "steps": args.steps, "batch": args.batch, "lr": kwargs.get("lr", DEFAULT_LR[kwargs["method"]]),
+                row = {"task": args.task, "rates": rates, "base": args.base, "method": label, "train": train, "test": test, "seed": seed,
+                       "steps": args.steps, "batch": args.batch, "lr": kwargs["lr"],
                        "resolution": resolution, "dice": m["dice"], "hd95_mm": m["hd95_mm"], "dice_train_case": fit["dice"],
                        "trainable": got["trainable"], "adapter_bytes": got["adapter_bytes"],
                        "train_s": round(train_s, 1), "segment_s": round(got["segment_s"][0], 1),
@@ -321,9 +326,9 @@ def table(rows: list) -> str:
         block = [r for r in rows if setting(r) == key]
         seeds = sorted({r["seed"] for r in block})
         tests = TASKS[task][1][::-1]
-        lines += [f"**{task}, {base}** ({'model input ' + str(res) + '³' if base == 'deepbet' else 'nnU-Net patch, largest side ' + str(res)}, "
+        lines += [f"**{task}, {base}, {rates} rates** ({'model input ' + str(res) + '³' if base == 'deepbet' else 'nnU-Net patch, largest side ' + str(res)}, "
                   f"{steps} steps, batch {batch}, seeds {', '.join(map(str, seeds))}; runs = directions × seeds; "
-                  f"{RATES[rates]})", "",
+                  f"{rates_text(rates)})", "",
                   f"| method | lr | runs | Dice mean ± sd | Dice, test {tests[0]} | Dice, test {tests[1]} | "
                   "HD95 mm mean ± sd | fit: Dice on the training case | trainable values | adapter file | "
                   "train time (median) |",
@@ -391,6 +396,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rates", choices=sorted(RATES), default="default",
                         help="default: the package's learning rates; comparison: each method's rate chosen by "
                              "benchmarks/comparison.py (comparison_summary.json)")
+    parser.add_argument("--lr-scale", type=float, default=1.0, help="multiply every method's rate (a diagnostic)")
     parser.add_argument("--task", choices=sorted(TASKS), default="ventricles",
                         help="ventricles: CAT12 template <-> FSL MNI152 head, atlas labels; lesion: pyradiomics brain1 <-> brain2")
     parser.add_argument("--steps", type=int, default=40)
