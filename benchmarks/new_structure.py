@@ -1,10 +1,17 @@
-"""New-structure benchmark: teach a pretrained base a label it never had (a new output head), on two real cases.
+"""New-structure benchmark: teach a pretrained base a label it never had (a new output head), on two images.
 
-The task: the two pyradiomics brain MRI cases with manual lesion labels, ``brain1`` (lesion ≈ 16 ml) and
-``brain2`` (≈ 1.8 ml), 0.78 × 0.78 × 6.5 mm slices.  Label table ``[{"value": 1, "name": "lesion"}]``
-differs from the base's, so ``tcurlora.train.finetune`` replaces the base's output head (a new head, trained
-by every method).  Leave-one-case-out in both directions (brain1 → brain2, brain2 → brain1), every method
-with the same steps, batch and seeds at the package's default learning rate (``tcurlora.protocol.DEFAULT_LR``).
+Tasks (``--task``), each leave-one-image-out in both directions:
+
+* ``ventricles`` (default): the Neuromorphometrics atlas's lateral ventricles (CAT12, in the deepmriprep wheel)
+  on CAT12's skull-stripped T1 template (the atlas's own template, 1 mm) and on FSL's MNI152 head (the atlas
+  resampled onto it by world coordinates): two T1 images of one space (:func:`ventricle_cases`).
+* ``lesion``: the two pyradiomics brain MRI cases with manual lesion labels, ``brain1`` (≈ 16 ml) and
+  ``brain2`` (≈ 1.8 ml), 0.78 × 0.78 × 6.5 mm slices.
+
+The label differs from the base's, so ``tcurlora.train.finetune`` gives every method a new output head.
+Every method gets the same steps, batch and seeds, at the package's default learning rates or (``--rates
+comparison``) at the rate ``benchmarks/comparison.py`` chose for it; ``--lr-scale`` multiplies them (a
+diagnostic).
 
 Two bases, both brain-MRI nets whose labels ({brain}) differ from the task's:
 
@@ -14,12 +21,12 @@ Two bases, both brain-MRI nets whose labels ({brain}) differ from the task's:
   and ``robex`` (each plus mirrored copies), with narrow plans so it trains in minutes on one CPU core.  It is
   built once and cached under ``<cache>/benchmarks/new_structure_nnunet``.
 
-Per held-out case: Dice and HD95 of the lesion (``tcurlora.metrics.evaluate``); per run: trainable values (the
-new head included), adapter file size, train time.  Two cases, not a cohort: the numbers compare methods on one
-task, they validate nothing clinically.
+Per held-out image: Dice and HD95 (``tcurlora.metrics.evaluate``) and the Dice on the training image ("fit");
+per run: trainable values (the new head included), adapter file size, train time.  Two images, not a cohort:
+the numbers compare methods on one task, they validate nothing clinically.
 
-    OMP_NUM_THREADS=1 python benchmarks/new_structure.py --base deepbet --steps 40 --seeds 0 1 2
-    OMP_NUM_THREADS=1 python benchmarks/new_structure.py --base nnunet --steps 40 --seeds 0 1 2
+    OMP_NUM_THREADS=1 python benchmarks/new_structure.py --base deepbet --resolution 96 --steps 60 --seeds 0 1 2
+    OMP_NUM_THREADS=1 python benchmarks/new_structure.py --base nnunet --steps 60 --seeds 0 1 2 --rates comparison
     python benchmarks/new_structure.py --report     # tables and plot from the runs recorded so far
 
 Runs are appended to ``<out>/new_structure_runs.jsonl`` and skipped when already there (resumable).
