@@ -406,12 +406,12 @@ def main(argv=None) -> int:
     parser.add_argument("--lr-scale", type=float, default=1.0, help="multiply every method's rate (a diagnostic)")
     parser.add_argument("--task", choices=sorted(TASKS), default="ventricles",
                         help="ventricles: CAT12 template <-> FSL MNI152 head, atlas labels; lesion: pyradiomics brain1 <-> brain2")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--directions", type=int, default=2, choices=[1, 2],
                         help="2: brain1->brain2 and brain2->brain1; 1: brain1->brain2 only")
-    parser.add_argument("--resolution", type=int, default=128, help="deepbet model input (256 = its real setting)")
+    parser.add_argument("--resolution", type=int, default=96, help="deepbet model input (256 = its real setting)")
     parser.add_argument("--methods", nargs="*", help="only methods whose label contains one of these strings")
     parser.add_argument("--report", action="store_true", help="only write the table and plot from recorded runs")
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks-results"))
