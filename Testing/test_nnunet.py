@@ -199,12 +199,17 @@ def test_adapter_for_another_fold_is_refused(nnunet_model, trained_adapter, tmp_
 
 @pytest.mark.slow
 def test_new_labels_train_a_new_head(nnunet_model, tmp_path, single_thread):
-    """Labels other than the base's train a new output layer; nnU-Net's predictor exports the adapter's values."""
+    """Labels other than the base's train a new output layer; nnU-Net's predictor exports the adapter's values.
+    A label the base has (L3) keeps its channel under a new value and position, so two steps already find it;
+    a label new to the base ('lumbar spine', the other vertebrae) starts at a low prior."""
     raw = nnunet_model.raw
     labels = tmp_path / "labels.json"
-    labels.write_text(json.dumps([{"value": 7, "name": "lumbar spine", "color": [0.9, 0.6, 0.1]}]))
-    lumbar = sitk.ReadImage(str(raw / "labelsTr" / "tptbox_000.nii.gz")) > 0
-    sitk.WriteImage(sitk.Cast(lumbar, sitk.sitkUInt8) * 7, str(tmp_path / "lumbar.nii.gz"))
+    labels.write_text(json.dumps([{"value": 9, "name": "l3", "color": [0.2, 0.7, 0.3]},
+                                  {"value": 7, "name": "lumbar spine", "color": [0.9, 0.6, 0.1]}]))
+    vertebrae = sitk.ReadImage(str(raw / "labelsTr" / "tptbox_000.nii.gz"))
+    l3 = nnunet_fixture.LABELS["L3"]
+    relabelled = sitk.Cast(vertebrae == l3, sitk.sitkUInt8) * 9 + sitk.Cast((vertebrae > 0) & (vertebrae != l3), sitk.sitkUInt8) * 7
+    sitk.WriteImage(relabelled, str(tmp_path / "lumbar.nii.gz"))
     out = tmp_path / "lumbar.safetensors"
     assert _cli("finetune", "--base", nnunet_model.folder, "--fold", 0, "--image", raw / "imagesTr" /
                 "tptbox_000_0000.nii.gz", "--label", tmp_path / "lumbar.nii.gz", "--labels", labels, "--steps", 2,
@@ -212,7 +217,7 @@ def test_new_labels_train_a_new_head(nnunet_model, tmp_path, single_thread):
     assert _cli("segment", "--base", nnunet_model.folder, "--fold", 0, "--device", "cpu", "--adapter", out, CT,
                 "-o", tmp_path / "seg.nii.gz") == 0
     values = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "seg.nii.gz")))).tolist())
-    assert values <= {0, 7} and 7 in values
+    assert values <= {0, 7, 9} and 9 in values
 
 
 @pytest.mark.slow
