@@ -320,7 +320,6 @@ def test_checkpoint_allow_list(nnunet_model, tmp_path):
     anything else pickled in a checkpoint is refused before it can run."""
     import torch
 
-    from tcurlora.models import load_base
     from tcurlora.models.nnunet import read_checkpoint
 
     original = nnunet_model.folder / "fold_0" / "checkpoint_final.pth"
