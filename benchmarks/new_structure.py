@@ -71,6 +71,7 @@ def ventricle_cases(work: Path) -> dict:
 
     from tcurlora.datasets import DEEPMRIPREP_PIN, get_scan
     from tcurlora.fetch import extract_member
+    from tcurlora.io import write_image  # atomic, under a unique temporary name: two runs may build the cases at once
 
     work.mkdir(parents=True, exist_ok=True)
     cases = {"cat12": (work / "cat12_t1_1mm.nii.gz", work / "cat12_ventricles.nii.gz"),
@@ -87,19 +88,11 @@ def ventricle_cases(work: Path) -> dict:
         size = [int(round(n * sp)) for n, sp in zip(template.GetSize(), template.GetSpacing())]  # to 1 mm
         template = sitk.Resample(template, size, sitk.Transform(), sitk.sitkLinear, template.GetOrigin(),
                                  (1.0, 1.0, 1.0), template.GetDirection(), 0.0, sitk.sitkFloat32)
-        _write(template, cases["cat12"][0])
+        write_image(cases["cat12"][0], template)
         for image_path, label_path in cases.values():
             image = sitk.ReadImage(str(image_path))
-            _write(sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8), label_path)
+            write_image(label_path, sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
     return {name: (str(image), str(label)) for name, (image, label) in cases.items()}
-
-
-def _write(image, path: Path) -> None:
-    import SimpleITK as sitk
-
-    tmp = path.with_name(f"tmp{os.getpid()}_{path.name}")  # two runs may build the cases at once
-    sitk.WriteImage(image, str(tmp))
-    tmp.replace(path)
 
 
 def task_of(row: dict) -> str:
@@ -120,6 +113,7 @@ def comparison_rates(out: Path) -> dict:
 
 RATES = {"default": "the package's default learning rates",
          "comparison": "each method at the rate benchmarks/comparison.py chose for it on deepbet's brain-mask task"}
+
 
 def rates_text(rates: str) -> str:
     name, _, scale = rates.partition("×")
