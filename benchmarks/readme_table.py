@@ -16,6 +16,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from resources import BACKWARD_FLOOR  # noqa: E402
 RESULTS = ROOT / "docs" / "benchmarks-results"
 BEGIN, END = "<!-- speed-table:begin -->", "<!-- speed-table:end -->"
 SOURCES = ("resources_conv.json", "resources.json")  # the first file that has a model wins for it
@@ -54,14 +56,15 @@ def speed_table(results: Path = RESULTS) -> str:
     for model, (methods, infer, machine, date) in _rows(results).items():
         full, lora = methods.get("full fine-tuning"), methods.get("LoRA r=8 (PEFT)")
         merged = f"{infer['merged_over_base']:.2f}" if infer else "–"
-        for label in ("tCURLoRA r=8", "tCURLoRA r=8 decoder-side", "tCURLoRA r=8 + decoder"):
+        for label in ("tCURLoRA r=8", "tCURLoRA r=8 decoder-side", "tCURLoRA r=8 + decoder", BACKWARD_FLOOR):
             ours = methods.get(label)
             if ours is None:
                 continue
             vit = model in ("unetr-small", "vitb")
             layers = {"tCURLoRA r=8 decoder-side": "decoder convs (`--preset decoder`)",
                       "tCURLoRA r=8": "ViT stacks (default)" if vit else "every conv stack (default)",
-                      "tCURLoRA r=8 + decoder": "ViT stacks + decoder"}[label]
+                      "tCURLoRA r=8 + decoder": "ViT stacks + decoder",
+                      BACKWARD_FLOOR: "none: backward to the first conv only (the floor of every stack)"}[label]
             lines.append(f"| {TITLES.get(model, model)} | {layers} | {_ratio(ours, full, 'train_step_s')} | "
                          f"{_ratio(ours, lora, 'train_step_s')} | {_ratio(ours, full, 'peak_rss_mb')} | "
                          f"{_ratio(ours, lora, 'peak_rss_mb')} | {merged} |")

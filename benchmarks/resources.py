@@ -3,7 +3,9 @@
 Train step = forward + Dice/CE loss + backward + AdamW step on a fixed synthetic batch (no data
 loading), median over ``--steps`` after ``--warmup``.  Peak RSS = ``ru_maxrss`` of the child process
 (the ``struct rusage`` that ``resource.getrusage`` reads, taken per child with ``os.wait4``), which includes the interpreter, torch and the base weights; the ``inference only``
-row (load + one no-grad forward) gives that floor.  Merged inference: the plain base against the
+row (load + one no-grad forward) gives that floor.  Conv bases also get ``backward to the first conv (floor)``:
+no weight gradient anywhere, only the input gradients down to the first conv's output (one trainable scale
+there) -- the least a step costs for any method that adapts the first conv.  Merged inference: the plain base against the
 same base with a tCURLoRA r=8 adapter (non-zero cores) merged into its weights, interleaved.
 Segment 256³: ``tcurlora.infer.segment`` of the real ROBEX head with deepbet at its real 256³ setting
 (localiser, 256³ forward, resampling back), base alone and with a merged tCURLoRA adapter.
@@ -45,6 +47,9 @@ MODELS = {
     "vitb": {"kind": "unetr", "size": 96, "batch": 2, "hidden": 768, "mlp": 3072, "heads": 12, "feature": 16},
 }
 GPU_TARGET_GB = 8.0
+# what any method that adapts the first conv must pay: the forward plus input gradients down to that conv's
+# output, no weight gradient at all (one trainable scale on the first conv's output, nothing else)
+BACKWARD_FLOOR = "backward to the first conv (floor)"
 
 
 def write_csv(path: Path, rows: list, keys: list) -> None:
@@ -79,6 +84,8 @@ def methods_for(model: str) -> list:
                                                    "exclude_modules": ENCODERS[kind]}))
     rows += [("LoRA r=8 (PEFT)", {"method": "lora", "preset": preset, "rank": 8}),
              ("full fine-tuning", {"method": "full"})]
+    if kind != "unetr":
+        rows.append((BACKWARD_FLOOR, {"method": "backward-floor"}))
     return rows
 
 
@@ -145,7 +152,14 @@ def child_train(job: dict) -> dict:
         with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=job["bf16"]):
             net(x)
         return {"trainable": 0}
-    inject_adapter(net, _config(job["method"], decoder))
+    if job["method"]["method"] == "backward-floor":
+        net.requires_grad_(False)
+        scale = torch.nn.Parameter(torch.ones(()))
+        first = next(m for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
+        first.register_forward_hook(lambda module, args, output: output * scale.to(output.device))
+        net.register_parameter("floor_scale", scale)
+    else:
+        inject_adapter(net, _config(job["method"], decoder))
     net.to(device).train()
     if job["checkpointing"]:
         from tcurlora.train import enable_activation_checkpointing
