@@ -6,13 +6,15 @@ loading), median over ``--steps`` after ``--warmup``.  Peak RSS = ``ru_maxrss`` 
 row (load + one no-grad forward) gives that floor.  Conv bases also get ``backward to the first conv (floor)``:
 no weight gradient anywhere, only the input gradients down to the first conv's output (one trainable scale
 there) -- the least a step costs for any method that adapts the first conv.  Merged inference: the plain base against the
-same base with a tCURLoRA r=8 adapter (non-zero cores) merged into its weights, interleaved.
+same base with a tCURLoRA r=8 adapter (non-zero cores) merged into its weights, interleaved (15 rounds, the
+order rotating; the ratio is the median of the per-round ratios).
 Segment 256³: ``tcurlora.infer.segment`` of the real ROBEX head with deepbet at its real 256³ setting
 (localiser, 256³ forward, resampling back), base alone and with a merged tCURLoRA adapter.
 
-    python benchmarks/resources.py                       # CPU: deepbet 128³, distilled-UNETR size 48³, segment 256³
+    python benchmarks/resources.py                       # CPU: deepbet 128³, nnU-Net PlainConvUNet, UNETR 48³; segment 256³
     python benchmarks/resources.py --device cuda --bf16 --checkpointing
-        # GPU: UNETR ViT-B at 96³, batch 2, peak GPU memory (torch.cuda.max_memory_allocated), target ≤ 8 GB
+        # GPU: deepbet 128³, UNETR ViT-B 96³ (batch 2), nnU-Net PlainConvUNet; peak GPU memory
+        # (torch.cuda.max_memory_allocated), target ≤ 8 GB
 
 Models: ``deepbet128`` (LinkNet3d, the real pretrained weights, 128³ input, batch 1), ``unetr-small``
 (the benchmark's UNETR architecture: 48³, hidden 192, feature 8, batch 1; random init, speed does not depend on
@@ -50,6 +52,7 @@ GPU_TARGET_GB = 8.0
 # what any method that adapts the first conv must pay: the forward plus input gradients down to that conv's
 # output, no weight gradient at all (one trainable scale on the first conv's output, nothing else)
 BACKWARD_FLOOR = "backward to the first conv (floor)"
+INFER_ROUNDS = 15  # merged-inference rounds (at least): a ratio to ±0.03 needs more than a train step's 5
 
 
 def write_csv(path: Path, rows: list, keys: list) -> None:
@@ -211,20 +214,24 @@ def child_infer(job: dict) -> dict:
     merge_adapter(adapted)
     nets = {"base": base.to(device).eval(), "merged": adapted.to(device).eval(), "unmerged": unmerged.to(device).eval()}
     x = torch.randn((1, 1) + shape_of(job["model"]), generator=torch.Generator().manual_seed(0)).to(device)
+    names = list(nets)
     times = {k: [] for k in nets}
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=job["bf16"]):
         for name, net in nets.items():  # warm-up
             net(x)
-        for _ in range(job["steps"]):
-            for name, net in nets.items():
+        # merged and base run the same operations, so their ratio is timing noise unless something is wrong:
+        # enough paired rounds, the order rotating (whoever runs first in a round is not always the same net)
+        for round_ in range(max(job["steps"], INFER_ROUNDS)):
+            for name in names[round_ % 3:] + names[:round_ % 3]:
                 _sync(device)
                 t0 = time.perf_counter()
-                net(x)
+                nets[name](x)
                 _sync(device)
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    paired = {k: statistics.median(t / b for t, b in zip(times[k], times["base"])) for k in ("merged", "unmerged")}
     return {"base_s": med["base"], "merged_s": med["merged"], "unmerged_s": med["unmerged"],
-            "merged_over_base": med["merged"] / med["base"], "unmerged_over_base": med["unmerged"] / med["base"],
+            "merged_over_base": paired["merged"], "unmerged_over_base": paired["unmerged"],
             "all": times}
 
 
@@ -468,7 +475,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing (tcurlora.train)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=None,
-                        help="default: deepbet128 nnunet unetr-small on cpu, vitb nnunet on cuda")
+                        help="default: deepbet128 nnunet unetr-small on cpu, deepbet128 vitb nnunet on cuda")
     parser.add_argument("--batch", type=int, default=None, help="default: per model (deepbet 1, unetr-small 1, vitb 2)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="fresh-process runs of every method, taking turns")
@@ -488,7 +495,7 @@ def main(argv=None) -> int:
 
         if not torch.cuda.is_available():
             parser.error("--device cuda: this torch build sees no CUDA GPU")
-    args.models = args.models or (["vitb", "nnunet"] if args.device == "cuda" else ["deepbet128", "nnunet", "unetr-small"])
+    args.models = args.models or (["deepbet128", "vitb", "nnunet"] if args.device == "cuda" else ["deepbet128", "nnunet", "unetr-small"])
     if args.segment256 is None:
         args.segment256 = args.device == "cpu"
     stem = args.stem or ("resources" if args.device == "cpu" else "resources_cuda")
