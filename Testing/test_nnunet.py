@@ -383,3 +383,20 @@ def test_nnunet_install_brings_no_torchvision():
     the CPU torch); nnU-Net's code paths used here run without them."""
     assert importlib.util.find_spec("nnunetv2") is not None
     assert importlib.util.find_spec("timm") is None and importlib.util.find_spec("torchvision") is None
+
+
+def test_federated_server_and_site_load_the_fold_asked_for(nnunet_model, tmp_path, capsys):
+    """``--fold`` reaches the base in both federated roles (this folder has folds 0 and 1: without the fold a
+    base refuses to load); ``--stop-file``, which a federation does not honour, is not offered."""
+    from tcurlora.cli import main
+
+    server = ["federated", "server", "--base", nnunet_model.folder, "--insecure", "--out", tmp_path / "g.safetensors"]
+    site = ["federated", "client", "--base", nnunet_model.folder, "--server", "127.0.0.1:1", "--insecure",
+            "--image", CT, "--label", CT, "--out", tmp_path / "s.safetensors"]
+    for argv in (server, site):
+        assert main([str(a) for a in argv + ["--fold", "5"]]) == 2
+        assert "has no checkpoint for fold 5 (folds with one: 0, 1)" in capsys.readouterr().err.strip().splitlines()[-1]
+        with pytest.raises(SystemExit):
+            main([str(a) for a in argv + ["--fold", "0", "--stop-file", tmp_path / "STOP"]])
+        assert "unrecognized arguments: --stop-file" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

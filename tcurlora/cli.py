@@ -43,10 +43,12 @@ def _add_switch(p: argparse.ArgumentParser, flag: str, key: str, value: bool = T
                    help=help or SETTINGS_BY_KEY[key].help)
 
 
-def _base_args(p: argparse.ArgumentParser) -> None:
-    for key in ("base", "weights", "fold", "device", "events", "stop_file"):
+def _base_args(p: argparse.ArgumentParser, stop_file: bool = True, series: bool = True) -> None:
+    """The base-model and job flags; ``stop_file``/``series`` only where the command honours them."""
+    for key in ("base", "weights", "fold", "device", "events") + (("stop_file",) if stop_file else ()):
         _add_setting(p, key)
-    p.add_argument("--series", metavar="UID", help="the DICOM series to read from input folders holding several")
+    if series:
+        p.add_argument("--series", metavar="UID", help="the DICOM series to read from input folders holding several")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +150,7 @@ def _federated_parser(sub) -> None:
     f = fed.add_parser("server", help="run the rounds and average the sites' adapters",
                        epilog="example: tcurlora federated server --address 0.0.0.0:9092 --tls-dir certs "
                               "--rounds 5 --local-steps 20 --min-clients 3 --out global.safetensors")
-    _base_args(f)
+    _base_args(f, stop_file=False, series=False)  # stop a federation with Ctrl-C; the server reads no images
     f.add_argument("--address", default="127.0.0.1:9092", metavar="HOST:PORT",
                    help="where Flower's SuperLink listens for the sites (default 127.0.0.1:9092; 0.0.0.0:PORT "
                         "for other machines)")
@@ -173,7 +175,7 @@ def _federated_parser(sub) -> None:
     f = fed.add_parser("client", help="train at this site in every round",
                        epilog="example: tcurlora federated client --server fl.example.org:9092 --root-cert ca.crt "
                               "--cases my_cases/ --out site.safetensors")
-    _base_args(f)
+    _base_args(f, stop_file=False)
     f.add_argument("--server", required=True, metavar="HOST:PORT",
                    help="the federation server (its SuperLink, which this site's Flower SuperNode connects to)")
     f.add_argument("--cases", metavar="FOLDER", help="this site's cases (imagesTr/labelsTr, or X + X_label side by side)")
@@ -394,7 +396,7 @@ def cmd_federated(args, events) -> int:
                                   lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                                   patch_size=tuple(args.patch_size) if args.patch_size else None,
                                   train_modules=args.train_modules, device=device)
-        result = run_server(load_base(base, weights=args.weights), options, labels=_load_labels(args.labels),
+        result = run_server(load_base(base, weights=args.weights, fold=args.fold), options, labels=_load_labels(args.labels),
                             address=args.address, rounds=args.rounds, min_clients=args.min_clients, out=args.out,
                             tls_dir=args.tls_dir, insecure=args.insecure, events=events, events_file=args.events)
     else:
@@ -407,7 +409,7 @@ def cmd_federated(args, events) -> int:
             from .io import find_cases
 
             pairs += find_cases(args.cases)
-        result = run_client(pairs, base=base, weights=args.weights, server=args.server, out=args.out,
+        result = run_client(pairs, base=base, weights=args.weights, fold=args.fold, server=args.server, out=args.out,
                             root_cert=args.root_cert, insecure=args.insecure, seed=args.seed, device=device,
                             site=args.site or socket.gethostname(), events=events, events_file=args.events)
     events.result(result["outputs"], result["metrics"])

@@ -38,6 +38,7 @@ def train_round(load_base, pairs: Sequence[Tuple[str, str]], out, server_round: 
 
 
 def run_client(pairs: List[Tuple[str, str]], *, base: str, weights: Optional[str], server: str, out,
+               fold: Optional[int] = None,
                root_cert: Optional[str], insecure: bool, seed: int, device: str, site: str, events: Events,
                events_file: Optional[str] = None, connect_timeout: float = 300.0) -> dict:
     """Join the federation at ``server`` as a Flower SuperNode until the server's last round is done.
@@ -66,13 +67,14 @@ def run_client(pairs: List[Tuple[str, str]], *, base: str, weights: Optional[str
     else:
         read_root_certificate(root_cert)
         tls = ["--root-certificates", str(Path(root_cert).absolute())]
-    load_base(base, weights=weights)  # a base that does not load fails here, not in the first round
+    load_base(base, weights=weights, fold=fold)  # a base that does not load fails here, not in the first round
     with tempfile.TemporaryDirectory(prefix="tcurlora-supernode-") as home:
         home = Path(home)
         status = home / "status.json"
         node_config = home / "node_config.toml"
         node_config.write_text(tomli_w.dumps({
             "base": str(Path(base).absolute()) if Path(base).exists() else base, "weights": str(Path(weights).absolute()) if weights else "", "device": device,
+            "fold": -1 if fold is None else int(fold),  # TOML has no null
             "cases": json.dumps([[str(Path(i).absolute()), str(Path(label).absolute())] for i, label in pairs]),
             "out": str(out), "site": site, "seed": seed, "events": app_events_target(events_file),
             "status": str(status)}))

@@ -54,7 +54,9 @@ def train(message: Message, context: Context) -> Message:
     events = app_events(str(node["events"]))
     initial = from_record(message.content["global"], "the server's global adapter")
     events.log(f"round {server_round}/{config['rounds']}: training on {len(pairs)} case(s)")
-    manifest, state = train_round(partial(load_base, str(node["base"]), weights=str(node["weights"]) or None),
+    fold = int(node.get("fold", -1))
+    manifest, state = train_round(partial(load_base, str(node["base"]), weights=str(node["weights"]) or None,
+                                          fold=None if fold < 0 else fold),
                                   [tuple(p) for p in pairs], node["out"], server_round, json.loads(str(config["train"])),
                                   initial, str(config["fingerprint"]), seed=int(node["seed"]),
                                   device=str(node["device"]), events=events)
