@@ -83,7 +83,7 @@ def speed_table(results: Path = RESULTS) -> str:
             lines.append(f"Default `tcurlora finetune` on the demo's heads ({data['machine']['cpus']} CPUs, "
                          f"{data['machine']['date']}): {d['steps']} steps in {d['train_wall_s'] / 60:.1f} min of wall "
                          f"time, Dice {d['dice']:.4f} on the held-out head, against {r['dice']:.4f} after {r['steps']} "
-                         f"full-resolution steps of two patches (`benchmarks/cpu_default.py`).")
+                         f"full-resolution steps (`benchmarks/cpu_default.py`).")
     return "\n".join(lines)
 
 

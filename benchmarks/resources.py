@@ -419,7 +419,7 @@ def write_tables(results: dict, out: Path, stem: str = "resources") -> str:
         lines.append(line)
     write_csv(out / f"{stem}_train.csv", flat, list(dict.fromkeys(k for r in flat for k in r)))
     if results["infer"]:
-        lines += ["", "| model | base forward | merged tCURLoRA forward | merged / base | unmerged (Δ𝒲 rebuilt) / base |",
+        lines += ["", "| model | base forward | merged tCURLoRA forward | merged / base | unmerged (adapter active) / base |",
                   "|---|---|---|---|---|"]
         for r in results["infer"]:
             lines.append(f"| {r['model']} | {r['base_s']:.3f} s | {r['merged_s']:.3f} s | {r['merged_over_base']:.2f} | "

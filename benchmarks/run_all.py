@@ -158,6 +158,7 @@ def write_results(out: Path, info: dict, spec: str) -> None:
     # runs made outside this invocation (quality runs are resumed from quality_runs.jsonl, not repeated)
     parts += [f"- earlier run, reused: {e}" for e in info.get("earlier_runs", [])]
     parts += [f"- additional command: `{c}`" for c in info.get("additional_commands", [])]
+    parts += [f"- note: {n}" for n in info.get("notes", [])]
     parts.append("")
     agreement = out / "vit_base_agreement.json"
     if agreement.is_file():

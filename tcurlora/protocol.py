@@ -344,8 +344,8 @@ SETTINGS: Tuple[Setting, ...] = (
             "or none", _F, flag="--preset"),
     Setting("train_modules", text_list(), [], "modules to train fully as well (e.g. a decoder); opt-in", _F,
             flag="--train-modules", nargs="*", metavar="REGEX"),
-    # 30 steps of one full-size patch: about 3 minutes for deepbet on 2 CPU cores, and on the demo's task as good
-    # as 100 steps of two patches (benchmarks/cpu_default.py); more cases, or a GPU, can take more
+    # 30 steps of one full-size patch: about 2 minutes for deepbet on 2 CPU cores, and on the demo's task within
+    # 0.001 Dice of 100 steps (benchmarks/cpu_default.py); more cases, or a GPU, can take more
     Setting("steps", integer(1, MAX_STEPS), 30, "training steps (default 30; raise it for many cases or on a GPU)",
             _F, flag="--steps", cli_type=int),
     Setting("lr", optional(number(0.0, 10.0, lo_open=True)), None, "learning rate (default depends on the method: "
