@@ -376,3 +376,33 @@ def test_bf16_autocast_and_activation_checkpointing(name):
     output(model, x).square().mean().backward()
     for before, s in zip(plain, get_adapter(model).stacks.values()):
         torch.testing.assert_close(s.delta_u.grad, before, rtol=1e-5, atol=1e-7)
+
+
+def test_conv_projected_gradient_under_bf16_autocast_with_fp32_inputs():
+    """Under autocast a norm layer hands the next conv an fp32 input while its gradient comes back in bf16 (deepbet's
+    and nnU-Net's conv → norm → ReLU blocks on a GPU): the projected backward computes in the forward's dtype, and
+    its core and input gradients follow the fp32 ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 16, 3, padding=1), nn.InstanceNorm3d(16), nn.ReLU(),
+                          nn.Conv3d(16, 32, 3, stride=2, padding=1, bias=False), nn.InstanceNorm3d(32), nn.ReLU(),
+                          nn.Conv3d(32, 2, 1))
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    inject_adapter(model, TCURLoRAConfig(preset="conv", rank=2))
+    stacks = list(get_adapter(model).stacks.values())
+    assert any(s.projected for s in stacks)
+    with torch.no_grad():
+        for s in stacks:
+            s.delta_u.normal_(0, 1e-2)
+    model.train()
+
+    def grads(autocast: bool):
+        model.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        out.float().square().mean().backward()
+        return [s.delta_u.grad.clone() for s in stacks] + [x.grad.clone()]
+
+    for low, full in zip(grads(True), grads(False)):
+        assert low.dtype == full.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(low.flatten(), full.flatten(), dim=0) > 0.99

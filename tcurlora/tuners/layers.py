@@ -257,8 +257,10 @@ class _ProjectedLayer(torch.autograd.Function):
         x, weight, delta = ctx.saved_tensors
         stack: TCURStack = ctx.stack
         layer = ctx.layer
-        # W + ΔW only for the input gradient (the first layer of a network needs none)
-        effective = (weight + delta.to(weight.dtype)).to(grad_out.dtype) if ctx.needs_input_grad[0] else weight
+        # W + ΔW only for the input gradient (the first layer of a network needs none); in the dtype the forward
+        # ran in (bf16 under autocast, whatever the dtype of x: a norm layer before hands autocast fp32 inputs)
+        effective = (weight + delta.to(weight.dtype)) if ctx.needs_input_grad[0] else weight
+        effective = effective.to(grad_out.dtype)
         grad_x = grad_u = grad_b = None
         if isinstance(layer, nn.Linear):
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
@@ -270,9 +272,11 @@ class _ProjectedLayer(torch.autograd.Function):
         else:
             # input (and bias) gradient in one call, the weight gradient not asked for
             grad_x, _, grad_b = torch.ops.aten.convolution_backward(
-                grad_out, x, effective, [grad_out.shape[1]] if ctx.has_bias else None, layer.stride, layer.padding,
-                layer.dilation, False, [0] * (x.dim() - 2), layer.groups,
+                grad_out, x.to(grad_out.dtype), effective, [grad_out.shape[1]] if ctx.has_bias else None, layer.stride,
+                layer.padding, layer.dilation, False, [0] * (x.dim() - 2), layer.groups,
                 [ctx.needs_input_grad[0], False, ctx.has_bias])
+            if grad_x is not None:
+                grad_x = grad_x.to(x.dtype)
             g2 = grad_out.movedim(1, -1).reshape(-1, grad_out.shape[1])
             xr = None
             if ctx.needs_input_grad[1]:
