@@ -404,7 +404,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--directions", type=int, default=2, choices=[1, 2],
-                        help="2: brain1->brain2 and brain2->brain1; 1: brain1->brain2 only")
+                        help="2: each image to the other; 1: the first image of the task to the second only")
     parser.add_argument("--resolution", type=int, default=96, help="deepbet model input (256 = its real setting)")
     parser.add_argument("--methods", nargs="*", help="only methods whose label contains one of these strings")
     parser.add_argument("--report", action="store_true", help="only write the table and plot from recorded runs")

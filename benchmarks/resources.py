@@ -222,7 +222,7 @@ def child_infer(job: dict) -> dict:
         # merged and base run the same operations, so their ratio is timing noise unless something is wrong:
         # enough paired rounds, the order rotating (whoever runs first in a round is not always the same net)
         for round_ in range(max(job["steps"], INFER_ROUNDS)):
-            for name in names[round_ % 3:] + names[:round_ % 3]:
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
                 _sync(device)
                 t0 = time.perf_counter()
                 nets[name](x)

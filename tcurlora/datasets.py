@@ -40,7 +40,6 @@ DEEPMRIPREP_PIN = PinnedArchive(
     "00cfaab3e4e1744e7d3844cdad1b096af2c06edbae73d683facc9435b835b8bd", "MIT", size=17842165)
 
 
-
 @dataclass(frozen=True)
 class ScanSource:
     """Where one image (and optional label map) comes from, and whom to credit.
