@@ -463,7 +463,7 @@ class ParallelConv(nn.Module):
 
 @pytest.mark.parametrize("projected, transposed", [(True, False), (False, False), (False, True)])
 def test_conv_core_gradient_against_an_explicit_reference(projected, transposed):
-    """The conv projected gradient (X·Rᵀ as a convolution with ℛ's rows as kernels) and the dense path (the
+    """The conv projected gradient (((G·C)ᵀX)·Rᵀ through a K·r-channel weight gradient) and the dense path (the
     one transposed convolutions take) both equal a float64 reference that writes Δ𝒲 out and lets autograd
     differentiate plain convolutions; so does the input gradient."""
     k, n_in, n_out, rank, scale = 3, 4, 40, 2, 0.6

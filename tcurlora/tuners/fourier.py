@@ -61,17 +61,13 @@ def delta_w(delta_u: torch.Tensor, c_block: torch.Tensor, r_hat: torch.Tensor, i
     return out
 
 
-def projected_core_grad(grad_rows: torch.Tensor, xr: torch.Tensor, c_flat: torch.Tensor, shift: torch.Tensor,
-                        k: int, r: int) -> torch.Tensor:
-    """dL/dΔ𝒰 contributed by member ``shift``'s rows, straight from activations (no dense dL/dW).
+def core_grad_from_h(h: torch.Tensor, shift: torch.Tensor, k: int, r: int) -> torch.Tensor:
+    """dL/dΔ𝒰 contributed by one stack member, from its H = (dL/dY · C)ᵀ (X · Rᵀ) (no dense dL/dW).
 
     Args:
-        grad_rows: dL/dy of the member's output rows (T, n1).
-        xr: x · R_cᵀ for all stack positions c (T, K·r).
-        c_flat: 𝒞 as (n1, K·r).
+        h: (K·r, K·r); H[a, :, c, :] = C_aᵀ dL/dW R_cᵀ for the member's weight gradient dL/dW.
         shift: (K, K) index (a - a' - b) mod K of this member.
     """
-    gc = grad_rows.float() @ c_flat  # (T, K·r) = dL/dy · C_a
-    h = (gc.t() @ xr).reshape(k, r, k, r)  # H[a, :, c, :] = C_aᵀ G R_cᵀ
-    a = torch.arange(k, device=xr.device)
+    h = h.float().reshape(k, r, k, r)
+    a = torch.arange(k, device=h.device)
     return h[a[:, None], :, shift, :].sum(dim=0)  # (b, r, r): Σ_a H[a, (k - a - b) mod K]
