@@ -19,7 +19,8 @@ run).  The table reports the test Dice of (3).
     python benchmarks/comparison.py --base unetr      # builds the distilled UNETR first (≈ 12 min) if needed
     python benchmarks/comparison.py --report          # tables and plots from the runs so far
 
-Runs are appended to ``comparison[_unetr]_runs.jsonl`` and skipped when already there (resumable).
+Runs are appended to ``comparison[_unetr]_runs.jsonl`` and skipped when already there for the same base weights
+(resumable); the tables show the runs of the weights recorded last.
 Two templates, not a cohort: the numbers compare methods on one task and validate nothing clinically.
 """
 
@@ -34,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from quality import BASELINE_NAMES, DIRECTIONS, HERE, adapt_and_segment, load_benchmark_base, site_labels
+from quality import (BASELINE_NAMES, DIRECTIONS, HERE, adapt_and_segment, latest_weights, load_benchmark_base,
+                     site_labels, weights_tag)
 from resources import UNETR_DECODER
 
 IGNORE_VALUE = 2
@@ -102,18 +104,19 @@ def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs_file = runs_path(args)
-    done = {(r["method"], r["lr_scale"], r["train"], r["seed"]): r for r in read_runs(runs_file)}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cases = site_labels(work / "data")
     base = load_benchmark_base(args.base, args.resolution, Path(args.unetr_spec) if args.unetr_spec else None)
     resolution = args.resolution if args.base == "deepbet" else int(base.preprocessing.patch_size[0])
     pristine = copy.deepcopy(base.network)
+    weights = weights_tag(pristine)
+    done = {(r.get("weights"), r["method"], r["lr_scale"], r["train"], r["seed"]): r for r in read_runs(runs_file)}
     labels = [dict(l) for l in base.labels] + [{"value": IGNORE_VALUE, "name": "ignore"}]
     halves = {name: half_labelled(work / "data", name, cases[name][1]) for name in cases}
 
     def one(label, kwargs, scale, seed, train, test):
-        key = (label, scale, train, seed)
+        key = (weights, label, scale, train, seed)
         if key in done:
             return done[key]
         tag = "".join(c if c.isalnum() else "_" for c in f"{label}_lr{scale:g}_{train}_s{seed}")
@@ -133,7 +136,7 @@ def run(args) -> None:
         pred = sitk.GetArrayFromImage(sitk.ReadImage(str(val_seg))) > 0
         ref = sitk.GetArrayFromImage(sitk.ReadImage(cases[train][1])) > 0
         m = evaluate([str(test_seg)], [cases[test][1]])[0]
-        row = {"method": label, "lr_scale": scale, "lr": lr, "train": train, "test": test, "seed": seed,
+        row = {"weights": weights, "method": label, "lr_scale": scale, "lr": lr, "train": train, "test": test, "seed": seed,
                "steps": args.steps, "resolution": resolution, "val_dice": dice(pred & right, ref & right),
                "dice": m["dice"], "hd95_mm": m["hd95_mm"], "trainable": got["trainable"],
                "adapter_bytes": got["adapter_bytes"], "train_s": round(got["train_s"], 1),
@@ -170,7 +173,9 @@ def runs_path(args) -> Path:
 
 
 def read_runs(path: Path) -> list:
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
+    """The runs of the base weights recorded last (a rebuilt distilled UNETR starts its tables afresh)."""
+    return latest_weights([json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else [],
+                          group=lambda r: None)
 
 
 #: When the highest rate tried wins, the sweep goes on upwards by this factor (at most ``--widen`` times).

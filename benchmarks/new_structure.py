@@ -29,7 +29,8 @@ the numbers compare methods on one task, they validate nothing clinically.
     OMP_NUM_THREADS=1 python benchmarks/new_structure.py --base nnunet --steps 60 --seeds 0 1 2 --rates comparison
     python benchmarks/new_structure.py --report     # tables and plot from the runs recorded so far
 
-Runs are appended to ``<out>/new_structure_runs.jsonl`` and skipped when already there (resumable).
+Runs are appended to ``<out>/new_structure_runs.jsonl`` and skipped when already there for the same base weights
+(resumable); the tables show the runs of the weights recorded last for each base.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "Testing"))
 
-from quality import BASELINE_NAMES, adapt_and_segment, load_benchmark_base  # noqa: E402  (benchmarks/ is on sys.path as a script)
+from quality import BASELINE_NAMES, adapt_and_segment, latest_weights, load_benchmark_base, weights_tag  # noqa: E402  (benchmarks/ is on sys.path as a script)
 
 RUNS_FILE = "new_structure_runs.jsonl"
 ATLAS_DIR = "deepmriprep/data/templates"
@@ -235,7 +236,8 @@ def run(args) -> None:
     if runs_file.is_file():
         for line in runs_file.read_text().splitlines():
             r = json.loads(line)
-            done[(task_of(r), rates_of(r), r["base"], r["method"], r["train"], r["seed"], r["steps"], r["resolution"])] = r
+            done[(task_of(r), rates_of(r), r["base"], r.get("weights"), r["method"], r["train"], r["seed"], r["steps"],
+                  r["resolution"])] = r
     table, names, case_files = TASKS[args.task]
     cases = case_files(Path(args.work) / "cases")
     directions = [names, names[::-1]][:args.directions]
@@ -252,6 +254,7 @@ def run(args) -> None:
             "parameters": sum(p.numel() for p in base.network.parameters()),
             "brain_dice_robex": sanity["dice"], "brain_hd95_mm_robex": sanity["hd95_mm"]}, indent=2) + "\n")
     pristine = copy.deepcopy(base.network)
+    weights = weights_tag(pristine)
     preset = "conv"
     # seed by seed: a run cut short still has every method at the first seeds
     chosen = comparison_rates(out) if args.rates == "comparison" else {}
@@ -262,7 +265,7 @@ def run(args) -> None:
                 continue
             kwargs = {**kwargs, "lr": args.lr_scale * (chosen[label] if chosen else DEFAULT_LR[kwargs["method"]])}
             for train, test in directions:
-                key = (args.task, rates, args.base, label, train, seed, args.steps, resolution)
+                key = (args.task, rates, args.base, weights, label, train, seed, args.steps, resolution)
                 if key in done:
                     continue
                 same = done.get((key[0], "default") + key[2:])
@@ -286,7 +289,7 @@ def run(args) -> None:
                 train_s = got["train_s"]
                 m = evaluate([str(seg)], [cases[test][1]], label_table=table)[0]
                 fit = evaluate([str(seen)], [cases[train][1]], label_table=table)[0]
-                row = {"task": args.task, "rates": rates, "base": args.base, "method": label, "train": train, "test": test, "seed": seed,
+                row = {"task": args.task, "rates": rates, "base": args.base, "weights": weights, "method": label, "train": train, "test": test, "seed": seed,
                        "steps": args.steps, "batch": args.batch, "lr": kwargs["lr"],
                        "resolution": resolution, "dice": m["dice"], "hd95_mm": m["hd95_mm"], "dice_train_case": fit["dice"],
                        "trainable": got["trainable"], "adapter_bytes": got["adapter_bytes"],
@@ -420,7 +423,7 @@ def main(argv=None) -> int:
         if not args.base:
             parser.error("--base is required (or --report)")
         run(args)
-    rows = [json.loads(l) for l in (Path(args.out) / RUNS_FILE).read_text().splitlines()]
+    rows = latest_weights([json.loads(l) for l in (Path(args.out) / RUNS_FILE).read_text().splitlines()])
     text = table(rows)
     write_summary(Path(args.out) / "new_structure.md", text)
     plot(rows, Path(args.out) / "new_structure.png")

@@ -11,7 +11,8 @@ default learning rate (``tcurlora.train.DEFAULT_LR``).  Per test case: Dice and 
     python benchmarks/quality.py --base unetr --steps 24 --seeds 0 1 2
 
 Two templates, not a cohort: the numbers compare methods on one task, they validate nothing clinically.
-Runs are appended to ``<out>/quality_runs.jsonl`` and skipped when already there (resumable).
+Runs are appended to ``<out>/quality_runs.jsonl`` and skipped when already there for the same base weights
+(resumable); the tables show the runs of the weights recorded last for each base.
 """
 
 from __future__ import annotations
@@ -97,6 +98,21 @@ def load_benchmark_base(name: str, resolution: int = 128, unetr_spec: Path = Non
     raise SystemExit(f"unknown base {name}")
 
 
+def weights_tag(network) -> str:
+    """12 hex digits of the base's weights fingerprint (the one adapter files record)."""
+    from tcurlora import base_fingerprint
+
+    return base_fingerprint(network).split(":", 1)[1][:12]
+
+
+def latest_weights(rows: list, group=lambda r: r.get("base")) -> list:
+    """The rows made with the weights recorded last for their base. Runs are resumed and tabulated per weights:
+    the distilled UNETR and the nnU-Net bases are built here, and a rebuilt one must not mix with the runs of
+    the build before it."""
+    latest = {group(r): r.get("weights") for r in rows}
+    return [r for r in rows if r.get("weights") == latest[group(r)]]
+
+
 def site_labels(work: Path) -> dict:
     from tcurlora.datasets import get_scan
     from tcurlora.demo import SITE_MARGIN_MM, site_convention
@@ -167,7 +183,8 @@ def run(args) -> list:
     if runs_file.is_file():
         for line in runs_file.read_text().splitlines():
             r = json.loads(line)
-            done[(r["base"], r["method"], r["train"], r["test"], r["seed"], r["steps"], r["resolution"])] = r
+            done[(r["base"], r.get("weights"), r["method"], r["train"], r["test"], r["seed"], r["steps"],
+                  r["resolution"])] = r
     cases = site_labels(Path(args.work) / "data")
     spec = None
     if args.base == "unetr":
@@ -175,6 +192,7 @@ def run(args) -> list:
     base = load_benchmark_base(args.base, args.resolution, spec)
     resolution = args.resolution if args.base == "deepbet" else int(base.preprocessing.patch_size[0])
     pristine = copy.deepcopy(base.network)
+    weights = weights_tag(pristine)
     directions = DIRECTIONS[:args.directions]
     rows = []
 
@@ -197,7 +215,7 @@ def run(args) -> list:
         for train, test in directions:
             seeds = [None] if kwargs is None else args.seeds
             for seed in seeds:
-                key = (args.base, label, train if kwargs else "-", test, seed if seed is not None else -1,
+                key = (args.base, weights, label, train if kwargs else "-", test, seed if seed is not None else -1,
                        0 if kwargs is None else args.steps, resolution)
                 if key in done:
                     rows.append(done[key])
@@ -219,7 +237,7 @@ def run(args) -> list:
                         "train_s", "segment_s", "trainable", "adapter_bytes", "final_loss"))
                     lr = kwargs.get("lr", DEFAULT_LR[kwargs["method"]])
                 m = evaluate([str(seg)], [test_label])[0]
-                record({"base": args.base, "method": label, "train": train if kwargs else "-", "test": test,
+                record({"base": args.base, "weights": weights, "method": label, "train": train if kwargs else "-", "test": test,
                         "seed": seed if seed is not None else -1, "steps": 0 if kwargs is None else args.steps,
                         "batch": args.batch, "lr": lr, "resolution": resolution, "dice": m["dice"],
                         "hd95_mm": m["hd95_mm"], "trainable": trainable, "adapter_bytes": size,
@@ -389,8 +407,8 @@ def main(argv=None) -> int:
         print(table)
         return 0
     run(args)
-    # tables over every run recorded so far for the same settings (both bases when both were run)
-    rows = [json.loads(l) for l in (Path(args.out) / "quality_runs.jsonl").read_text().splitlines()]
+    # tables over every run recorded so far for the same settings and base weights (both bases when both were run)
+    rows = latest_weights([json.loads(l) for l in (Path(args.out) / "quality_runs.jsonl").read_text().splitlines()])
     summary = summarise(rows)
     write_tables(summary, rows, Path(args.out))
     plot(summary, rows, Path(args.out))
