@@ -17,7 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from resources import BACKWARD_FLOOR  # noqa: E402
+from resources import BACKWARD_FLOOR, step_ratio  # noqa: E402
 RESULTS = ROOT / "docs" / "benchmarks-results"
 BEGIN, END = "<!-- speed-table:begin -->", "<!-- speed-table:end -->"
 SOURCES = ("resources_conv.json", "resources.json")  # the first file that has a model wins for it
@@ -45,7 +45,7 @@ def _rows(results: Path):
 def _ratio(a, b, key):
     if not a or not b or a.get(key) is None or b.get(key) is None:
         return "–"
-    return f"{a[key] / b[key]:.2f}"
+    return f"{step_ratio(a, b) if key == 'train_step_s' else a[key] / b[key]:.2f}"
 
 
 def speed_table(results: Path = RESULTS) -> str:
@@ -74,7 +74,8 @@ def speed_table(results: Path = RESULTS) -> str:
     default = results / "cpu_default.json"
     lines.append("")
     lines.append(f"Measured {', '.join(sorted(set(dates)))} on {'; '.join(sorted(m for m in machines if m))}: every "
-                 "method in a fresh process, interleaved rounds, median step (`benchmarks/resources.py`).")
+                 "method in a fresh process, interleaved rounds; a step ratio is the median of the per-round ratios of median "
+                 "steps where the rounds were recorded, else the ratio of the medians (`benchmarks/resources.py`).")
     if default.is_file():
         data = json.loads(default.read_text(encoding="utf-8"))
         rows = {r["variant"].split(" (")[0].split(":")[0]: r for r in data["rows"]}

@@ -1,7 +1,8 @@
 """Speed and memory per method, each measured in a fresh subprocess (so peak RSS is that method's own).
 
 Train step = forward + Dice/CE loss + backward + AdamW step on a fixed synthetic batch (no data
-loading), median over ``--steps`` after ``--warmup``.  Peak RSS = ``ru_maxrss`` of the child process
+loading), median over ``--steps`` after ``--warmup``; every method runs once per round, the rounds interleaved,
+and a ratio between two methods is the median of their per-round ratios (load drifts between rounds).  Peak RSS = ``ru_maxrss`` of the child process
 (the ``struct rusage`` that ``resource.getrusage`` reads, taken per child with ``os.wait4``), which includes the interpreter, torch and the base weights; the ``inference only``
 row (load + one no-grad forward) gives that floor.  Conv bases also get ``backward to the first conv (floor)``:
 no weight gradient anywhere, only the input gradients down to the first conv's output (one trainable scale
@@ -357,10 +358,12 @@ def run(args) -> dict:
                                          "error": rs[0]["error"]})
                 continue
             steps = [t for r in ok for t in r["train_step_all_s"]]
+            # per round (None where it failed): a ratio pairs two methods' medians round by round
+            per_round = [None if "error" in r else statistics.median(r["train_step_all_s"]) for r in rs]
             gpu_peaks = [r["gpu_peak_gb"] for r in ok if r.get("gpu_peak_gb") is not None]
             row = {"model": model, "method": label, "batch": batch, "trainable": ok[0]["trainable"],
                    "train_step_s": statistics.median(steps), "train_step_all_s": steps,
-                   "peak_rss_mb": max(r["peak_rss_mb"] for r in ok), "gpu_peak_gb": max(gpu_peaks) if gpu_peaks else None}
+                   "train_step_round_s": per_round, "peak_rss_mb": max(r["peak_rss_mb"] for r in ok), "gpu_peak_gb": max(gpu_peaks) if gpu_peaks else None}
             results["train"].append(row)
             gpu = f"  GPU peak {row['gpu_peak_gb']:.2f} GB" if row["gpu_peak_gb"] is not None else ""
             print(f"  {model:12s} {label:24s} step {row['train_step_s']:7.3f} s  peak RSS {row['peak_rss_mb']:7.0f} MB"
@@ -388,6 +391,19 @@ def run(args) -> dict:
     return results
 
 
+def step_ratio(row: dict, ref: dict):
+    """``row``'s train step over ``ref``'s: the median of the per-round ratios (both ran in the same round, so the
+    machine's drift from round to round cancels); the ratio of the overall medians for results without rounds."""
+    a, b = row.get("train_step_round_s"), ref.get("train_step_round_s")
+    if a and b:
+        pairs = [x / y for x, y in zip(a, b) if x is not None and y is not None]
+        if pairs:
+            return statistics.median(pairs)
+    if row.get("train_step_s") is None or ref.get("train_step_s") is None:
+        return None
+    return row["train_step_s"] / ref["train_step_s"]
+
+
 def write_tables(results: dict, out: Path, stem: str = "resources") -> str:
     out.mkdir(parents=True, exist_ok=True)
     rows = results["train"]
@@ -399,15 +415,16 @@ def write_tables(results: dict, out: Path, stem: str = "resources") -> str:
     flat = []
     for r in rows:
         if r.get("error"):
-            flat.append({k: v for k, v in r.items() if k != "train_step_all_s"})
+            flat.append({k: v for k, v in r.items() if k not in ("train_step_all_s", "train_step_round_s")})
             lines.append(f"| {r['model']} | {r['method']} | {r['batch']} | – | failed: {r['error']} | – | – | – |"
                          + (" – | – |" if results["device"] == "cuda" else ""))
             continue
         ref = next((x for x in rows if x["model"] == r["model"] and x["method"] == "decoder-only"
                     and not x.get("error")), None)
-        t_rel = r["train_step_s"] / ref["train_step_s"] if (r["train_step_s"] and ref) else None
+        t_rel = step_ratio(r, ref) if (r["train_step_s"] and ref) else None
         m_rel = r["peak_rss_mb"] / ref["peak_rss_mb"] if ref else float("nan")
-        flat.append({k: v for k, v in r.items() if k != "train_step_all_s"} | {"step_vs_decoder": t_rel,
+        flat.append({k: v for k, v in r.items() if k not in ("train_step_all_s", "train_step_round_s")}
+                    | {"step_vs_decoder": t_rel,
                                                                               "rss_vs_decoder": m_rel})
         step = f"{r['train_step_s']:.3f} s" if r["train_step_s"] else "–"
         rel = f"{t_rel:.2f}" if t_rel else "–"
@@ -454,7 +471,7 @@ def plot(results: dict, out: Path, stem: str = "resources") -> None:
         if ref is None:
             continue
         x = np.arange(len(rows))
-        ax.bar(x - 0.2, [r["train_step_s"] / ref["train_step_s"] for r in rows], 0.4, label="train step")
+        ax.bar(x - 0.2, [step_ratio(r, ref) for r in rows], 0.4, label="train step")
         ax.bar(x + 0.2, [r["peak_rss_mb"] / ref["peak_rss_mb"] for r in rows], 0.4, label="peak RSS")
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xticks(x)
