@@ -237,8 +237,8 @@ def run(args) -> list:
                         "train_s", "segment_s", "trainable", "adapter_bytes", "final_loss"))
                     lr = kwargs.get("lr", DEFAULT_LR[kwargs["method"]])
                 m = evaluate([str(seg)], [test_label])[0]
-                record({"base": args.base, "weights": weights, "method": label, "train": train if kwargs else "-", "test": test,
-                        "seed": seed if seed is not None else -1, "steps": 0 if kwargs is None else args.steps,
+                record({"base": args.base, "weights": weights, "method": label, "train": train if kwargs else "-",
+                        "test": test, "seed": seed if seed is not None else -1, "steps": 0 if kwargs is None else args.steps,
                         "batch": args.batch, "lr": lr, "resolution": resolution, "dice": m["dice"],
                         "hd95_mm": m["hd95_mm"], "trainable": trainable, "adapter_bytes": size,
                         "train_s": round(train_s, 1), "segment_s": round(seg_s, 1), "final_loss": final_loss})

@@ -2,13 +2,14 @@
 
 Train step = forward + Dice/CE loss + backward + AdamW step on a fixed synthetic batch (no data
 loading), median over ``--steps`` after ``--warmup``; every method runs once per round, the rounds interleaved,
-and a ratio between two methods is the median of their per-round ratios (load drifts between rounds).  Peak RSS = ``ru_maxrss`` of the child process
-(the ``struct rusage`` that ``resource.getrusage`` reads, taken per child with ``os.wait4``), which includes the interpreter, torch and the base weights; the ``inference only``
+and a ratio between two methods is the median of their per-round ratios (load drifts between rounds).
+Peak RSS = ``ru_maxrss`` of the child process (the ``struct rusage`` that ``resource.getrusage`` reads, taken
+per child with ``os.wait4``), which includes the interpreter, torch and the base weights; the ``inference only``
 row (load + one no-grad forward) gives that floor.  Conv bases also get ``backward to the first conv (floor)``:
 no weight gradient anywhere, only the input gradients down to the first conv's output (one trainable scale
-there) -- the least a step costs for any method that adapts the first conv.  Merged inference: the plain base against the
-same base with a tCURLoRA r=8 adapter (non-zero cores) merged into its weights, interleaved (15 rounds, the
-order rotating; the ratio is the median of the per-round ratios).
+there) -- the least a step costs for any method that adapts the first conv.  Merged inference: the plain base
+against the same base with a tCURLoRA r=8 adapter (non-zero cores) merged into its weights, interleaved
+(15 rounds, the order rotating; the ratio is the median of the per-round ratios).
 Segment 256³: ``tcurlora.infer.segment`` of the real ROBEX head with deepbet at its real 256³ setting
 (localiser, 256³ forward, resampling back), base alone and with a merged tCURLoRA adapter.
 
@@ -363,7 +364,8 @@ def run(args) -> dict:
             gpu_peaks = [r["gpu_peak_gb"] for r in ok if r.get("gpu_peak_gb") is not None]
             row = {"model": model, "method": label, "batch": batch, "trainable": ok[0]["trainable"],
                    "train_step_s": statistics.median(steps), "train_step_all_s": steps,
-                   "train_step_round_s": per_round, "peak_rss_mb": max(r["peak_rss_mb"] for r in ok), "gpu_peak_gb": max(gpu_peaks) if gpu_peaks else None}
+                   "train_step_round_s": per_round, "peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
+                   "gpu_peak_gb": max(gpu_peaks) if gpu_peaks else None}
             results["train"].append(row)
             gpu = f"  GPU peak {row['gpu_peak_gb']:.2f} GB" if row["gpu_peak_gb"] is not None else ""
             print(f"  {model:12s} {label:24s} step {row['train_step_s']:7.3f} s  peak RSS {row['peak_rss_mb']:7.0f} MB"
@@ -424,8 +426,7 @@ def write_tables(results: dict, out: Path, stem: str = "resources") -> str:
         t_rel = step_ratio(r, ref) if (r["train_step_s"] and ref) else None
         m_rel = r["peak_rss_mb"] / ref["peak_rss_mb"] if ref else float("nan")
         flat.append({k: v for k, v in r.items() if k not in ("train_step_all_s", "train_step_round_s")}
-                    | {"step_vs_decoder": t_rel,
-                                                                              "rss_vs_decoder": m_rel})
+                    | {"step_vs_decoder": t_rel, "rss_vs_decoder": m_rel})
         step = f"{r['train_step_s']:.3f} s" if r["train_step_s"] else "–"
         rel = f"{t_rel:.2f}" if t_rel else "–"
         line = (f"| {r['model']} | {r['method']} | {r['batch']} | {r['trainable']:,d} | {step} | {rel} | "

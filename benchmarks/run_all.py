@@ -88,11 +88,13 @@ def main(argv=None) -> int:
     if args.quick:
         seeds, directions, db_steps, un_steps = [0], 1, 2, [2]
         distill = args.distill_steps or 4
-        res_args = ["--steps", "1", "--warmup", "1", "--segment-repeats", "1", "--rounds", "1"]
+        res_args = conv_args = ["--steps", "1", "--warmup", "1", "--segment-repeats", "1", "--rounds", "1"]
     else:
         seeds, directions, db_steps, un_steps = args.seeds, 2, args.deepbet_steps, args.unetr_steps
         distill = args.distill_steps or vit_base.DEFAULT_STEPS
         res_args = ["--steps", "5", "--warmup", "2", "--segment-repeats", "2", "--rounds", "3"]
+        # the conv bases' ratios spread more from round to round on a shared machine: more, shorter rounds
+        conv_args = ["--steps", "3", "--warmup", "2", "--segment-repeats", "2", "--rounds", "7"]
     t_start = time.time()
     lines = []
     log = lambda m: (print(m, flush=True), lines.append(m))  # noqa: E731
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
     if "resources-conv" not in args.skip:
         conv = ["deepbet128"] if args.quick else ["deepbet128", "nnunet"]
         timings["resources_conv"] = step([HERE / "resources.py", "--out", out, "--models", *conv, "--stem",
-                                          "resources_conv", *res_args], log)
+                                          "resources_conv", *conv_args], log)
     if "cpu-default" not in args.skip and not args.quick:  # minutes of real training: no quick form
         timings["cpu_default"] = step([HERE / "cpu_default.py", "--out", out], log)
     info["uptime_after"] = uptime()
