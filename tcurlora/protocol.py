@@ -110,6 +110,7 @@ def integer(lo: int, hi: int) -> Check:
         return value
 
     check.text = f"integer {lo}..{hi}"
+    check.bounds = (lo, hi)
     return check
 
 
@@ -125,6 +126,7 @@ def number(lo: float, hi: float, lo_open: bool = False) -> Check:
         return value
 
     check.text = f"number {'>' if lo_open else '≥'} {lo:g}, ≤ {hi:g}"
+    check.bounds = (lo, hi)
     return check
 
 
@@ -162,6 +164,8 @@ def optional(check: Check) -> Check:
         return None if value is None else check(value)
 
     maybe.text = f"{check.text} or null"
+    if hasattr(check, "bounds"):
+        maybe.bounds = check.bounds
     return maybe
 
 
@@ -189,6 +193,7 @@ def int_triple(lo: int, hi: int) -> Check:
             raise _Invalid(f"must be three integers from {lo} to {hi}, got {_show(list(value))}") from None
 
     check.text = f"three integers {lo}..{hi}"
+    check.bounds = (lo, hi)  # of each side
     return check
 
 
@@ -397,6 +402,11 @@ FINETUNE_OPTION_KEYS = ("method", "rank", "preset", "steps", "lr", "weight_decay
 def default(key: str) -> Any:
     """The default value of a job key (a fresh list for list-valued keys)."""
     return SETTINGS_BY_KEY[key].default_value()
+
+
+def bounds(key: str) -> Tuple[Any, Any]:
+    """(lowest, highest) value of a numeric job key (the Slicer modules bound their fields with it)."""
+    return SETTINGS_BY_KEY[key].check.bounds
 
 
 def settings_for(command: str) -> List[Setting]:
