@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from tcurlora.atomic import atomic_write_text
+
 INDEX_NAME = "index.json"
 FORMAT = 1
 
@@ -92,10 +94,7 @@ class CaseLibrary:
         self._index = index
 
     def _write(self) -> None:
-        tmp = self.indexPath + ".partial"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self._index, f, indent=1)
-        os.replace(tmp, self.indexPath)
+        atomic_write_text(self.indexPath, json.dumps(self._index, indent=1))
 
     def reload(self) -> None:
         self._read()
@@ -238,3 +237,8 @@ def caseTableRows(cases: Sequence[Dict[str, Any]]) -> List[List[str]]:
         rows.append([c["name"], "validation" if c.get("validation") else "training",
                      ", ".join(c.get("segments", [])), diceText])
     return rows
+
+
+def diceToolTip(case: Dict[str, Any]) -> str:
+    """The Dice per label of a case's last validation, one per line ("" when it has none)."""
+    return "\n".join(f"{k}: {'-' if v is None else f'{v:.3f}'}" for k, v in (case.get("dice") or {}).items())

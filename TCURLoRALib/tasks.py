@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from tcurlora import jobs, protocol
+from tcurlora.atomic import atomic_copy
 
 from . import nodeio
 
@@ -619,7 +620,7 @@ class FinetuneTask(WorkerTask):
         store = self.adapterStore or os.path.join(os.path.dirname(self.workdir), "tcurlora-adapters")
         os.makedirs(store, exist_ok=True)
         target = uniquePath(os.path.join(store, safeFileName(self.adapterName) + ".safetensors"))
-        shutil.copyfile(path, target)
+        atomic_copy(path, target)
         return target, dict(result.get("metrics") or {})
 
     def _applyOutputs(self, data):
