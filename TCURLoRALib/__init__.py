@@ -11,9 +11,14 @@
   import the results (files on a background thread), one run at a time (:class:`tasks.TaskRunner`).
 * :mod:`TCURLoRALib.logic` - what the module logics do, without Qt: models, model cards, input checks,
   segmentation runs, the case-library loop.
+* :mod:`TCURLoRALib.finetune` - TCUR Finetune's logic, without Qt: the case and label tables, training runs,
+  resume, saving the adapter.
 * :mod:`TCURLoRALib.caselibrary` - the persistent library of training cases on disk.
+* :mod:`TCURLoRALib.selftests` - the scenarios of the module self-tests (also run headless by pytest).
 
-Only :mod:`nodeio`, :mod:`plots`, :mod:`tasks`, :mod:`logic` and :mod:`caselibrary` need MRML
-(``slicer``/``vtk``); they work inside the Slicer application and on the ``slicer-core`` wheel alike. Only
-:mod:`slicerapp` imports ``qt`` (timers, settings, dialogs): it needs the Slicer application.
+Only :mod:`nodeio`, :mod:`plots`, :mod:`tasks`, :mod:`logic`, :mod:`finetune`, :mod:`caselibrary` and
+:mod:`selftests` need MRML (``slicer``/``vtk``); they work inside the Slicer application and on the
+``slicer-core`` wheel alike. Only :mod:`slicerapp` imports ``qt`` (timers, settings, dialogs, the widgets'
+shared wiring): it needs the Slicer application. The module scripts ``TCURSegment.py`` and ``TCURFinetune.py``
+hold the module metadata, the parameter nodes, the widgets' wiring and the self-test entry points.
 """

@@ -4,7 +4,7 @@ Installed extension: ``tcurlora/`` and ``TCURLoRALib/`` sit next to the module s
 ``qt-scripted-modules`` folder, which Slicer puts on ``sys.path``. Source tree ("Additional module paths" =
 ``<repo>/TCURSegment`` and ``<repo>/TCURFinetune``): both packages are at the repository root, which the
 module scripts add to ``sys.path`` when the import fails. Either way the worker process gets the folder that
-holds ``tcurlora`` on its ``PYTHONPATH``.
+holds ``tcurlora`` on its ``PYTHONPATH``. :func:`reloadLibrary` is the modules' "Reload" for ``TCURLoRALib``.
 """
 
 import os
@@ -20,15 +20,18 @@ def candidateRoots(moduleFile: str) -> List[str]:
     return [here, os.path.dirname(here)]
 
 
-def addToSysPath(moduleFile: str, packages: Sequence[str] = ("TCURLoRALib", "tcurlora")) -> Optional[str]:
-    """Put the first candidate root that contains all ``packages`` on ``sys.path`` (if it is not there yet);
-    return that root or None."""
-    for root in candidateRoots(moduleFile):
-        if all(os.path.isfile(os.path.join(root, p, "__init__.py")) for p in packages):
-            if root not in sys.path:
-                sys.path.insert(0, root)
-            return root
-    return None
+def reloadLibrary(package: str = "TCURLoRALib") -> List[str]:
+    """Import ``package`` and its loaded submodules afresh (developer mode's "Reload"): they leave
+    ``sys.modules`` together and are imported again, so each one sees the new version of the others. Returns
+    their names."""
+    import importlib
+
+    names = sorted(n for n in sys.modules if n == package or n.startswith(package + "."))
+    for name in names:
+        del sys.modules[name]
+    for name in names:
+        importlib.import_module(name)
+    return names
 
 
 TESTING_DIR_ENV = "TCURLORA_TESTING_DIR"

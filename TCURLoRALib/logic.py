@@ -5,10 +5,12 @@
 * :class:`SegmentLogic` - segmentation runs and the adapters shown before applying them;
 * :class:`LibraryLogic` - the loop on a case library: train, segment each validation case, record its Dice.
 
-The module scripts (``TCURSegment.py``, ``TCURFinetune.py``) add only the parameter node and the widgets.
-A *parameters* object is anything with the parameter node's attributes (the typed parameter node in Slicer).
+Training is :class:`TCURLoRALib.finetune.FinetuneLogic`. The module scripts (``TCURSegment.py``,
+``TCURFinetune.py``) add only the parameter node and the widgets. A *parameters* object is anything with the
+parameter node's attributes (the typed parameter node in Slicer).
 """
 
+import contextlib
 import logging
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -86,6 +88,16 @@ def modelCardText(card: Optional[Dict[str, Any]]) -> str:
             f", about {' x '.join(f'{s:g}' for s in card['spacing_mm'])} mm voxels" if card["spacing_mm"] else ""))
     lines += [f"Intended use: {card['intendedUse']}", f"Licence: {card['licence']}"]
     return "\n".join(lines)
+
+
+def modifying(parameters):
+    """``with modifying(p):`` several changes, one modified event (the GUI updates once) when ``p`` is a
+    parameter node; any other parameters object is changed as it is."""
+    if hasattr(parameters, "StartModify"):
+        from slicer.util import NodeModify
+
+        return NodeModify(parameters)
+    return contextlib.nullcontext()
 
 
 class EngineLogic:
@@ -258,6 +270,24 @@ class SegmentLogic(EngineLogic):
         return {"summary": models.adapterSummary(manifest), "compatible": ok, "message": message,
                 "labels": list(manifest.get("labels") or []), "manifest": manifest}
 
+    def adapterText(self, path: str, modelName: str) -> Tuple[str, bool]:
+        """(what the GUI shows about the chosen adapter, whether it fits ``modelName``)."""
+        if not path:
+            return "No adapter: the base model as it is.", True
+        info = self.describeAdapter(path, modelName)
+        return (info["summary"] + "\n" if info["summary"] else "") + info["message"], info["compatible"]
+
+    @staticmethod
+    def addAdapter(parameters, path: str, modelName: Optional[str] = None) -> None:
+        """Offer ``path`` in the parameters' adapter list and select it (and its base model when given)."""
+        path = os.path.abspath(path)
+        with modifying(parameters):
+            if path not in list(parameters.loadedAdapters):
+                parameters.loadedAdapters.append(path)
+            if modelName:
+                parameters.model = modelName
+            parameters.adapterPath = path
+
     # -- running
 
     def segment(self, inputVolume, modelName: str = "deepbet", adapterPath: Optional[str] = None,
@@ -288,9 +318,9 @@ class SegmentLogic(EngineLogic):
 
         task = tasks.SegmentationTask(
             inputVolume, models.ModelRegistry.jobBase(entry), self.launcher or engine.defaultLauncher(),
-            baseSettings=models.ModelRegistry.jobSettings(entry), adapterPath=adapterPath, device=device, outputSegmentation=outputSegmentation, labels=labels,
-            tta=tta, largestComponent=largestComponent, createSurfaces=createSurfaces, onLog=self._log,
-            onProgress=self._progress, onFinished=finished)
+            baseSettings=models.ModelRegistry.jobSettings(entry), adapterPath=adapterPath, device=device,
+            outputSegmentation=outputSegmentation, labels=labels, tta=tta, largestComponent=largestComponent,
+            createSurfaces=createSurfaces, onLog=self._log, onProgress=self._progress, onFinished=finished)
         return self.runner.run(task)
 
     def segmentFromParameters(self, p):

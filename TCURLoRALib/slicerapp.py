@@ -9,7 +9,7 @@ Not importable without Slicer; everything testable lives in the other ``TCURLoRA
 
 import json
 import os
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import qt
 import vtk
@@ -98,18 +98,16 @@ def populateModelComboBox(comboBox, entries, selectedName: str) -> None:
 
 
 def populateChoiceComboBox(comboBox, choices) -> None:
-    """(text, value) items; the value is the item data."""
+    """(text, value) or (text, value, tool tip) items; the value is the item data."""
     wasBlocked = comboBox.blockSignals(True)
     try:
         comboBox.clear()
-        for text, value in choices:
-            comboBox.addItem(text, value)
+        for choice in choices:
+            comboBox.addItem(choice[0], choice[1])
+            if len(choice) > 2:
+                comboBox.setItemData(comboBox.count - 1, choice[2], qt.Qt.ToolTipRole)
     finally:
         comboBox.blockSignals(wasBlocked)
-
-
-def populateDeviceComboBox(comboBox) -> None:
-    populateChoiceComboBox(comboBox, DEVICE_CHOICES)
 
 
 def ensureDependencies(engineLogic, progressBar=None, statusLabel=None) -> bool:
@@ -133,6 +131,59 @@ def ensureDependencies(engineLogic, progressBar=None, statusLabel=None) -> bool:
     if hasattr(engineLogic.discoverModels, "retryIfFailed"):
         engineLogic.discoverModels.retryIfFailed()  # the search needs the packages just installed
     return True
+
+
+def nodeComboBox(nodeType: str, toolTip: str):
+    """A node selector of the scene for one node class (no add, remove or child classes)."""
+    combo = slicer.qMRMLNodeComboBox()
+    combo.nodeTypes = [nodeType]
+    combo.showChildNodeTypes = False
+    combo.noneEnabled = True
+    combo.addEnabled = False
+    combo.removeEnabled = False
+    combo.setMRMLScene(slicer.mrmlScene)
+    combo.toolTip = toolTip
+    return combo
+
+
+MAPPING_COLUMNS = ("segment", "include", "label", "value")
+
+
+def _mappingRow(row) -> tuple:
+    return str(row["segment"]), bool(row.get("include", True)), str(row["label"]), str(row["value"])
+
+
+def mappingTableRows(table):
+    """(segment, include, label, value text) per row of the label table widget; None while a row is incomplete."""
+    rows = []
+    for index in range(table.rowCount):
+        items = [table.item(index, column) for column in range(len(MAPPING_COLUMNS))]
+        if any(item is None for item in items):
+            return None
+        rows.append((items[0].text(), items[1].checkState() == qt.Qt.Checked, items[2].text(), items[3].text()))
+    return rows
+
+
+def fillMappingTable(table, rows) -> None:
+    """Show label-table rows (``{"segment", "include", "label", "value"}``) in the table widget: the segment
+    read-only, "include" a check box, label and value editable. Nothing changes when it shows them already."""
+    if mappingTableRows(table) == [_mappingRow(r) for r in rows]:
+        return
+    wasBlocked = table.blockSignals(True)
+    try:
+        table.setRowCount(len(rows))
+        for index, row in enumerate(rows):
+            segment, include, label, value = _mappingRow(row)
+            segmentItem = qt.QTableWidgetItem(segment)
+            segmentItem.setFlags(qt.Qt.ItemIsEnabled | qt.Qt.ItemIsSelectable)
+            useItem = qt.QTableWidgetItem()
+            useItem.setFlags(qt.Qt.ItemIsEnabled | qt.Qt.ItemIsUserCheckable)
+            useItem.setCheckState(qt.Qt.Checked if include else qt.Qt.Unchecked)
+            for column, item in enumerate((segmentItem, useItem, qt.QTableWidgetItem(label),
+                                           qt.QTableWidgetItem(value))):
+                table.setItem(index, column, item)
+    finally:
+        table.blockSignals(wasBlocked)
 
 
 def selectComboData(comboBox, value) -> None:
@@ -266,42 +317,75 @@ def showIn3D(segmentationNode, show: bool, pollMs: int = 100) -> None:
     qt.QTimer.singleShot(pollMs, check)
 
 
-def addTrainingCase(library, volumeNode, segmentationNode, onDone: Callable, pollMs: int = 100) -> None:
-    """Add a case to the library: the arrays are taken now, the files written on a background thread, the
-    index updated on the main thread; then ``onDone(entry)``. Errors are shown in a dialog."""
+def addTrainingCase(openLibrary: Callable, volumeNode, segmentationNode, statusLabel, onDone: Optional[Callable] = None,
+                    hint: str = "", pollMs: int = 100) -> None:
+    """Add a case to the library ``openLibrary()``, its progress shown in ``statusLabel`` (then ``hint``): the
+    arrays are taken now, the files written on a background thread, the index updated on the main thread;
+    then ``onDone(entry)``. Errors are shown in a dialog."""
     from .tasks import Background
 
-    case = library.takeCase(volumeNode, segmentationNode)  # raises with a readable message on bad input
-    job = Background(lambda report: library.writeCase(case))
+    with slicer.util.tryWithErrorDisplay("Could not add the training case."):
+        library = openLibrary()
+        case = library.takeCase(volumeNode, segmentationNode)  # raises with a readable message on bad input
+        job = Background(lambda report: library.writeCase(case))
+        statusLabel.text = "Storing the training case..."
 
-    def check():
-        if not job.done:
-            qt.QTimer.singleShot(pollMs, check)
-            return
-        with slicer.util.tryWithErrorDisplay("Could not add the training case."):
-            onDone(library.commitCase(job.outcome()))
+        def check():
+            if not job.done:
+                qt.QTimer.singleShot(pollMs, check)
+                return
+            with slicer.util.tryWithErrorDisplay("Could not add the training case."):
+                entry = library.commitCase(job.outcome())
+                statusLabel.text = (f"Added '{entry['name']}' to the case library '{library.project}' "
+                                    f"({len(library.cases())} cases).{hint}")
+                if onDone is not None:
+                    onDone(entry)
 
-    qt.QTimer.singleShot(pollMs, check)
+        qt.QTimer.singleShot(pollMs, check)
+
+
+ADAPTER_NONE, ADAPTER_LOAD = "", "__load__"
+
+
+def populateAdapterComboBox(comboBox, paths, selected: str) -> None:
+    """"None", the adapter files offered (file name; the path as tool tip), then "Load adapter file..."."""
+    populateChoiceComboBox(comboBox, [("None", ADAPTER_NONE)] + [(os.path.basename(p), p, p) for p in paths]
+                           + [("Load adapter file...", ADAPTER_LOAD)])
+    selectComboData(comboBox, selected)
 
 
 class ModuleWidgetMixin:
     """What both module widgets share: the parameter node wiring of Slicer's scripted-module template, scene
-    close, and the base-model / device widgets (``modelComboBox``, ``addModelButton``, ``removeModelButton``,
-    ``modelCardButton``, ``modelInfoLabel``, ``modelCardLabel``, ``deviceComboBox``). The widget sets
-    ``self.ui``, ``self.logic`` (an :class:`TCURLoRALib.logic.EngineLogic`) and ``self._parameterNode`` /
-    ``self._parameterNodeGuiTag`` / ``self._updatingGUI``, and defines ``updateGUIFromParameterNode``."""
+    close, the base-model / device widgets (``modelComboBox``, ``addModelButton``, ``removeModelButton``,
+    ``modelCardButton``, ``modelInfoLabel``, ``modelCardLabel``, ``deviceComboBox``) and the run widgets
+    (``progressBar``, ``statusLabel``, ``logTextEdit``). The widget sets ``self.ui``, ``self.logic`` (an
+    :class:`TCURLoRALib.logic.EngineLogic`) and ``self._parameterNode`` / ``self._parameterNodeGuiTag`` /
+    ``self._updatingGUI``, and defines ``updateGUIFromParameterNode``."""
+
+    def __init__(self) -> None:
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._updatingGUI = False
+        self._choiceComboBoxes = []
+
+    def connectLogic(self, logic) -> None:
+        """Use ``logic`` and show its runs in the run widgets."""
+        self.logic = logic
+        logic.onLog = self.onLog
+        logic.onProgress = self.onProgress
+        logic.onFinished = self.onFinished
 
     def setupModelWidgets(self) -> None:
         self.logic.models()  # starts the search for models on this computer (in the background)
         self._refreshWhenModelsFound()
-        populateDeviceComboBox(self.ui.deviceComboBox)
+        self.bindChoiceComboBox(self.ui.deviceComboBox, "device", DEVICE_CHOICES)
         setupAddModelMenu(self.ui.addModelButton, self.onAddBundleModel, self.onAddSpecModel)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
         self.ui.modelCardButton.connect("clicked(bool)", self.onModelCard)
-        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceSelected)
 
     def updateModelWidgets(self, p):
         """Fill the model widgets from the parameter node; returns the selected model entry (or None)."""
@@ -315,7 +399,8 @@ class ModuleWidgetMixin:
         self.ui.modelCardLabel.text = modelCardText(card)
         self.ui.modelCardButton.enabled = bool(card and card["text"])
         self.ui.removeModelButton.enabled = self.logic.isCustomModel(p.model)
-        selectComboData(self.ui.deviceComboBox, p.device)
+        for comboBox, field in self._choiceComboBoxes:
+            selectComboData(comboBox, getattr(p, field))
         return entry
 
     def _refreshWhenModelsFound(self, pollMs: int = 500) -> None:
@@ -367,9 +452,16 @@ class ModuleWidgetMixin:
         if self._parameterNode and index >= 0 and not self._updatingGUI:
             self._parameterNode.model = self.ui.modelComboBox.itemData(index)
 
-    def onDeviceSelected(self, index: int) -> None:
+    def bindChoiceComboBox(self, comboBox, field: str, choices) -> None:
+        """Offer (text, value) ``choices`` for the parameter ``field``: a choice is written to it, and
+        :meth:`updateModelWidgets` shows its value."""
+        populateChoiceComboBox(comboBox, choices)
+        self._choiceComboBoxes.append((comboBox, field))
+        comboBox.connect("currentIndexChanged(int)", lambda index: self._onChoice(comboBox, field, index))
+
+    def _onChoice(self, comboBox, field: str, index: int) -> None:
         if self._parameterNode and index >= 0 and not self._updatingGUI:
-            self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
+            setattr(self._parameterNode, field, comboBox.itemData(index))
 
     def onAddBundleModel(self) -> None:
         folder = askBundleFolder(slicer.util.mainWindow())
@@ -393,3 +485,47 @@ class ModuleWidgetMixin:
     def onModelCard(self) -> None:
         if self._parameterNode:
             showModelCard(self.logic.modelCard(self._parameterNode.model), slicer.util.mainWindow())
+
+    # -- runs
+
+    def startRun(self, statusText: str, failure: str, start: Callable[[], None]) -> None:
+        """Install the engine's packages if needed (asking first), reset the run widgets, then ``start()``;
+        a failure to start is shown in a dialog headed ``failure``."""
+        with slicer.util.tryWithErrorDisplay("The Python packages TCURLoRA needs could not be installed."):
+            if not ensureDependencies(self.logic, self.ui.progressBar, self.ui.statusLabel):
+                return
+        with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
+            self.ui.logTextEdit.clear()
+            self.ui.progressBar.maximum = 100
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = statusText
+            start()
+        self.updateGUIFromParameterNode()
+
+    def cancelRun(self, statusText: str) -> None:
+        self.logic.cancel()
+        self.ui.statusLabel.text = statusText
+
+    def onLog(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+        slicer.util.showStatusMessage(text, 3000)
+
+    def onProgress(self, event: dict) -> None:
+        from .tasks import progressBarFormat, progressText
+
+        percent, text = progressText(event)
+        self.ui.progressBar.value = percent
+        self.ui.progressBar.format = progressBarFormat(event)
+        self.ui.statusLabel.text = text
+
+    def showFinished(self, task, statusText: str, failedText: str, windowTitle: str) -> None:
+        """A run ended: the status line says how; a failure also opens a dialog ("<failedText>: <why>")."""
+        from .tasks import DONE, ERROR
+
+        self.ui.progressBar.format = "%p%"
+        if task.status == DONE:
+            self.ui.progressBar.value = 100
+        self.ui.statusLabel.text = statusText
+        if task.status == ERROR:
+            slicer.util.errorDisplay(f"{failedText}:\n\n{task.errorMessage}", windowTitle=windowTitle)
+        self.updateGUIFromParameterNode()
