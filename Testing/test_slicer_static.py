@@ -303,6 +303,30 @@ def test_import_boundaries():
     assert _imported_roots(standin) <= {"gzip", "json", "os", "sys", "time"}
 
 
+def test_the_slicer_side_never_imports_torch():
+    """Slicer's own process must never load torch (it belongs to the worker process): no module of the Slicer
+    side imports it, or MONAI, even inside a function; and importing the whole Lib loads neither."""
+    for path in SLICER_SIDE_FILES:
+        for node in ast.walk(ast.parse(read(path))):
+            if isinstance(node, ast.Import):
+                roots = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            assert not roots & {"torch", "monai"}, f"{os.path.relpath(path, REPO)}:{node.lineno} imports {roots}"
+    pytest.importorskip("slicer")
+    code = ("import sys; from TCURLoRALib import caselibrary, dependencies, engine, finetune, logic, models, "
+            "nodeio, plots, selftests, tasks; import tcurlora.manifest; "
+            "print(sorted(m for m in ('torch', 'monai', 'SimpleITK') if m in sys.modules))")
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # plain-Python helpers of the Slicer side
 

@@ -1,10 +1,11 @@
-"""The README's speed table, regenerated from the benchmark output (``resources*.json``, ``cpu_default.json``).
+"""The speed table of docs/benchmarks.md's summary, regenerated from the benchmark output (``resources*.json``,
+``cpu_default.json``).
 
-    python benchmarks/readme_table.py                # rewrite the block between the markers in README.md
+    python benchmarks/readme_table.py                # rewrite the block between the markers in docs/benchmarks.md
     python benchmarks/readme_table.py --print        # only print it
 
 The block lies between ``<!-- speed-table:begin -->`` and ``<!-- speed-table:end -->``; everything else in the
-README is left as it is.  ``benchmarks/run_all.py`` calls this at its end.
+page is left as it is.  ``benchmarks/run_all.py`` calls this at its end.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ sys.path.insert(0, str(HERE))
 from resources import BACKWARD_FLOOR, step_ratio  # noqa: E402
 RESULTS = ROOT / "docs" / "benchmarks-results"
 BEGIN, END = "<!-- speed-table:begin -->", "<!-- speed-table:end -->"
+SUMMARY_PAGE = ROOT / "docs" / "benchmarks.md"
 SOURCES = ("resources_conv.json", "resources.json")  # the first file that has a model wins for it
 TITLES = {"deepbet128": "deepbet (LinkNet) 128³, batch 1", "nnunet": "nnU-Net PlainConvUNet 80×48×80, batch 2",
           "unetr-small": "UNETR (ViT 192) 48³, batch 1", "vitb": "UNETR ViT-B 96³, batch 2"}
@@ -102,7 +104,7 @@ def update_readme(readme: Path, table: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--readme", type=Path, default=SUMMARY_PAGE)
     parser.add_argument("--print", action="store_true", help="print the table, change nothing")
     args = parser.parse_args(argv)
     table = speed_table(args.results)

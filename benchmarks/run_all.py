@@ -11,7 +11,7 @@ conv bases (deepbet 128³ and nnU-Net's PlainConvUNet at its planned patch, ``re
 a useful adapter on this CPU: the default ``tcurlora finetune`` against 100 full-resolution steps
 (benchmarks/cpu_default.py).  Writes CSV, Markdown and PNG under docs/benchmarks-results/ (``--quick``:
 docs/benchmarks-results/quick/), plus results.md with the machine, the command, the date and the load average
-before and after, and (not with ``--quick``) regenerates the README's speed table (benchmarks/readme_table.py).
+before and after, and (not with ``--quick``) regenerates the speed table of docs/benchmarks.md (benchmarks/readme_table.py).
 """
 
 from __future__ import annotations
@@ -141,8 +141,8 @@ def main(argv=None) -> int:
     if not args.quick:
         import readme_table
 
-        readme_table.update_readme(ROOT / "README.md", readme_table.speed_table(out))
-        log("# README.md speed table regenerated")
+        readme_table.update_readme(readme_table.SUMMARY_PAGE, readme_table.speed_table(out))
+        log("# docs/benchmarks.md speed table regenerated")
     log(f"# done in {info['total_wall_s'] / 60:.1f} min; {info['uptime_after']}")
     log(f"# results: {out / 'results.md'}")
     return 0
