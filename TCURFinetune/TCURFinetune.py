@@ -93,23 +93,19 @@ class TCURFinetuneWidget(slicerapp.ModuleWidgetMixin, ScriptedLoadableModuleWidg
         for table in (self.ui.casesTable, self.ui.libraryTable):
             table.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         self.ui.libraryTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
-        for widget, signal, slot in (
-                (self.ui.projectComboBox, "currentTextChanged(QString)", self.onProjectChanged),
-                (self.ui.useLibraryCheckBox, "toggled(bool)", self.onLibraryChanged),
-                (self.ui.libraryFolderButton, "clicked(bool)", self.onLibraryFolder),
-                (self.ui.addLibraryCaseButton, "clicked(bool)", self.onAddLibraryCase),
-                (self.ui.previewLibraryCaseButton, "clicked(bool)", self.onPreviewLibraryCase),
-                (self.ui.toggleValidationButton, "clicked(bool)", self.onToggleValidation),
-                (self.ui.removeLibraryCaseButton, "clicked(bool)", self.onRemoveLibraryCase),
-                (self.ui.addCaseButton, "clicked(bool)", lambda: self.logic.addCase(self._parameterNode)),
-                (self.ui.removeCaseButton, "clicked(bool)", self.onRemoveCase),
-                (self.ui.refreshLabelsButton, "clicked(bool)", self.onLibraryChanged),
-                (self.ui.labelMappingTable, "itemChanged(QTableWidgetItem*)", self.onMappingEdited),
-                (self.ui.startButton, "clicked(bool)", self.onStartButton),
-                (self.ui.resumeButton, "clicked(bool)", self.onResumeButton),
-                (self.ui.saveAdapterButton, "clicked(bool)", self.onSaveAdapter),
-                (self.ui.applyInSegmentButton, "clicked(bool)", self.onApplyInSegment)):
-            widget.connect(signal, slot)
+        self.ui.projectComboBox.connect("currentTextChanged(QString)", self.onProjectChanged)
+        self.ui.useLibraryCheckBox.connect("toggled(bool)", self.onLibraryChanged)
+        self.ui.labelMappingTable.connect("itemChanged(QTableWidgetItem*)", self.onMappingEdited)
+        ui = self.ui
+        for button, slot in ((ui.libraryFolderButton, self.onLibraryFolder), (ui.addCaseButton, self.onAddCase),
+                             (ui.addLibraryCaseButton, self.onAddLibraryCase), (ui.startButton, self.onStartButton),
+                             (ui.previewLibraryCaseButton, self.onPreviewLibraryCase),
+                             (ui.toggleValidationButton, self.onToggleValidation),
+                             (ui.removeLibraryCaseButton, self.onRemoveLibraryCase),
+                             (ui.removeCaseButton, self.onRemoveCase), (ui.refreshLabelsButton, self.onLibraryChanged),
+                             (ui.resumeButton, self.onResumeButton), (ui.saveAdapterButton, self.onSaveAdapter),
+                             (ui.applyInSegmentButton, self.onApplyInSegment)):
+            button.connect("clicked(bool)", slot)
         # the "Export model..." button goes here once the export logic exists
         self._populateProjects()
         self.initializeParameterNode()
@@ -241,6 +237,9 @@ class TCURFinetuneWidget(slicerapp.ModuleWidgetMixin, ScriptedLoadableModuleWidg
         pairs = [tuple(table.cellWidget(r, c).currentNode() for c in range(2)) for r in range(table.rowCount)]
         self.logic.setCases(self._parameterNode, pairs)
         self.logic.refreshLabelMapping(self._parameterNode)
+
+    def onAddCase(self) -> None:
+        self.logic.addCase(self._parameterNode)
 
     def onRemoveCase(self) -> None:
         row = self.ui.casesTable.currentRow()

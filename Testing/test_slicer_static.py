@@ -51,7 +51,7 @@ def parameter_fields(module):
 def test_every_ui_name_used_exists_in_the_ui_file(module):
     _, widgets = ui_widgets(module)
     code = read(os.path.join(REPO, module, module + ".py"))
-    used = set(re.findall(r"\bself\.ui\.(\w+)", code))
+    used = set(re.findall(r"(?<![\w.])(?:self\.)?ui\.(\w+)", code))  # self.ui.X, or X of a local ui = self.ui
     if "slicerapp.ModuleWidgetMixin" in code:  # the widgets both modules share
         used |= set(re.findall(r"\bself\.ui\.(\w+)", read(os.path.join(LIB, "slicerapp.py"))))
     assert used, "the widget uses no self.ui names?"
