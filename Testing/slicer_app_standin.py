@@ -70,7 +70,9 @@ class _Base:
         return None
 
 
-def _emptyClass(name):
+def _qtName(name):
+    if name.startswith("__"):  # module attributes others look up (__file__, __path__, ...): qt has none
+        raise AttributeError(name)
     return type(name, (), {})
 
 
@@ -79,7 +81,7 @@ def install() -> typing.Callable[[], None]:
     import slicer
 
     qt = types.ModuleType("qt")
-    qt.__getattr__ = _emptyClass
+    qt.__getattr__ = _qtName
     scripted = types.ModuleType("slicer.ScriptedLoadableModule")
     for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
                  "ScriptedLoadableModuleTest"):
