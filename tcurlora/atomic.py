@@ -50,6 +50,33 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
     return path
 
 
+def atomic_folder(path: PathLike, write: Callable[[str], None]) -> str:
+    """Run ``write(tmp)`` for a temporary folder next to ``path``, then rename it onto ``path``: a reader sees
+    no folder or the whole one, never half of it. ``path`` must not exist (:class:`InputError` naming it);
+    on any error the temporary folder is removed."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path):
+        raise InputError(path, "already exists; choose another output folder or remove it")
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise InputError(parent, f"cannot create the output folder ({exc.strerror or exc})") from None
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        os.mkdir(tmp)
+        write(tmp)
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                _sync(os.path.join(root, name))
+        os.rename(tmp, path)  # refused, not merged, if a folder of that name with files appeared meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _sync(parent)
+    return path
+
+
 def _sync(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
