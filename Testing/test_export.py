@@ -155,7 +155,8 @@ def test_nnunet_export_layout(nnunet_model, nnunet_exports):
     dataset_files = list(export.rglob("dataset.json"))
     assert [p.relative_to(export).as_posix() for p in dataset_files] == [f"{nnunet_model.folder.name}/dataset.json"]
     model = export / nnunet_model.folder.name
-    assert sorted(p.name for p in model.iterdir()) == ["dataset.json", "dataset_fingerprint.json", "fold_0", "plans.json"]
+    assert sorted(p.name for p in model.iterdir()) == ["dataset.json", "dataset_fingerprint.json", "fold_0",
+                                                      "plans.json"]
     assert json.loads((model / "dataset.json").read_text())["labels"] == {"background": 0, "l3": 1, "lumbar spine": 2}
     assert json.loads((model / "plans.json").read_text())["dataset_name"] == export.name
     base_checkpoint = read_checkpoint(nnunet_model.folder / "fold_0" / "checkpoint_final.pth")
@@ -176,7 +177,8 @@ def test_nnunet_export_layout(nnunet_model, nnunet_exports):
     assert [(l["channel"], l["value"], l["name"]) for l in trace["labels"]] == [(1, 9, "l3"), (2, 7, "lumbar spine")]
     # the export is a base of its own (tcurlora reads what it wrote), as large as the base; the adapter: kilobytes
     assert nnunet_exports.adapters["lumbar"].stat().st_size < 64 * 1024
-    assert (model / "fold_0" / "checkpoint_final.pth").stat().st_size > 10 * nnunet_exports.adapters["lumbar"].stat().st_size
+    adapter_size = nnunet_exports.adapters["lumbar"].stat().st_size
+    assert (model / "fold_0" / "checkpoint_final.pth").stat().st_size > 10 * adapter_size
 
 
 @pytest.mark.slow
@@ -338,7 +340,8 @@ def test_auto3dseg_export_runs_in_the_extensions_pipeline(auto3dseg_base, tmp_pa
     assert sorted(p.name for p in export.iterdir()) == ["labels.csv", "model.pt", "tcurlora-export.json"]
     assert _cli("segment", "--base", auto3dseg_base.folder, "--device", "cpu", "--adapter", adapter,
                 auto3dseg_base.ct, "-o", tmp_path / "seg.seg.nrrd") == 0
-    ours = sitk.GetArrayFromImage(read_label(tmp_path / "seg.seg.nrrd", read_image(auto3dseg_base.ct))).transpose(2, 1, 0)
+    ours = sitk.GetArrayFromImage(read_label(tmp_path / "seg.seg.nrrd", read_image(auto3dseg_base.ct)))
+    ours = ours.transpose(2, 1, 0)  # (i, j, k), as the extension's pipeline returns it
     theirs = _values(extension_inference(export / "model.pt", auto3dseg_base.ct), _trace(export))
     np.testing.assert_array_equal(theirs, ours)
     header = (export / "labels.csv").read_text().splitlines()[0].split(",")

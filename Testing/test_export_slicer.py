@@ -10,13 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.mrml
 
-slicer = pytest.importorskip("slicer")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.fail("the slicer-core wheel (real MRML) is needed: pip install -e .[test]")
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from test_mrml_nodes import REPO  # noqa: E402  (skips this module too without the slicer-core wheel's real MRML)
 
 from TCURLoRALib import engine, export, models, tasks  # noqa: E402
 from tcurlora import jobs  # noqa: E402
@@ -53,7 +47,8 @@ def test_export_for_slicernnunet_shows_the_nnunet_results_layout(nnunet_model, t
               "      dataset_fingerprint.json", "      plans.json", "      fold_0/", "        checkpoint_final.pth"]
     start = summary.index(layout[0])
     assert summary[start:start + len(layout)] == layout
-    assert (picked / "Dataset901_TPTBoxCT_site" / nnunet_model.folder.name / "fold_0" / "checkpoint_final.pth").is_file()
+    checkpoint = picked / "Dataset901_TPTBoxCT_site" / nnunet_model.folder.name / "fold_0" / "checkpoint_final.pth"
+    assert checkpoint.is_file()
 
     again = logic.exportModel(model, str(adapter), str(picked))
     assert logic.waitForCompletion(300) == tasks.ERROR

@@ -112,11 +112,8 @@ def _segment_parser(sub) -> None:
 
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="merge an adapter into its base and write the base's own format",
-                       description="Write the base with the adapter merged into its weights, in the base's own "
-                                   "format, for the base's own tools: an nnU-Net results folder (nnUNetv2_predict, "
-                                   "SlicerNNUnet), a MONAI bundle (python -m monai.bundle run), a "
-                                   "SlicerMONAIAuto3DSeg model. New labels go where the format keeps labels. The "
-                                   "export is as large as the base (the adapter: kilobytes).",
+                       description="The base with the adapter merged into its weights, for the base's own tools "
+                                   "(nnU-Net, MONAI bundle, SlicerMONAIAuto3DSeg); see docs/export.md.",
                        epilog="example: tcurlora export --base Dataset901_X/nnUNetTrainer__nnUNetPlans__3d_fullres "
                               "--fold 0 --adapter site.safetensors -o exports")
     _base_args(p, stop_file=False, series=False)

@@ -23,6 +23,8 @@ from ..protocol import EXPORT_FORMATS as FORMATS
 from . import auto3dseg as auto3dseg_format, bundle as bundle_format, nnunet as nnunet_format
 from .common import TRACE_FILE, Export, folder_name, merged, output_channels, trace, write_folder, write_json
 
+NO_FORMAT = ("has no tool format to export to (export takes nnU-Net model folders, MONAI bundles and "
+             "SlicerMONAIAuto3DSeg models); use it with tcurlora segment")
 KINDS = {"nnunet": "an nnU-Net model", "bundle": "a MONAI bundle", "auto3dseg": "an Auto3DSeg model"}
 TOOLS = {"nnunet": nnunet_format.TOOL, "bundle": bundle_format.TOOL, "auto3dseg": auto3dseg_format.TOOL}
 
@@ -86,14 +88,13 @@ def export_model(base: Union[str, os.PathLike], adapter: Union[str, os.PathLike]
     read_manifest(adapter)  # a bad file is refused before the base loads
     if fmt is not None and fmt not in FORMATS:
         raise TCURLoRAError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    if isinstance(base, dict):
-        raise TCURLoRAError(f"{display_name(base['spec'])}: a network spec has no tool format to export to")
-    base_path = Path(base)
+    base_path = Path(base["spec"] if isinstance(base, dict) else base)
+    if not (base_path.is_dir() or base_path.suffix == ".zip"):  # a catalog name, a network spec: ours only
+        raise TCURLoRAError(f"{display_name(base_path)}: {NO_FORMAT}")
     model = load_base(base, weights=weights, fold=fold)
     own = base_format(model.kind, base_path)
     if own is None:
-        raise TCURLoRAError(f"{display_name(base_path)}: a {model.kind} base has no tool format to export to; export "
-                            "takes nnU-Net model folders, MONAI bundles and SlicerMONAIAuto3DSeg models")
+        raise TCURLoRAError(f"{display_name(base_path)}: {NO_FORMAT}")
     fmt = fmt or own
     if fmt != own:
         raise InputError(base_path, f"is {KINDS[own]}: it exports as --format {own}, not {fmt}")
@@ -108,18 +109,18 @@ def export_model(base: Union[str, os.PathLike], adapter: Union[str, os.PathLike]
     export = Export(base=model, base_path=base_path, adapter=adapter, manifest=manifest,
                     labels=output_channels(manifest, warnings), base_labels=list(model.labels), warnings=warnings)
 
-    def build(folder: Path) -> None:
-        if fmt == "nnunet":
-            open_with = nnunet_format.write(export, folder, target, fold)
-        elif fmt == "bundle":
-            open_with = bundle_format.write(export, folder, target)
-        else:
-            open_with = auto3dseg_format.write(export, folder, target)
-        write_json(folder / TRACE_FILE, trace(export, fmt, open_with))
-        result.open_with = open_with
-
     result = ExportResult(folder=target, format=fmt, tool=TOOLS[fmt], warnings=warnings, channels=export.labels,
                           adapter_bytes=adapter.stat().st_size)
+
+    def build(folder: Path) -> None:
+        if fmt == "nnunet":
+            result.open_with = nnunet_format.write(export, folder, target, fold)
+        elif fmt == "bundle":
+            result.open_with = bundle_format.write(export, folder, target)
+        else:
+            result.open_with = auto3dseg_format.write(export, folder, target)
+        write_json(folder / TRACE_FILE, trace(export, fmt, result.open_with))
+
     write_folder(target, build)
     if fmt == "nnunet":
         ambiguous = nnunet_format.same_id_warning(target)

@@ -16,11 +16,12 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
-from ..adapter import merge_and_unload, set_active_adapter
+from ..adapter import merge_and_unload
 from ..adapter_file import load_adapter
 from ..atomic import atomic_folder
 from ..errors import InputError, TCURLoRAError
 from ..models import BaseModel
+from ..models.nnunet import _read_json as read_json_object  # a JSON object file, or one line naming it
 from ..protocol import EXPORT_TRACE_FILE
 from ..tuners.strategies import start_new_head
 
@@ -69,8 +70,7 @@ class Export:
 def merged(base: BaseModel, adapter: Path) -> dict:
     """Load ``adapter`` onto ``base`` (refused, in one line, when it belongs to another base) and merge it into
     the network for good (:func:`tcurlora.adapter.merge_and_unload`); returns the adapter's manifest."""
-    manifest = load_adapter(base.network, adapter, adapter_name="export")
-    set_active_adapter(base.network, "export")
+    manifest = load_adapter(base.network, adapter, adapter_name="export")  # and made active
     try:
         merge_and_unload(base.network)
     except (TCURLoRAError, RuntimeError, ValueError) as exc:  # PEFT cannot merge every layer (grouped convs)
@@ -93,19 +93,19 @@ def format_state(target: nn.Module, merged_state: Dict[str, torch.Tensor], origi
         value = merged_state.get(key)
         if value is None or value.shape != like.shape:
             value = original.get(key)
-        if value is not None and value.shape != like.shape and key.endswith(".weight") and value.dim() == like.dim() \
-                and value.shape[1:] == like.shape[1:] and like.shape[0] == len(sources):
-            value = _widened(value, original.get(key[:-len("weight")] + "bias"), sources)[0]
-        elif value is not None and value.shape != like.shape and key.endswith(".bias") and like.shape[0] == len(sources):
-            value = _widened(original[key[:-len("bias")] + "weight"], value, sources)[1]
+        if value is not None and value.shape != like.shape and value.shape[1:] == like.shape[1:] \
+                and like.shape[0] == len(sources) and key.endswith((".weight", ".bias")):
+            layer = key.rsplit(".", 1)[0]
+            weight, bias = _widened(original[f"{layer}.weight"], original.get(f"{layer}.bias"), sources)
+            value = weight if key.endswith(".weight") else bias
         if value is None or value.shape != like.shape:
             got = "missing" if value is None else tuple(value.shape)
             raise InputError(where, f"the merged weights do not fit the format's network: {key} is {got}, "
                                     f"the network needs {tuple(like.shape)}")
         shared = (value.data_ptr(), tuple(value.shape), value.stride(), value.dtype)
-        if shared not in copies:
-            copies[shared] = value.detach().to("cpu", like.dtype).clone()
-        out[key] = copies[shared]
+        if shared not in copies:  # the source is kept too: its memory cannot be reused by a later tensor
+            copies[shared] = (value, value.detach().to("cpu", like.dtype).clone())
+        out[key] = copies[shared][1]
     return out
 
 
@@ -182,16 +182,6 @@ def write_json(path: Path, data) -> None:
 def write_folder(target: Path, build: Callable[[Path], None]) -> Path:
     """``build(tmp)`` fills a temporary folder next to ``target``, which is then renamed to ``target``."""
     return Path(atomic_folder(target, lambda tmp: build(Path(tmp))))
-
-
-def read_json_object(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(path, "must be a JSON object")
-    return data
 
 
 def check_label_names(labels: List[dict], where: Optional[Path], rule: str) -> None:
