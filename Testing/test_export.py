@@ -175,6 +175,10 @@ def test_nnunet_export_layout(nnunet_model, nnunet_exports):
 
     assert trace["adapter"]["sha256"] == hashlib.sha256(nnunet_exports.adapters["lumbar"].read_bytes()).hexdigest()
     assert [(l["channel"], l["value"], l["name"]) for l in trace["labels"]] == [(1, 9, "l3"), (2, 7, "lumbar spine")]
+    # two exports of one dataset ID in one results folder: nnU-Net's -d 901 is ambiguous there, the full name is not
+    from tcurlora.export.nnunet import same_id_warning
+
+    assert "-d Dataset901_TPTBoxCT_lumbar (-d 901 is ambiguous there)" in same_id_warning(export)
     # the export is a base of its own (tcurlora reads what it wrote), as large as the base; the adapter: kilobytes
     assert nnunet_exports.adapters["lumbar"].stat().st_size < 64 * 1024
     adapter_size = nnunet_exports.adapters["lumbar"].stat().st_size
@@ -355,6 +359,25 @@ def test_auto3dseg_export_runs_in_the_extensions_pipeline(auto3dseg_base, tmp_pa
         base_labels = load_base(auto3dseg_base.folder).labels
         assert [(l["value"], l["name"], l.get("terminology")) for l in labels] == \
             [(l["value"], l["name"], l.get("terminology")) for l in base_labels]
+
+
+def test_a_failed_export_leaves_nothing(auto3dseg_base, tmp_path, monkeypatch):
+    """An error halfway through writing (here: after model.pt, before labels.csv) leaves neither the export nor its
+    temporary folder, and is one line naming the export."""
+    import tcurlora.export.auto3dseg as auto3dseg_format
+    from tcurlora.errors import InputError
+    from tcurlora.export import export_model
+    from tcurlora.models import load_base
+
+    adapter = _adapter(load_base(auto3dseg_base.folder), tmp_path / "site.safetensors")
+
+    def broken(labels):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(auto3dseg_format, "labels_csv", broken)
+    with pytest.raises(InputError, match="vertebrae-test_site: not written \\(disk full\\)"):
+        export_model(auto3dseg_base.folder, adapter, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_a_base_without_a_tool_format_is_refused(tiny_unet, tmp_path, capsys):

@@ -121,7 +121,10 @@ def export_model(base: Union[str, os.PathLike], adapter: Union[str, os.PathLike]
             result.open_with = auto3dseg_format.write(export, folder, target)
         write_json(folder / TRACE_FILE, trace(export, fmt, result.open_with))
 
-    write_folder(target, build)
+    try:
+        write_folder(target, build)
+    except OSError as exc:  # a full disk, a folder without write permission: nothing was left behind
+        raise InputError(target, f"not written ({exc.strerror or exc})") from None
     if fmt == "nnunet":
         ambiguous = nnunet_format.same_id_warning(target)
         if ambiguous:
