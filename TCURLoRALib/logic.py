@@ -291,11 +291,12 @@ class SegmentLogic(EngineLogic):
     # -- running
 
     def segment(self, inputVolume, modelName: str = "deepbet", adapterPath: Optional[str] = None,
-                device: str = "auto", outputSegmentation=None, tta: bool = False,
+                device: str = "auto", outputSegmentation=None, tta: Optional[bool] = None,
                 largestComponent: Optional[bool] = None, createSurfaces: bool = True,
                 onDone: Optional[Callable] = None, onEnd: Optional[Callable] = None):
         """Start segmenting ``inputVolume`` in the background; returns the task. ``onDone(task)`` runs after a
-        successful run (before ``onFinished``), ``onEnd(task)`` after any end (after ``onFinished``)."""
+        successful run (before ``onFinished``), ``onEnd(task)`` after any end (after ``onFinished``). ``tta=None``:
+        the base's own default (nnU-Net mirrors when its trainer allows)."""
         if inputVolume is None:
             raise ValueError("Select an input volume.")
         entry = self.modelEntry(modelName)
@@ -332,7 +333,8 @@ class SegmentLogic(EngineLogic):
                 p.outputSegmentation = task.outputSegmentation
 
         return self.segment(p.inputVolume, modelName=p.model, adapterPath=p.adapterPath or None, device=p.device,
-                            outputSegmentation=p.outputSegmentation, tta=p.testTimeAugmentation,
+                            outputSegmentation=p.outputSegmentation,
+                            tta=tasks.testTimeAugmentationOption(p.testTimeAugmentation),
                             largestComponent=tasks.largestComponentOption(p.largestComponent),
                             createSurfaces=p.showIn3D, onDone=remember)
 

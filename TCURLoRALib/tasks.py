@@ -418,22 +418,36 @@ class TaskRunner:
             self.task.abort()
 
 
+DEFAULT_YES_NO = {"default": None, "yes": True, "no": False}
+
+
 def largestComponentOption(choice: str) -> Optional[bool]:
     """The GUI's "keep largest component" choice -> the job value: ``"default"`` -> None (the base model
     decides: deepbet keeps its largest component), ``"yes"`` -> True, ``"no"`` -> False."""
-    options = {"default": None, "yes": True, "no": False}
-    if choice not in options:
-        raise ValueError(f"largest component must be one of {', '.join(options)}, got {choice!r}")
-    return options[choice]
+    return _defaultYesNo(choice, "largest component")
+
+
+def testTimeAugmentationOption(choice) -> Optional[bool]:
+    """The GUI's test-time augmentation (mirroring) choice -> the job value: ``"default"`` -> None (the base's own
+    tool decides: nnU-Net mirrors when its trainer allows, as nnUNetv2_predict does; the others do not),
+    ``"yes"`` -> True, ``"no"`` -> False; a check box's True/False as it is."""
+    return choice if isinstance(choice, bool) else _defaultYesNo(choice, "test-time augmentation")
+
+
+def _defaultYesNo(choice: str, what: str) -> Optional[bool]:
+    if choice not in DEFAULT_YES_NO:
+        raise ValueError(f"{what} must be one of {', '.join(DEFAULT_YES_NO)}, got {choice!r}")
+    return DEFAULT_YES_NO[choice]
 
 
 class SegmentationTask(WorkerTask):
     """Segment one volume; the result goes into ``outputSegmentation`` (or a new segmentation node, which then
-    becomes :attr:`outputSegmentation`). ``largestComponent=None`` leaves the choice to the base model."""
+    becomes :attr:`outputSegmentation`). ``largestComponent=None`` and ``tta=None`` leave the choice to the base
+    model."""
 
     def __init__(self, inputVolume, base: Any, launcher: Callable, adapterPath: Optional[str] = None,
                  device: str = "auto", outputSegmentation=None, labels: Sequence[Dict[str, Any]] = (),
-                 tta: bool = False, largestComponent: Optional[bool] = None, createSurfaces: bool = True,
+                 tta: Optional[bool] = None, largestComponent: Optional[bool] = None, createSurfaces: bool = True,
                  outputName: Optional[str] = None, baseSettings: Optional[Dict[str, Any]] = None,
                  **kwargs) -> None:
         super().__init__(launcher, **kwargs)

@@ -252,3 +252,43 @@ class Evil:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a real nnU-Net v2 model folder, made once per session by nnU-Net's own planner and trainer (about 2 min)
+
+
+@pytest.fixture(scope="session")
+def nnunet_model(tmp_path_factory):
+    """``work`` (nnU-Net's raw/preprocessed/results folders), ``folder`` (the trained-model folder, folds 0 and 1)
+    and ``raw`` (its raw dataset), from ``Testing/nnunet_fixture.py``."""
+    import subprocess
+
+    import nnunet_fixture
+
+    work = tmp_path_factory.mktemp("nnunet")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, str(REPO / "Testing" / "nnunet_fixture.py"), str(work)], env=env,
+                            capture_output=True, text=True, encoding="utf-8", errors="replace")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    assert folder.name == f"nnUNetTrainer__{nnunet_fixture.PLANS}__3d_fullres"
+    assert (folder / "fold_0" / "checkpoint_final.pth").is_file()
+    return SimpleNamespace(work=work, folder=folder, raw=work / "nnUNet_raw" / nnunet_fixture.DATASET)
+
+
+@pytest.fixture(scope="session")
+def parity_inputs(tmp_path_factory):
+    """Inputs in nnU-Net's raw naming: the CT crop as it is, and the same CT reoriented (LPS) and resampled to
+    1.2 x 1.6 x 2.0 mm, so that nnU-Net's resampling back and forth is part of what is compared."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("nnunet_inputs")
+    ct = sitk.ReadImage(str(CT))
+    shutil.copy(CT, folder / "ct_0000.nii.gz")
+    lps = sitk.DICOMOrient(ct, "LPS")
+    size = [int(round(n * s / t)) for n, s, t in zip(lps.GetSize(), lps.GetSpacing(), (1.2, 1.6, 2.0))]
+    resampled = sitk.Resample(lps, size, sitk.Transform(), sitk.sitkLinear, lps.GetOrigin(), (1.2, 1.6, 2.0),
+                              lps.GetDirection(), -1000.0, sitk.sitkInt16)
+    sitk.WriteImage(resampled, str(folder / "ctlps_0000.nii.gz"))
+    return folder

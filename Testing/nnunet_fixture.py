@@ -53,6 +53,17 @@ def nnunet_command(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+def predict(env: dict, dataset: str, inputs: Path, out: Path, mirroring: bool, plans: str = PLANS,
+            fold: int = 0) -> "subprocess.Popen":
+    """The real ``nnUNetv2_predict`` on the CPU, started (not waited for) with nnU-Net's folders from ``env``;
+    ``mirroring`` False adds ``--disable_tta``."""
+    cmd = [nnunet_command("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(dataset), "-c",
+           "3d_fullres", "-p", plans, "-f", str(fold), "-device", "cpu", "-npp", "1", "-nps", "1"]
+    return subprocess.Popen(cmd + ([] if mirroring else ["--disable_tta"]), env=dict(env, nnUNet_def_n_proc="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            errors="replace")
+
+
 def write_raw_dataset(raw: Path) -> None:
     image, label = sitk.ReadImage(str(CT)), sitk.ReadImage(str(CT_VERT))
     x, y = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(label)

@@ -26,7 +26,7 @@ from tcurlora import cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.SUBPROCESS_ENV
 
-SUBCOMMANDS = ["finetune", "segment", "evaluate", "inspect", "models", "fetch-model", "demo"]
+SUBCOMMANDS = ["finetune", "segment", "export", "evaluate", "inspect", "models", "fetch-model", "demo"]
 
 
 def run(argv) -> int:
@@ -310,7 +310,7 @@ def test_console_script_help():
 
 @pytest.mark.parametrize("content,words", [
     ("{not json", "not a valid JSON job file"),
-    (json.dumps({"command": "train"}), 'job needs "command": "finetune" or "segment"'),
+    (json.dumps({"command": "train"}), 'job needs "command": "finetune", "segment" or "export"'),
     (json.dumps({"command": "finetune", "stpes": 3}), "unknown job keys: stpes"),
     (json.dumps({"command": "finetune", "version": 99}), "newer than this tcurlora"),
     (json.dumps({"command": "finetune", "cases": [{"image": "a.nii.gz", "label": "b.nii.gz"}],

@@ -31,42 +31,9 @@ import nnunet_fixture  # noqa: E402
 FOLDER_NAME = f"nnUNetTrainer__{nnunet_fixture.PLANS}__3d_fullres"
 
 
-@pytest.fixture(scope="session")
-def nnunet_model(tmp_path_factory):
-    """``work`` (nnU-Net's raw/preprocessed/results folders) and ``folder`` (the trained-model folder)."""
-    work = tmp_path_factory.mktemp("nnunet")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, str(REPO / "Testing" / "nnunet_fixture.py"), str(work)], env=env,
-                            capture_output=True, text=True, encoding="utf-8", errors="replace")
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    folder = Path(result.stdout.strip().splitlines()[-1])
-    assert folder.name == FOLDER_NAME and (folder / "fold_0" / "checkpoint_final.pth").is_file()
-    return type("NnUNetModel", (), {"work": work, "folder": folder,
-                                    "raw": work / "nnUNet_raw" / nnunet_fixture.DATASET})
-
-
-@pytest.fixture(scope="session")
-def parity_inputs(tmp_path_factory):
-    """Inputs in nnU-Net's raw naming: the CT crop as it is, and the same CT reoriented (LPS) and resampled to
-    1.2 x 1.6 x 2.0 mm, so that nnU-Net's resampling back and forth is part of what is compared."""
-    folder = tmp_path_factory.mktemp("nnunet_inputs")
-    ct = sitk.ReadImage(str(CT))
-    shutil.copy(CT, folder / "ct_0000.nii.gz")
-    lps = sitk.DICOMOrient(ct, "LPS")
-    size = [int(round(n * s / t)) for n, s, t in zip(lps.GetSize(), lps.GetSpacing(), (1.2, 1.6, 2.0))]
-    resampled = sitk.Resample(lps, size, sitk.Transform(), sitk.sitkLinear, lps.GetOrigin(), (1.2, 1.6, 2.0),
-                              lps.GetDirection(), -1000.0, sitk.sitkInt16)
-    sitk.WriteImage(resampled, str(folder / "ctlps_0000.nii.gz"))
-    return folder
-
-
 def _nnunet_predict(model, inputs: Path, out: Path, mirroring: bool) -> subprocess.Popen:
-    cmd = [nnunet_fixture.nnunet_command("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out),
-           "-d", str(nnunet_fixture.DATASET_ID), "-c", "3d_fullres", "-p", nnunet_fixture.PLANS, "-f", "0",
-           "-device", "cpu", "-npp", "1", "-nps", "1"] + ([] if mirroring else ["--disable_tta"])
-    env = dict(nnunet_fixture.nnunet_env(model.work), nnUNet_def_n_proc="1")
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            encoding="utf-8", errors="replace")
+    return nnunet_fixture.predict(nnunet_fixture.nnunet_env(model.work), str(nnunet_fixture.DATASET_ID), inputs, out,
+                                  mirroring)
 
 
 @pytest.fixture(scope="session")
@@ -119,8 +86,8 @@ def _zero_adapter(model_folder, path: Path) -> Path:
 def test_segment_equals_nnunetv2_predict(nnunet_model, parity_inputs, nnunet_reference, tmp_path, single_thread,
                                          mirroring):
     """No adapter and a zero adapter both give nnUNetv2_predict's label maps, voxel for voxel, with and without
-    nnU-Net's mirroring (--tta)."""
-    tta = ["--tta"] if mirroring else []
+    nnU-Net's mirroring: segment mirrors by default, as nnUNetv2_predict does, and --no-tta is --disable_tta."""
+    tta = [] if mirroring else ["--no-tta"]
     reference = nnunet_reference[mirroring]
     assert all(len(np.unique(ref)) >= 2 for ref in reference.values())  # the test model predicts vertebrae
     plain = _segment(nnunet_model.folder, parity_inputs, tmp_path / "plain", *tta)

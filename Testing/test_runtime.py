@@ -49,7 +49,7 @@ def test_segment_oom_halves_the_window_batch_then_uses_the_cpu(monkeypatch):
 
     calls = []
 
-    def fake(network, x, roi, device, amp, sw_batch_size, overlap, tta, stop):
+    def fake(network, x, roi, device, amp, sw_batch_size, overlap, tta, stop, mode):
         calls.append((device.type, sw_batch_size))
         if device.type != "cpu":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -62,7 +62,7 @@ def test_segment_oom_halves_the_window_batch_then_uses_the_cpu(monkeypatch):
             calls.append(("to", str(device)))
             return self
 
-    base = type("Base", (), {"inference_roi": (8, 8, 8)})()
+    base = type("Base", (), {"inference_roi": (8, 8, 8), "inference_mode": "gaussian"})()
     events = Recorder()
     infer._predict(Net(), torch.zeros(1, 8, 8, 8), base, torch.device("meta"), False, 4, 0.25, events)
     assert calls == [("meta", 4), ("meta", 2), ("meta", 1), ("to", "cpu"), ("cpu", 1)]

@@ -11,6 +11,7 @@ _LAZY = {
     "inject_adapter": "adapter",
     "merge_adapter": "adapter",
     "unmerge_adapter": "adapter",
+    "merge_and_unload": "adapter",
     "adapter_state_dict": "adapter",
     "load_adapter_state_dict": "adapter",
     "trainable_parameter_count": "adapter",

@@ -21,8 +21,8 @@ from .tuners import AdapterError, AdapterRecord, get_tuner, resolve_stacks
 
 __all__ = ["AdapterError", "active_adapter", "adapter_state_dict", "base_fingerprint", "base_state_dict",
            "delete_adapter", "describe_adapter", "get_adapter", "inject_adapter", "list_adapters",
-           "load_adapter_state_dict", "merge_adapter", "resolve_stacks", "set_active_adapter",
-           "trainable_parameter_count", "unmerge_adapter"]
+           "load_adapter_state_dict", "merge_adapter", "merge_and_unload", "resolve_stacks",
+           "set_active_adapter", "short_fingerprint", "trainable_parameter_count", "unmerge_adapter"]
 
 
 def inject_adapter(model: nn.Module, config: TCURLoRAConfig, adapter_name: str = "default",
@@ -67,6 +67,14 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     return model
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """The base network with the active adapter merged into its weights and every wrapper removed (HF PEFT's
+    name): a plain module whose ``state_dict()`` has the base's own keys (a new head's with its new number of
+    outputs), ready for the base's own tools. In place; the adapters are gone afterwards (PEFT's semantics)."""
+    tuner = get_tuner(model, create=False)
+    return tuner.merge_and_unload() if tuner is not None else model
+
+
 def unmerge_adapter(model: nn.Module) -> nn.Module:
     """Restore the exact base weights (kept aside at merge, not recomputed by subtraction)."""
     get_tuner(model).unmerge()
@@ -91,6 +99,11 @@ def base_state_dict(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
 def base_fingerprint(model: nn.Module) -> str:
     """sha256 over the base weights in canonical order (sorted names, dtype, shape, bytes)."""
     return get_tuner(model).base_fingerprint()
+
+
+def short_fingerprint(fingerprint: str) -> str:
+    """The 12 hex digits of a base fingerprint (``sha256:…``) that messages and folder names show."""
+    return fingerprint.split(":", 1)[-1][:12]
 
 
 def describe_adapter(model: nn.Module, adapter_name: Optional[str] = None) -> dict:

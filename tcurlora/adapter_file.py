@@ -24,7 +24,7 @@ from .errors import TCURLoRAError, display_name
 from .io import atomic_write, validate_label_table
 from .manifest import (FORMAT_VERSION, LORA_KEY, METADATA_KEY, PEFT_METHOD_NAMES, ManifestError, check_tensors,
                        parse_manifest, read_adapter_bytes, trained_prefix)
-from .adapter import base_fingerprint
+from .adapter import base_fingerprint, short_fingerprint
 from .tuners import AdapterError, get_tuner
 from .tuners.model import first_non_finite
 from .tuners.stacks import find
@@ -92,8 +92,8 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, act
     fingerprint = base_fingerprint(model)
     if manifest["base"]["fingerprint"] != fingerprint:
         raise TCURLoRAError(
-            f"{name}: trained on base model '{manifest['base']['name']}' ({manifest['base']['fingerprint'][7:19]}), "
-            f"but the loaded base is '{_base_name(model)}' ({fingerprint[7:19]}); load the matching base model")
+            f"{name}: trained on base model '{manifest['base']['name']}' ({short_fingerprint(manifest['base']['fingerprint'])}), "
+            f"but the loaded base is '{_base_name(model)}' ({short_fingerprint(fingerprint)}); load the matching base model")
     tuner = get_tuner(model)
     adapter_name = adapter_name or _default_adapter_name(path)
     if adapter_name in tuner.adapters:

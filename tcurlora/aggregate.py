@@ -19,6 +19,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from . import __version__
+from .adapter import short_fingerprint
 from .errors import TCURLoRAError, display_name
 from .manifest import METADATA_KEY, check_tensors, parse_manifest, read_manifest
 
@@ -73,8 +74,8 @@ def first_difference(reference: dict, other: dict) -> Optional[str]:
                 field = next(f for f in sorted(set(a[key]) | set(b[key])) if a[key].get(f) != b[key].get(f))
                 return f"config {field} {_short(b[key].get(field))} instead of {_short(a[key].get(field))}"
             if key == "base model":
-                return (f"base model '{other['base']['name']}' ({b[key][7:19]}) instead of "
-                        f"'{reference['base']['name']}' ({a[key][7:19]})")
+                return (f"base model '{other['base']['name']}' ({short_fingerprint(b[key])}) instead of "
+                        f"'{reference['base']['name']}' ({short_fingerprint(a[key])})")
             return f"{key} {_short(b[key])} instead of {_short(a[key])}"
     return None
 

@@ -50,6 +50,30 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
     return path
 
 
+def atomic_folder(path: PathLike, write: Callable[[str], None]) -> str:
+    """Run ``write(tmp)`` for a temporary folder next to ``path``, then rename it onto ``path``: a reader sees
+    no folder or the whole one, never half of it. ``path`` must not exist (:class:`InputError` naming it);
+    on any error the temporary folder is removed."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path):
+        raise InputError(path, "already exists; choose another output folder or remove it")
+    parent = os.path.dirname(path)
+    _make_folder(parent, path, "output")
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        os.mkdir(tmp)
+        write(tmp)
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                _sync(os.path.join(root, name))
+        os.rename(tmp, path)  # refused, not merged, if a folder of that name with files appeared meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _sync(parent)
+    return path
+
+
 def _sync(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -86,10 +110,7 @@ def check_writable(path: PathLike, need_bytes: int = 0, what: str = "output") ->
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise InputError(path, f"is a folder; the {what} must be a file path")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise InputError(path, f"cannot create the {what} folder ({exc.strerror or exc})") from None
+    _make_folder(folder, path, what)
     probe = os.path.join(folder, f".tcurlora-probe-{uuid.uuid4().hex[:12]}")
     try:
         with open(probe, "xb") as f:
@@ -107,6 +128,14 @@ def check_writable(path: PathLike, need_bytes: int = 0, what: str = "output") ->
     if need_bytes and free is not None and free < need_bytes:
         raise InputError(path, f"not enough free space for the {what}: {free / 2 ** 20:.1f} MB free, "
                                f"about {need_bytes / 2 ** 20:.1f} MB needed")
+
+
+def _make_folder(folder: str, path: str, what: str) -> None:
+    """Make ``folder`` (and its parents); :class:`InputError` naming ``path`` when that fails."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise InputError(path, f"cannot create the {what} folder ({exc.strerror or exc})") from None
 
 
 def free_bytes(folder: PathLike) -> Optional[int]:

@@ -1,5 +1,5 @@
-"""The ``tcurlora`` command line: finetune, segment, evaluate, inspect, aggregate, federated, models, fetch-model,
-demo.
+"""The ``tcurlora`` command line: finetune, segment, export, evaluate, inspect, aggregate, federated, models,
+fetch-model, demo.
 
 One parser function and one handler per subcommand (:data:`COMMAND_HANDLERS`). The flags of job settings
 come from :mod:`tcurlora.protocol` (names, defaults, checks), so the CLI, job files and Slicer agree.
@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with `tcurlora demo`. Each command has its own --help.")
     parser.add_argument("--version", action="version", version=f"tcurlora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_finetune_parser, _segment_parser, _evaluate_parser, _inspect_parser, _aggregate_parser,
-                _federated_parser, _models_parser, _fetch_model_parser, _demo_parser):
+    for add in (_finetune_parser, _segment_parser, _export_parser, _evaluate_parser, _inspect_parser,
+                _aggregate_parser, _federated_parser, _models_parser, _fetch_model_parser, _demo_parser):
         add(sub)
     return parser
 
@@ -99,13 +99,28 @@ def _segment_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
                    help="output file (one input) or folder (several)")
     _add_setting(p, "adapter")
-    _add_switch(p, "--tta", "tta")
+    _add_switch(p, "--tta", "tta", help="average over mirrored inputs (default: the base's own choice: nnU-Net "
+                "mirrors when its trainer allows, as nnUNetv2_predict does; the other bases do not)")
+    _add_switch(p, "--no-tta", "tta", False, help="no mirrored inputs (nnUNetv2_predict's --disable_tta)")
     _add_switch(p, "--largest-component", "largest_component",
                 help="keep only the largest connected component per label (default: the base's choice)")
     _add_switch(p, "--all-components", "largest_component", False, help="keep every component")
     _add_switch(p, "--probabilities", "probabilities")
     _add_setting(p, "sw_batch_size")
     _add_setting(p, "overlap")
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="merge an adapter into its base and write the base's own format",
+                       description="The base with the adapter merged into its weights, for the base's own tools "
+                                   "(nnU-Net, MONAI bundle, SlicerMONAIAuto3DSeg); see docs/export.md.",
+                       epilog="example: tcurlora export --base Dataset901_X/nnUNetTrainer__nnUNetPlans__3d_fullres "
+                              "--fold 0 --adapter site.safetensors -o exports")
+    _base_args(p, stop_file=False, series=False)
+    _add_setting(p, "adapter", required=True)
+    p.add_argument("-o", "--output", required=True, metavar="FOLDER",
+                   help="where the export goes (made if missing); it is written as FOLDER/<base>_<adapter>")
+    _add_setting(p, "format")
 
 
 def _evaluate_parser(sub) -> None:
@@ -274,6 +289,13 @@ def cmd_segment(args, events) -> int:
     return run_segment(protocol.validate_job(job, style="cli"), events)
 
 
+def cmd_export(args, events) -> int:
+    from .worker import run_export
+
+    job = {**_settings_from_args(args, "export"), "command": "export", "output": args.output}
+    return run_export(protocol.validate_job(job, style="cli"), events)
+
+
 def cmd_evaluate(args) -> int:
     import csv
     import io as _io
@@ -420,6 +442,7 @@ def cmd_federated(args, events) -> int:
 COMMAND_HANDLERS = {
     "finetune": cmd_finetune,
     "segment": cmd_segment,
+    "export": cmd_export,
     "evaluate": lambda args, events: cmd_evaluate(args),
     "inspect": lambda args, events: cmd_inspect(args),
     "aggregate": lambda args, events: cmd_aggregate(args),
@@ -428,7 +451,7 @@ COMMAND_HANDLERS = {
     "fetch-model": lambda args, events: cmd_fetch_model(args),
     "demo": lambda args, events: cmd_demo(args),
 }
-JOB_COMMANDS = ("finetune", "segment", "federated")
+JOB_COMMANDS = ("finetune", "segment", "export", "federated")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

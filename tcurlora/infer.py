@@ -94,12 +94,14 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
 
 
 def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Optional[str] = None,
-            device: str = "auto", tta: bool = False, largest_component: Optional[bool] = None,
+            device: str = "auto", tta: Optional[bool] = None, largest_component: Optional[bool] = None,
             probabilities: bool = False, sw_batch_size: int = 1, overlap: Optional[float] = None,
             events: Optional[Events] = None, stop_file: Optional[str] = None) -> SegmentResult:
     """Segment each input and write ``.seg.nrrd`` (names, colours) or a plain label map.
 
-    ``overlap``: sliding-window overlap; default the base's own (``base.inference_overlap``)."""
+    ``overlap``: sliding-window overlap; default the base's own (``base.inference_overlap``). ``tta``: average over
+    mirrored inputs; None follows the base's own tool (nnU-Net mirrors when its trainer allows, as
+    ``nnUNetv2_predict`` does; bundles, Auto3DSeg and deepbet do not)."""
     from .io import array_to_image, read_image, stem, write_image, write_segmentation
 
     events = events or Events()
@@ -138,7 +140,8 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
                     label, p = base.segment_image(image, labels, dev, tta, stop.requested, probabilities, events)
                 else:
                     x, _, meta = base.prepare(image)
-                    probs = _predict(network, x, base, dev, tta, sw_batch_size, overlap, events, stop.requested)
+                    probs = _predict(network, x, base, dev, bool(tta), sw_batch_size, overlap, events,
+                                     stop.requested)
             except InferenceStopped:  # asked before each volume and between sliding windows
                 events.log(f"stopped: {len(result.files)} of {len(inputs)} inputs segmented")
                 result.cancelled = True
@@ -189,7 +192,7 @@ def _predict(network, x, base: BaseModel, dev: torch.device, tta: bool, sw_batch
 
     def attempt() -> torch.Tensor:
         return sliding_window_probabilities(network, x, base.inference_roi, state["dev"], state["dev"].type == "cuda",
-                                            state["batch"], overlap, tta, stop)
+                                            state["batch"], overlap, tta, stop, base.inference_mode)
 
     def shrink() -> Optional[str]:
         if state["batch"] <= 1:

@@ -65,14 +65,26 @@ def _check_base(base: Any) -> Any:
 
 
 def segment_job(*, base: Any, inputs: Sequence[str], output: str, stop_file: str, adapter: Optional[str] = None,
-                device: str = "auto", tta: bool = False, largest_component: Optional[bool] = None,
+                device: str = "auto", tta: Optional[bool] = None, largest_component: Optional[bool] = None,
                 **settings: Any) -> Dict[str, Any]:
     """The job dictionary of a ``segment`` command, checked and completed by :func:`tcurlora.protocol.validate_job`
-    (``settings``: any other segment key, e.g. ``sw_batch_size``). Raises ``ValueError`` naming the setting."""
+    (``settings``: any other segment key, e.g. ``sw_batch_size``; ``tta=None``: the base's own default). Raises
+    ``ValueError`` naming the setting."""
     return protocol.validate_job({
         **settings, "version": JOB_VERSION, "command": "segment", "base": _check_base(base), "device": device,
         "stop_file": stop_file, "inputs": list(inputs), "output": output, "adapter": adapter, "tta": tta,
         "largest_component": largest_component})
+
+
+def export_job(*, base: Any, adapter: str, output: str, format: Optional[str] = None, stop_file: Optional[str] = None,
+               **settings: Any) -> Dict[str, Any]:
+    """The job dictionary of an ``export`` command: ``adapter`` merged into ``base`` and written in the base's own
+    format (``format``: default the base's) into the folder ``output``. Raises ``ValueError`` naming the setting."""
+    if not adapter:
+        raise protocol.SettingError("adapter", "is required (the adapter to merge into the base)")
+    return protocol.validate_job({
+        **settings, "version": JOB_VERSION, "command": "export", "base": _check_base(base), "adapter": adapter,
+        "output": output, "format": format, "stop_file": stop_file})
 
 
 def finetune_job(*, base: Any, cases: Sequence[Dict[str, str]], out: str, stop_file: str,

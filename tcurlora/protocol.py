@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from .errors import TCURLoRAError, display_name
 
 JOB_VERSION = 1
-COMMANDS = ("finetune", "segment")
+COMMANDS = ("finetune", "segment", "export")
 METHODS = ("tcurlora", "lora", "decoder", "full", "pissa", "dora", "curlora", "lorapt")
 #: Which layers a job adapts: ``auto`` (``vit`` for a network with attention blocks, else ``conv``), ``vit``,
 #: ``conv`` (every same-shape conv stack), ``decoder`` (the conv stacks of the base's declared decoder modules
@@ -28,6 +28,10 @@ METHODS = ("tcurlora", "lora", "decoder", "full", "pissa", "dora", "curlora", "l
 PRESETS = ("auto", "vit", "conv", "decoder", "none")
 TUNER_PRESETS = ("auto", "vit", "conv", "none")
 DEVICES = ("auto", "cpu", "cuda")
+#: What ``export`` writes: the base's own format (nnU-Net results folder, MONAI bundle, SlicerMONAIAuto3DSeg model).
+EXPORT_FORMATS = ("nnunet", "bundle", "auto3dseg")
+#: The file in every export naming its base fingerprint, adapter sha256, label channels and how to run it.
+EXPORT_TRACE_FILE = "tcurlora-export.json"
 
 #: Process exit status of ``tcurlora`` and ``python -m tcurlora.worker``.
 EXIT_OK = 0
@@ -309,12 +313,12 @@ MAX_BATCH = 64  # patches per step: more is a typo (or an out-of-memory hang), n
 MAX_PATCH = 1024
 MAX_RANK = 1024
 
-_F, _S = ("finetune",), ("segment",)
+_F, _S, _E = ("finetune",), ("segment",), ("export",)
 
 SETTINGS: Tuple[Setting, ...] = (
     # every command
     Setting("version", integer(1, 10 ** 6), JOB_VERSION, "job file format version"),
-    Setting("command", choice(COMMANDS), None, "finetune or segment", required=True),
+    Setting("command", choice(COMMANDS), None, "finetune, segment or export", required=True),
     Setting("base", base_model, "deepbet", "base model: a catalog name (default: deepbet; see `tcurlora models`), "
             "a MONAI bundle folder, an nnU-Net or Auto3DSeg model folder, or a network spec .json (then also "
             "--weights)", flag="--base",
@@ -377,10 +381,12 @@ SETTINGS: Tuple[Setting, ...] = (
             "threads) gives the same adapter", _F, flag="--seed", cli_type=int),
     # segment
     Setting("inputs", text_list(1), None, "image files, DICOM folders or folders of images", _S, required=True),
-    Setting("output", text, None, "output file (one input) or folder (several)", _S, required=True),
-    Setting("adapter", optional(text), None, "a tCURLoRA adapter for this base", _S, flag="--adapter",
-            metavar="ADAPTER.safetensors"),
-    Setting("tta", boolean, False, "average over mirrored inputs (slower, smoother)", _S),
+    Setting("output", text, None, "segment: output file (one input) or folder (several); export: the folder the "
+            "exported model goes into", _S + _E, required=True),
+    Setting("adapter", optional(text), None, "a tCURLoRA adapter for this base (export: required)", _S + _E,
+            flag="--adapter", metavar="ADAPTER.safetensors"),
+    Setting("tta", optional(boolean), None, "average over mirrored inputs; null: the base's own default (nnU-Net "
+            "mirrors when its trainer allows, as nnUNetv2_predict does; the others do not)", _S),
     Setting("largest_component", optional(boolean), None, "keep only the largest connected component per label "
             "(null: the base's choice)", _S),
     Setting("probabilities", boolean, False, "also write class probabilities (NIfTI)", _S),
@@ -389,6 +395,9 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("overlap", optional(number(0.0, 0.95)), None, "sliding-window overlap 0..0.95 (default: the base "
             "model's own, 0.25 unless it says otherwise)", _S,
             flag="--overlap", cli_type=float),
+    # export
+    Setting("format", optional(choice(EXPORT_FORMATS)), None, "the format to write (default: the base's own)", _E,
+            flag="--format"),
 )
 
 SETTINGS_BY_KEY: Dict[str, Setting] = {s.key: s for s in SETTINGS}
@@ -440,7 +449,8 @@ def validate_job(job: Any, style: str = "job", where: str = "") -> Dict[str, Any
     """
     prefix = f"{where}: " if where else ""
     if not isinstance(job, dict) or job.get("command") not in COMMANDS:
-        raise TCURLoRAError(f"{prefix}job needs \"command\": \"finetune\" or \"segment\"")
+        names = [f'"{c}"' for c in COMMANDS]
+        raise TCURLoRAError(f"{prefix}job needs \"command\": {', '.join(names[:-1])} or {names[-1]}")
     version = job.get("version", JOB_VERSION)
     if isinstance(version, int) and not isinstance(version, bool) and version > JOB_VERSION:
         raise TCURLoRAError(f"{prefix}job version {version} is newer than this tcurlora; upgrade it")

@@ -77,11 +77,12 @@ class InferenceStopped(Exception):
 
 def sliding_window_probabilities(network, image: torch.Tensor, roi, device, amp: bool, sw_batch_size: int = 1,
                                  overlap: float = 0.25, tta: bool = False,
-                                 stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+                                 stop: Optional[Callable[[], bool]] = None, mode: str = "gaussian") -> torch.Tensor:
     """Softmax probabilities [C, D, H, W] of a model-space image (MONAI sliding window, optional flip TTA).
 
     ``stop`` is asked before every window batch; when it returns True, :class:`InferenceStopped` is raised
     (a large volume with a small window can take minutes, and a cancel should not wait for all of it).
+    ``mode``: how overlapping windows blend (MONAI's ``constant`` or ``gaussian``).
     """
     from monai.inferers import sliding_window_inference
 
@@ -99,7 +100,7 @@ def sliding_window_probabilities(network, image: torch.Tensor, roi, device, amp:
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         for dims in flips:
             xi = torch.flip(x, dims) if dims else x
-            logits = sliding_window_inference(xi, roi, sw_batch_size, predictor, overlap=overlap, mode="gaussian")
+            logits = sliding_window_inference(xi, roi, sw_batch_size, predictor, overlap=overlap, mode=mode)
             p = torch.softmax(logits.float(), 1)
             p = torch.flip(p, dims) if dims else p
             total = p if total is None else total + p

@@ -1,6 +1,6 @@
 """The background worker Slicer starts: ``PythonSlicer -m tcurlora.worker JOB.json``.
 
-It runs the same code as ``tcurlora finetune`` / ``tcurlora segment`` and prints one JSON event per line
+It runs the same code as ``tcurlora finetune`` / ``segment`` / ``export`` and prints one JSON event per line
 on standard output. The job keys, their defaults and checks, the event names and the exit statuses
 (0 done, 2 error with an ``error`` event saying why, 3 cancelled) are defined in :mod:`tcurlora.protocol`.
 """
@@ -66,6 +66,20 @@ def run_segment(job: dict, events: Events) -> int:
     return _finish(result, events)
 
 
+def run_export(job: dict, events: Events) -> int:
+    from .export import export_model
+
+    job = protocol.validate_job(job)
+    if not job["adapter"]:
+        raise protocol.SettingError("adapter", "is required (the adapter to merge into the base)")
+    result = export_model(job["base"], job["adapter"], job["output"], job["format"], weights=job.get("weights"),
+                          fold=job.get("fold"), events=events)
+    return _finish(result, events)
+
+
+RUNNERS = {"finetune": run_finetune, "segment": run_segment, "export": run_export}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     events = Events(sys.stdout, None)
@@ -74,9 +88,7 @@ def main(argv=None) -> int:
         return protocol.EXIT_ERROR
     try:
         job = read_job(argv[0])
-        if job["command"] == "finetune":
-            return run_finetune(job, events)
-        return run_segment(job, events)
+        return RUNNERS[job["command"]](job, events)
     except TCURLoRAError as exc:
         events.error(str(exc))
         return protocol.EXIT_ERROR

@@ -37,6 +37,7 @@ class BaseModel:
     source: str = ""
     largest_component: bool = False  # the base's own post-processing keeps one component per label
     inference_overlap: float = 0.25  # sliding-window overlap of the base's own inference
+    inference_mode: str = "gaussian"  # how the base's own inference blends windows (MONAI: constant, gaussian)
     kind: str = "monai"  # what the base is (adapter manifests record it): monai, deepbet, auto3dseg, ...
 
     def __post_init__(self) -> None:
@@ -262,8 +263,8 @@ def _transform_name(target: Any) -> str:
 def _bundle_inference_settings(parser, config_file: Path) -> Dict[str, Any]:
     """Preprocessing and sliding-window settings read from a bundle's ``preprocessing`` and ``inferer``
     (plain values only): orientation, spacing, intensity (ScaleIntensityRange[Percentiles],
-    NormalizeIntensity), ``roi_size`` and ``overlap``.  Returns ``{"preprocessing": {...}, "inference_roi",
-    "inference_overlap"}`` with what the config holds; a transform that changes the image in a way tcurlora
+    NormalizeIntensity), ``roi_size``, ``overlap`` and ``mode``.  Returns ``{"preprocessing": {...}, "inference_roi",
+    "inference_overlap", "inference_mode"}`` with what the config holds (MONAI's default mode: constant); a transform that changes the image in a way tcurlora
     does not reproduce is refused (one line naming it)."""
     out: Dict[str, Any] = {}
     prep: Dict[str, Any] = {}
@@ -307,6 +308,9 @@ def _bundle_inference_settings(parser, config_file: Path) -> Dict[str, Any]:
             out["inference_roi"] = [roi] * 3 if isinstance(roi, int) else roi
         if inferer.get("overlap") is not None:
             out["inference_overlap"] = inferer["overlap"]
+        out["inference_mode"] = str(inferer.get("mode", "constant"))
+        if out["inference_mode"] not in ("constant", "gaussian"):
+            raise InputError(config_file, f"inferer mode {out['inference_mode']!r} is not constant or gaussian")
     if out.get("inference_roi"):
         # the bundle's window is a valid network input: train on patches of that size
         try:
@@ -372,7 +376,7 @@ def _load_bundle(folder: Path) -> BaseModel:
                                      folder / "configs" / ("tcurlora.json" if "preprocessing" in extra else config_file.name)),
         head=extra.get("head"), decoder_modules=list(extra.get("decoder_modules", [])),
         inference_roi=tuple(roi) if roi else None, inference_overlap=overlap,
-        source=f"MONAI bundle {folder.name}")
+        inference_mode=settings.get("inference_mode", "gaussian"), source=f"MONAI bundle {folder.name}")
 
 
 def _load_catalog(name: str, local_file: Optional[Path] = None) -> BaseModel:

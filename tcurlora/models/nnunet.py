@@ -19,8 +19,8 @@ A folder ``Dataset…/{Trainer}__{Plans}__{configuration}/`` holds ``dataset.jso
   nnU-Net: the input reoriented to RAS and resampled (cubic) to the task's spacing, the label map resampled
   back (nearest), tiles at step 0.8, no mirroring.
 
-Mirroring is nnU-Net's test-time augmentation: ``tcurlora segment --tta`` turns it on (``nnUNetv2_predict``'s
-default), without ``--tta`` it is off (``nnUNetv2_predict --disable_tta``).
+Mirroring is nnU-Net's test-time augmentation: as ``nnUNetv2_predict`` does, ``tcurlora segment`` mirrors when the
+trainer allows it (its checkpoint's mirroring axes), and ``--no-tta`` turns it off (``--disable_tta``).
 """
 
 from __future__ import annotations
@@ -325,16 +325,17 @@ class NnUNetBase(BaseModel):
 
     # -- inference: nnU-Net's predictor -----------------------------------------------------------
 
-    def segment_image(self, image: sitk.Image, labels: List[dict], device: torch.device, tta: bool = False,
+    def segment_image(self, image: sitk.Image, labels: List[dict], device: torch.device, tta: Optional[bool] = None,
                       stop: Optional[Callable[[], bool]] = None, probabilities: bool = False,
                       events=None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """Label map (values of ``labels``) on ``image``'s grid, as nnUNetv2_predict computes it with this network,
-        and with ``probabilities`` the class probabilities ``[C, z, y, x]`` (background first) on that grid."""
+        and with ``probabilities`` the class probabilities ``[C, z, y, x]`` (background first) on that grid.
+        ``tta``: mirror (None: when the trainer allows it, nnUNetv2_predict's default)."""
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         from ..runtime import InferenceStopped
 
-        mirroring = bool(tta) and self.mirror_axes is not None and not self.totalsegmentator
+        mirroring = tta is not False and self.mirror_axes is not None and not self.totalsegmentator
         if tta and not mirroring and events is not None:
             events.warning("this nnU-Net model predicts without mirroring (its trainer or TotalSegmentator): "
                            "--tta ignored")

@@ -163,6 +163,54 @@ class TCURTuner:
         strategy_for(record.config.method).unmerge(self, record)
         self.merged = None
 
+    def merge_and_unload(self) -> nn.Module:
+        """The model with the active adapter merged and every wrapper gone (HF PEFT's ``merge_and_unload``).
+
+        In place: each wrapped layer is put back as the base's own layer holding the merged weight, each
+        switch as the active adapter's own copy (trained decoder, new head) or the base's module, PEFT's LoRA
+        layers as their merged base layers; a module the model holds under several names (nnU-Net's aliases)
+        stays one module. The model then has no adapter and ``state_dict()`` has the base's own keys.
+        """
+        model = self.model
+        if self.active is not None:
+            self.merge()
+        plain = self._plain_module
+        done = set()
+
+        def unwrap_children(module: nn.Module) -> None:
+            if id(module) in done:
+                return
+            done.add(id(module))
+            for name, child in list(module._modules.items()):
+                if child is not None:
+                    module._modules[name] = bare = plain(child)
+                    unwrap_children(bare)
+
+        unwrap_children(model)
+        self.adapters.clear()
+        self.active = self.merged = None
+        self._work = None
+        _TUNERS.pop(model, None)
+        return model
+
+    def _plain_module(self, module: nn.Module) -> nn.Module:
+        """What a (possibly wrapped) child runs once merged: the module itself without any wrapper."""
+        from .strategies import PEFT_METHODS
+
+        peft_layer = None
+        if any(r.config.method in PEFT_METHODS for r in self.adapters.values()):
+            from peft.tuners.tuners_utils import BaseTunerLayer as peft_layer
+        while True:
+            if isinstance(module, TCURLayer):
+                module._merge_backup = None
+                module = module.base_layer
+            elif isinstance(module, ModuleSwitch):
+                module = module.copy_of(self.active) or module.base_module
+            elif peft_layer is not None and isinstance(module, peft_layer):
+                module = module.get_base_layer()
+            else:
+                return module
+
     # -- state -----------------------------------------------------------------------------------
 
     def adapter_state_dict(self, adapter_name: Optional[str] = None, keep_vars: bool = False) -> "OrderedDict[str, torch.Tensor]":
