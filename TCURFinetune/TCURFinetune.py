@@ -19,7 +19,7 @@ try:
 except ImportError:  # source tree: TCURLoRALib and tcurlora sit at the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from TCURLoRALib import caselibrary, engine, finetune, selftests, slicerapp, tasks  # noqa: E402
+from TCURLoRALib import caselibrary, engine, export, finetune, selftests, slicerapp, tasks  # noqa: E402
 from tcurlora import protocol  # noqa: E402  (standard library only)
 
 CASE_COLUMNS = (("vtkMRMLScalarVolumeNode", "Volume of this training case."),
@@ -104,9 +104,9 @@ class TCURFinetuneWidget(slicerapp.ModuleWidgetMixin, ScriptedLoadableModuleWidg
                              (ui.removeLibraryCaseButton, self.onRemoveLibraryCase),
                              (ui.removeCaseButton, self.onRemoveCase), (ui.refreshLabelsButton, self.onLibraryChanged),
                              (ui.resumeButton, self.onResumeButton), (ui.saveAdapterButton, self.onSaveAdapter),
-                             (ui.applyInSegmentButton, self.onApplyInSegment)):
+                             (ui.applyInSegmentButton, self.onApplyInSegment),
+                             (ui.exportModelButton, self.onExportModel)):
             button.connect("clicked(bool)", slot)
-        # the "Export model..." button goes here once the export logic exists
         self._populateProjects()
         self.initializeParameterNode()
 
@@ -135,7 +135,8 @@ class TCURFinetuneWidget(slicerapp.ModuleWidgetMixin, ScriptedLoadableModuleWidg
             self.ui.startButton.enabled = running or (ok and entry is not None and self.logic.hasCases(p))
             self.ui.resumeButton.enabled = not running and self.logic.canResume()
             hasAdapter = bool(p.lastAdapterPath) and os.path.isfile(p.lastAdapterPath)
-            for widget in (self.ui.saveAdapterButton, self.ui.applyInSegmentButton, self.ui.continueAdapterCheckBox):
+            for widget in (self.ui.saveAdapterButton, self.ui.applyInSegmentButton, self.ui.exportModelButton,
+                           self.ui.continueAdapterCheckBox):
                 widget.enabled = hasAdapter and not running
             for widget in (self.ui.addCaseButton, self.ui.removeCaseButton, self.ui.refreshLabelsButton,
                            self.ui.addLibraryCaseButton, self.ui.removeLibraryCaseButton,
@@ -280,6 +281,24 @@ class TCURFinetuneWidget(slicerapp.ModuleWidgetMixin, ScriptedLoadableModuleWidg
         if path:
             with slicer.util.tryWithErrorDisplay("Could not save the adapter."):
                 self.ui.statusLabel.text = f"Adapter saved as {finetune.saveAdapter(p.lastAdapterPath, path)}"
+
+    def onExportModel(self) -> None:
+        p = self._parameterNode
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Export the adapted model into")
+        if not folder:
+            return
+
+        def done(task):
+            self.ui.resultLabel.text = task.summary
+
+        def start():
+            # the module logic's runner, so that one run at a time holds across training and export
+            exporter = export.ExportLogic(registry=self.logic.registry, runner=self.logic.runner)
+            exporter.onLog, exporter.onProgress = self.onLog, self.onProgress
+            exporter.onFinished = lambda task: self.showFinished(task, "Exported.", "Export failed", "TCUR Finetune")
+            exporter.exportModel(p.model, p.lastAdapterPath, folder, onDone=done)
+
+        self.startRun("Exporting the model...", "The export could not start.", start)
 
     def onApplyInSegment(self) -> None:
         p = self._parameterNode
