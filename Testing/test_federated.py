@@ -244,3 +244,12 @@ def test_server_certificate_must_name_loopback(tmp_path):
     (bad / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     with pytest.raises(TCURLoRAError, match="server.pem: the certificate must also name 127.0.0.1"):
         server_certificate_files(bad)
+
+
+def test_round_files_keep_the_whole_output_name(tmp_path):
+    from tcurlora.federated import round_path
+
+    assert round_path(tmp_path / "global.safetensors", 2) == tmp_path / "global.round2.safetensors"
+    # two outputs in one folder that differ after the first dot keep apart round files
+    v1, v2 = (round_path(tmp_path / f"site.v{i}.safetensors", 1) for i in (1, 2))
+    assert (v1.name, v2.name) == ("site.v1.round1.safetensors", "site.v2.round1.safetensors")

@@ -65,9 +65,10 @@ def state_bytes(state: Dict[str, torch.Tensor]) -> int:
 
 
 def round_path(out, server_round: int) -> Path:
-    """``global.safetensors`` -> ``global.round2.safetensors`` (every round's state is kept for audit)."""
+    """``global.safetensors`` -> ``global.round2.safetensors``, ``site.v1.safetensors`` ->
+    ``site.v1.round2.safetensors`` (every round's state is kept for audit, each beside its own output)."""
     out = Path(out)
-    return out.with_name(f"{out.name.split('.')[0]}.round{server_round}.safetensors")
+    return out.with_name(f"{out.stem}.round{server_round}.safetensors")
 
 
 def dumps(value) -> str:
