@@ -57,26 +57,17 @@ def write_secret(path, data: bytes) -> None:
 
 def check_private_key(path) -> Path:
     """A site's private key file as Flower's SuperNode reads it (OpenSSH, elliptic curve), checked."""
-    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
     path = Path(path)
-    try:
-        key = load_ssh_private_key(path.read_bytes(), None)
-    except OSError as exc:
-        raise TCURLoRAError(f"{display_name(path)}: cannot read the site key ({exc.strerror or exc})") from None
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        key = None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise TCURLoRAError(f"{display_name(path)}: not an unencrypted OpenSSH ECDSA private key (make one with "
-                            "`tcurlora federated keys`)")
+    _read_key(path, lambda data: load_ssh_private_key(data, None), ec.EllipticCurvePrivateKey,
+              "an unencrypted OpenSSH ECDSA private key (make one with `tcurlora federated keys`)")
     return path.absolute()
 
 
 def site_public_keys(paths: Sequence) -> Dict[str, Path]:
     """The server's list of sites: ``.pub`` files (or folders of them) as {site name: file}, each checked."""
-    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
@@ -93,16 +84,24 @@ def site_public_keys(paths: Sequence) -> Dict[str, Path]:
         if not path.name.endswith(PUBLIC_SUFFIX):
             raise TCURLoRAError(f"{display_name(path)}: a site's public key file is named SITE{PUBLIC_SUFFIX}")
         name = check_site_name(path.name[:-len(PUBLIC_SUFFIX)], display_name(path))
-        try:
-            key = load_ssh_public_key(path.read_bytes())
-        except OSError as exc:
-            raise TCURLoRAError(f"{display_name(path)}: cannot read the site key ({exc.strerror or exc})") from None
-        except (ValueError, TypeError, UnsupportedAlgorithm):
-            key = None
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            raise TCURLoRAError(f"{display_name(path)}: not an OpenSSH ECDSA public key (a site's .pub from "
-                                "`tcurlora federated keys`)")
+        _read_key(path, load_ssh_public_key, ec.EllipticCurvePublicKey,
+                  "an OpenSSH ECDSA public key (a site's .pub from `tcurlora federated keys`)")
         if name in sites:
             raise TCURLoRAError(f"{display_name(path)}: site {name} is listed twice")
         sites[name] = path.absolute()
     return sites
+
+
+def _read_key(path: Path, load, kind, what: str):
+    """The key ``load`` reads from ``path``; one line naming the file unless it is a ``kind``."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    try:
+        key = load(path.read_bytes())
+    except OSError as exc:
+        raise TCURLoRAError(f"{display_name(path)}: cannot read the site key ({exc.strerror or exc})") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        key = None
+    if not isinstance(key, kind):
+        raise TCURLoRAError(f"{display_name(path)}: not {what}")
+    return key
