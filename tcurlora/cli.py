@@ -160,8 +160,8 @@ def _federated_parser(sub) -> None:
                               "--site-keys keys/ --rounds 5 --local-steps 20 --min-clients 3 --out global.safetensors")
     _base_args(f, stop_file=False, series=False)  # stop a federation with Ctrl-C; the server reads no images
     f.add_argument("--address", default="127.0.0.1:9092", metavar="HOST:PORT",
-                   help="where Flower's SuperLink listens for the sites (default 127.0.0.1:9092; 0.0.0.0:PORT "
-                        "for other machines)")
+                   help="where the sites connect: Flower's Fleet API alone, through the federation's gateway "
+                        "(default 127.0.0.1:9092; 0.0.0.0:PORT for other machines)")
     f.add_argument("--rounds", type=int, default=3, help="federated rounds R (default 3)")
     f.add_argument("--local-steps", type=int, default=20, help="training steps K each site runs per round (default 20)")
     f.add_argument("--min-clients", type=int, default=2, help="sites that must join each round (default 2)")

@@ -3,15 +3,18 @@
 Each round the server sends the global adapter state to every site, each site runs K steps of the ordinary
 ``finetune`` from it on its own cases and sends its state back, and the server takes their case-weighted mean
 (:func:`tcurlora.aggregate.weighted_mean`, the code ``tcurlora aggregate`` uses; exact for tCURLoRA because
-Δ𝒲 is linear in the core).  The server accepts only updates whose base fingerprint and adapter layout match
-its own.  Connections use TLS unless ``--insecure`` is given.
+Δ𝒲 is linear in the core).  The server accepts only checked updates whose base fingerprint and adapter layout
+match its own (:mod:`.checks`, :func:`.server.accept_update`).  Unless ``--insecure`` is given, connections
+use TLS and only the sites whose keys the server lists can join (:mod:`.keys`).
 
 Transport: Flower's deployment engine.  The rounds are a Flower App (``flower_app/pyproject.toml``): a
 ``ServerApp`` (:mod:`.server_app`) and a ``ClientApp`` (:mod:`.client_app`) exchanging Flower ``Message``s
-whose arrays are ``ArrayRecord``s (``.npy`` bytes, never pickled).  ``tcurlora federated server`` starts a
-``flower-superlink`` and submits the app with ``flwr run``; ``tcurlora federated client`` starts a
-``flower-supernode`` with the site's inputs as its ``--node-config`` (:mod:`.server`, :mod:`.client`).
-Needs the ``federated`` extra: ``pip install "tcurlora[federated]"``.
+whose arrays are ``ArrayRecord``s (``.npy`` bytes, read by :func:`from_record`, never unpickled).
+``tcurlora federated server`` starts a ``flower-superlink`` on loopback, the Fleet-only :mod:`.gateway` on
+its address, and submits the app with ``flwr run``; ``tcurlora federated client`` starts a
+``flower-supernode`` with the site's inputs as its ``--node-config`` and :mod:`.site_exec`, which runs the
+federation's own ClientApp only (:mod:`.server`, :mod:`.client`).  Needs the ``federated`` extra:
+``pip install "tcurlora[federated]"``.
 """
 
 from __future__ import annotations

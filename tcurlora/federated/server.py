@@ -1,5 +1,6 @@
-"""The federation's server (``tcurlora federated server``): checks, the round-0 adapter, and the launcher of
-Flower's SuperLink and of ``flwr run`` for the app whose ServerApp (:mod:`.server_app`) runs the rounds."""
+"""The federation's server (``tcurlora federated server``): the checks of a site's reply, the round-0 adapter,
+and the launcher of Flower's SuperLink (on loopback), of the site keys' registration, of the Fleet-only
+:mod:`.gateway` and of ``flwr run`` for the app whose ServerApp (:mod:`.server_app`) runs the rounds."""
 
 from __future__ import annotations
 
