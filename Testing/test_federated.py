@@ -58,8 +58,21 @@ def outsiders(folder: Path, port: int, tiny_unet) -> dict:
                               "--isolation", "process", "--port", str(free_port()), "--max-wait-time", "30"],
                              env=dict(SUBPROCESS_ENV, FLWR_HOME=str(folder / "stranger_home")), capture_output=True,
                              text=True, timeout=120)
+    # Control API calls written by hand, through the Fleet prefix
+    sneaked = {path: tls_post(port, ca, path) for path in ("/v1/control/list-runs", "/v1/fleet/../control/list-runs",
+                                                         "/v1/fleet/%2e%2e/control/list-runs", "/v1/runtime/get-nodes")}
     return {"run": [run.returncode, run.stdout + run.stderr], "unlisted": [unlisted.returncode, unlisted.stderr],
-            "keyless": [keyless.returncode, keyless.stdout + keyless.stderr]}
+            "keyless": [keyless.returncode, keyless.stdout + keyless.stderr], "sneaked": sneaked}
+
+
+def tls_post(port: int, ca, path: str) -> str:
+    """The status line the server's port answers to an empty POST of ``path`` (sent as written)."""
+    context = ssl.create_default_context(cafile=os.fspath(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n"
+                        "Connection: close\r\n\r\n".encode())
+            return tls.recv(4096).decode("latin-1").split("\r\n")[0]
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +220,8 @@ def test_outsiders_are_refused(federation):
     assert status == 2 and stderr.strip().splitlines()[-1].startswith("error: "), stderr[-2000:]
     assert "this site's key not on the server's list" in stderr.strip().splitlines()[-1]
     assert "Failed to activate SuperNode" in stderr  # Flower's node authentication refused it
+    # no path leads from the port to the Control or Runtime API
+    assert set(outsiders["sneaked"].values()) == {"HTTP/1.1 404 Not Found"}, outsiders["sneaked"]
     status, output = outsiders["keyless"]  # a bare Flower SuperNode without a key
     assert status != 0 and "All SuperNodes must be registered" in output, output[-2000:]
     # neither ever took part

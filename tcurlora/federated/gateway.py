@@ -4,8 +4,9 @@ Flower 1.42's SuperLink serves its Fleet API (SuperNodes), its Control API (``fl
 register``, ``flwr stop``: start any app, run its code on the server and on every site) and its Runtime API
 (the ServerApp's own connection) on one port, and the open-source build has no account authentication for the
 Control API.  So ``tcurlora federated server`` starts the SuperLink on 127.0.0.1 only and this gateway on the
-address the sites connect to: it forwards ``POST /v1/fleet/...`` to the SuperLink unchanged (headers included,
-so Flower's node authentication signatures reach the SuperLink) and answers every other path 404.
+address the sites connect to: it forwards ``POST /v1/fleet/CALL`` (CALL lower-case letters and dashes only, so
+that no dot segment can lead out of the Fleet API) to the SuperLink unchanged (headers included, so Flower's
+node authentication signatures reach the SuperLink) and answers every other path 404.
 
 Run as ``python -m tcurlora.federated.gateway --listen HOST:PORT --superlink 127.0.0.1:PORT
 (--tls-dir DIR | --insecure)``; it serves TLS with the SuperLink's certificate and verifies the SuperLink with
@@ -16,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import ssl
 import sys
 
 FLEET_PREFIX = "/v1/fleet/"
+FLEET_CALL = re.compile(r"[a-z][a-z-]*")  # Flower's Fleet calls: register-node, pull-messages, ...
 #: One Fleet request: Flower sends arrays in chunks of 5 MB, a message's object tree and a FAB are smaller.
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 # connection-level headers: each hop sets its own
@@ -40,6 +43,9 @@ def fleet_gateway(superlink: str, ca_file=None):
     upstream = httpx.AsyncClient(base_url=f"{scheme}://{superlink}", verify=verify, timeout=300.0)
 
     async def forward(request: Request) -> Response:
+        call = request.path_params["call"]
+        if not FLEET_CALL.fullmatch(call):  # e.g. "..": the upstream URL would leave /v1/fleet/
+            return PlainTextResponse("Not Found", status_code=404)
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > MAX_REQUEST_BYTES):
             return PlainTextResponse("request too large", status_code=413)
@@ -50,7 +56,7 @@ def fleet_gateway(superlink: str, ca_file=None):
                 return PlainTextResponse("request too large", status_code=413)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_HEADERS]
         try:
-            answer = await upstream.post(request.url.path, content=bytes(body), headers=headers)
+            answer = await upstream.post(FLEET_PREFIX + call, content=bytes(body), headers=headers)
         except httpx.HTTPError:
             return PlainTextResponse("the federation's SuperLink is not reachable", status_code=502)
         return Response(answer.content, status_code=answer.status_code,
@@ -62,7 +68,7 @@ def fleet_gateway(superlink: str, ca_file=None):
         yield
         await upstream.aclose()
 
-    return Starlette(routes=[Route(FLEET_PREFIX + "{call:path}", forward, methods=["POST"])], lifespan=lifespan)
+    return Starlette(routes=[Route(FLEET_PREFIX + "{call}", forward, methods=["POST"])], lifespan=lifespan)
 
 
 def main(argv=None) -> int:
