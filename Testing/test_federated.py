@@ -118,8 +118,8 @@ def federation(tiny_unet, tmp_path_factory):
                             certs / "ca.crt", "--auth-supernode-private-key", folder / "keys" / "H.key",
                             "--isolation", "process", "--port", str(runtime), "--max-wait-time", "300"],
                            hostile_env, folder / "hostile_supernode.log"),
-               start_group([sys.executable, HOSTILE_SITE, f"127.0.0.1:{runtime}", folder / "global.round0.safetensors"], hostile_env,
-                           folder / "hostile_site.log")]
+               start_group([sys.executable, HOSTILE_SITE, f"127.0.0.1:{runtime}", folder / "global.round0.safetensors"],
+                           hostile_env, folder / "hostile_site.log")]
     procs = {"server": server, **clients}
     try:
         wait_port(port, procs.values())

@@ -137,15 +137,16 @@ def test_bad_records_are_refused_before_anything_is_allocated(reference):
     first = next(iter(state))
     shape = tuple(state[first].shape)
     terabyte = npy((2 ** 38,), payload=bytes(64))
-    pickled = Array(dtype="object", shape=(1,), stype="numpy.ndarray",
-                    data=(lambda b: (np.save(b, np.array([{"a": 1}], dtype=object), allow_pickle=True), b.getvalue())[1])(
-                        io.BytesIO()))
+    pickle = io.BytesIO()
+    np.save(pickle, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    pickled = Array(dtype="object", shape=(1,), stype="numpy.ndarray", data=pickle.getvalue())
+    size = int(np.prod(shape))
     for array, expected in (
             (terabyte, r"declares float32 \(274877906944,\) \(1,099,511,627,776 bytes\) but holds 64 bytes"),
             (Array(dtype="float32", shape=shape, stype="numpy.ndarray", data=b""), "is not a .npy array"),
             (npy(shape, payload=bytes(4)), r"declares float32 .* but holds 4 bytes"),
-            (npy(shape, descr=">f4", payload=bytes(4 * int(np.prod(shape)))), r"has dtype .*, not a plain number type"),
-            (npy((int(np.prod(shape)),), payload=bytes(4 * int(np.prod(shape)))), r"is float32 \(\d+,\), the federation's is float32"),
+            (npy(shape, descr=">f4", payload=bytes(4 * size)), r"has dtype .*, not a plain number type"),
+            (npy((size,), payload=bytes(4 * size)), r"is float32 \(\d+,\), the federation's is float32"),
             (pickled, r"has dtype .*, not a plain number type"),
             (Array(dtype="float32", shape=shape, stype="torch.raw", data=b"\0" * 8), "is not a NumPy array")):
         with pytest.raises(TCURLoRAError, match=f"site W: tensor {re.escape(first)} " + expected):
@@ -247,7 +248,8 @@ def test_site_keys(tmp_path, capsys):
     assert check_private_key(private) == private
     assert site_public_keys([tmp_path / "keys"]) == {"hospital-a": public}
     capsys.readouterr()
-    for args, expected in ((["--out", str(tmp_path / "keys"), "--site", "hospital-a"], "hospital-a.key: already exists"),
+    for args, expected in ((["--out", str(tmp_path / "keys"), "--site", "hospital-a"],
+                            "hospital-a.key: already exists"),
                            (["--out", str(tmp_path / "k2"), "--site", "a/b"], "--site: site name 'a/b' is not a plain")):
         assert cli.main(["federated", "keys", *args]) == 2
         assert capsys.readouterr().err.startswith(f"error: {expected}")

@@ -434,7 +434,8 @@ def cmd_federated(args, events) -> int:
 
             pairs += find_cases(args.cases)
         result = run_client(pairs, base=base, weights=args.weights, fold=args.fold, server=args.server, out=args.out,
-                            key=args.key, root_cert=args.root_cert, insecure=args.insecure, seed=args.seed, device=device,
+                            key=args.key, root_cert=args.root_cert, insecure=args.insecure, seed=args.seed,
+                            device=device,
                             site=args.site or socket.gethostname(), events=events, events_file=args.events)
     events.result(result["outputs"], result["metrics"])
     return 0

@@ -61,8 +61,13 @@ def run_rounds(grid: Grid, config: dict, events) -> list:
     manifest, state = read_adapter(config["initial"])
     rounds, out = int(config["rounds"]), Path(str(config["out"]))
     train = check_train_settings(json.loads(str(config["train"])), "the run config")
-    sites = {int(node): check_site_name(name, "the run config") for node, name in json.loads(str(config["sites"])).items()}
+    sites = {int(node): check_site_name(name, "the run config")
+             for node, name in json.loads(str(config["sites"])).items()}
     max_cases = int(config["max-site-cases"])
+
+    def site_of(node: int) -> str:
+        return sites.get(node, f"(node {node})")
+
     fingerprint = manifest["base"]["fingerprint"]
     history = []
     for server_round in range(1, rounds + 1):
@@ -78,12 +83,12 @@ def run_rounds(grid: Grid, config: dict, events) -> list:
             node = reply.metadata.src_node_id
             try:
                 if reply.has_error():
-                    raise TCURLoRAError(f"site {sites.get(node, f'(node {node})')}: failed: {_clip(reply.error.reason)}")
+                    raise TCURLoRAError(f"site {site_of(node)}: failed: {_clip(reply.error.reason)}")
                 site, update, cases, weight = accept_update(manifest, state, reply.content, node, sites.get(node),
                                                             max_cases)
             except Exception as exc:  # noqa: BLE001 - whatever a site sent, it is that site's reply that goes
                 reason = str(exc) if isinstance(exc, TCURLoRAError) else \
-                    f"site {sites.get(node, f'(node {node})')}: unreadable reply ({type(exc).__name__})"
+                    f"site {site_of(node)}: unreadable reply ({type(exc).__name__})"
                 events.warning(f"round {server_round}: dropped {reason}")
                 dropped.append({"node": node, "reason": reason})
                 continue
@@ -118,7 +123,7 @@ def run_rounds(grid: Grid, config: dict, events) -> list:
     for reply in grid.send_and_receive([Message(final, node, FINAL_MESSAGE) for node in nodes]):
         if reply.has_error():
             node = reply.metadata.src_node_id
-            events.warning(f"site {sites.get(node, f'(node {node})')} did not take the final global adapter: "
+            events.warning(f"site {site_of(node)} did not take the final global adapter: "
                            f"{_clip(reply.error.reason)}")
     events.log(f"{rounds} round(s) done: {out.name} sent to {len(nodes)} site(s)")
     return history
