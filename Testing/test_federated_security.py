@@ -266,3 +266,21 @@ def test_site_keys(tmp_path, capsys):
             site_public_keys(paths)
     with pytest.raises(TCURLoRAError, match="hospital-a.pub: not an unencrypted OpenSSH ECDSA private key"):
         check_private_key(public)
+
+
+def test_site_refuses_to_start_without_its_key(tiny_unet, tmp_path):
+    from tcurlora.events import Events
+    from tcurlora.federated.client import run_client
+    from tcurlora.federated.tls import generate_certificates
+
+    ca = generate_certificates(tmp_path / "certs") / "ca.crt"
+    call = dict(base=str(tiny_unet.spec), weights=str(tiny_unet.weights), server="127.0.0.1:1",
+                out=tmp_path / "out" / "s.safetensors", seed=0, device="cpu", site="A", events=Events())
+    for given, expected in (({"root_cert": ca, "insecure": False}, "give --key SITE.key"),
+                            ({"root_cert": None, "insecure": True, "key": ca}, "--key needs TLS"),
+                            ({"root_cert": ca, "insecure": False, "key": ca}, "ca.crt: not an unencrypted OpenSSH")):
+        with pytest.raises(TCURLoRAError, match=re.escape(expected)):
+            run_client([(str(CT), str(CT_VERT))], **call, **given)
+    with pytest.raises(TCURLoRAError, match=r"--site: site name 'a b' is not a plain name"):
+        run_client([(str(CT), str(CT_VERT))], **{**call, "site": "a b"}, root_cert=ca, insecure=False, key=ca)
+    assert not (tmp_path / "out").exists()
