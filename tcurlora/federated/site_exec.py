@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import re
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ import time
 from . import APP_DIR
 
 POLL_S = 0.5
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,8 +91,9 @@ def serve(address: str, expected: str, log=print, launch=launch_clientapp) -> No
             if task.type == TaskType.CLIENT_APP and task.fab_hash == expected:
                 launch(address, answer.token)
             else:
+                named = task.fab_hash[:12] if SHA256.fullmatch(task.fab_hash) else "(not a hash)"
                 reason = (f"this site runs only the tcurlora federation's ClientApp (app {expected[:12]}), "
-                          f"not {task.type} of app {task.fab_hash[:12] or '(none)'}; refused")
+                          f"not {task.type} of app {named}; refused")
                 log(f"run {task.run_id}: {reason}")
                 try:
                     refuse(address, answer.token, reason)
