@@ -168,3 +168,19 @@ def test_missing_case_count_asks_for_weights(tmp_path):
     assert "a.safetensors: its provenance records no case count; give --weights" in assert_one_line_error(proc)
     assert cli.main(["aggregate", *map(str, paths), "--weights", "1", "1", "-o", str(tmp_path / "m.safetensors")]) == 0
     assert json.loads(json.dumps(read_adapter(tmp_path / "m.safetensors")[0]["provenance"]["aggregated_from"]))[1]["weight"] == 1
+
+
+def test_huge_weights_average_like_their_ratio(tmp_path):
+    """Weights of 1e308 each must not overflow their sum to inf (every share 0, an all-zero adapter)."""
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for i, p in enumerate(paths):
+        site_adapter(p, seed=i + 1, cases=1)
+    states = [read_adapter(p)[1] for p in paths]
+    for weights, ratio in ((["1e308", "1e308"], (1, 1)), (["1.5e308", "5e307"], (3, 1))):
+        out = tmp_path / f"m{ratio[0]}.safetensors"
+        assert cli.main(["aggregate", *map(str, paths), "--weights", *weights, "-o", str(out)]) == 0
+        _, merged = read_adapter(out)
+        for key, value in merged.items():
+            expected = (ratio[0] * states[0][key].double() + ratio[1] * states[1][key].double()) / sum(ratio)
+            torch.testing.assert_close(value, expected.to(value.dtype), rtol=1e-6, atol=1e-7)
+        assert max(float(v.abs().max()) for v in merged.values()) > 1e-3  # not silently zero

@@ -110,6 +110,10 @@ def weighted_mean(states: Sequence[Dict[str, torch.Tensor]], weights: Sequence[f
     w = [float(x) for x in weights]
     if len(w) != len(states) or any(not (x > 0) or x != x or x == float("inf") for x in w):
         raise TCURLoRAError(f"need one positive weight per adapter ({len(states)}), got {list(weights)}")
+    # relative to the largest weight first: the sum of huge weights (1e308 + 1e308) would overflow to inf
+    # and every share to 0
+    largest = max(w)
+    w = [x / largest for x in w]
     total = sum(w)
     reference = states[0]
     for state, name in zip(states[1:], names[1:]):

@@ -153,43 +153,51 @@ def _aggregate_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="MERGED.safetensors")
 
 
+#: the job settings `tcurlora federated server` takes as flags (its steps per round are --local-steps)
+FEDERATED_SERVER_SETTINGS = ("method", "rank", "preset", "train_modules", "labels", "lr", "batch_size", "patch_size",
+                             "seed")
+
+
 def _federated_parser(sub) -> None:
+    from .federated.checks import DEFAULT_MAX_SITE_CASES
+
     p = sub.add_parser("federated", help="federated fine-tuning across sites on Flower (only adapter cores travel)",
                        description="One server and several sites train one adapter without moving a scan: each "
                                    "round the sites run K steps of finetune on their own cases from the global "
                                    "adapter and the server averages their cores (exact for tCURLoRA). Runs on "
                                    "Flower's deployment engine: the server starts a SuperLink and submits the "
-                                   "federation's Flower App with `flwr run`, each site starts a SuperNode. TLS by "
-                                   "default. Needs: pip install \"tcurlora[federated]\".")
+                                   "federation's Flower App with `flwr run`, each site starts a SuperNode. TLS and "
+                                   "site keys by default; sites run only this federation's app. Needs: pip install "
+                                   "\"tcurlora[federated]\".")
     fed = p.add_subparsers(dest="federated_command", metavar="ROLE", required=True)
     f = fed.add_parser("server", help="run the rounds and average the sites' adapters",
                        epilog="example: tcurlora federated server --address 0.0.0.0:9092 --tls-dir certs "
-                              "--rounds 5 --local-steps 20 --min-clients 3 --out global.safetensors")
+                              "--site-keys keys/ --rounds 5 --local-steps 20 --min-clients 3 --out global.safetensors")
     _base_args(f, stop_file=False, series=False)  # stop a federation with Ctrl-C; the server reads no images
     f.add_argument("--address", default="127.0.0.1:9092", metavar="HOST:PORT",
-                   help="where Flower's SuperLink listens for the sites (default 127.0.0.1:9092; 0.0.0.0:PORT "
-                        "for other machines)")
+                   help="where the sites connect: Flower's Fleet API alone, through the federation's gateway "
+                        "(default 127.0.0.1:9092; 0.0.0.0:PORT for other machines)")
     f.add_argument("--rounds", type=int, default=3, help="federated rounds R (default 3)")
     f.add_argument("--local-steps", type=int, default=20, help="training steps K each site runs per round (default 20)")
     f.add_argument("--min-clients", type=int, default=2, help="sites that must join each round (default 2)")
-    f.add_argument("--method", default="tcurlora", choices=["tcurlora", "decoder", "full"],
-                   help="what the sites train (LoRA is not offered: its factors do not average)")
-    f.add_argument("--rank", type=int, default=8, help="CUR rank r (default 8)")
-    f.add_argument("--preset", default="auto", choices=["auto", "vit", "conv", "none"])
-    f.add_argument("--train-modules", nargs="*", default=[], metavar="REGEX")
-    f.add_argument("--labels", metavar="JSON", help="the adapter's label table (default: the base's)")
-    f.add_argument("--lr", type=float, default=None)
-    f.add_argument("--batch-size", type=int, default=2)
-    f.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"))
-    f.add_argument("--seed", type=int, default=0)
+    for key in FEDERATED_SERVER_SETTINGS:  # what every site trains: flags, defaults and checks from the protocol
+        _add_setting(f, key, **({"help": "what the sites train: tcurlora (default), decoder or full (LoRA-type "
+                                         "methods are refused: their factors do not average)"} if key == "method"
+                                else {"metavar": "JSON", "help": "the adapter's label table (default: the base's)"}
+                                if key == "labels" else {}))
     f.add_argument("--out", required=True, metavar="GLOBAL.safetensors",
                    help="the final global adapter (each round's is kept as GLOBAL.roundN.safetensors)")
     f.add_argument("--tls-dir", metavar="DIR", help="ca.crt, server.pem, server.key (see `tcurlora federated certs`; "
                    "the certificate must name the server's host and 127.0.0.1)")
-    f.add_argument("--insecure", action="store_true", help="no TLS (tests on one machine only)")
+    f.add_argument("--site-keys", nargs="+", default=[], metavar="SITE.pub",
+                   help="the public keys of the sites admitted (files or folders of SITE.pub, made by `tcurlora "
+                        "federated keys` at each site); the site's name is its file's name")
+    f.add_argument("--max-site-cases", type=int, default=DEFAULT_MAX_SITE_CASES, metavar="N",
+                   help=f"a site's reported case count weighs at most N (default {DEFAULT_MAX_SITE_CASES})")
+    f.add_argument("--insecure", action="store_true", help="no TLS and no site keys (tests on one machine only)")
     f = fed.add_parser("client", help="train at this site in every round",
                        epilog="example: tcurlora federated client --server fl.example.org:9092 --root-cert ca.crt "
-                              "--cases my_cases/ --out site.safetensors")
+                              "--key hospital-a.key --cases my_cases/ --out site.safetensors")
     _base_args(f, stop_file=False)
     f.add_argument("--server", required=True, metavar="HOST:PORT",
                    help="the federation server (its SuperLink, which this site's Flower SuperNode connects to)")
@@ -199,14 +207,20 @@ def _federated_parser(sub) -> None:
     f.add_argument("--out", required=True, metavar="ADAPTER.safetensors",
                    help="the global adapter after the last round (this site's own round results: ADAPTER.roundN...)")
     f.add_argument("--root-cert", metavar="CA.crt", help="the federation's CA certificate (TLS)")
-    f.add_argument("--insecure", action="store_true", help="no TLS (tests on one machine only)")
-    f.add_argument("--site", default=None, help="this site's name in the server's log (default: the host name)")
+    f.add_argument("--key", metavar="SITE.key", help="this site's private key (`tcurlora federated keys`; its .pub "
+                   "must be on the server's --site-keys)")
+    f.add_argument("--insecure", action="store_true", help="no TLS and no site key (tests on one machine only)")
+    f.add_argument("--site", default=None, help="this site's name when the server has no site keys (default: the "
+                   "host name)")
     f.add_argument("--seed", type=int, default=0)
     f = fed.add_parser("certs", help="make a self-signed CA and server certificate (for trying it out)")
     f.add_argument("--out", required=True, metavar="DIR")
     f.add_argument("--host", action="append", default=[], metavar="NAME|IP",
                    help="the server's host name or IP address (repeat; 127.0.0.1 and localhost are always added: "
                         "Flower's SuperLink connects to itself over loopback)")
+    f = fed.add_parser("keys", help="make this site's key pair (SITE.key stays here, SITE.pub goes to the server)")
+    f.add_argument("--out", required=True, metavar="DIR")
+    f.add_argument("--site", required=True, help="this site's name (the server lists the site under it)")
 
 
 def _models_parser(sub) -> None:
@@ -407,6 +421,13 @@ def cmd_federated(args, events) -> int:
         folder = generate_certificates(args.out, args.host or ["127.0.0.1", "localhost"])
         print(f"{folder}: ca.crt (give to every site), server.pem and server.key (keep on the server)")
         return 0
+    if args.federated_command == "keys":
+        from .federated.keys import generate_site_key
+
+        private, public = generate_site_key(args.out, args.site)
+        print(f"{private}: this site's key (keep it here, pass it as --key); {public.name}: give it to the server "
+              "operator (--site-keys)")
+        return 0
     device = args.device or protocol.default("device")
     base = args.base or protocol.default("base")
     if args.federated_command == "server":
@@ -414,13 +435,16 @@ def cmd_federated(args, events) -> int:
         from .models import load_base
         from .train import FinetuneOptions
 
-        options = FinetuneOptions(method=args.method, rank=args.rank, preset=args.preset, steps=args.local_steps,
-                                  lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                                  patch_size=tuple(args.patch_size) if args.patch_size else None,
-                                  train_modules=args.train_modules, device=device)
-        result = run_server(load_base(base, weights=args.weights, fold=args.fold), options, labels=_load_labels(args.labels),
-                            address=args.address, rounds=args.rounds, min_clients=args.min_clients, out=args.out,
-                            tls_dir=args.tls_dir, insecure=args.insecure, events=events, events_file=args.events)
+        given = {k: getattr(args, k) for k in FEDERATED_SERVER_SETTINGS if getattr(args, k) is not None}
+        given["labels"] = _load_labels(args.labels)
+        checked = protocol.validate_settings(given, list(given), style="cli")
+        labels = checked.pop("labels")
+        options = FinetuneOptions.from_job({**checked, "steps": args.local_steps, "device": device})
+        result = run_server(load_base(base, weights=args.weights, fold=args.fold), options,
+                            labels=labels, address=args.address, rounds=args.rounds,
+                            min_clients=args.min_clients, out=args.out, tls_dir=args.tls_dir, insecure=args.insecure,
+                            site_keys=args.site_keys, max_site_cases=args.max_site_cases, events=events,
+                            events_file=args.events)
     else:
         import socket
 
@@ -432,7 +456,8 @@ def cmd_federated(args, events) -> int:
 
             pairs += find_cases(args.cases)
         result = run_client(pairs, base=base, weights=args.weights, fold=args.fold, server=args.server, out=args.out,
-                            root_cert=args.root_cert, insecure=args.insecure, seed=args.seed, device=device,
+                            key=args.key, root_cert=args.root_cert, insecure=args.insecure, seed=args.seed,
+                            device=device,
                             site=args.site or socket.gethostname(), events=events, events_file=args.events)
     events.result(result["outputs"], result["metrics"])
     return 0

@@ -3,15 +3,18 @@
 Each round the server sends the global adapter state to every site, each site runs K steps of the ordinary
 ``finetune`` from it on its own cases and sends its state back, and the server takes their case-weighted mean
 (:func:`tcurlora.aggregate.weighted_mean`, the code ``tcurlora aggregate`` uses; exact for tCURLoRA because
-Δ𝒲 is linear in the core).  The server accepts only updates whose base fingerprint and adapter layout match
-its own.  Connections use TLS unless ``--insecure`` is given.
+Δ𝒲 is linear in the core).  The server accepts only checked updates whose base fingerprint and adapter layout
+match its own (:mod:`.checks`, :func:`.server.accept_update`).  Unless ``--insecure`` is given, connections
+use TLS and only the sites whose keys the server lists can join (:mod:`.keys`).
 
 Transport: Flower's deployment engine.  The rounds are a Flower App (``flower_app/pyproject.toml``): a
 ``ServerApp`` (:mod:`.server_app`) and a ``ClientApp`` (:mod:`.client_app`) exchanging Flower ``Message``s
-whose arrays are ``ArrayRecord``s (``.npy`` bytes, never pickled).  ``tcurlora federated server`` starts a
-``flower-superlink`` and submits the app with ``flwr run``; ``tcurlora federated client`` starts a
-``flower-supernode`` with the site's inputs as its ``--node-config`` (:mod:`.server`, :mod:`.client`).
-Needs the ``federated`` extra: ``pip install "tcurlora[federated]"``.
+whose arrays are ``ArrayRecord``s (``.npy`` bytes, read by :func:`from_record`, never unpickled).
+``tcurlora federated server`` starts a ``flower-superlink`` on loopback, the Fleet-only :mod:`.gateway` on
+its address, and submits the app with ``flwr run``; ``tcurlora federated client`` starts a
+``flower-supernode`` with the site's inputs as its ``--node-config`` and :mod:`.site_exec`, which runs the
+federation's own ClientApp only (:mod:`.server`, :mod:`.client`).  Needs the ``federated`` extra:
+``pip install "tcurlora[federated]"``.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict
-
-import torch
+from typing import TYPE_CHECKING, Dict, Optional
 
 from ..errors import TCURLoRAError
+from ..manifest import _clip
+
+if TYPE_CHECKING:
+    import torch
 
 # Flower reports usage to its own server unless told not to; a federation of hospitals must not phone home
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -46,17 +51,58 @@ def to_record(state: Dict[str, torch.Tensor]):
     return ArrayRecord({k: Array(t.detach().cpu().contiguous().numpy()) for k, t in state.items()})
 
 
-def from_record(record, where: str) -> Dict[str, torch.Tensor]:
-    """Adapter state from an ``ArrayRecord`` (``np.load`` with ``allow_pickle=False`` inside Flower)."""
-    import numpy as np
+def from_record(record, where: str, like: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """Adapter state from an ``ArrayRecord`` sent by the other side.
 
-    state = {}
-    for key, array in record.items():
-        try:
-            state[key] = torch.from_numpy(np.array(array.numpy(), copy=True))
-        except (TypeError, ValueError) as exc:
-            raise TCURLoRAError(f"{where}: tensor {key} is not a plain array ({exc})") from None
-    return state
+    Each array is read from its ``.npy`` bytes by hand after checking its header: a plain numeric dtype, and
+    exactly as many bytes as the declared shape needs (so nothing larger than what arrived is ever allocated;
+    nothing is unpickled).  With ``like``, the tensor names (in order), shapes and dtypes must be ``like``'s.
+    """
+    import torch
+
+    names = list(record.keys())
+    if like is not None and names != list(like):
+        raise TCURLoRAError(f"{where}: sent other adapter tensors than the federation's")
+    return {name: torch.from_numpy(_npy_values(record[name], f"{where}: tensor {_clip(name)}",
+                                               None if like is None else like[name]))
+            for name in names}
+
+
+def _npy_values(array, where: str, like: Optional[torch.Tensor]):
+    import io
+
+    import numpy as np
+    import torch
+    from numpy.lib import format as npy
+
+    data = getattr(array, "data", None)
+    if getattr(array, "stype", None) != "numpy.ndarray" or not isinstance(data, bytes):
+        raise TCURLoRAError(f"{where} is not a NumPy array")
+    stream = io.BytesIO(data)
+    try:
+        version = npy.read_magic(stream)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"format version {version}")
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(stream)
+    except (ValueError, TypeError, SyntaxError, EOFError, OverflowError) as exc:
+        raise TCURLoRAError(f"{where} is not a .npy array ({_clip(exc)})") from None
+    if dtype.kind not in "biuf" or not dtype.isnative:
+        raise TCURLoRAError(f"{where} has dtype {_clip(dtype)}, not a plain number type")
+    count = 1
+    for side in shape:
+        count *= side
+    held = len(data) - stream.tell()
+    if held != count * dtype.itemsize:
+        raise TCURLoRAError(f"{where} declares {dtype} {_clip(tuple(shape))} ({count * dtype.itemsize:,} "
+                            f"bytes) but holds {held:,} bytes")
+    if like is not None:
+        expected = torch.empty(0, dtype=like.dtype).numpy().dtype
+        if tuple(shape) != tuple(like.shape) or dtype != expected:
+            raise TCURLoRAError(f"{where} is {dtype} {tuple(shape)}, the federation's is "
+                                f"{expected} {tuple(like.shape)}")
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    return values.reshape(shape, order="F" if fortran_order else "C").copy(order="C")
 
 
 def state_bytes(state: Dict[str, torch.Tensor]) -> int:
@@ -65,9 +111,10 @@ def state_bytes(state: Dict[str, torch.Tensor]) -> int:
 
 
 def round_path(out, server_round: int) -> Path:
-    """``global.safetensors`` -> ``global.round2.safetensors`` (every round's state is kept for audit)."""
+    """``global.safetensors`` -> ``global.round2.safetensors``, ``site.v1.safetensors`` ->
+    ``site.v1.round2.safetensors`` (every round's state is kept for audit, each beside its own output)."""
     out = Path(out)
-    return out.with_name(f"{out.name.split('.')[0]}.round{server_round}.safetensors")
+    return out.with_name(f"{out.stem}.round{server_round}.safetensors")
 
 
 def dumps(value) -> str:

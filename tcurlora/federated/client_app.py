@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from . import app_events, from_record, round_path, to_record, write_json
+from .checks import check_train_settings
 from .client import train_round
 from ..aggregate import read_adapter, write_adapter_tensors
 from ..errors import TCURLoRAError
@@ -52,12 +53,14 @@ def train(message: Message, context: Context) -> Message:
     config = message.content["config"]
     server_round, pairs = int(config["round"]), json.loads(str(node["cases"]))
     events = app_events(str(node["events"]))
+    # what the server sends is checked as a job file and an adapter file would be (regexes included)
+    train = check_train_settings(json.loads(str(config["train"])), "the server's training settings")
     initial = from_record(message.content["global"], "the server's global adapter")
     events.log(f"round {server_round}/{config['rounds']}: training on {len(pairs)} case(s)")
     fold = int(node.get("fold", -1))
     manifest, state = train_round(partial(load_base, str(node["base"]), weights=str(node["weights"]) or None,
                                           fold=None if fold < 0 else fold),
-                                  [tuple(p) for p in pairs], node["out"], server_round, json.loads(str(config["train"])),
+                                  [tuple(p) for p in pairs], node["out"], server_round, train,
                                   initial, str(config["fingerprint"]), seed=int(node["seed"]),
                                   device=str(node["device"]), events=events)
     if list(state) != list(initial):

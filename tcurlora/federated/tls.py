@@ -26,7 +26,8 @@ def generate_certificates(folder, hosts: Sequence[str] = ("127.0.0.1", "localhos
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    from ..io import atomic_write
+    from ..atomic import atomic_write
+    from .keys import write_secret
 
     folder = Path(folder)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -59,9 +60,9 @@ def generate_certificates(folder, hosts: Sequence[str] = ("127.0.0.1", "localhos
 
     pem = serialization.Encoding.PEM
     key_bytes = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    for name, data in ((CA_CERT, ca.public_bytes(pem)), (SERVER_CERT, cert.public_bytes(pem)), (SERVER_KEY, key_bytes)):
+    for name, data in ((CA_CERT, ca.public_bytes(pem)), (SERVER_CERT, cert.public_bytes(pem))):
         atomic_write(folder / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
-    (folder / SERVER_KEY).chmod(0o600)
+    write_secret(folder / SERVER_KEY, key_bytes)
     return folder
 
 
