@@ -20,7 +20,7 @@ except ImportError:  # source tree: TCURLoRALib and tcurlora sit at the reposito
 from TCURLoRALib import engine, logic, selftests, slicerapp, tasks  # noqa: E402
 from tcurlora import protocol  # noqa: E402  (standard library only)
 
-LARGEST_COMPONENT_CHOICES = (("Model default", "default"), ("Yes", "yes"), ("No", "no"))
+DEFAULT_YES_NO_CHOICES = (("Model default", "default"), ("Yes", "yes"), ("No", "no"))
 
 
 class TCURSegment(ScriptedLoadableModule):
@@ -47,6 +47,7 @@ class TCURSegmentParameterNode:
     outputSegmentation - receives the result (None: a new node, which then becomes the output).
     model - catalog name, ``bundle:<folder>`` or ``spec:<spec>|<weights>``; adapterPath - "" = none.
     largestComponent - "default" leaves it to the base model (deepbet keeps its largest component).
+    testTimeAugmentation - "default" leaves it to the base's own tool (nnU-Net mirrors when its trainer allows).
     """
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
@@ -55,8 +56,8 @@ class TCURSegmentParameterNode:
     adapterPath: str = ""
     loadedAdapters: list[str]
     device: Annotated[str, Choice(list(protocol.DEVICES))] = protocol.default("device")
-    testTimeAugmentation: bool = protocol.default("tta")
-    largestComponent: Annotated[str, Choice([v for _, v in LARGEST_COMPONENT_CHOICES])] = "default"
+    testTimeAugmentation: Annotated[str, Choice([v for _, v in DEFAULT_YES_NO_CHOICES])] = "default"
+    largestComponent: Annotated[str, Choice([v for _, v in DEFAULT_YES_NO_CHOICES])] = "default"
     showIn3D: bool = True
 
 
@@ -74,7 +75,8 @@ class TCURSegmentWidget(slicerapp.ModuleWidgetMixin, ScriptedLoadableModuleWidge
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.connectLogic(TCURSegmentLogic())
         self.setupModelWidgets()
-        self.bindChoiceComboBox(self.ui.largestComponentComboBox, "largestComponent", LARGEST_COMPONENT_CHOICES)
+        self.bindChoiceComboBox(self.ui.largestComponentComboBox, "largestComponent", DEFAULT_YES_NO_CHOICES)
+        self.bindChoiceComboBox(self.ui.ttaComboBox, "testTimeAugmentation", DEFAULT_YES_NO_CHOICES)
         self.ui.adapterComboBox.connect("currentIndexChanged(int)", self.onAdapterSelected)
         self.ui.show3DCheckBox.connect("toggled(bool)", self.onShow3DToggled)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)

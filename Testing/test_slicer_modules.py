@@ -86,8 +86,10 @@ def test_the_parameter_nodes_take_ranges_choices_and_defaults_from_the_job_proto
         default, (choice,) = fields[field]
         assert choice.choices == list(choices) and default == protocol.default(field)
     segmentFields = module_scripts["TCURSegment"].TCURSegmentParameterNode.allParameters
-    default, (choice,) = segmentFields["largestComponent"]
-    assert default == "default" and [tasks.largestComponentOption(c) for c in choice.choices] == [None, True, False]
+    for field, option in (("largestComponent", tasks.largestComponentOption),
+                          ("testTimeAugmentation", tasks.testTimeAugmentationOption)):
+        default, (choice,) = segmentFields[field]
+        assert default == "default" and [option(c) for c in choice.choices] == [None, True, False], field
     assert issubclass(module_scripts["TCURFinetune"].TCURFinetuneLogic, finetune.FinetuneLogic)
     assert issubclass(module_scripts["TCURSegment"].TCURSegmentLogic, logic.SegmentLogic)
 
