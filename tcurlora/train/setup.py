@@ -20,7 +20,7 @@ from ..models import BaseModel
 from ..tuners import get_tuner
 from ..tuners.layers import unwrap
 from ..tuners.stacks import find
-from ..tuners.strategies import output_dim, start_new_head
+from ..tuners.heads import output_dim, start_new_head
 from .loss import IGNORE_INDEX
 from .options import FinetuneOptions
 
@@ -107,7 +107,7 @@ def _warn_absent_labels(cases: Sequence[Case], table: List[dict], events: Events
 def _start_new_head(network: torch.nn.Module, base: BaseModel, table: List[dict]) -> None:
     """A fresh adapter's new head (labels that differ from the base's): each label starts from the base's
     channel of the same name, a label new to the base from its background at a low prior
-    (:func:`~tcurlora.tuners.strategies.start_new_head`)."""
+    (:func:`~tcurlora.tuners.heads.start_new_head`)."""
     head = get_tuner(network).record("finetune").new_head()
     if head is None:
         return

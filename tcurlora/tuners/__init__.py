@@ -3,6 +3,7 @@
 * :mod:`.fourier` — the Fourier-domain kernels (Δ𝒲 build, projected core gradient);
 * :mod:`.layers` — the stack, the layer wrapper, the switch for fully trained modules;
 * :mod:`.stacks` — naming through wrappers and aliases, and which layers form which stack (presets);
+* :mod:`.heads` — an adapter's own output layer for new labels, and where its channels start;
 * :mod:`.strategies` — one strategy per method (``tcurlora``, ``decoder``, ``full``, ``lora``);
 * :mod:`.model` — :class:`TCURTuner`, the object that owns a model's adapters.
 
