@@ -19,13 +19,13 @@ from conftest import REPO, SUBPROCESS_ENV
 from tcurlora import cli, jobs, protocol
 from tcurlora.protocol import SettingError, validate_job
 
-STDLIB_MODULES = ["protocol.py", "atomic.py", "errors.py", "jobs.py"]
+STDLIB_MODULES = ["protocol.py", "labels.py", "atomic.py", "errors.py", "jobs.py", "manifest.py", "config.py"]
 
 
 def test_importable_without_torch_numpy_or_simpleitk():
     """The Slicer side imports the protocol and the job runner before torch is installed: a fresh interpreter
     that imports them loads none of the heavy packages."""
-    code = ("import sys, tcurlora.protocol, tcurlora.jobs, tcurlora.atomic; "
+    code = ("import sys, tcurlora.protocol, tcurlora.labels, tcurlora.jobs, tcurlora.atomic, TCURLoRALib.models; "
             "heavy = sorted(m for m in ('torch', 'numpy', 'SimpleITK', 'monai') if m in sys.modules); "
             "print(heavy)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
@@ -156,13 +156,14 @@ def test_patch_size_must_suit_the_base():
 
 
 def test_one_label_palette():
-    """One default palette for label colours: the engine's io and the protocol give the same colour."""
-    from tcurlora import io
+    """One default palette for label colours: the engine's io and the Slicer side give the label table's colour."""
+    from TCURLoRALib import models
+    from tcurlora import io, labels
 
-    assert io.default_color is protocol.default_color
-    colours = [tuple(protocol.default_color(v)) for v in range(1, len(protocol.LABEL_PALETTE) + 1)]
-    assert len(set(colours)) == len(colours) and protocol.default_color(1) == protocol.default_color(
-        1 + len(protocol.LABEL_PALETTE))
+    assert io.default_color is labels.default_color and models.defaultColor(5) == labels.default_color(5)
+    colours = [tuple(labels.default_color(v)) for v in range(1, len(labels.LABEL_PALETTE) + 1)]
+    assert len(set(colours)) == len(colours) and labels.default_color(1) == labels.default_color(
+        1 + len(labels.LABEL_PALETTE))
     assert all(0 <= c <= 1 for rgb in colours for c in rgb)
 
 

@@ -157,7 +157,7 @@ def _federated_parser(sub) -> None:
     f.add_argument("--rounds", type=int, default=3, help="federated rounds R (default 3)")
     f.add_argument("--local-steps", type=int, default=20, help="training steps K each site runs per round (default 20)")
     f.add_argument("--min-clients", type=int, default=2, help="sites that must join each round (default 2)")
-    f.add_argument("--method", default="tcurlora", choices=["tcurlora", "decoder", "full"],
+    f.add_argument("--method", default="tcurlora", choices=protocol.AVERAGEABLE_METHODS,
                    help="what the sites train (LoRA is not offered: its factors do not average)")
     f.add_argument("--rank", type=int, default=8, help="CUR rank r (default 8)")
     f.add_argument("--preset", default="auto", choices=["auto", "vit", "conv", "none"])

@@ -15,6 +15,7 @@ from ..aggregate import AVERAGEABLE, LORA_REFUSAL, check_like, first_difference,
 from ..errors import TCURLoRAError
 from ..events import Events
 from ..manifest import parse_manifest
+from ..protocol import check_adapter_path
 from ..tuners.model import first_non_finite
 
 # training settings the server decides for every site (a site cannot train another layout)
@@ -90,8 +91,7 @@ def run_server(base, options, *, labels, address: str, rounds: int, min_clients:
     from .tls import server_certificate_files
 
     out = Path(out).absolute()
-    if out.suffix != ".safetensors":
-        raise TCURLoRAError(f"{out.name}: the global adapter must end in .safetensors")
+    check_adapter_path(out, "global adapter")
     if rounds < 1 or min_clients < 1:
         raise TCURLoRAError("--rounds and --min-clients must be at least 1")
     host, port = split_address(address, "--address")

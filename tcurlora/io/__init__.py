@@ -17,14 +17,13 @@ Conventions used throughout ``tcurlora``:
 """
 
 from ..atomic import atomic_write
-from ..labels import default_label_table, validate_label_table
-from ..protocol import default_color
+from ..labels import default_color, default_label_table
 from .cases import _volume_files, find_cases
 from .geometry import GEOMETRY_RTOL, geometry_mismatch
 from .images import (IMAGE_EXTENSIONS, LABEL_EXTENSIONS, PATH_KEY, WORKING_BYTES_PER_VOXEL, WRITE_EXTENSIONS,
                      array_to_image, available_memory, extension, pick_dicom_series, read_image, stem, write_image)
 from .segmentations import (is_segmentation_file, label_table_from_segmentation, read_label, read_label_unchecked,
-                            write_segmentation)
+                            validate_label_table, write_segmentation)
 
 __all__ = [
     "PATH_KEY", "IMAGE_EXTENSIONS", "LABEL_EXTENSIONS", "WRITE_EXTENSIONS", "extension", "stem",

@@ -13,12 +13,36 @@ import SimpleITK as sitk
 
 from ..atomic import atomic_write
 from ..errors import InputError, display_name
-from ..labels import LabelTable, _known_text, default_label_table, validate_label_table
-from ..manifest import MAX_LABEL_VALUE
-from ..protocol import default_color
+from ..labels import (MAX_LABEL_VALUE, LabelError, LabelTable, check_label_table, default_color, default_label_table,
+                      names_text)
 from .geometry import _align_to_image
 from .images import (PATH_KEY, WRITE_EXTENSIONS, PathLike, _check_memory, _check_volume, _check_write_extension,
                      _read_volume, _size_text, _smallest_label_dtype, extension)
+
+
+def validate_label_table(label_table: Sequence[dict]) -> LabelTable:
+    """A label table checked and normalised (:func:`tcurlora.labels.check_label_table`) that a Slicer segmentation
+    can also hold: ASCII names (pynrrd writes ``.seg.nrrd`` headers as ASCII, and its reader drops other bytes)
+    and terminology strings Slicer parses. Raises :class:`~tcurlora.labels.LabelError` ``label table: ...``.
+    """
+    from slicerio.segmentation import terminology_entry_from_string
+
+    try:
+        table = check_label_table(label_table)
+    except LabelError as exc:
+        raise LabelError(f"label table: {exc}") from None
+    for entry in table:
+        if not entry["name"].isascii():
+            first = next(ch for ch in entry["name"] if not ch.isascii())
+            raise LabelError(f"label table: the name of label {entry['value']} holds {first!r}; .seg.nrrd segment "
+                             "names must be ASCII")
+        if entry.get("terminology"):
+            try:
+                terminology_entry_from_string(entry["terminology"])
+            except Exception:
+                raise LabelError(f"label table: terminology of '{entry['name']}' is not a Slicer TerminologyEntry "
+                                 "string (context~category~type~modifier~anatomic context~region~region modifier)")
+    return table
 
 
 def is_segmentation_file(path: PathLike) -> bool:
@@ -146,7 +170,7 @@ def read_label_unchecked(path: PathLike, label_table: Optional[Sequence[dict]] =
         if unknown:
             shown = ", ".join(str(v) for v in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
             raise InputError(path, f"label values {shown} are not in the label table "
-                                   f"(known: {_known_text(table)})")
+                                   f"(known: {names_text(table)})")
     return label
 
 

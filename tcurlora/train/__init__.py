@@ -9,8 +9,7 @@
 * :mod:`.run` — :func:`finetune`, the phases of one run.
 """
 
-from ..protocol import DEFAULT_LR
-from ..runtime import sliding_window_probabilities
+from ..labels import same_labels, split_ignore
 from .checkpoint import load_checkpoint, run_differences, run_record, save_checkpoint
 from .curve import write_curve
 from .loop import Training, enable_activation_checkpointing
@@ -18,7 +17,7 @@ from .loss import IGNORE_INDEX, DiceCEOnAnnotated
 from .options import FinetuneOptions, FinetuneResult, RunFiles, TrainingMetrics, checkpoint_path, curve_path
 from .run import finetune
 from .setup import (Case, _seed_everything, adapted_layers, build_adapter_config, load_cases, resolve_labels,
-                    same_labels, split_ignore, training_preprocessing)
+                    training_preprocessing)
 
 __all__ = ["Case", "DiceCEOnAnnotated", "FinetuneOptions", "FinetuneResult", "IGNORE_INDEX", "RunFiles", "Training",
            "TrainingMetrics", "adapted_layers", "build_adapter_config", "checkpoint_path", "curve_path",

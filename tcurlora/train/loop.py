@@ -14,24 +14,24 @@ from ..config import TCURLoRAConfig
 from ..errors import TCURLoRAError
 from ..events import Events, StopRequested
 from ..models import BaseModel
-from ..protocol import DEFAULT_LR, NEW_HEAD_LR
+from ..protocol import METHOD_TRAITS, NEW_HEAD_LR, PEFT_METHODS
 from ..runtime import StopWatch, sliding_window_probabilities, with_oom_fallback
 from ..tuners import get_tuner
-from ..tuners.strategies import PEFT_METHODS
 from .checkpoint import _CheckpointSchedule, save_checkpoint
 from .loss import IGNORE_INDEX, DiceCEOnAnnotated
 from .options import FinetuneOptions, RunFiles, TrainingMetrics
 from .setup import Case, _seed_everything
 
 
-STACK_PARAMETERS = ("delta_u", "principal_left", "principal_right")
-
-
-def _core_parameters(network: torch.nn.Module) -> List[torch.nn.Parameter]:
-    """The stack parameters: tCURLoRA/CURLoRA cores Δ𝒰, LoRA-PT's 𝒜 and ℬ (they learn at the method's rate;
-    fully trained weights at the decoder rate)."""
+def _core_parameters(network: torch.nn.Module, method: str) -> List[torch.nn.Parameter]:
+    """The method's own trainable tensors (tCURLoRA/CURLoRA cores Δ𝒰, LoRA-PT's 𝒜 and ℬ): they learn at the
+    method's rate, fully trained weights at the decoder's. PEFT's LoRA factors are none of these: they learn at
+    one rate with the modules trained beside them, as PEFT trains them."""
+    traits = METHOD_TRAITS[method]
+    if traits.peft:
+        return []
     return [p for name, p in network.named_parameters()
-            if p.requires_grad and name.rsplit(".", 1)[-1] in STACK_PARAMETERS]
+            if p.requires_grad and name.rsplit(".", 1)[-1] in traits.tensors]
 
 
 def _dice_per_label(pred: torch.Tensor, ref: torch.Tensor, n: int) -> float:
@@ -65,15 +65,16 @@ class Training:
         self.model = self.ctx.wrap(network)  # what training forwards run through (DistributedDataParallel across ranks)
         self.prep = prep
         self.lr = options.learning_rate()
-        cores = _core_parameters(network)
+        cores = _core_parameters(network, config.method)
         tuner = get_tuner(network, create=False)
         head = tuner.record().new_head() if tuner is not None and tuner.active else None
         head_params = [p for p in head.parameters() if p.requires_grad] if head is not None else []
         own = {id(p) for p in cores + head_params}
         others = [p for p in network.parameters() if p.requires_grad and id(p) not in own]
+        decoder_lr = METHOD_TRAITS["decoder"].default_lr
         groups = [g for g in ({"params": cores, "lr": self.lr},
                               {"params": head_params, "lr": NEW_HEAD_LR},
-                              {"params": others, "lr": self.lr if not cores else min(self.lr, DEFAULT_LR["decoder"])})
+                              {"params": others, "lr": self.lr if not cores else min(self.lr, decoder_lr)})
                   if g["params"]]
         self.optimizer = torch.optim.AdamW(groups, weight_decay=options.weight_decay)
         steps = options.steps

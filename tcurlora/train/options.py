@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .. import protocol
-from ..errors import TCURLoRAError
-from ..protocol import DEFAULT_LR, FINETUNE_OPTION_KEYS
+from ..protocol import FINETUNE_OPTION_KEYS, METHOD_TRAITS
 
 
 @dataclass
@@ -51,7 +50,7 @@ class FinetuneOptions:
         return cls(**{k: job[k] for k in FINETUNE_OPTION_KEYS if job.get(k) is not None})
 
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+        return self.lr if self.lr is not None else METHOD_TRAITS[self.method].default_lr
 
 
 @dataclass
@@ -65,9 +64,7 @@ class RunFiles:
     @classmethod
     def for_adapter(cls, out) -> "RunFiles":
         out = Path(out)
-        if not out.name.endswith(protocol.ADAPTER_SUFFIX) or out.name == protocol.ADAPTER_SUFFIX:
-            raise TCURLoRAError(f"{out.name}: the adapter file must end in {protocol.ADAPTER_SUFFIX}")
-        stem = out.name[: -len(protocol.ADAPTER_SUFFIX)]  # site.v2.safetensors -> site.v2 (not site)
+        stem = protocol.check_adapter_path(out)  # site.v2.safetensors -> site.v2 (not site)
         return cls(out, out.with_name(stem + ".checkpoint.pt"), out.with_name(stem + ".curve.png"))
 
 

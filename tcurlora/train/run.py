@@ -19,6 +19,7 @@ from ..adapter_file import base_fingerprint, load_adapter, save_adapter
 from ..atomic import check_writable
 from ..errors import TCURLoRAError
 from ..events import Events
+from ..labels import split_ignore
 from ..models import BaseModel
 from ..tuners import get_tuner
 from .checkpoint import _checkpoint_bytes, load_checkpoint, run_record, save_checkpoint
@@ -26,7 +27,7 @@ from .curve import write_curve
 from .loop import Training, _train_loop, enable_activation_checkpointing
 from .options import FinetuneOptions, FinetuneResult, RunFiles, TrainingMetrics
 from .setup import (_read_start, _seed_everything, _start_new_head, _warn_absent_labels, build_adapter_config,
-                    load_cases, resolve_labels, split_ignore, training_preprocessing)
+                    load_cases, resolve_labels, training_preprocessing)
 
 
 def _provenance(training: Training, metrics: TrainingMetrics) -> dict:

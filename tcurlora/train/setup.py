@@ -16,11 +16,12 @@ from ..adapter_file import base_fingerprint
 from ..config import TCURLoRAConfig
 from ..errors import InputError, TCURLoRAError
 from ..events import Events
+from ..labels import LABELS_FROM_SEGMENTATION, same_labels, split_ignore, value_channels
 from ..models import BaseModel
 from ..tuners import get_tuner
+from ..tuners.heads import output_dim, start_new_head
 from ..tuners.layers import unwrap
 from ..tuners.stacks import find
-from ..tuners.heads import output_dim, start_new_head
 from .loss import IGNORE_INDEX
 from .options import FinetuneOptions
 
@@ -46,23 +47,13 @@ def resolve_labels(base: BaseModel, labels: Optional[Sequence[dict]], first_labe
     """The adapter's label table: given, or from the first Slicer segmentation ("from-segmentation"), or the base's."""
     from ..io import label_table_from_segmentation, validate_label_table
 
-    if labels == protocol.LABELS_FROM_SEGMENTATION:
+    if labels == LABELS_FROM_SEGMENTATION:
         if not first_label or not str(first_label).endswith(".seg.nrrd"):
             raise TCURLoRAError("labels 'from-segmentation' needs .seg.nrrd label files")
         return label_table_from_segmentation(first_label)
     if labels:
         return validate_label_table(labels)
     return [dict(l) for l in base.labels]
-
-
-def split_ignore(table: Sequence[dict]) -> Tuple[List[dict], Optional[int]]:
-    """A label table -> (its classes, the value of its ``ignore`` label or None)."""
-    ignore = [l for l in table if l["name"].lower() == protocol.IGNORE_LABEL]
-    return [dict(l) for l in table if l not in ignore], (int(ignore[0]["value"]) if ignore else None)
-
-
-def same_labels(a: Sequence[dict], b: Sequence[dict]) -> bool:
-    return [(l["value"], l["name"].lower()) for l in a] == [(l["value"], l["name"].lower()) for l in b]
 
 
 def load_cases(base: BaseModel, pairs: Sequence[Tuple[str, str]], labels: List[dict], what: str = "training") -> List[Case]:
@@ -88,8 +79,8 @@ def _encode_labels(y: torch.Tensor, classes: List[dict], ignore_value: Optional[
     """Label values -> channel indices 1..N in table order (values need not be contiguous); the ignore
     label's voxels -> :data:`IGNORE_INDEX`."""
     out = torch.zeros_like(y)
-    for i, entry in enumerate(classes, start=1):
-        out[y == int(entry["value"])] = i
+    for value, channel in value_channels(classes).items():
+        out[y == value] = channel
     if ignore_value is not None:
         out[y == ignore_value] = IGNORE_INDEX
     return out

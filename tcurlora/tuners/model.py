@@ -21,7 +21,8 @@ import torch.nn as nn
 from ..config import TCURLoRAConfig
 from .layers import AdapterError, ModuleSwitch, TCURLayer
 from .stacks import adapter_key, base_key
-from .strategies import AdapterRecord, Strategy, strategy_for
+from .registry import strategy_for
+from .strategies import AdapterRecord, Strategy
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 

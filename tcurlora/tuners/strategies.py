@@ -5,7 +5,8 @@
 ``full``      every base weight, in place (the model can hold no other adapter);
 ``lora``      HF PEFT's LoRA on the layers tCURLoRA would stack (the comparison baseline; alone too).
 
-The paper's other baselines (``pissa``, ``dora``, ``curlora``, ``lorapt``) live in :mod:`.baselines`.
+The paper's other baselines (``pissa``, ``dora``, ``curlora``, ``lorapt``) live in :mod:`.baselines`. Each
+strategy registers itself (:mod:`.registry`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..config import TCURLoRAConfig
 from ..manifest import trained_prefix
 from .heads import _new_head
 from .layers import COPIES, AdapterError, ModuleSwitch, TCURLayer, TCURStack, projectable_kind, unwrap
+from .registry import register_strategy
 from .stacks import (StackSpec, find, member_matrix, resolve_stacks, switch_module,
                      trained_module_names, under, wrap_layer)
 
@@ -81,6 +83,7 @@ def _switch_in(tuner: "TCURTuner", record: AdapterRecord, target: nn.Module, own
     return own
 
 
+@register_strategy
 class Strategy:
     """The default behaviour (used by ``tcurlora``); the other methods override what differs."""
 
@@ -184,6 +187,7 @@ class Strategy:
         return tensors
 
 
+@register_strategy
 class DecoderStrategy(Strategy):
     method = "decoder"
 
@@ -194,6 +198,7 @@ class DecoderStrategy(Strategy):
         self._add_trained(tuner, record, layout)
 
 
+@register_strategy
 class FullStrategy(Strategy):
     method = "full"
     exclusive = True
@@ -221,6 +226,7 @@ class FullStrategy(Strategy):
         return {"config": record.config.to_dict(), "stacks": [], "trained_modules": list(record.trained)}
 
 
+@register_strategy
 class LoraStrategy(Strategy):
     method = "lora"
     exclusive = True
@@ -349,21 +355,3 @@ def _wrap_aliases(model: nn.Module) -> None:
         for attr, child in list(parent._modules.items()):
             if child is not None and id(child) in wrapped and wrapped[id(child)] is not parent:
                 parent._modules[attr] = wrapped[id(child)]
-
-
-STRATEGIES: Dict[str, Strategy] = {s.method: s for s in (Strategy(), DecoderStrategy(), FullStrategy(), LoraStrategy())}
-
-from .baselines import BASELINES  # noqa: E402  (they subclass the strategies above)
-
-STRATEGIES.update((s.method, s) for s in BASELINES)
-
-
-def strategy_for(method: str) -> Strategy:
-    try:
-        return STRATEGIES[method]
-    except KeyError:
-        raise AdapterError(f"unknown method {method!r}; choose one of {', '.join(STRATEGIES)}") from None
-
-
-# HF PEFT's layers: training and inference run them unmerged (PEFT's merge covers not every conv layer: groups)
-PEFT_METHODS = tuple(m for m, s in STRATEGIES.items() if isinstance(s, LoraStrategy))
