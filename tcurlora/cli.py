@@ -160,7 +160,7 @@ def _federated_parser(sub) -> None:
     f.add_argument("--method", default="tcurlora", choices=protocol.AVERAGEABLE_METHODS,
                    help="what the sites train (LoRA is not offered: its factors do not average)")
     f.add_argument("--rank", type=int, default=8, help="CUR rank r (default 8)")
-    f.add_argument("--preset", default="auto", choices=["auto", "vit", "conv", "none"])
+    f.add_argument("--preset", default="auto", choices=protocol.PRESETS)
     f.add_argument("--train-modules", nargs="*", default=[], metavar="REGEX")
     f.add_argument("--labels", metavar="JSON", help="the adapter's label table (default: the base's)")
     f.add_argument("--lr", type=float, default=None)

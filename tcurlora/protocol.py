@@ -21,12 +21,11 @@ from .labels import LABELS_FROM_SEGMENTATION, LabelError, check_label_table
 
 JOB_VERSION = 1
 COMMANDS = ("finetune", "segment")
-#: Which layers a job adapts: ``auto`` (``vit`` for a network with attention blocks, else ``conv``), ``vit``,
-#: ``conv`` (every same-shape conv stack), ``decoder`` (the conv stacks of the base's declared decoder modules
-#: only: backward never enters the frozen encoder; faster, less to adapt) or ``none``. The tuner itself knows
-#: all but ``decoder``, which the job resolves per base (:func:`tcurlora.train.adapted_layers`).
+#: Which layers a job (and :class:`tcurlora.config.TCURLoRAConfig`) adapts: ``auto`` (``vit`` for a network with
+#: attention blocks, else ``conv``), ``vit``, ``conv`` (every same-shape conv stack), ``decoder`` (the conv stacks
+#: of the base's declared decoder modules only: backward never enters the frozen encoder; faster, less to
+#: adapt) or ``none``.
 PRESETS = ("auto", "vit", "conv", "decoder", "none")
-TUNER_PRESETS = ("auto", "vit", "conv", "none")
 DEVICES = ("auto", "cpu", "cuda")
 
 #: Process exit status of ``tcurlora`` and ``python -m tcurlora.worker``.

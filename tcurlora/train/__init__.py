@@ -16,11 +16,11 @@ from .loop import Training, enable_activation_checkpointing
 from .loss import IGNORE_INDEX, DiceCEOnAnnotated
 from .options import FinetuneOptions, FinetuneResult, RunFiles, TrainingMetrics, checkpoint_path, curve_path
 from .run import finetune
-from .setup import (Case, _seed_everything, adapted_layers, build_adapter_config, load_cases, resolve_labels,
+from .setup import (Case, _seed_everything, build_adapter_config, load_cases, resolve_labels,
                     training_preprocessing)
 
 __all__ = ["Case", "DiceCEOnAnnotated", "FinetuneOptions", "FinetuneResult", "IGNORE_INDEX", "RunFiles", "Training",
-           "TrainingMetrics", "adapted_layers", "build_adapter_config", "checkpoint_path", "curve_path",
+           "TrainingMetrics", "build_adapter_config", "checkpoint_path", "curve_path",
            "enable_activation_checkpointing", "finetune", "load_cases", "load_checkpoint", "resolve_labels",
            "run_differences", "run_record", "same_labels", "save_checkpoint", "split_ignore",
            "training_preprocessing", "write_curve"]

@@ -119,25 +119,14 @@ def build_adapter_config(base: BaseModel, options: FinetuneOptions, labels: List
         if not base.head:
             raise TCURLoRAError(f"these labels differ from base {base.name}'s, and the base declares no output head to replace")
         new_head = {"module": base.head, "out_channels": len(labels) + 1}
-    preset, targets = adapted_layers(base, options.preset)
-    return TCURLoRAConfig(method=options.method, preset=preset, rank=options.rank, seed=options.seed,
-                          train_modules=train_modules if options.method != "full" else [], new_head=new_head,
-                          target_modules=targets)
-
-
-def adapted_layers(base: BaseModel, preset: str) -> Tuple[str, List[str]]:
-    """A job's preset -> the tuner's (preset, target_modules).
-
-    ``decoder``: only the conv stacks of the base's decoder modules, so backward stops at the decoder (on
-    deepbet at 128³ a CPU step then costs half of full fine-tuning, against about as much for every conv
-    stack; but on the demo's task it levelled off at Dice 0.954 where every stack reached 0.965, so ``auto``
-    keeps every stack and the decoder is the user's choice for speed).
-    """
-    if preset != "decoder":
-        return preset, []
-    if not base.decoder_modules:
+    # preset "decoder": only the conv stacks of the base's decoder modules, so backward stops at the decoder (on
+    # deepbet at 128³ a CPU step then costs half of full fine-tuning, against about as much for every conv stack;
+    # but on the demo's task it levelled off at Dice 0.954 where every stack reached 0.965, so "auto" keeps every
+    # stack and the decoder is the user's choice for speed); the tuner takes the modules the base declared
+    if options.preset == "decoder" and not base.decoder_modules:
         raise TCURLoRAError(f"base {base.name} declares no decoder modules: use --preset conv (or auto)")
-    return "conv", list(base.decoder_modules)
+    return TCURLoRAConfig(method=options.method, preset=options.preset, rank=options.rank, seed=options.seed,
+                          train_modules=train_modules if options.method != "full" else [], new_head=new_head)
 
 
 def training_preprocessing(base: BaseModel, options: FinetuneOptions):
