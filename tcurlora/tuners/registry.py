@@ -8,18 +8,17 @@ module (imported by :mod:`tcurlora.tuners`) plus its row in :data:`tcurlora.prot
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Type
+from typing import Any, Dict, TypeVar
 
 from ..protocol import METHOD_TRAITS
 from .layers import AdapterError
 
-if TYPE_CHECKING:
-    from .strategies import Strategy
+#: Method name -> its strategy (a :class:`tcurlora.tuners.strategies.Strategy`; this table imports no method).
+STRATEGIES: Dict[str, Any] = {}
+StrategyClass = TypeVar("StrategyClass", bound=type)
 
-STRATEGIES: Dict[str, "Strategy"] = {}
 
-
-def register_strategy(cls: Type["Strategy"]) -> Type["Strategy"]:
+def register_strategy(cls: StrategyClass) -> StrategyClass:
     """Class decorator: the strategy of method ``cls.method`` (one instance serves every adapter of it)."""
     if cls.method not in METHOD_TRAITS:
         raise ValueError(f"method {cls.method!r} has no row in tcurlora.protocol.METHOD_TRAITS")
@@ -29,7 +28,7 @@ def register_strategy(cls: Type["Strategy"]) -> Type["Strategy"]:
     return cls
 
 
-def strategy_for(method: str) -> "Strategy":
+def strategy_for(method: str) -> Any:
     try:
         return STRATEGIES[method]
     except KeyError:

@@ -15,7 +15,7 @@ import copy
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -27,10 +27,6 @@ from .layers import COPIES, AdapterError, ModuleSwitch, TCURLayer, TCURStack, pr
 from .registry import register_strategy
 from .stacks import (StackSpec, find, member_matrix, resolve_stacks, switch_module,
                      trained_module_names, under, wrap_layer)
-
-if TYPE_CHECKING:
-    from .model import TCURTuner
-
 
 @dataclass
 class AdapterRecord:
@@ -59,7 +55,7 @@ class AdapterRecord:
             yield from module.parameters()
 
 
-def _clean_copy(tuner: "TCURTuner", module: nn.Module) -> nn.Module:
+def _clean_copy(tuner, module: nn.Module) -> nn.Module:
     """A deep copy of a base module without any adapter in it (another adapter's wrappers stay behind)."""
     memo = {id(tuner): tuner}
     for record in tuner.adapters.values():
@@ -77,7 +73,7 @@ def _clean_copy(tuner: "TCURTuner", module: nn.Module) -> nn.Module:
     return clone
 
 
-def _switch_in(tuner: "TCURTuner", record: AdapterRecord, target: nn.Module, own: nn.Module) -> nn.Module:
+def _switch_in(tuner, record: AdapterRecord, target: nn.Module, own: nn.Module) -> nn.Module:
     """Run ``own`` in place of ``target`` while the adapter is active (behind a ModuleSwitch); returns ``own``."""
     switch_module(tuner.model, target, lambda chain: ModuleSwitch(chain, tuner)).set_copy(record.name, own)
     return own
@@ -85,14 +81,18 @@ def _switch_in(tuner: "TCURTuner", record: AdapterRecord, target: nn.Module, own
 
 @register_strategy
 class Strategy:
-    """The default behaviour (used by ``tcurlora``); the other methods override what differs."""
+    """The default behaviour (used by ``tcurlora``); the other methods override what differs.
+
+    Each method takes ``tuner``, the model's :class:`~tcurlora.tuners.model.TCURTuner` (which calls it), and the
+    ``record`` of the adapter it acts on.
+    """
 
     method = "tcurlora"
     exclusive = False  # the model can hold no other adapter beside one of this method
     trains_base = False  # base weights change in place: the tuner records the base fingerprint first
     layout_key = "stacks"  # where :meth:`describe` (and so an adapter file) lists the stacks
 
-    def inject(self, tuner: "TCURTuner", record: AdapterRecord, layout: Optional[dict]) -> None:
+    def inject(self, tuner, record: AdapterRecord, layout: Optional[dict]) -> None:
         """Put the adapter into the model: resolved from its config, or (``layout``: what :meth:`describe`
         returned, as an adapter file stores it) exactly as saved, with no pattern of the config evaluated."""
         stored = None if layout is None else layout.get(self.layout_key, [])
@@ -100,7 +100,7 @@ class Strategy:
                            else [self.stored_spec(s) for s in stored])
         self._add_trained(tuner, record, layout)
 
-    def stack_specs(self, tuner: "TCURTuner", record: AdapterRecord) -> list:
+    def stack_specs(self, tuner, record: AdapterRecord) -> list:
         """(spec, indices or None) of every stack the config asks for."""
         return [(spec, None) for spec in resolve_stacks(tuner.model, record.config)]
 
@@ -113,7 +113,7 @@ class Strategy:
         return TCURStack(spec.name, spec.members, matrices, config.rank, config.selection, config.seed,
                          config.scale, indices, projectable=projectable)
 
-    def _build_stacks(self, tuner: "TCURTuner", record: AdapterRecord, built: list) -> None:
+    def _build_stacks(self, tuner, record: AdapterRecord, built: list) -> None:
         model = tuner.model
         device = next(model.parameters()).device
         for spec, indices in built:
@@ -130,7 +130,7 @@ class Strategy:
                 layer = wrap_layer(model, find(model, member.module), lambda m: TCURLayer(m, tuner))
                 layer.add_entry(record.name, stack, index, member.rows)
 
-    def _add_trained(self, tuner: "TCURTuner", record: AdapterRecord, layout: Optional[dict]) -> None:
+    def _add_trained(self, tuner, record: AdapterRecord, layout: Optional[dict]) -> None:
         model, config = tuner.model, record.config
         stored = None if layout is None else layout.get("trained_modules")
         paths = trained_module_names(model, config) if stored is None else [str(p) for p in stored]
@@ -142,17 +142,17 @@ class Strategy:
             own = _new_head(target, int(config.new_head["out_channels"])) if path == head else _clean_copy(tuner, target)
             record.trained[path] = _switch_in(tuner, record, target, own)
 
-    def remove(self, tuner: "TCURTuner", record: AdapterRecord) -> None:
+    def remove(self, tuner, record: AdapterRecord) -> None:
         for module in tuner.model.modules():
             if isinstance(module, TCURLayer):
                 module.remove_adapter(record.name)
             elif isinstance(module, ModuleSwitch):
                 module.set_copy(record.name, None)
 
-    def trainable(self, tuner: "TCURTuner", record: AdapterRecord):
+    def trainable(self, tuner, record: AdapterRecord):
         return list(record.parameters())
 
-    def state_dict(self, tuner: "TCURTuner", record: AdapterRecord, keep_vars: bool = False) -> "OrderedDict[str, torch.Tensor]":
+    def state_dict(self, tuner, record: AdapterRecord, keep_vars: bool = False) -> "OrderedDict[str, torch.Tensor]":
         out = OrderedDict()
         for name, stack in record.stacks.items():
             for key, value in stack.named_parameters():  # delta_u of a tCURLoRA stack
@@ -162,23 +162,23 @@ class Strategy:
                 out[trained_prefix(path) + key] = value
         return out if keep_vars else OrderedDict((k, v.detach()) for k, v in out.items())
 
-    def after_load(self, tuner: "TCURTuner", record: AdapterRecord) -> None:
+    def after_load(self, tuner, record: AdapterRecord) -> None:
         for stack in record.stacks.values():
             stack.clear_cache()
 
-    def merge(self, tuner: "TCURTuner", record: AdapterRecord) -> None:
+    def merge(self, tuner, record: AdapterRecord) -> None:
         with torch.no_grad():
             for module in tuner.model.modules():
                 if isinstance(module, TCURLayer):
                     module.merge(record.name)
 
-    def unmerge(self, tuner: "TCURTuner", record: AdapterRecord) -> None:
+    def unmerge(self, tuner, record: AdapterRecord) -> None:
         with torch.no_grad():
             for module in tuner.model.modules():
                 if isinstance(module, TCURLayer):
                     module.unmerge()
 
-    def describe(self, tuner: "TCURTuner", record: AdapterRecord) -> dict:
+    def describe(self, tuner, record: AdapterRecord) -> dict:
         described = {"config": record.config.to_dict(), "stacks": [], "trained_modules": list(record.trained)}
         described[self.layout_key] = [s.describe() for s in record.stacks.values()]
         return described
