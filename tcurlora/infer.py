@@ -79,13 +79,13 @@ def output_paths(inputs: Sequence[str], output: str) -> List[Path]:
 
 def expand_inputs(inputs: Sequence[str]) -> List[str]:
     """Files as given; a folder of volumes expands to its volumes (a DICOM series folder stays one input)."""
-    from .io import _volume_files  # the same rule find_cases uses
+    from .io import volume_files  # the same rule find_cases uses
 
     expanded: List[str] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir() and not any(f.suffix.lower() == ".dcm" or f.suffix == "" for f in p.iterdir() if f.is_file()):
-            files = [str(f) for f in _volume_files(p) if not f.name.endswith(".seg.nrrd")]
+            files = [str(f) for f in volume_files(p) if not f.name.endswith(".seg.nrrd")]
             if not files:
                 raise TCURLoRAError(f"{p.name}: no volumes in this folder")
             expanded += files

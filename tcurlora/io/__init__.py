@@ -18,7 +18,7 @@ Conventions used throughout ``tcurlora``:
 
 from ..atomic import atomic_write
 from ..labels import default_color, default_label_table
-from .cases import _volume_files, find_cases
+from .cases import find_cases, volume_files
 from .geometry import GEOMETRY_RTOL, geometry_mismatch
 from .images import (IMAGE_EXTENSIONS, LABEL_EXTENSIONS, PATH_KEY, WORKING_BYTES_PER_VOXEL, WRITE_EXTENSIONS,
                      array_to_image, available_memory, extension, pick_dicom_series, read_image, stem, write_image)
@@ -29,6 +29,6 @@ __all__ = [
     "PATH_KEY", "IMAGE_EXTENSIONS", "LABEL_EXTENSIONS", "WRITE_EXTENSIONS", "extension", "stem",
     "array_to_image", "default_color", "validate_label_table", "default_label_table", "read_image",
     "geometry_mismatch", "is_segmentation_file", "read_label", "read_label_unchecked",
-    "label_table_from_segmentation", "write_image", "write_segmentation", "find_cases", "pick_dicom_series",
-    "available_memory",
+    "label_table_from_segmentation", "write_image", "write_segmentation", "find_cases", "volume_files",
+    "pick_dicom_series", "available_memory",
 ]

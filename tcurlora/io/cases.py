@@ -16,7 +16,8 @@ _LABEL_SUFFIX = re.compile(r"(?:[_-](?:label|labels|seg|segmentation)|\.seg)$", 
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-def _volume_files(folder: Path) -> list[Path]:
+def volume_files(folder: Path) -> list[Path]:
+    """The image, label-map and segmentation files of a folder (not its sub-folders), sorted by name."""
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and not p.name.startswith(".") and extension(p) in LABEL_EXTENSIONS)
 
@@ -24,11 +25,11 @@ def _volume_files(folder: Path) -> list[Path]:
 def _find_nnunet_cases(folder: Path) -> list[tuple[str, str]]:
     images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
     labels: dict[str, Path] = {}
-    for p in _volume_files(labels_dir):
+    for p in volume_files(labels_dir):
         labels.setdefault(stem(p), p)
     cases: list[tuple[str, str]] = []
     missing: list[str] = []
-    for p in _volume_files(images_dir):
+    for p in volume_files(images_dir):
         case = stem(p)
         match = _CHANNEL_SUFFIX.match(case)
         if match:
@@ -68,7 +69,7 @@ def find_cases(folder: PathLike) -> list[tuple[str, str]]:
     if (root / "imagesTr").is_dir() and (root / "labelsTr").is_dir():
         cases = _find_nnunet_cases(root)
     else:
-        files = _volume_files(root)
+        files = volume_files(root)
         labels: dict[str, list[Path]] = {}
         images: dict[str, Path] = {}
         for p in files:
