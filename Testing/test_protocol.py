@@ -123,6 +123,18 @@ def test_bad_job_value_is_one_line_naming_the_key(key, value):
     assert isinstance(exc.value, ValueError)  # the Slicer-side builders raise ValueError
 
 
+def test_options_of_a_job_are_its_checked_values():
+    """A job is checked once, by the protocol; its training options are then its values, as the Python API's
+    FinetuneOptions (which checks what a caller passes) would hold them."""
+    from tcurlora.train import FinetuneOptions
+
+    job = validate_job(dict(GOOD_FINETUNE, rank=4, patch_size=[32, 32, 16], train_modules=["dec"], lr=0.5))
+    options = FinetuneOptions.from_job(job)
+    assert options == FinetuneOptions(rank=4, patch_size=(32, 32, 16), train_modules=["dec"], lr=0.5)
+    assert options.patch_size == (32, 32, 16) and options.learning_rate() == 0.5
+    assert FinetuneOptions.from_job(validate_job(GOOD_FINETUNE)) == FinetuneOptions()
+
+
 def test_cli_style_names_the_flag():
     job = dict(GOOD_FINETUNE, batch_size=0, command="finetune")
     with pytest.raises(SettingError, match=r"^--batch-size: must be an integer from 1 to 64, got 0$"):

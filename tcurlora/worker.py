@@ -42,22 +42,21 @@ def _finish(result, events: Events) -> int:
 
 
 def run_finetune(job: dict, events: Events) -> int:
+    """Run a ``finetune`` job that :func:`tcurlora.protocol.validate_job` checked (the CLI, :func:`read_job`)."""
     from .train import FinetuneOptions, finetune
 
-    job = protocol.validate_job(job)
-    options = FinetuneOptions.from_job(job)
     base = _base(job, events)
     result = finetune(base, [(c["image"], c["label"]) for c in job["cases"]], job["out"],
                       val_pairs=[(c["image"], c["label"]) for c in job["validation"]], labels=job["labels"],
-                      options=options, events=events, stop_file=job["stop_file"], resume=job["resume"],
-                      start_from=job["start_from"])
+                      options=FinetuneOptions.from_job(job), events=events, stop_file=job["stop_file"],
+                      resume=job["resume"], start_from=job["start_from"])
     return _finish(result, events)
 
 
 def run_segment(job: dict, events: Events) -> int:
+    """Run a ``segment`` job that :func:`tcurlora.protocol.validate_job` checked (the CLI, :func:`read_job`)."""
     from .infer import segment
 
-    job = protocol.validate_job(job)
     base = _base(job, events)
     result = segment(base, job["inputs"], job["output"], adapter=job["adapter"], device=job["device"],
                      tta=job["tta"], largest_component=job["largest_component"], probabilities=job["probabilities"],

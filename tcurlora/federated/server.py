@@ -26,14 +26,14 @@ def initial_adapter(base, options, labels, out) -> Path:
     """The round-0 global adapter: a fresh adapter on ``base`` as ``finetune`` would build it, saved beside ``out``."""
     from ..adapter import inject_adapter
     from ..adapter_file import save_adapter
-    from ..train import _seed_everything, build_adapter_config, resolve_labels, split_ignore
+    from ..train import build_adapter_config, resolve_labels, seed_everything, split_ignore
 
     if options.method not in AVERAGEABLE:
         raise TCURLoRAError(LORA_REFUSAL if options.method == "lora"
                             else f"method {options.method!r} cannot be federated")
     table, _ = split_ignore(resolve_labels(base, labels, None))  # the classes ('ignore' is not one)
     config = build_adapter_config(base, options, table)
-    _seed_everything(options.seed)  # as finetune does: a new head starts from the seed
+    seed_everything(options.seed)  # as finetune does: a new head starts from the seed
     inject_adapter(base.network, config, "finetune")
     path = round_path(out, 0)
     save_adapter(base.network, path, labels=table, preprocessing=base.preprocessing.to_dict(),

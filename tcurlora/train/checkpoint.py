@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -12,11 +12,8 @@ from .. import protocol
 from ..atomic import atomic_write
 from ..config import TCURLoRAConfig
 from ..errors import TCURLoRAError
+from .cases import Case
 from .options import FinetuneOptions, RunFiles
-from .setup import Case
-
-if TYPE_CHECKING:
-    from .loop import Training
 
 CHECKPOINT_FORMAT = 2
 
@@ -86,14 +83,14 @@ def load_checkpoint(path: Path, record: dict) -> dict:
     return state
 
 
-def _checkpoint_bytes(network: torch.nn.Module) -> int:
+def checkpoint_bytes(network: torch.nn.Module) -> int:
     """An upper estimate of the run's outputs on disk: checkpoint (state, two AdamW moments, best copy),
     adapter file and curve."""
     trained = sum(p.numel() * p.element_size() for p in network.parameters() if p.requires_grad)
     return 6 * trained + 4 * 2 ** 20
 
 
-class _CheckpointSchedule:
+class CheckpointSchedule:
     """Every ``every`` steps, or (None) whenever ``interval_s`` seconds have passed since the last save."""
 
     def __init__(self, every: Optional[int], interval_s: Optional[float] = None) -> None:
@@ -110,7 +107,8 @@ class _CheckpointSchedule:
         self.last = time.monotonic()
 
 
-def save_checkpoint(path: Path, training: Training, record: dict) -> None:
-    """Write the resumable state atomically (a kill during the write leaves the previous checkpoint)."""
-    payload = {"format": CHECKPOINT_FORMAT, "run": record, **training.state_dict()}
+def save_checkpoint(path: Path, state: dict, record: dict) -> None:
+    """Write a run's resumable state (``Training.state_dict()``) bound to its record, atomically (a kill during
+    the write leaves the previous checkpoint)."""
+    payload = {"format": CHECKPOINT_FORMAT, "run": record, **state}
     atomic_write(path, lambda tmp: torch.save(payload, tmp))

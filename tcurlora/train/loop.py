@@ -10,17 +10,15 @@ import torch
 
 from .. import distributed
 from ..adapter import adapter_state_dict, load_adapter_state_dict, merge_adapter, unmerge_adapter
-from ..config import TCURLoRAConfig
 from ..errors import TCURLoRAError
-from ..events import Events, StopRequested
-from ..models import BaseModel
+from ..events import StopRequested
 from ..protocol import METHOD_TRAITS, NEW_HEAD_LR, PEFT_METHODS
 from ..runtime import StopWatch, sliding_window_probabilities, with_oom_fallback
 from ..tuners import get_tuner
-from .checkpoint import _CheckpointSchedule, save_checkpoint
+from .checkpoint import CheckpointSchedule, save_checkpoint
 from .loss import IGNORE_INDEX, DiceCEOnAnnotated
-from .options import FinetuneOptions, RunFiles, TrainingMetrics
-from .setup import Case, _seed_everything
+from .options import TrainingMetrics
+from .setup import Run, seed_everything
 
 
 def _core_parameters(network: torch.nn.Module, method: str) -> List[torch.nn.Parameter]:
@@ -51,19 +49,18 @@ class Training:
     ends where an uninterrupted one does.
     """
 
-    def __init__(self, base: BaseModel, network: torch.nn.Module, config: TCURLoRAConfig, options: FinetuneOptions,
-                 prep, table: List[dict], train_cases: List[Case], val_cases: List[Case], device: torch.device,
-                 events: Events, ctx: Optional[distributed.Context] = None) -> None:
+    def __init__(self, run: Run) -> None:
         from monai.losses import DeepSupervisionLoss
 
         from ..preprocess import train_transforms
 
-        self.base, self.network, self.config, self.options = base, network, config, options
-        self.table, self.train_cases, self.val_cases, self.events = table, train_cases, val_cases, events
-        self.device, self.amp = device, device.type == "cuda" and options.bf16
-        self.ctx = ctx or distributed.Context(device=device)
+        network, config, options, table = run.base.network, run.config, run.options, run.table
+        self.run, self.base, self.network, self.config, self.options = run, run.base, network, config, options
+        self.table, self.train_cases, self.val_cases, self.events = table, run.train_cases, run.val_cases, run.events
+        self.device, self.amp = run.ctx.device, run.ctx.device.type == "cuda" and options.bf16
+        self.ctx = run.ctx
         self.model = self.ctx.wrap(network)  # what training forwards run through (DistributedDataParallel across ranks)
-        self.prep = prep
+        self.prep = run.prep
         self.lr = options.learning_rate()
         cores = _core_parameters(network, config.method)
         tuner = get_tuner(network, create=False)
@@ -84,11 +81,12 @@ class Training:
         # levels, the target resized to each (what Auto3DSeg's own trainer does); a single output passes through
         self.loss_fn = DeepSupervisionLoss(DiceCEOnAnnotated())
         self._make_transforms = lambda prep: train_transforms(prep, num_samples=options.batch_size, label_table=table)
-        self.transforms = self._make_transforms(prep)
+        self.transforms = self._make_transforms(self.prep)
         self.history = {"loss": [], "val_dice": []}
         self.best_dice, self.best_step, self.best_state = -1.0, 0, None
         self.since_best = 0  # validations without a new best (early stopping)
         self.step = 0
+        self.seconds = 0.0  # spent in the training loop (by this process, since it started or resumed)
 
     # -- checkpoint state
 
@@ -116,7 +114,7 @@ class Training:
         on the CPU. Returns the loss."""
         def attempt() -> float:
             step_seed = self.options.seed * 1_000_003 + step  # randomness depends only on (seed, step)
-            _seed_everything(step_seed)
+            seed_everything(step_seed)
             self.transforms.set_random_state(seed=step_seed % (2 ** 32))
             rng = np.random.RandomState(step_seed % (2 ** 32))
             self.optimizer.zero_grad(set_to_none=True)
@@ -190,10 +188,20 @@ class Training:
                                best_step=self.best_step if kept else None)
 
 
-def _train_loop(training: Training, files: RunFiles, record: dict, stop_file: Optional[str], events: Events) -> bool:
-    """Steps from ``training.step + 1`` to the end (or an early stop); True when a stop was requested."""
-    options = training.options
-    schedule = _CheckpointSchedule(options.checkpoint_every)
+def start_training(run: Run) -> Training:
+    """The optimisation state of a run: fresh, or the checkpoint's of a resumed run."""
+    training = Training(run)
+    if run.state is not None:
+        training.load_state_dict(run.state)
+        run.events.log(f"resuming at step {training.step} of {run.options.steps}")
+    return training
+
+
+def train_loop(training: Training, stop_file: Optional[str]) -> bool:
+    """Steps from ``training.step + 1`` to the end (or an early stop), with periodic checkpoints; True when a stop
+    was requested."""
+    options, events, files, record = training.options, training.events, training.run.files, training.run.record
+    schedule = CheckpointSchedule(options.checkpoint_every)
     start, t0 = training.step, time.time()
     training.network.train()
     with StopWatch(stop_file) as stop:
@@ -210,11 +218,13 @@ def _train_loop(training: Training, files: RunFiles, record: dict, stop_file: Op
                 if training.ctx.any(stop.requested()):
                     raise StopRequested()
                 if step < options.steps and schedule.due(step) and training.ctx.is_main:
-                    save_checkpoint(files.checkpoint, training, record)
+                    save_checkpoint(files.checkpoint, training.state_dict(), record)
                     schedule.saved()
                     events.log(f"checkpoint at step {step}: {files.checkpoint.name}")
         except StopRequested:
             return True
+        finally:
+            training.seconds = time.time() - t0
     return False
 
 
@@ -268,22 +278,3 @@ def _optimizer_to(optimizer, device) -> None:
         for k, v in state.items():
             if torch.is_tensor(v):
                 state[k] = v.to(device)
-
-
-def enable_activation_checkpointing(network: torch.nn.Module) -> None:
-    """Recompute block activations in backward: the blocks of every ModuleList (ViT/Swin blocks),
-    else the root's children (encoder/decoder stages).  Trades compute for memory on small GPUs."""
-    from torch.utils.checkpoint import checkpoint
-
-    blocks = [b for m in network.modules() if isinstance(m, torch.nn.ModuleList) for b in m]
-    if not blocks:
-        blocks = [c for c in network.children() if any(True for _ in c.parameters())]
-    for block in blocks:
-        plain = block.forward
-
-        def wrapped(*args, _plain=plain, **kwargs):
-            if torch.is_grad_enabled():
-                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
-            return _plain(*args, **kwargs)
-
-        block.forward = wrapped

@@ -14,7 +14,8 @@ from ..protocol import FINETUNE_OPTION_KEYS, METHOD_TRAITS
 @dataclass
 class FinetuneOptions:
     """Training settings; defaults, ranges and messages come from :mod:`tcurlora.protocol` (the same the
-    CLI flags and job files use). Invalid values raise :class:`tcurlora.protocol.SettingError`."""
+    CLI flags and job files use). Invalid values raise :class:`tcurlora.protocol.SettingError`; the options of a
+    job come from :meth:`from_job`, which its one check in the protocol has passed."""
 
     method: str = protocol.default("method")
     rank: int = protocol.default("rank")
@@ -35,19 +36,22 @@ class FinetuneOptions:
     checkpoint_every: Optional[int] = protocol.default("checkpoint_every")
 
     def __post_init__(self) -> None:
-        checked = protocol.validate_settings(dataclasses.asdict(self), FINETUNE_OPTION_KEYS)
-        if checked["patch_size"] is not None:
-            checked["patch_size"] = tuple(checked["patch_size"])
-        for key, value in checked.items():
-            setattr(self, key, value)
+        self._set(protocol.validate_settings(dataclasses.asdict(self), FINETUNE_OPTION_KEYS))
+
+    def _set(self, values: dict) -> None:
+        for key, value in values.items():
+            setattr(self, key, tuple(value) if key == "patch_size" and value is not None else value)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_job(cls, job: dict) -> "FinetuneOptions":
-        """The options of a validated job dictionary (see :func:`tcurlora.protocol.validate_job`)."""
-        return cls(**{k: job[k] for k in FINETUNE_OPTION_KEYS if job.get(k) is not None})
+        """The options of a job that :func:`tcurlora.protocol.validate_job` checked (and completed with the
+        defaults): taken as they are, not checked a second time."""
+        options = cls.__new__(cls)  # not __init__: its check is the one the job has passed
+        options._set({key: job[key] for key in FINETUNE_OPTION_KEYS})
+        return options
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else METHOD_TRAITS[self.method].default_lr

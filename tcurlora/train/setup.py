@@ -1,9 +1,13 @@
-"""Before training: the label table, the cases, the adapter configuration and the new head's start."""
+"""Setting a run up: every check before any work, then the adapter put into the network.
+
+:func:`set_up_run` reads in order: the output folder (writable?), the label table, the adapter configuration,
+every case, the checkpoint to resume from (is it this run's?). Any problem is one :class:`TCURLoRAError` line
+and nothing is written. :func:`adapt_network` then puts the run's adapter into the base network.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -11,36 +15,99 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .. import protocol
-from ..adapter_file import base_fingerprint
+from .. import distributed, protocol
+from ..adapter import describe_adapter, inject_adapter, load_adapter_state_dict, trainable_parameter_count
+from ..adapter_file import base_fingerprint, load_adapter
+from ..atomic import check_writable
 from ..config import TCURLoRAConfig
-from ..errors import InputError, TCURLoRAError
+from ..errors import TCURLoRAError
 from ..events import Events
-from ..labels import LABELS_FROM_SEGMENTATION, same_labels, split_ignore, value_channels
+from ..labels import LABELS_FROM_SEGMENTATION, same_labels, split_ignore
 from ..models import BaseModel
+from ..preprocess import Preprocessing
 from ..tuners import get_tuner
 from ..tuners.heads import output_dim, start_new_head
 from ..tuners.layers import unwrap
 from ..tuners.stacks import find
-from .loss import IGNORE_INDEX
-from .options import FinetuneOptions
+from .cases import Case, load_cases, warn_absent_labels
+from .checkpoint import checkpoint_bytes, load_checkpoint, run_record
+from .options import FinetuneOptions, RunFiles
 
 
 @dataclass
-class Case:
-    image_path: str
-    label_path: str
-    image: torch.Tensor  # [1, D, H, W] model space
-    label: torch.Tensor
+class Run:
+    """One run as :func:`set_up_run` checked it: what the phases after the checks read."""
 
-    def digest(self) -> str:
-        """sha256 of what training sees (the prepared image and label), independent of file names."""
-        h = hashlib.sha256()
-        for t in (self.image, self.label):
-            t = t.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.numpy().tobytes())
-        return h.hexdigest()
+    base: BaseModel
+    options: FinetuneOptions
+    files: RunFiles
+    ctx: distributed.Context  # one process, or this rank of a torchrun launch
+    events: Events
+    table: List[dict]  # the adapter's classes (voxels labelled "ignore" are left out of the loss)
+    config: TCURLoRAConfig
+    prep: Preprocessing  # the base's, with the run's patch size
+    train_cases: List[Case]
+    val_cases: List[Case]
+    record: dict  # what makes this run this run: a checkpoint must carry the same
+    state: Optional[dict] = None  # the checkpoint a resumed run continues from
+    start_from: Optional[str] = None  # the adapter file a run continues training
+
+
+def set_up_run(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, val_pairs: Sequence[Tuple[str, str]],
+               labels, options: FinetuneOptions, events: Events, resume: bool, start_from: Optional[str]) -> Run:
+    """Every check of a run, before anything is written or trained (see the module docstring)."""
+    files = RunFiles.for_adapter(out)
+    if resume and not files.checkpoint.is_file():  # before reading any case: fail fast, with one line
+        raise TCURLoRAError(f"{files.checkpoint.name}: no checkpoint to resume from")
+    check_writable(files.adapter, what="adapter")
+    ctx = distributed.context(options.device)
+    if not ctx.is_main:
+        events = Events()  # rank 0 alone reports
+    full_table = resolve_labels(base, labels, train_pairs[0][1] if train_pairs else None)
+    table, _ = split_ignore(full_table)  # the adapter's classes; voxels labelled "ignore" are left out of the loss
+    if not table:
+        raise TCURLoRAError("the label table holds only the 'ignore' label: nothing to learn")
+    config = build_adapter_config(base, options, table)
+    if start_from:
+        config = _read_start(start_from, base, table)
+    prep = training_preprocessing(base, options)
+
+    train_cases = load_cases(base, train_pairs, full_table)
+    val_cases = load_cases(base, val_pairs, full_table, "validation") if val_pairs else []
+    record = run_record(files, train_cases, val_cases, options, config, table, base_fingerprint(base.network))
+    state = load_checkpoint(files.checkpoint, record) if resume else None
+    return Run(base, options, files, ctx, events, table, config, prep, train_cases, val_cases, record, state,
+               start_from)
+
+
+def adapt_network(run: Run, initial_state: Optional[dict] = None) -> None:
+    """Put the run's adapter into the base network, on the run's device: a fresh one (its new head started),
+    the adapter file the run continues, or ``initial_state`` (a federated round's global cores); then check
+    that the checkpoint fits on the disk and say what trains."""
+    network, options, config, events = run.base.network, run.options, run.config, run.events
+    seed_everything(options.seed)  # new heads and LoRA factors are initialised from the seed
+    if run.start_from:
+        load_adapter(network, run.start_from, adapter_name="finetune")
+        for p in get_tuner(network).trainable_parameters():
+            p.requires_grad_(True)
+        events.log(f"continuing {Path(run.start_from).name}: {config.method}, rank {config.rank}")
+    else:
+        inject_adapter(network, config, "finetune")
+        _start_new_head(network, run.base, run.table)
+    if initial_state is not None:
+        load_adapter_state_dict(network, initial_state)
+    network.to(run.ctx.device)
+    if options.checkpointing:
+        enable_activation_checkpointing(network)
+    check_writable(run.files.checkpoint, need_bytes=checkpoint_bytes(network), what="checkpoint")
+    # logged after the checks, so that a bad file or setting leaves exactly one line (the error) on the console
+    events.log(f"read {len(run.train_cases)} training and {len(run.val_cases)} validation case(s)")
+    warn_absent_labels(run.train_cases, run.table, events)
+    info = describe_adapter(network)
+    where = (f"{len(info['lora_targets'])} LoRA layers" if "lora_targets" in info
+             else f"{len(info['stacks'] or info.get('tsvd_stacks', []))} stacks")
+    events.log(f"{config.method}: {trainable_parameter_count(network):,} trainable values ({where}, rank "
+               f"{config.rank}) on {run.ctx.device.type}")
 
 
 def resolve_labels(base: BaseModel, labels: Optional[Sequence[dict]], first_label: Optional[str]) -> List[dict]:
@@ -54,45 +121,6 @@ def resolve_labels(base: BaseModel, labels: Optional[Sequence[dict]], first_labe
     if labels:
         return validate_label_table(labels)
     return [dict(l) for l in base.labels]
-
-
-def load_cases(base: BaseModel, pairs: Sequence[Tuple[str, str]], labels: List[dict], what: str = "training") -> List[Case]:
-    """Read and check every case before any training starts; errors name the file.  ``labels`` is the whole
-    table (its ``ignore`` label too); the cases' labels come back as channel indices (:func:`_encode_labels`)."""
-    from ..io import read_image, read_label
-
-    if not pairs and what == "training":
-        raise TCURLoRAError("no training cases given (use --image/--label, --cases FOLDER or a job file)")
-    classes, ignore_value = split_ignore(labels)
-    cases = []
-    for image_path, label_path in pairs:
-        image = read_image(image_path)
-        label = read_label(label_path, image, labels, image_path=image_path)
-        x, y, _ = base.prepare(image, label)
-        if not bool(((y > 0) & (y != ignore_value)).any()):
-            raise InputError(label_path, "the label is empty after preprocessing (outside the model's field of view)")
-        cases.append(Case(str(image_path), str(label_path), x.float(), _encode_labels(y.long(), classes, ignore_value)))
-    return cases
-
-
-def _encode_labels(y: torch.Tensor, classes: List[dict], ignore_value: Optional[int] = None) -> torch.Tensor:
-    """Label values -> channel indices 1..N in table order (values need not be contiguous); the ignore
-    label's voxels -> :data:`IGNORE_INDEX`."""
-    out = torch.zeros_like(y)
-    for value, channel in value_channels(classes).items():
-        out[y == value] = channel
-    if ignore_value is not None:
-        out[y == ignore_value] = IGNORE_INDEX
-    return out
-
-
-def _warn_absent_labels(cases: Sequence[Case], table: List[dict], events: Events) -> None:
-    seen = set()
-    for c in cases:
-        seen |= set(int(v) for v in torch.unique(c.label).tolist())
-    absent = [entry["name"] for i, entry in enumerate(table, start=1) if i not in seen]
-    if absent:
-        events.warning(f"label(s) {', '.join(absent)} occur in no training case: the adapter cannot learn them")
 
 
 def _start_new_head(network: torch.nn.Module, base: BaseModel, table: List[dict]) -> None:
@@ -138,7 +166,7 @@ def training_preprocessing(base: BaseModel, options: FinetuneOptions):
     return prep
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     import random
 
     random.seed(seed)
@@ -161,3 +189,22 @@ def _read_start(path: str, base: BaseModel, table: List[dict]):
         raise TCURLoRAError(f"{name}: its labels ({', '.join(l['name'] for l in manifest['labels'])}) differ from "
                             f"this run's ({', '.join(l['name'] for l in table)})")
     return TCURLoRAConfig.from_dict(manifest["method"]["config"])
+
+
+def enable_activation_checkpointing(network: torch.nn.Module) -> None:
+    """Recompute block activations in backward: the blocks of every ModuleList (ViT/Swin blocks),
+    else the root's children (encoder/decoder stages).  Trades compute for memory on small GPUs."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = [b for m in network.modules() if isinstance(m, torch.nn.ModuleList) for b in m]
+    if not blocks:
+        blocks = [c for c in network.children() if any(True for _ in c.parameters())]
+    for block in blocks:
+        plain = block.forward
+
+        def wrapped(*args, _plain=plain, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+            return _plain(*args, **kwargs)
+
+        block.forward = wrapped
