@@ -46,10 +46,11 @@ def run_finetune(job: dict, events: Events) -> int:
     from .train import FinetuneOptions, finetune
 
     base = _base(job, events)
+    options = FinetuneOptions.from_job(job)
     result = finetune(base, [(c["image"], c["label"]) for c in job["cases"]], job["out"],
                       val_pairs=[(c["image"], c["label"]) for c in job["validation"]], labels=job["labels"],
-                      options=FinetuneOptions.from_job(job), events=events, stop_file=job["stop_file"],
-                      resume=job["resume"], start_from=job["start_from"])
+                      options=options, events=events, stop_file=job["stop_file"], resume=job["resume"],
+                      start_from=job["start_from"])
     return _finish(result, events)
 
 

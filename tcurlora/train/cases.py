@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -41,6 +41,7 @@ def load_cases(base: BaseModel, pairs: Sequence[Tuple[str, str]], labels: List[d
     if not pairs and what == "training":
         raise TCURLoRAError("no training cases given (use --image/--label, --cases FOLDER or a job file)")
     classes, ignore_value = split_ignore(labels)
+    channels = value_channels(classes)
     cases = []
     for image_path, label_path in pairs:
         image = read_image(image_path)
@@ -48,15 +49,15 @@ def load_cases(base: BaseModel, pairs: Sequence[Tuple[str, str]], labels: List[d
         x, y, _ = base.prepare(image, label)
         if not bool(((y > 0) & (y != ignore_value)).any()):
             raise InputError(label_path, "the label is empty after preprocessing (outside the model's field of view)")
-        cases.append(Case(str(image_path), str(label_path), x.float(), _encode_labels(y.long(), classes, ignore_value)))
+        cases.append(Case(str(image_path), str(label_path), x.float(), _encode_labels(y.long(), channels, ignore_value)))
     return cases
 
 
-def _encode_labels(y: torch.Tensor, classes: List[dict], ignore_value: Optional[int] = None) -> torch.Tensor:
-    """Label values -> channel indices 1..N in table order (values need not be contiguous); the ignore
-    label's voxels -> :data:`IGNORE_INDEX`."""
+def _encode_labels(y: torch.Tensor, channels: Dict[int, int], ignore_value: Optional[int] = None) -> torch.Tensor:
+    """Label values -> their output channels (``channels``: 1..N in table order, values need not be contiguous);
+    the ignore label's voxels -> :data:`IGNORE_INDEX`."""
     out = torch.zeros_like(y)
-    for value, channel in value_channels(classes).items():
+    for value, channel in channels.items():
         out[y == value] = channel
     if ignore_value is not None:
         out[y == ignore_value] = IGNORE_INDEX
