@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .errors import TCURLoRAError, unsafe_character
+from .errors import TCURLoRAError, shown, unsafe_character
 
 LabelTable = List[dict]
 
@@ -64,19 +64,19 @@ def check_label_table(table, require_color: bool = False) -> LabelTable:
     text, and a value or name (case-insensitive) listed twice.
     """
     if not isinstance(table, (list, tuple)):
-        raise LabelError(f"must be a list of {{\"value\", \"name\", \"color\"}}, got {_show(table)}")
+        raise LabelError(f"must be a list of {{\"value\", \"name\", \"color\"}}, got {shown(table)}")
     out: LabelTable = []
     values: set = set()
     names: set = set()
     for entry in table:
         if not isinstance(entry, dict):
-            raise LabelError(f"entries must be objects, got {_show(entry)}")
+            raise LabelError(f"entries must be objects, got {shown(entry)}")
         unknown = set(entry) - set(KEYS)
         if unknown:
-            raise LabelError(f"unknown keys {sorted(map(str, unknown))} in entry {_show(entry)}")
+            raise LabelError(f"unknown keys {sorted(map(str, unknown))} in entry {shown(entry)}")
         value = entry.get("value")
         if not (_is_number(value) and isinstance(entry.get("name"), str)):
-            raise LabelError(f"each entry needs an integer 'value' and a 'name', got {_show(entry)}")
+            raise LabelError(f"each entry needs an integer 'value' and a 'name', got {shown(entry)}")
         if value <= 0 or value != int(value):
             raise LabelError(f"value {value!r} must be a positive integer (0 is background)")
         if value > MAX_LABEL_VALUE:
@@ -98,7 +98,7 @@ def check_label_table(table, require_color: bool = False) -> LabelTable:
         item: dict = {"value": value, "name": name, "color": _color(entry.get("color"), name, value, require_color)}
         terminology = entry.get("terminology")
         if terminology is not None and not isinstance(terminology, str):
-            raise LabelError(f"the terminology of '{name}' must be text, got {_show(terminology)}")
+            raise LabelError(f"the terminology of '{name}' must be text, got {shown(terminology)}")
         if terminology:
             item["terminology"] = terminology
         values.add(value)
@@ -111,17 +111,12 @@ def _color(color, name: str, value: int, required: bool) -> List[float]:
     if color is None and not required:
         return default_color(value)
     if not (isinstance(color, (list, tuple)) and len(color) == 3 and all(_is_number(c) and 0 <= c <= 1 for c in color)):
-        raise LabelError(f"colour of '{name}' must be three numbers 0..1, got {_show(color)}")
+        raise LabelError(f"colour of '{name}' must be three numbers 0..1, got {shown(color)}")
     return [float(c) for c in color]
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _show(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def is_ignore(entry: dict) -> bool:

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import TCURLoRAError, display_name
+from .errors import TCURLoRAError, display_name, shown
 from .labels import LABELS_FROM_SEGMENTATION, LabelError, check_label_table
 
 JOB_VERSION = 1
@@ -110,17 +110,12 @@ class _Invalid(Exception):
 Check = Callable[[Any], Any]
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def integer(lo: int, hi: int) -> Check:
     def check(value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Invalid(f"must be an integer, got {_show(value)}")
+            raise _Invalid(f"must be an integer, got {shown(value)}")
         if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-            raise _Invalid(f"must be an integer, got {_show(value)}")
+            raise _Invalid(f"must be an integer, got {shown(value)}")
         value = int(value)
         if not lo <= value <= hi:
             raise _Invalid(f"must be an integer from {lo} to {hi}, got {value}")
@@ -133,7 +128,7 @@ def integer(lo: int, hi: int) -> Check:
 def number(lo: float, hi: float, lo_open: bool = False) -> Check:
     def check(value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Invalid(f"must be a number, got {_show(value)}")
+            raise _Invalid(f"must be a number, got {shown(value)}")
         value = float(value)
         if not math.isfinite(value):
             raise _Invalid(f"must be a finite number, got {value}")
@@ -147,7 +142,7 @@ def number(lo: float, hi: float, lo_open: bool = False) -> Check:
 
 def boolean(value):
     if not isinstance(value, bool):
-        raise _Invalid(f"must be true or false, got {_show(value)}")
+        raise _Invalid(f"must be true or false, got {shown(value)}")
     return value
 
 
@@ -157,7 +152,7 @@ boolean.text = "true/false"
 def choice(options: Sequence[str]) -> Check:
     def check(value):
         if value not in options:
-            raise _Invalid(f"must be one of {', '.join(options)}, got {_show(value)}")
+            raise _Invalid(f"must be one of {', '.join(options)}, got {shown(value)}")
         return value
 
     check.text = "|".join(options)
@@ -167,7 +162,7 @@ def choice(options: Sequence[str]) -> Check:
 
 def text(value):
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value).strip():
-        raise _Invalid(f"must be a non-empty text, got {_show(value)}")
+        raise _Invalid(f"must be a non-empty text, got {shown(value)}")
     return os.fspath(value)
 
 
@@ -185,7 +180,7 @@ def optional(check: Check) -> Check:
 def text_list(min_items: int = 0) -> Check:
     def check(value):
         if not isinstance(value, (list, tuple)):
-            raise _Invalid(f"must be a list, got {_show(value)}")
+            raise _Invalid(f"must be a list, got {shown(value)}")
         if len(value) < min_items:
             raise _Invalid(f"needs at least {min_items} item(s)")
         return [text(v) for v in value]
@@ -199,11 +194,11 @@ def int_triple(lo: int, hi: int) -> Check:
 
     def check(value):
         if not isinstance(value, (list, tuple)) or len(value) != 3:
-            raise _Invalid(f"must be three integers, got {_show(value)}")
+            raise _Invalid(f"must be three integers, got {shown(value)}")
         try:
             return [one(v) for v in value]
         except _Invalid:
-            raise _Invalid(f"must be three integers from {lo} to {hi}, got {_show(list(value))}") from None
+            raise _Invalid(f"must be three integers from {lo} to {hi}, got {shown(list(value))}") from None
 
     check.text = f"three integers {lo}..{hi}"
     return check
@@ -244,13 +239,13 @@ base_model.text = "name, folder or spec"
 def case_list(min_items: int) -> Check:
     def check(value):
         if not isinstance(value, (list, tuple)):
-            raise _Invalid(f"must be a list of {{\"image\": FILE, \"label\": FILE}}, got {_show(value)}")
+            raise _Invalid(f"must be a list of {{\"image\": FILE, \"label\": FILE}}, got {shown(value)}")
         if len(value) < min_items:
             raise _Invalid("no training cases given (use --image/--label, --cases FOLDER or a job file)")
         out = []
         for i, case in enumerate(value, start=1):
             if not isinstance(case, dict) or set(case) != {"image", "label"}:
-                raise _Invalid(f"case {i} must be {{\"image\": FILE, \"label\": FILE}}, got {_show(case)}")
+                raise _Invalid(f"case {i} must be {{\"image\": FILE, \"label\": FILE}}, got {shown(case)}")
             try:
                 out.append({"image": text(case["image"]), "label": text(case["label"])})
             except _Invalid as exc:
