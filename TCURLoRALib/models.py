@@ -11,15 +11,15 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from tcurlora import labels as labeltables
+
 CUSTOM_KINDS = ("bundle", "spec")
 FOUND_KIND = "found"  # a base model found on this computer (its folder is the job's base)
-MAX_LABEL_VALUE = 65535
+
 
 def defaultColor(value: int) -> List[float]:
     """The engine's colour for a label value (one palette for the GUI, the worker and the files)."""
-    from tcurlora.protocol import default_color
-
-    return default_color(value)
+    return labeltables.default_color(value)
 
 
 def catalogModels() -> List[Dict[str, Any]]:
@@ -342,9 +342,9 @@ def labelsFromMapping(mapping: Sequence[Dict[str, Any]], baseLabels: Sequence[Di
             raise ValueError(f"Segment '{segment}': label value '{row.get('value')}' is not a whole number.")
         if not label:
             raise ValueError(f"Segment '{segment}': the label name is empty.")
-        if not 1 <= value <= MAX_LABEL_VALUE:
-            raise ValueError(f"Segment '{segment}': label value {value} must be between 1 and {MAX_LABEL_VALUE} "
-                             "(0 is background).")
+        if not 1 <= value <= labeltables.MAX_LABEL_VALUE:
+            raise ValueError(f"Segment '{segment}': label value {value} must be between 1 and "
+                             f"{labeltables.MAX_LABEL_VALUE} (0 is background).")
         if value in nameOfValue and nameOfValue[value].lower() != label.lower():
             raise ValueError(f"Label value {value} is used for both '{nameOfValue[value]}' and '{label}'.")
         if label.lower() in valueOfName and valueOfName[label.lower()] != value:
@@ -366,4 +366,5 @@ def labelsFromMapping(mapping: Sequence[Dict[str, Any]], baseLabels: Sequence[Di
             allBase = False
             table.append({"value": value, "name": nameOfValue[value],
                           "color": colorOfValue.get(value) or defaultColor(value)})
+    table = labeltables.check_label_table(table)  # the rules every label table meets (names, colours, limits)
     return (None if allBase else table), table, segmentToValue

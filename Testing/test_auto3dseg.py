@@ -106,7 +106,7 @@ def test_other_settings_match_the_extension(a3d, tmp_path, change):
     in-process path ``segment`` takes)."""
     from tcurlora.io import read_image
     from tcurlora.models import load_base
-    from tcurlora.train import sliding_window_probabilities
+    from tcurlora.runtime import sliding_window_probabilities
 
     folder = bad_model(a3d, tmp_path, change)
     base = load_base(folder)
@@ -137,7 +137,7 @@ def test_trained_adapter_changes_the_output_and_round_trips(a3d, tmp_path):
     from tcurlora.adapter_file import load_adapter
     from tcurlora.io import read_image
     from tcurlora.models import load_base
-    from tcurlora.train import sliding_window_probabilities
+    from tcurlora.runtime import sliding_window_probabilities
 
     adapter = tmp_path / "site.safetensors"
     proc = run("finetune", "--base", a3d.folder, "--device", "cpu", "--image", a3d.ct, "--label", a3d.label,

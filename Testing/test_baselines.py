@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from tcurlora import TCURLoRAConfig, inject_adapter, merge_adapter, trainable_parameter_count, unmerge_adapter
+from tcurlora import protocol
 from tcurlora.adapter import base_state_dict, get_adapter
 from tcurlora.adapter_file import base_fingerprint, load_adapter, save_adapter
 from tcurlora.manifest import read_manifest, summary
@@ -24,6 +25,24 @@ def own_parameters(model, method):
     marks = {"pissa": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "lora_magnitude_vector"),
              "curlora": ("delta_u",), "lorapt": ("principal_left", "principal_right")}[method]
     return {n: p for n, p in model.named_parameters() if any(f".{m}" in n for m in marks)}
+
+
+@pytest.mark.parametrize("method", protocol.METHODS)
+def test_each_method_has_its_strategy_and_its_traits_name_what_it_trains(method):
+    """The method-traits table and the registry agree: every method in the table has one strategy, the PEFT ones
+    are PEFT's LoRA layers, and the tensor names of its traits are those of the parameters its adapter trains."""
+    from tcurlora.tuners.registry import STRATEGIES
+    from tcurlora.tuners.strategies import LoraStrategy
+
+    assert sorted(STRATEGIES) == sorted(protocol.METHODS)
+    traits = protocol.METHOD_TRAITS[method]
+    assert isinstance(STRATEGIES[method], LoraStrategy) == traits.peft
+    model = seeded(ConvNet)
+    inject_adapter(model, TCURLoRAConfig(method=method, rank=2, train_modules=["dec"] if method == "decoder" else []))
+    every_name = {name for t in protocol.METHOD_TRAITS.values() for name in t.tensors}
+    trained = {part for n, p in model.named_parameters() if p.requires_grad for part in n.split(".")}
+    assert trained & every_name == set(traits.tensors)
+    assert any(p.requires_grad for p in model.parameters())
 
 
 @pytest.mark.parametrize("net", list(NETS))

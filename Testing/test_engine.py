@@ -344,7 +344,8 @@ def test_the_loss_and_validation_dice_leave_ignored_voxels_out():
     plus cross-entropy: a small structure's Dice is the whole Dice term, not half of it). Voxels labelled
     'ignore' (a partly annotated case) count in neither term: their logits get exactly zero gradient, and the
     loss equals the same loss over the annotated voxels alone. Validation Dice does not see them either."""
-    from tcurlora.train import IGNORE_INDEX, DiceCEOnAnnotated, _dice_per_label
+    from tcurlora.train import IGNORE_INDEX, DiceCEOnAnnotated
+    from tcurlora.train.loop import _dice_per_label
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 6, 7, 5, generator=g, requires_grad=True)
@@ -501,9 +502,9 @@ def test_warning_event_for_a_label_no_case_contains(tiny_unet, tmp_path):
 def test_cuda_out_of_memory_retries_smaller_then_on_the_cpu(tiny_unet, tmp_path, monkeypatch):
     """(4) An out-of-memory step is retried with a smaller patch, then on the CPU, each announced as a warning.
     No GPU here: the error is raised by a wrapper around the real step, which then runs for real."""
-    from tcurlora import train
+    from tcurlora.train import loop
 
-    real = train._accumulate
+    real = loop._accumulate
     patches = []
 
     def flaky(network, transforms, cases, rng, loss_fn, device, amp, options):
@@ -513,7 +514,7 @@ def test_cuda_out_of_memory_retries_smaller_then_on_the_cpu(tiny_unet, tmp_path,
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(network, transforms, cases, rng, loss_fn, device, amp, options)
 
-    monkeypatch.setattr(train, "_accumulate", flaky)
+    monkeypatch.setattr(loop, "_accumulate", flaky)
     ev = tmp_path / "ev.jsonl"
     assert run(["finetune", *tiny_unet.args, "--image", CT, "--label", CT_VERT, "--out", tmp_path / "a.safetensors",
                 "--steps", "2", "--batch-size", "1", "--patch-size", "64", "32", "32", "--events", ev]) == 0
@@ -791,7 +792,7 @@ def test_a_new_head_starts_each_label_from_the_base_channel_of_its_name_or_at_a_
     from tcurlora.adapter import inject_adapter, set_active_adapter
     from tcurlora.config import TCURLoRAConfig
     from tcurlora.models.deepbet import LinkNet3d
-    from tcurlora.train import _start_new_head
+    from tcurlora.train.setup import _start_new_head
 
     torch.manual_seed(0)
     network = LinkNet3d().eval()

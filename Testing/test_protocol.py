@@ -19,13 +19,13 @@ from conftest import REPO, SUBPROCESS_ENV
 from tcurlora import cli, jobs, protocol
 from tcurlora.protocol import SettingError, validate_job
 
-STDLIB_MODULES = ["protocol.py", "atomic.py", "errors.py", "jobs.py"]
+STDLIB_MODULES = ["protocol.py", "labels.py", "atomic.py", "errors.py", "jobs.py", "manifest.py", "config.py"]
 
 
 def test_importable_without_torch_numpy_or_simpleitk():
     """The Slicer side imports the protocol and the job runner before torch is installed: a fresh interpreter
     that imports them loads none of the heavy packages."""
-    code = ("import sys, tcurlora.protocol, tcurlora.jobs, tcurlora.atomic; "
+    code = ("import sys, tcurlora.protocol, tcurlora.labels, tcurlora.jobs, tcurlora.atomic, TCURLoRALib.models; "
             "heavy = sorted(m for m in ('torch', 'numpy', 'SimpleITK', 'monai') if m in sys.modules); "
             "print(heavy)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
@@ -69,8 +69,7 @@ def test_one_definition_of_methods_devices_and_defaults():
     assert tuple(actions["method"].choices) == protocol.METHODS
     assert tuple(actions["preset"].choices) == protocol.PRESETS
     assert tuple(actions["device"].choices) == protocol.DEVICES
-    assert CONFIG_METHODS == protocol.METHODS and CONFIG_PRESETS == protocol.TUNER_PRESETS
-    assert set(protocol.PRESETS) == set(protocol.TUNER_PRESETS) | {"decoder"}  # resolved per base (train.py)
+    assert CONFIG_METHODS == protocol.METHODS and CONFIG_PRESETS == protocol.PRESETS  # one spelling: "decoder" too
     job = jobs.finetune_job(base="deepbet", cases=[{"image": "a.nrrd", "label": "a.seg.nrrd"}],
                             out="a.safetensors", stop_file="STOP")
     options = FinetuneOptions()
@@ -124,6 +123,18 @@ def test_bad_job_value_is_one_line_naming_the_key(key, value):
     assert isinstance(exc.value, ValueError)  # the Slicer-side builders raise ValueError
 
 
+def test_options_of_a_job_are_its_checked_values():
+    """A job is checked once, by the protocol; its training options are then its values, as the Python API's
+    FinetuneOptions (which checks what a caller passes) would hold them."""
+    from tcurlora.train import FinetuneOptions
+
+    job = validate_job(dict(GOOD_FINETUNE, rank=4, patch_size=[32, 32, 16], train_modules=["dec"], lr=0.5))
+    options = FinetuneOptions.from_job(job)
+    assert options == FinetuneOptions(rank=4, patch_size=(32, 32, 16), train_modules=["dec"], lr=0.5)
+    assert options.patch_size == (32, 32, 16) and options.learning_rate() == 0.5
+    assert FinetuneOptions.from_job(validate_job(GOOD_FINETUNE)) == FinetuneOptions()
+
+
 def test_cli_style_names_the_flag():
     job = dict(GOOD_FINETUNE, batch_size=0, command="finetune")
     with pytest.raises(SettingError, match=r"^--batch-size: must be an integer from 1 to 64, got 0$"):
@@ -156,13 +167,14 @@ def test_patch_size_must_suit_the_base():
 
 
 def test_one_label_palette():
-    """One default palette for label colours: the engine's io and the protocol give the same colour."""
-    from tcurlora import io
+    """One default palette for label colours: the engine's io and the Slicer side give the label table's colour."""
+    from TCURLoRALib import models
+    from tcurlora import io, labels
 
-    assert io.default_color is protocol.default_color
-    colours = [tuple(protocol.default_color(v)) for v in range(1, len(protocol.LABEL_PALETTE) + 1)]
-    assert len(set(colours)) == len(colours) and protocol.default_color(1) == protocol.default_color(
-        1 + len(protocol.LABEL_PALETTE))
+    assert io.default_color is labels.default_color and models.defaultColor(5) == labels.default_color(5)
+    colours = [tuple(labels.default_color(v)) for v in range(1, len(labels.LABEL_PALETTE) + 1)]
+    assert len(set(colours)) == len(colours) and labels.default_color(1) == labels.default_color(
+        1 + len(labels.LABEL_PALETTE))
     assert all(0 <= c <= 1 for rgb in colours for c in rgb)
 
 

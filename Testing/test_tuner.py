@@ -580,24 +580,28 @@ def _plain_conv_unet():
 
 
 def test_decoder_preset_adapts_only_the_decoder_and_backward_never_enters_the_encoder(tmp_path):
-    from types import SimpleNamespace
-
+    """``preset="decoder"`` is the CLI's ``--preset decoder`` in the Python API too: the conv stacks of the decoder
+    modules the base model declares (or of ``target_modules``), and nothing of the encoder."""
     from tcurlora.adapter import describe_adapter
     from tcurlora.adapter_file import load_adapter, save_adapter
     from tcurlora.errors import TCURLoRAError
-    from tcurlora.train import adapted_layers
+    from tcurlora.models import BaseModel
+    from tcurlora.preprocess import Preprocessing
+    from tcurlora.train import FinetuneOptions, build_adapter_config
 
     net, decoder = _plain_conv_unet()
-    base = SimpleNamespace(name="plain", network=net, decoder_modules=decoder)
-    assert adapted_layers(base, "decoder") == ("conv", decoder)
-    assert adapted_layers(base, "auto") == ("auto", []) and adapted_layers(base, "conv") == ("conv", [])
-    with pytest.raises(TCURLoRAError, match="declares no decoder modules"):
-        adapted_layers(SimpleNamespace(name="plain", network=net, decoder_modules=[]), "decoder")
-
     reference = copy.deepcopy(net)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    inject_adapter(net, TCURLoRAConfig(rank=2, target_modules=decoder))
+    labels = [{"value": 1, "name": "a", "color": [1, 0, 0]}, {"value": 2, "name": "b", "color": [0, 1, 0]}]
+    base = BaseModel("plain", net, labels, Preprocessing(patch_size=(16, 16, 16)), decoder_modules=decoder)
+    plain = BaseModel("plain", copy.deepcopy(reference), labels, Preprocessing(patch_size=(16, 16, 16)))
+    assert build_adapter_config(base, FinetuneOptions(preset="decoder"), labels).preset == "decoder"
+    with pytest.raises(TCURLoRAError, match="declares no decoder modules"):
+        build_adapter_config(plain, FinetuneOptions(preset="decoder"), labels)
+    with pytest.raises(TCURLoRAError, match="preset 'decoder' needs the decoder's modules"):
+        inject_adapter(plain.network, TCURLoRAConfig(rank=2, preset="decoder"))
+
+    inject_adapter(base.network, TCURLoRAConfig(rank=2, preset="decoder"))
+    assert describe_adapter(net)["config"]["target_modules"] == decoder
     members = [m["module"] for stack in describe_adapter(net)["stacks"] for m in stack["members"]]
     assert members and all(name.startswith("decoder.") for name in members), members
     encoder_outputs = []
@@ -621,3 +625,4 @@ def test_decoder_preset_adapts_only_the_decoder_and_backward_never_enters_the_en
     with torch.no_grad():
         assert torch.equal(reference(x), net(x))
     assert describe_adapter(reference)["config"]["target_modules"] == decoder
+    assert describe_adapter(reference)["config"]["preset"] == "decoder"

@@ -4,7 +4,7 @@ The task is the demo's (tcurlora/demo.py): a site's brain masks are the expert m
 (``tcurlora.demo.site_convention``).  Two real heads with expert masks: mni152 (FSL MNI152 T1, 1 mm)
 and robex (ROBEX reference T1, 1.5 mm).  Leave-one-case-out in both directions (train on one, test on
 the other), every method with the same case, steps, batch and seeds; each method keeps the package's
-default learning rate (``tcurlora.train.DEFAULT_LR``).  Per test case: Dice and HD95 on the input grid
+default learning rate (``tcurlora.protocol.DEFAULT_LR``).  Per test case: Dice and HD95 on the input grid
 (``tcurlora.metrics.evaluate``); per method: trainable values and adapter file size.
 
     python benchmarks/quality.py --base deepbet --steps 24 --seeds 0 1 2 --resolution 128
@@ -138,8 +138,8 @@ def adapt_and_segment(base, pristine, train_pair, options, jobs, labels=None, **
     from tcurlora.adapter_file import load_adapter
     from tcurlora.events import Events
     from tcurlora.infer import segment
+    from tcurlora.protocol import PEFT_METHODS
     from tcurlora.train import finetune
-    from tcurlora.tuners.strategies import PEFT_METHODS
 
     adapter = Path(jobs[0][1]).with_name(Path(jobs[0][1]).name.replace(".nii.gz", ".safetensors"))
     base.network = copy.deepcopy(pristine)
@@ -171,8 +171,8 @@ def run(args) -> list:
     from tcurlora.events import Events
     from tcurlora.infer import segment
     from tcurlora.metrics import evaluate
-    from tcurlora.protocol import MAX_STEPS
-    from tcurlora.train import DEFAULT_LR, FinetuneOptions
+    from tcurlora.protocol import DEFAULT_LR, MAX_STEPS
+    from tcurlora.train import FinetuneOptions
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,13 +22,14 @@ from . import __version__
 from .config import TCURLoRAConfig
 from .errors import TCURLoRAError, display_name
 from .io import atomic_write, validate_label_table
-from .manifest import (FORMAT_VERSION, LORA_KEY, METADATA_KEY, PEFT_METHOD_NAMES, ManifestError, check_tensors,
+from .manifest import (FORMAT_VERSION, LORA_KEY, METADATA_KEY, ManifestError, check_tensors,
                        parse_manifest, read_adapter_bytes, trained_prefix)
 from .adapter import base_fingerprint, short_fingerprint
+from .protocol import PEFT_METHODS
 from .tuners import AdapterError, get_tuner
 from .tuners.model import first_non_finite
 from .tuners.stacks import find
-from .tuners.strategies import strategy_for
+from .tuners.registry import strategy_for
 
 
 def _base_name(model: nn.Module) -> str:
@@ -161,7 +162,7 @@ def _check_layers_fit(model: nn.Module, method: dict, index: dict, name: str) ->
         shape = list(module.weight.shape)
         shape[1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0] = head["out_channels"]
         expect(trained_prefix(head["module"]) + "weight", shape, module.weight.dtype)
-    if method["name"] in PEFT_METHOD_NAMES:
+    if method["name"] in PEFT_METHODS:
         rank = method["config"].get("rank", TCURLoRAConfig.rank)
         for target in method["lora_targets"]:
             module = layer(target)

@@ -22,8 +22,8 @@ from . import __version__
 from .adapter import short_fingerprint
 from .errors import TCURLoRAError, display_name
 from .manifest import METADATA_KEY, check_tensors, parse_manifest, read_manifest
+from .protocol import AVERAGEABLE_METHODS as AVERAGEABLE, check_adapter_path
 
-AVERAGEABLE = ("tcurlora", "decoder", "full")
 LORA_REFUSAL = ("LoRA adapters cannot be averaged exactly: the mean of the sites' B·A is not (mean B)·(mean A), "
                 "so averaging LoRA factors does not average the updates; train tCURLoRA adapters to aggregate")
 # fields that may differ between sites without changing what a core means (the CUR indices, compared
@@ -183,8 +183,7 @@ def aggregate(paths: Sequence, out, weights: Optional[Sequence[float]] = None) -
     """
     if len(paths) < 2:
         raise TCURLoRAError("aggregate needs at least two adapter files")
-    if not str(out).endswith(".safetensors"):
-        raise TCURLoRAError(f"{display_name(out)}: the merged adapter must end in .safetensors")
+    check_adapter_path(out, "merged adapter")
     names = [display_name(p) for p in paths]
     read = [read_adapter(p) for p in paths]
     manifests = [m for m, _ in read]

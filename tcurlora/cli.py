@@ -318,14 +318,14 @@ def cmd_evaluate(args) -> int:
 
     pred, ref = Path(args.pred), Path(args.ref)
     if pred.is_dir():
-        from .io import _volume_files, stem
+        from .io import stem, volume_files
 
         # label maps AND Slicer .seg.nrrd (what `segment` writes by default); not expand_inputs, which
         # lists images to segment and so leaves .seg.nrrd files out
-        preds = [str(p) for p in _volume_files(pred)]
+        preds = [str(p) for p in volume_files(pred)]
         if not preds:
             raise TCURLoRAError(f"{pred.name}: no label maps or segmentations in this folder")
-        refs_by_stem = {stem(p): str(p) for p in _volume_files(ref)} if ref.is_dir() else {}
+        refs_by_stem = {stem(p): str(p) for p in volume_files(ref)} if ref.is_dir() else {}
         pairs = [(p, refs_by_stem.get(stem(p))) for p in preds]
         missing = [Path(p).name for p, r in pairs if r is None]
         if missing:

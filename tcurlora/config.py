@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .protocol import METHODS, TUNER_PRESETS as PRESETS
+from .protocol import METHODS, PRESETS
 
 SELECTIONS = ("deterministic", "sampled")
 
@@ -37,8 +37,10 @@ class TCURLoRAConfig:
                      ``full`` (train every weight).
     preset:          which stacks to build: ``vit`` (per ViT/Swin stage: attention [out, q, k, v] of
                      every block, MLP up, MLP down), ``conv`` (same-shape Conv3d/ConvTranspose3d
-                     kernels, each as out × in·k³), ``auto`` (``vit`` if the model has attention
-                     blocks, else ``conv``) or ``none`` (only ``stacks``).
+                     kernels, each as out × in·k³), ``decoder`` (``conv`` inside the base's decoder only:
+                     ``target_modules``, by default the decoder modules its base model declares),
+                     ``auto`` (``vit`` if the model has attention blocks, else ``conv``) or ``none``
+                     (only ``stacks``).
     stacks:          explicit stacks: name -> regular expressions matched (fullmatch) against module
                      names; every matched module's whole weight is a member, in module order.
     rank:            r, the number of CUR columns/rows (clamped to min(n1, n2) per stack).

@@ -33,6 +33,12 @@ def _one_line(text: str) -> str:
     return "".join("?" if unsafe_character(ch) else ch for ch in text) if unsafe_character(text) else text
 
 
+def shown(value) -> str:
+    """A value as a message quotes it: its ``repr``, shortened to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def display_name(path: PathLike) -> str:
     """Short name of a file for messages: its base name (a folder keeps its name too)."""
     text = os.fspath(path).rstrip("/\\")

@@ -17,9 +17,10 @@ from .adapter_file import load_adapter
 from .atomic import check_writable
 from .errors import InputError, TCURLoRAError
 from .events import Events
+from .labels import channel_values
 from .models import BaseModel
+from .protocol import PEFT_METHODS
 from .runtime import InferenceStopped, StopWatch, pick_device, sliding_window_probabilities, with_oom_fallback
-from .tuners.strategies import PEFT_METHODS
 
 SEGMENTATION_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 
@@ -78,13 +79,13 @@ def output_paths(inputs: Sequence[str], output: str) -> List[Path]:
 
 def expand_inputs(inputs: Sequence[str]) -> List[str]:
     """Files as given; a folder of volumes expands to its volumes (a DICOM series folder stays one input)."""
-    from .io import _volume_files  # the same rule find_cases uses
+    from .io import volume_files  # the same rule find_cases uses
 
     expanded: List[str] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir() and not any(f.suffix.lower() == ".dcm" or f.suffix == "" for f in p.iterdir() if f.is_file()):
-            files = [str(f) for f in _volume_files(p) if not f.name.endswith(".seg.nrrd")]
+            files = [str(f) for f in volume_files(p) if not f.name.endswith(".seg.nrrd")]
             if not files:
                 raise TCURLoRAError(f"{p.name}: no volumes in this folder")
             expanded += files
@@ -123,7 +124,8 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
         events.log(f"adapter {Path(adapter).name}: {manifest['method']['name']}, labels "
                    + ", ".join(l["name"] for l in labels))
     network.eval().to(dev)
-    values = [int(l["value"]) for l in labels]
+    channel_to_value = channel_values(labels)
+    values = channel_to_value[1:]
     if largest_component is None:
         largest_component = base.largest_component
     own_pipeline = hasattr(base, "segment_image")
@@ -147,7 +149,7 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
                 result.cancelled = True
                 return result
             if not own_pipeline:
-                label = base.restore(probs, meta, image, [0] + values)
+                label = base.restore(probs, meta, image, channel_to_value)
             if largest_component:
                 label = keep_largest_component(label, values)
             write_segmentation(dst, array_to_image(label.astype(np.uint16 if max(values, default=0) > 255 else np.uint8), image), labels)

@@ -14,8 +14,10 @@ import re
 import struct
 from typing import Dict, Optional, Tuple
 
-from .config import METHODS as CONFIG_METHODS, PRESETS, SELECTIONS, TCURLoRAConfig
+from .config import PRESETS, SELECTIONS, TCURLoRAConfig
 from .errors import TCURLoRAError, display_name, unsafe_character
+from .labels import MAX_NAME, LabelError, check_label_table
+from .protocol import METHODS, PEFT_METHODS
 
 try:  # the parser behind re.compile: to check a pattern's shape without running it
     from re import _parser as _sre_parser
@@ -26,9 +28,6 @@ FORMAT_VERSION = "1.0"
 METADATA_KEY = "tcurlora"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_TENSOR_DIMS = 8
-#: Segmentations are written as 8- or 16-bit label maps (``tcurlora.io.write_segmentation``).
-MAX_LABEL_VALUE = 65535
-MAX_NAME = 256  # label, base and stack names
 MAX_RANK = 4096
 MAX_CHANNELS = 4096  # outputs of a new head
 MAX_STACK_MEMBERS = 4096
@@ -41,9 +40,7 @@ _MODULE_PATH = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 LORA_KEY = re.compile(r"(?P<target>.+)\.lora_(?P<ab>[AB])\.[^.]+\.weight")
 # DoRA's magnitude per output: <target>.lora_magnitude_vector.<adapter name>.weight
 DORA_KEY = re.compile(r"(?P<target>.+)\.lora_magnitude_vector\.[^.]+\.weight")
-PEFT_METHOD_NAMES = ("lora", "pissa", "dora")  # files of HF PEFT LoRA layers (lora_targets, lora_A/B tensors)
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-METHOD_NAMES = CONFIG_METHODS
 PICKLE_PROBLEM = "is a PyTorch pickle/zip checkpoint, not a safetensors adapter; it was not opened"
 
 
@@ -204,7 +201,7 @@ def parse_manifest(text: str, where: str = "adapter") -> dict:
         if not isinstance(data.get(key), kind):
             raise _fail(where, f"manifest field {key!r} is missing or not a {kind.__name__}")
     method = data["method"]
-    if method.get("name") not in METHOD_NAMES:
+    if method.get("name") not in METHODS:
         raise _fail(where, f"unknown method {method.get('name')!r}")
     if not isinstance(method.get("config"), dict) or not isinstance(method.get("stacks"), list):
         raise _fail(where, "manifest method lacks its config or stacks")
@@ -220,35 +217,16 @@ def parse_manifest(text: str, where: str = "adapter") -> dict:
     for key in ("trained_modules", "lora_targets"):
         if key in method and not (isinstance(method[key], list) and all(_is_module_path(m) for m in method[key])):
             raise _fail(where, f"manifest method field {key!r} must be a list of module names")
-    if method["name"] in PEFT_METHOD_NAMES and not method.get("lora_targets"):
+    if method["name"] in PEFT_METHODS and not method.get("lora_targets"):
         raise _fail(where, "a LoRA adapter must list its lora_targets")
     base = data["base"]
     if not (isinstance(base.get("name"), str) and 0 < len(base["name"]) <= MAX_NAME
             and isinstance(base.get("fingerprint"), str) and re.fullmatch(r"sha256:[0-9a-f]{64}", base["fingerprint"])):
         raise _fail(where, "manifest base needs a name and a sha256 fingerprint")
-    values: set = set()
-    names: set = set()
-    for label in data["labels"]:
-        if not (isinstance(label, dict) and _is_int(label.get("value")) and label["value"] > 0
-                and isinstance(label.get("name"), str) and label["name"].strip()):
-            raise _fail(where, "every label needs a positive integer value and a name")
-        if label["value"] > MAX_LABEL_VALUE:
-            raise _fail(where, f"label value {label['value']} is above {MAX_LABEL_VALUE} (segmentations are "
-                               "written as 8- or 16-bit label maps)")
-        if len(label["name"]) > MAX_NAME:
-            raise _fail(where, f"label {label['value']} has a name longer than {MAX_NAME} characters")
-        color = label.get("color")
-        if not (isinstance(color, list) and len(color) == 3
-                and all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in color)):
-            raise _fail(where, f"label {label['name']!r} needs an RGB colour of three numbers in 0..1")
-        if "terminology" in label and not isinstance(label["terminology"], (str, type(None))):
-            raise _fail(where, f"label {label['name']!r}: terminology must be a string")
-        if label["value"] in values:
-            raise _fail(where, f"label value {label['value']} appears twice")
-        if label["name"].strip().lower() in names:
-            raise _fail(where, f"label name {label['name']!r} appears twice")
-        values.add(label["value"])
-        names.add(label["name"].strip().lower())
+    try:
+        check_label_table(data["labels"], require_color=True)
+    except LabelError as exc:
+        raise _fail(where, f"label table: {exc}") from None
     return data
 
 
@@ -424,7 +402,7 @@ def check_tensors(manifest: dict, index: Dict[str, dict], where: str = "adapter"
     a loader never builds more than the file's own tensors describe.
     """
     method = manifest["method"]
-    if method["name"] in PEFT_METHOD_NAMES:
+    if method["name"] in PEFT_METHODS:
         _check_lora_tensors(method, index, where)
         return
     if method["name"] not in ("tcurlora", "decoder", "curlora", "lorapt"):

@@ -93,8 +93,8 @@ def evaluate(pred_paths: Sequence[PathLike], ref_paths: Sequence[PathLike],
     """
     import SimpleITK as sitk
 
-    from .errors import InputError
-    from .io import display_name, geometry_mismatch, read_label_unchecked, stem, validate_label_table
+    from .errors import InputError, display_name
+    from .io import geometry_mismatch, read_label_unchecked, stem, validate_label_table
 
     if len(pred_paths) != len(ref_paths):
         raise ValueError(f"{len(pred_paths)} predictions for {len(ref_paths)} references")

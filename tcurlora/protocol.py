@@ -1,10 +1,10 @@
 """The job protocol: the one definition of what the engine accepts, shared by the CLI, the worker and Slicer.
 
-Methods, presets, devices, exit codes, event names, the default label colours and every job key (its
-type, default, range and a check that gives a one-line error naming the setting). ``tcurlora.cli`` builds
-its flags from :data:`SETTINGS`, ``tcurlora.worker`` and ``tcurlora.jobs`` validate job dictionaries with
-:func:`validate_job`, and ``tcurlora.train.FinetuneOptions`` takes its defaults and checks from here, so a
-new option is one entry in :data:`SETTINGS`.
+Methods and their traits, presets, devices, exit codes, event names and every job key (its type, default,
+range and a check that gives a one-line error naming the setting). ``tcurlora.cli`` builds its flags from
+:data:`SETTINGS`, ``tcurlora.worker`` and ``tcurlora.jobs`` validate job dictionaries with :func:`validate_job`,
+and ``tcurlora.train.FinetuneOptions`` takes its defaults and checks from here, so a new option is one entry in
+:data:`SETTINGS`.
 
 Standard library only and Python 3.9 compatible: the Slicer side imports it before torch is installed.
 """
@@ -16,17 +16,16 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import TCURLoRAError, display_name
+from .errors import TCURLoRAError, display_name, shown
+from .labels import LABELS_FROM_SEGMENTATION, LabelError, check_label_table
 
 JOB_VERSION = 1
 COMMANDS = ("finetune", "segment", "export")
-METHODS = ("tcurlora", "lora", "decoder", "full", "pissa", "dora", "curlora", "lorapt")
-#: Which layers a job adapts: ``auto`` (``vit`` for a network with attention blocks, else ``conv``), ``vit``,
-#: ``conv`` (every same-shape conv stack), ``decoder`` (the conv stacks of the base's declared decoder modules
-#: only: backward never enters the frozen encoder; faster, less to adapt) or ``none``. The tuner itself knows
-#: all but ``decoder``, which the job resolves per base (:func:`tcurlora.train.adapted_layers`).
+#: Which layers a job (and :class:`tcurlora.config.TCURLoRAConfig`) adapts: ``auto`` (``vit`` for a network with
+#: attention blocks, else ``conv``), ``vit``, ``conv`` (every same-shape conv stack), ``decoder`` (the conv stacks
+#: of the base's declared decoder modules only: backward never enters the frozen encoder; faster, less to
+#: adapt) or ``none``.
 PRESETS = ("auto", "vit", "conv", "decoder", "none")
-TUNER_PRESETS = ("auto", "vit", "conv", "none")
 DEVICES = ("auto", "cpu", "cuda")
 #: What ``export`` writes: the base's own format (nnU-Net results folder, MONAI bundle, SlicerMONAIAuto3DSeg model).
 EXPORT_FORMATS = ("nnunet", "bundle", "auto3dseg")
@@ -48,10 +47,42 @@ EVENTS = (EVENT_LOG, EVENT_PROGRESS, EVENT_WARNING, EVENT_ERROR, EVENT_RESULT)
 #: Added by ``tcurlora.jobs.WorkerJob`` (not the worker) once the process has ended.
 EVENT_EXIT = "exit"
 
+
+@dataclass(frozen=True)
+class MethodTraits:
+    """What the engine outside the tuner knows about one method (its strategy: :mod:`tcurlora.tuners.registry`).
+
+    ``default_lr``: the learning rate when the job gives none (the cores learn fast, fully trained weights
+    slowly); ``peft``: HF PEFT's LoRA layers (a file lists ``lora_targets`` with ``lora_A``/``lora_B`` tensors;
+    training and inference run them unmerged, as PEFT's merge covers not every conv layer); ``averageable``: the weighted mean of adapters is exactly the mean of their weight
+    updates (``tcurlora aggregate``, federated rounds); ``tensors``: the names of its trainable tensors, beside
+    any module it trains fully.
+    """
+
+    name: str
+    default_lr: float
+    peft: bool
+    averageable: bool
+    tensors: Tuple[str, ...]
+
+
+METHOD_TRAITS: Dict[str, MethodTraits] = {t.name: t for t in (
+    MethodTraits("tcurlora", 1e-2, peft=False, averageable=True, tensors=("delta_u",)),
+    MethodTraits("lora", 1e-3, peft=True, averageable=False, tensors=("lora_A", "lora_B")),
+    MethodTraits("decoder", 1e-3, peft=False, averageable=True, tensors=()),
+    MethodTraits("full", 1e-4, peft=False, averageable=True, tensors=()),
+    MethodTraits("pissa", 1e-3, peft=True, averageable=False, tensors=("lora_A", "lora_B")),
+    MethodTraits("dora", 1e-3, peft=True, averageable=False, tensors=("lora_A", "lora_B", "lora_magnitude_vector")),
+    MethodTraits("curlora", 1e-2, peft=False, averageable=False, tensors=("delta_u",)),
+    MethodTraits("lorapt", 1e-3, peft=False, averageable=False, tensors=("principal_left", "principal_right")),
+)}
+METHODS = tuple(METHOD_TRAITS)
+#: The learning rate of each method when the job gives none.
+DEFAULT_LR = {name: traits.default_lr for name, traits in METHOD_TRAITS.items()}
+PEFT_METHODS = tuple(name for name, traits in METHOD_TRAITS.items() if traits.peft)
+AVERAGEABLE_METHODS = tuple(name for name, traits in METHOD_TRAITS.items() if traits.averageable)
+
 ADAPTER_SUFFIX = ".safetensors"
-#: Learning rate when the job gives none: the cores learn fast, fully trained weights slowly.
-DEFAULT_LR = {"tcurlora": 1e-2, "lora": 1e-3, "decoder": 1e-3, "full": 1e-4,
-              "pissa": 1e-3, "dora": 1e-3, "curlora": 1e-2, "lorapt": 1e-3}
 #: A new output layer (labels the base lacks) starts untrained for its new labels: it learns at this rate
 #: whatever the method and its ``lr`` (at 1e-3, the rate fully trained modules get beside cores, the last
 #: layer of deepbet moved its lesion channel too slowly to leave the all-background start within 100 steps).
@@ -59,20 +90,6 @@ NEW_HEAD_LR = 1e-2
 #: Without ``checkpoint_every``, training saves a resumable checkpoint after the first step and then whenever
 #: this many seconds have passed since the last one: a kill -9 or power loss costs at most this much work.
 CHECKPOINT_INTERVAL_S = 120.0
-
-# Distinct default colours for labels without a colour (Slicer-like soft tones), as RGB in 0..1.
-LABEL_PALETTE = (
-    (0.502, 0.682, 0.502), (0.945, 0.839, 0.569), (0.694, 0.478, 0.396), (0.435, 0.722, 0.824),
-    (0.847, 0.396, 0.310), (0.867, 0.510, 0.396), (0.565, 0.933, 0.565), (0.753, 0.408, 0.690),
-    (0.863, 0.961, 0.078), (0.306, 0.247, 0.000), (1.000, 0.980, 0.863), (0.902, 0.863, 0.275),
-    (0.784, 0.784, 0.922), (0.980, 0.980, 0.824), (0.957, 0.839, 0.584), (0.000, 0.592, 0.808),
-)
-
-
-def default_color(value: int) -> List[float]:
-    """The default colour of a label value (the same on every path: engine, CLI and Slicer)."""
-    return [float(c) for c in LABEL_PALETTE[(int(value) - 1) % len(LABEL_PALETTE)]]
-
 
 # ----------------------------------------------------------------------------------------------------------
 # errors
@@ -97,17 +114,12 @@ class _Invalid(Exception):
 Check = Callable[[Any], Any]
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def integer(lo: int, hi: int) -> Check:
     def check(value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Invalid(f"must be an integer, got {_show(value)}")
+            raise _Invalid(f"must be an integer, got {shown(value)}")
         if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-            raise _Invalid(f"must be an integer, got {_show(value)}")
+            raise _Invalid(f"must be an integer, got {shown(value)}")
         value = int(value)
         if not lo <= value <= hi:
             raise _Invalid(f"must be an integer from {lo} to {hi}, got {value}")
@@ -121,7 +133,7 @@ def integer(lo: int, hi: int) -> Check:
 def number(lo: float, hi: float, lo_open: bool = False) -> Check:
     def check(value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Invalid(f"must be a number, got {_show(value)}")
+            raise _Invalid(f"must be a number, got {shown(value)}")
         value = float(value)
         if not math.isfinite(value):
             raise _Invalid(f"must be a finite number, got {value}")
@@ -136,7 +148,7 @@ def number(lo: float, hi: float, lo_open: bool = False) -> Check:
 
 def boolean(value):
     if not isinstance(value, bool):
-        raise _Invalid(f"must be true or false, got {_show(value)}")
+        raise _Invalid(f"must be true or false, got {shown(value)}")
     return value
 
 
@@ -146,7 +158,7 @@ boolean.text = "true/false"
 def choice(options: Sequence[str]) -> Check:
     def check(value):
         if value not in options:
-            raise _Invalid(f"must be one of {', '.join(options)}, got {_show(value)}")
+            raise _Invalid(f"must be one of {', '.join(options)}, got {shown(value)}")
         return value
 
     check.text = "|".join(options)
@@ -156,7 +168,7 @@ def choice(options: Sequence[str]) -> Check:
 
 def text(value):
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value).strip():
-        raise _Invalid(f"must be a non-empty text, got {_show(value)}")
+        raise _Invalid(f"must be a non-empty text, got {shown(value)}")
     return os.fspath(value)
 
 
@@ -176,7 +188,7 @@ def optional(check: Check) -> Check:
 def text_list(min_items: int = 0) -> Check:
     def check(value):
         if not isinstance(value, (list, tuple)):
-            raise _Invalid(f"must be a list, got {_show(value)}")
+            raise _Invalid(f"must be a list, got {shown(value)}")
         if len(value) < min_items:
             raise _Invalid(f"needs at least {min_items} item(s)")
         return [text(v) for v in value]
@@ -190,21 +202,32 @@ def int_triple(lo: int, hi: int) -> Check:
 
     def check(value):
         if not isinstance(value, (list, tuple)) or len(value) != 3:
-            raise _Invalid(f"must be three integers, got {_show(value)}")
+            raise _Invalid(f"must be three integers, got {shown(value)}")
         try:
             return [one(v) for v in value]
         except _Invalid:
-            raise _Invalid(f"must be three integers from {lo} to {hi}, got {_show(list(value))}") from None
+            raise _Invalid(f"must be three integers from {lo} to {hi}, got {shown(list(value))}") from None
 
     check.text = f"three integers {lo}..{hi}"
     check.bounds = (lo, hi)  # of each side
     return check
 
 
+def check_adapter_path(path, what: str = "adapter file") -> str:
+    """The name of an adapter file without its suffix (``site.v2.safetensors`` -> ``site.v2``); a
+    :class:`TCURLoRAError` naming the file unless the name ends in :data:`ADAPTER_SUFFIX`."""
+    name = os.path.basename(os.fspath(path))
+    if not name.endswith(ADAPTER_SUFFIX) or name == ADAPTER_SUFFIX:
+        raise TCURLoRAError(f"{display_name(path)}: the {what} must end in {ADAPTER_SUFFIX}")
+    return name[: -len(ADAPTER_SUFFIX)]
+
+
 def adapter_path(value):
     value = text(value)
-    if not value.endswith(ADAPTER_SUFFIX):
-        raise _Invalid(f"{display_name(value)}: the adapter file must end in {ADAPTER_SUFFIX}")
+    try:
+        check_adapter_path(value)
+    except TCURLoRAError as exc:
+        raise _Invalid(str(exc)) from None
     return value
 
 
@@ -225,13 +248,13 @@ base_model.text = "name, folder or spec"
 def case_list(min_items: int) -> Check:
     def check(value):
         if not isinstance(value, (list, tuple)):
-            raise _Invalid(f"must be a list of {{\"image\": FILE, \"label\": FILE}}, got {_show(value)}")
+            raise _Invalid(f"must be a list of {{\"image\": FILE, \"label\": FILE}}, got {shown(value)}")
         if len(value) < min_items:
             raise _Invalid("no training cases given (use --image/--label, --cases FOLDER or a job file)")
         out = []
         for i, case in enumerate(value, start=1):
             if not isinstance(case, dict) or set(case) != {"image", "label"}:
-                raise _Invalid(f"case {i} must be {{\"image\": FILE, \"label\": FILE}}, got {_show(case)}")
+                raise _Invalid(f"case {i} must be {{\"image\": FILE, \"label\": FILE}}, got {shown(case)}")
             try:
                 out.append({"image": text(case["image"]), "label": text(case["label"])})
             except _Invalid as exc:
@@ -242,39 +265,16 @@ def case_list(min_items: int) -> Check:
     return check
 
 
-LABELS_FROM_SEGMENTATION = "from-segmentation"
-#: A label of this name (any value, case-insensitive) marks voxels nobody annotated (a partly corrected case):
-#: training leaves them out of the loss and of validation; it is not an output class (nnU-Net's convention).
-IGNORE_LABEL = "ignore"
-
-
 def label_table(value):
-    """The job's label table (structure only; names, colours and terminology are checked by ``tcurlora.io``)."""
+    """The job's label table, checked by :func:`tcurlora.labels.check_label_table`; ``from-segmentation``; or None."""
     if value is None or value == LABELS_FROM_SEGMENTATION:
         return value
     if not isinstance(value, (list, tuple)) or not value:
         raise _Invalid(f"must be a list of {{\"value\", \"name\", \"color\"}} or \"{LABELS_FROM_SEGMENTATION}\"")
-    out = []
-    for entry in value:
-        if not isinstance(entry, dict) or "value" not in entry or "name" not in entry:
-            raise _Invalid(f"each label needs a \"value\" and a \"name\", got {_show(entry)}")
-        item = dict(entry)
-        try:
-            item["value"] = integer(1, 2 ** 31 - 1)(entry["value"])
-        except _Invalid as exc:
-            raise _Invalid(f"label value {exc}") from None
-        if not isinstance(entry["name"], str):
-            raise _Invalid(f"label name must be a text, got {_show(entry['name'])}")
-        if entry.get("color") is not None:
-            color = entry["color"]
-            if not isinstance(color, (list, tuple)) or len(color) < 3:
-                raise _Invalid(f"colour of '{entry['name']}' must be three numbers 0..1, got {_show(color)}")
-            try:
-                item["color"] = [number(0.0, 1.0)(c) for c in color[:3]]
-            except _Invalid:
-                raise _Invalid(f"colour of '{entry['name']}' must be three numbers 0..1, got {_show(color)}") from None
-        out.append(item)
-    return out
+    try:
+        return check_label_table(value)
+    except LabelError as exc:
+        raise _Invalid(str(exc)) from None
 
 
 label_table.text = "label table"

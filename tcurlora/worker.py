@@ -42,11 +42,11 @@ def _finish(result, events: Events) -> int:
 
 
 def run_finetune(job: dict, events: Events) -> int:
+    """Run a ``finetune`` job that :func:`tcurlora.protocol.validate_job` checked (the CLI, :func:`read_job`)."""
     from .train import FinetuneOptions, finetune
 
-    job = protocol.validate_job(job)
-    options = FinetuneOptions.from_job(job)
     base = _base(job, events)
+    options = FinetuneOptions.from_job(job)
     result = finetune(base, [(c["image"], c["label"]) for c in job["cases"]], job["out"],
                       val_pairs=[(c["image"], c["label"]) for c in job["validation"]], labels=job["labels"],
                       options=options, events=events, stop_file=job["stop_file"], resume=job["resume"],
@@ -55,9 +55,9 @@ def run_finetune(job: dict, events: Events) -> int:
 
 
 def run_segment(job: dict, events: Events) -> int:
+    """Run a ``segment`` job that :func:`tcurlora.protocol.validate_job` checked (the CLI, :func:`read_job`)."""
     from .infer import segment
 
-    job = protocol.validate_job(job)
     base = _base(job, events)
     result = segment(base, job["inputs"], job["output"], adapter=job["adapter"], device=job["device"],
                      tta=job["tta"], largest_component=job["largest_component"], probabilities=job["probabilities"],

@@ -23,7 +23,7 @@ from ..errors import InputError, TCURLoRAError
 from ..models import BaseModel
 from ..models.nnunet import _read_json as read_json_object  # a JSON object file, or one line naming it
 from ..protocol import EXPORT_TRACE_FILE
-from ..tuners.strategies import start_new_head
+from ..tuners.heads import start_new_head
 
 TRACE_FILE = EXPORT_TRACE_FILE
 

@@ -13,6 +13,7 @@ from . import app_events_target, require_flower, round_path
 from ..aggregate import read_adapter
 from ..errors import TCURLoRAError
 from ..events import Events
+from ..protocol import check_adapter_path
 
 
 def train_round(load_base, pairs: Sequence[Tuple[str, str]], out, server_round: int, train: dict, initial: dict,
@@ -62,8 +63,7 @@ def run_client(pairs: List[Tuple[str, str]], *, base: str, weights: Optional[str
     from .tls import read_root_certificate
 
     out = Path(out).absolute()
-    if out.suffix != ".safetensors":
-        raise TCURLoRAError(f"{out.name}: the adapter file must end in .safetensors")
+    check_adapter_path(out)
     if not pairs:
         raise TCURLoRAError("no training cases given (use --cases FOLDER or --image/--label)")
     check_site_name(site, "--site")

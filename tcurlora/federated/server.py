@@ -18,6 +18,7 @@ from ..aggregate import check_like, first_difference, read_adapter
 from ..errors import TCURLoRAError
 from ..events import Events
 from ..manifest import _clip, parse_manifest
+from ..protocol import check_adapter_path
 from ..tuners.model import first_non_finite
 
 
@@ -25,12 +26,12 @@ def initial_adapter(base, options, labels, out) -> Path:
     """The round-0 global adapter: a fresh adapter on ``base`` as ``finetune`` would build it, saved beside ``out``."""
     from ..adapter import inject_adapter
     from ..adapter_file import save_adapter
-    from ..train import _seed_everything, build_adapter_config, resolve_labels, split_ignore
+    from ..train import build_adapter_config, resolve_labels, seed_everything, split_ignore
 
     check_averageable(options.method, "--method")
     table, _ = split_ignore(resolve_labels(base, labels, None))  # the classes ('ignore' is not one)
     config = build_adapter_config(base, options, table)
-    _seed_everything(options.seed)  # as finetune does: a new head starts from the seed
+    seed_everything(options.seed)  # as finetune does: a new head starts from the seed
     inject_adapter(base.network, config, "finetune")
     path = round_path(out, 0)
     save_adapter(base.network, path, labels=table, preprocessing=base.preprocessing.to_dict(),
@@ -136,8 +137,7 @@ def run_server(base, options, *, labels, address: str, rounds: int, min_clients:
     from .tls import server_certificate_files
 
     out = Path(out).absolute()
-    if out.suffix != ".safetensors":
-        raise TCURLoRAError(f"{out.name}: the global adapter must end in .safetensors")
+    check_adapter_path(out, "global adapter")
     if rounds < 1 or min_clients < 1 or max_site_cases < 1:
         raise TCURLoRAError("--rounds, --min-clients and --max-site-cases must be at least 1")
     host, port = split_address(address, "--address")

@@ -48,7 +48,8 @@ class BaseModel:
         from ..tuners import get_tuner
 
         get_tuner(self.network).base_info = {"name": self.name, "kind": self.kind, "labels": self.labels,
-                                             "preprocessing": self.preprocessing.to_dict()}
+                                             "preprocessing": self.preprocessing.to_dict(),
+                                             "decoder_modules": list(self.decoder_modules)}
         if self.inference_roi is None:
             self.inference_roi = tuple(self.preprocessing.patch_size)
 

@@ -24,6 +24,7 @@ from ..tensor import curlora_indices, rfft3, t_svd_factors
 from . import fourier
 from .layers import TCURStack
 from .stacks import Member, StackSpec, member_matrix, resolve_stacks
+from .registry import register_strategy
 from .strategies import LoraStrategy, Strategy
 
 
@@ -31,6 +32,7 @@ from .strategies import LoraStrategy, Strategy
 # PEFT's PiSSA and DoRA
 
 
+@register_strategy
 class PissaStrategy(LoraStrategy):
     """PiSSA: the adapter starts as the principal part of each weight, the base keeps the residual.
 
@@ -78,6 +80,7 @@ def _pissa_init_conv(layer, adapter: str) -> None:
         weight.copy_((matrix - scaling * b @ a).reshape(weight.shape).to(weight.dtype))
 
 
+@register_strategy
 class DoraStrategy(LoraStrategy):
     method = "dora"
     peft_options = {"use_dora": True}
@@ -92,6 +95,7 @@ def _member_stack_name(member: Member) -> str:
     return f"{name}__rows{member.rows[0]}_{member.rows[1]}" if member.rows else name
 
 
+@register_strategy
 class CurloraStrategy(Strategy):
     """One single-member stack per layer that tCURLoRA would stack (a fused qkv: one per q, k, v block)."""
 
@@ -183,6 +187,7 @@ class TSVDStack(TCURStack):
                 "members": [m.to_dict() for m in self.members]}
 
 
+@register_strategy
 class LoraptStrategy(Strategy):
     """t-SVD stacks in place of tensor-CUR ones; listed as ``tsvd_stacks`` (they have no CUR indices)."""
 
@@ -200,5 +205,3 @@ class LoraptStrategy(Strategy):
                    projectable: Optional[str]) -> TSVDStack:
         return TSVDStack(spec.name, spec.members, matrices, config.rank, config.scale)
 
-
-BASELINES = (PissaStrategy(), DoraStrategy(), CurloraStrategy(), LoraptStrategy())

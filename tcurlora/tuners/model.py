@@ -8,6 +8,7 @@ wrappers it put into the model (their copy carries a copy of the tuner).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 import re
@@ -21,7 +22,8 @@ import torch.nn as nn
 from ..config import TCURLoRAConfig
 from .layers import AdapterError, ModuleSwitch, TCURLayer
 from .stacks import adapter_key, base_key
-from .strategies import AdapterRecord, Strategy, strategy_for
+from .registry import strategy_for
+from .strategies import AdapterRecord, Strategy
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -40,7 +42,7 @@ class TCURTuner:
         self.adapters: "OrderedDict[str, AdapterRecord]" = OrderedDict()
         self.active: Optional[str] = None
         self.merged: Optional[str] = None
-        self.base_info: dict = {}  # name, labels, preprocessing of the base (what an adapter file records)
+        self.base_info: dict = {}  # name, labels, preprocessing, decoder modules of the base (tcurlora.models)
         self.trained_from: Optional[str] = None  # base fingerprint before a method that trains base weights
         self._work: Optional[torch.Tensor] = None
 
@@ -99,6 +101,8 @@ class TCURTuner:
             method = config.method if strategy.exclusive else self.adapters[sharing[0]].config.method
             raise AdapterError(f"method {method!r} changes the base model itself; its adapter cannot share a model "
                                "with another adapter (load a fresh base)")
+        if config.preset == "decoder" and not config.target_modules:  # the decoder its base model declared
+            config = dataclasses.replace(config, target_modules=list(self.base_info.get("decoder_modules", [])))
         if strategy.trains_base and self.trained_from is None:
             self.trained_from = self.base_fingerprint()
         record = AdapterRecord(adapter_name, config, labels=labels)

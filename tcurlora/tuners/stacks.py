@@ -254,6 +254,11 @@ def resolve_stacks(model: nn.Module, config: TCURLoRAConfig) -> List[StackSpec]:
     preset = config.preset
     if preset == "auto":
         preset = "vit" if has_attention(model) else "conv"
+    elif preset == "decoder":  # the conv stacks inside the decoder's modules (target_modules)
+        if not config.target_modules:
+            raise AdapterError("preset 'decoder' needs the decoder's modules: give target_modules, or adapt a base "
+                               "model that declares its decoder (tcurlora.load_base)")
+        preset = "conv"
     specs: List[StackSpec] = []
     if preset == "vit":
         specs += _vit_stacks(model, excluded)

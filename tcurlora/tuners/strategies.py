@@ -5,30 +5,28 @@
 ``full``      every base weight, in place (the model can hold no other adapter);
 ``lora``      HF PEFT's LoRA on the layers tCURLoRA would stack (the comparison baseline; alone too).
 
-The paper's other baselines (``pissa``, ``dora``, ``curlora``, ``lorapt``) live in :mod:`.baselines`.
+The paper's other baselines (``pissa``, ``dora``, ``curlora``, ``lorapt``) live in :mod:`.baselines`. Each
+strategy registers itself (:mod:`.registry`).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
 from ..config import TCURLoRAConfig
 from ..manifest import trained_prefix
+from .heads import _new_head
 from .layers import COPIES, AdapterError, ModuleSwitch, TCURLayer, TCURStack, projectable_kind, unwrap
+from .registry import register_strategy
 from .stacks import (StackSpec, find, member_matrix, resolve_stacks, switch_module,
                      trained_module_names, under, wrap_layer)
-
-if TYPE_CHECKING:
-    from .model import TCURTuner
-
 
 @dataclass
 class AdapterRecord:
@@ -57,7 +55,7 @@ class AdapterRecord:
             yield from module.parameters()
 
 
-def _clean_copy(tuner: "TCURTuner", module: nn.Module) -> nn.Module:
+def _clean_copy(tuner, module: nn.Module) -> nn.Module:
     """A deep copy of a base module without any adapter in it (another adapter's wrappers stay behind)."""
     memo = {id(tuner): tuner}
     for record in tuner.adapters.values():
@@ -75,69 +73,26 @@ def _clean_copy(tuner: "TCURTuner", module: nn.Module) -> nn.Module:
     return clone
 
 
-def output_dim(layer: nn.Module) -> int:
-    """The weight dimension that indexes a layer's output channels (1 for transposed convolutions)."""
-    return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
-
-
-def _new_head(base: nn.Module, out_channels: int) -> nn.Module:
-    """A copy of ``base`` with ``out_channels`` outputs; known channels start from the base's."""
-    if isinstance(base, nn.Linear):
-        head = nn.Linear(base.in_features, out_channels, bias=base.bias is not None)
-    elif isinstance(base, nn.modules.conv._ConvTransposeNd):
-        head = type(base)(base.in_channels, out_channels, base.kernel_size, base.stride, base.padding,
-                          base.output_padding, base.groups, base.bias is not None, base.dilation)
-    elif isinstance(base, nn.modules.conv._ConvNd):
-        head = type(base)(base.in_channels, out_channels, base.kernel_size, base.stride, base.padding,
-                          base.dilation, base.groups, base.bias is not None)
-    else:
-        raise AdapterError(f"new_head: {type(base).__name__} is not a Linear/Conv layer")
-    head = head.to(base.weight.device, base.weight.dtype)
-    out_dim = output_dim(base)
-    with torch.no_grad():
-        n = min(out_channels, base.weight.shape[out_dim])
-        head.weight.narrow(out_dim, 0, n).copy_(base.weight.narrow(out_dim, 0, n))
-        if head.bias is not None:
-            head.bias[:n].copy_(base.bias[:n])
-    return head
-
-
-def start_new_head(head: nn.Module, base: nn.Module, sources: Sequence[Optional[int]], prior: float = 0.01) -> None:
-    """Set where each output channel of a new head starts (before training).
-
-    ``sources[i]`` is the channel of the base's head that output ``i`` continues (the background, or a label
-    the base already has), or None for a label new to the base: that channel starts as the base's background
-    with its bias lowered by log((1 - prior) / prior), so the new label begins at ``prior`` probability
-    wherever the base saw background (the "prior" start of RetinaNet, Lin et al. 2017). Starting it as a
-    copy of whatever base channel sits at its position (a new "lesion" as the base's "brain") makes the
-    first steps unlearn that label, and a random start leaves softmax ties that a small structure's few
-    voxels barely move; with this start (and the loss of :class:`tcurlora.train.DiceCEOnAnnotated`) deepbet
-    fitted a 16 ml lesion in 100 steps where neither had in 300.
-    """
-    out_dim = output_dim(base)
-    with torch.no_grad():
-        for i, source in enumerate(sources):
-            head.weight.select(out_dim, i).copy_(base.weight.select(out_dim, 0 if source is None else source))
-            if head.bias is not None:
-                bias = base.bias[0 if source is None else source]
-                head.bias[i] = bias - math.log((1 - prior) / prior) if source is None else bias
-
-
-def _switch_in(tuner: "TCURTuner", record: AdapterRecord, target: nn.Module, own: nn.Module) -> nn.Module:
+def _switch_in(tuner, record: AdapterRecord, target: nn.Module, own: nn.Module) -> nn.Module:
     """Run ``own`` in place of ``target`` while the adapter is active (behind a ModuleSwitch); returns ``own``."""
     switch_module(tuner.model, target, lambda chain: ModuleSwitch(chain, tuner)).set_copy(record.name, own)
     return own
 
 
+@register_strategy
 class Strategy:
-    """The default behaviour (used by ``tcurlora``); the other methods override what differs."""
+    """The default behaviour (used by ``tcurlora``); the other methods override what differs.
+
+    Each method takes ``tuner``, the model's :class:`~tcurlora.tuners.model.TCURTuner` (which calls it), and the
+    ``record`` of the adapter it acts on.
+    """
 
     method = "tcurlora"
     exclusive = False  # the model can hold no other adapter beside one of this method
     trains_base = False  # base weights change in place: the tuner records the base fingerprint first
     layout_key = "stacks"  # where :meth:`describe` (and so an adapter file) lists the stacks
 
-    def inject(self, tuner: "TCURTuner", record: AdapterRecord, layout: Optional[dict]) -> None:
+    def inject(self, tuner, record: AdapterRecord, layout: Optional[dict]) -> None:
         """Put the adapter into the model: resolved from its config, or (``layout``: what :meth:`describe`
         returned, as an adapter file stores it) exactly as saved, with no pattern of the config evaluated."""
         stored = None if layout is None else layout.get(self.layout_key, [])
@@ -145,7 +100,7 @@ class Strategy:
                            else [self.stored_spec(s) for s in stored])
         self._add_trained(tuner, record, layout)
 
-    def stack_specs(self, tuner: "TCURTuner", record: AdapterRecord) -> list:
+    def stack_specs(self, tuner, record: AdapterRecord) -> list:
         """(spec, indices or None) of every stack the config asks for."""
         return [(spec, None) for spec in resolve_stacks(tuner.model, record.config)]
 
@@ -158,7 +113,7 @@ class Strategy:
         return TCURStack(spec.name, spec.members, matrices, config.rank, config.selection, config.seed,
                          config.scale, indices, projectable=projectable)
 
-    def _build_stacks(self, tuner: "TCURTuner", record: AdapterRecord, built: list) -> None:
+    def _build_stacks(self, tuner, record: AdapterRecord, built: list) -> None:
         model = tuner.model
         device = next(model.parameters()).device
         for spec, indices in built:
@@ -175,7 +130,7 @@ class Strategy:
                 layer = wrap_layer(model, find(model, member.module), lambda m: TCURLayer(m, tuner))
                 layer.add_entry(record.name, stack, index, member.rows)
 
-    def _add_trained(self, tuner: "TCURTuner", record: AdapterRecord, layout: Optional[dict]) -> None:
+    def _add_trained(self, tuner, record: AdapterRecord, layout: Optional[dict]) -> None:
         model, config = tuner.model, record.config
         stored = None if layout is None else layout.get("trained_modules")
         paths = trained_module_names(model, config) if stored is None else [str(p) for p in stored]
@@ -187,17 +142,17 @@ class Strategy:
             own = _new_head(target, int(config.new_head["out_channels"])) if path == head else _clean_copy(tuner, target)
             record.trained[path] = _switch_in(tuner, record, target, own)
 
-    def remove(self, tuner: "TCURTuner", record: AdapterRecord) -> None:
+    def remove(self, tuner, record: AdapterRecord) -> None:
         for module in tuner.model.modules():
             if isinstance(module, TCURLayer):
                 module.remove_adapter(record.name)
             elif isinstance(module, ModuleSwitch):
                 module.set_copy(record.name, None)
 
-    def trainable(self, tuner: "TCURTuner", record: AdapterRecord):
+    def trainable(self, tuner, record: AdapterRecord):
         return list(record.parameters())
 
-    def state_dict(self, tuner: "TCURTuner", record: AdapterRecord, keep_vars: bool = False) -> "OrderedDict[str, torch.Tensor]":
+    def state_dict(self, tuner, record: AdapterRecord, keep_vars: bool = False) -> "OrderedDict[str, torch.Tensor]":
         out = OrderedDict()
         for name, stack in record.stacks.items():
             for key, value in stack.named_parameters():  # delta_u of a tCURLoRA stack
@@ -207,23 +162,23 @@ class Strategy:
                 out[trained_prefix(path) + key] = value
         return out if keep_vars else OrderedDict((k, v.detach()) for k, v in out.items())
 
-    def after_load(self, tuner: "TCURTuner", record: AdapterRecord) -> None:
+    def after_load(self, tuner, record: AdapterRecord) -> None:
         for stack in record.stacks.values():
             stack.clear_cache()
 
-    def merge(self, tuner: "TCURTuner", record: AdapterRecord) -> None:
+    def merge(self, tuner, record: AdapterRecord) -> None:
         with torch.no_grad():
             for module in tuner.model.modules():
                 if isinstance(module, TCURLayer):
                     module.merge(record.name)
 
-    def unmerge(self, tuner: "TCURTuner", record: AdapterRecord) -> None:
+    def unmerge(self, tuner, record: AdapterRecord) -> None:
         with torch.no_grad():
             for module in tuner.model.modules():
                 if isinstance(module, TCURLayer):
                     module.unmerge()
 
-    def describe(self, tuner: "TCURTuner", record: AdapterRecord) -> dict:
+    def describe(self, tuner, record: AdapterRecord) -> dict:
         described = {"config": record.config.to_dict(), "stacks": [], "trained_modules": list(record.trained)}
         described[self.layout_key] = [s.describe() for s in record.stacks.values()]
         return described
@@ -232,6 +187,7 @@ class Strategy:
         return tensors
 
 
+@register_strategy
 class DecoderStrategy(Strategy):
     method = "decoder"
 
@@ -242,6 +198,7 @@ class DecoderStrategy(Strategy):
         self._add_trained(tuner, record, layout)
 
 
+@register_strategy
 class FullStrategy(Strategy):
     method = "full"
     exclusive = True
@@ -269,6 +226,7 @@ class FullStrategy(Strategy):
         return {"config": record.config.to_dict(), "stacks": [], "trained_modules": list(record.trained)}
 
 
+@register_strategy
 class LoraStrategy(Strategy):
     method = "lora"
     exclusive = True
@@ -397,21 +355,3 @@ def _wrap_aliases(model: nn.Module) -> None:
         for attr, child in list(parent._modules.items()):
             if child is not None and id(child) in wrapped and wrapped[id(child)] is not parent:
                 parent._modules[attr] = wrapped[id(child)]
-
-
-STRATEGIES: Dict[str, Strategy] = {s.method: s for s in (Strategy(), DecoderStrategy(), FullStrategy(), LoraStrategy())}
-
-from .baselines import BASELINES  # noqa: E402  (they subclass the strategies above)
-
-STRATEGIES.update((s.method, s) for s in BASELINES)
-
-
-def strategy_for(method: str) -> Strategy:
-    try:
-        return STRATEGIES[method]
-    except KeyError:
-        raise AdapterError(f"unknown method {method!r}; choose one of {', '.join(STRATEGIES)}") from None
-
-
-# HF PEFT's layers: training and inference run them unmerged (PEFT's merge covers not every conv layer: groups)
-PEFT_METHODS = tuple(m for m, s in STRATEGIES.items() if isinstance(s, LoraStrategy))
