@@ -20,6 +20,7 @@ from .events import Events
 from .models import BaseModel
 from .runtime import InferenceStopped, StopWatch, pick_device, sliding_window_probabilities, with_oom_fallback
 from .tuners.strategies import PEFT_METHODS
+from .userfiles import open_regular
 
 SEGMENTATION_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 
@@ -164,14 +165,13 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
 def check_inputs_and_outputs(inputs: Sequence[str], outs: Sequence[Path], adapter: Optional[str]) -> None:
     """Before any work: every input and the adapter exist and can be opened, every output folder takes a file."""
     for path in list(inputs) + ([adapter] if adapter else []):
-        if not os.path.exists(path):
-            raise InputError(path, "file not found")
-        if os.path.isfile(path):
-            try:
-                with open(path, "rb") as f:
-                    f.read(1)
-            except OSError as exc:
-                raise InputError(path, f"cannot be read ({exc.strerror or exc})") from None
+        if os.path.isdir(path):  # a DICOM series folder
+            continue
+        try:
+            with open_regular(path) as f:  # missing, unreadable, a FIFO or a device: refused before any work
+                f.read(1)
+        except OSError as exc:
+            raise InputError(path, f"cannot be read ({exc.strerror or exc})") from None
     for one_per_folder in {Path(o).parent: o for o in outs}.values():
         check_writable(one_per_folder, what="segmentation")
 

@@ -24,6 +24,8 @@ import SimpleITK as sitk
 
 from .atomic import atomic_write  # noqa: F401  (re-exported: the one atomic writer lives in atomic.py)
 from .errors import InputError, TCURLoRAError, display_name, unsafe_character
+from .userfiles import check_regular_file
+from .limits import available_memory, check_grid, size_text as _size_text  # noqa: F401  (available_memory re-exported)
 from .manifest import MAX_LABEL_VALUE, MAX_NAME
 from .protocol import default_color  # noqa: F401  (re-exported: the one label palette)
 
@@ -61,10 +63,6 @@ def stem(path: PathLike) -> str:
     name = os.path.basename(os.fspath(path).rstrip("/\\"))
     ext = extension(name)
     return name[: len(name) - len(ext)] if ext else name
-
-
-def _size_text(size: Sequence[int]) -> str:
-    return "x".join(str(int(s)) for s in size)
 
 
 def _vec_text(values: Sequence[float]) -> str:
@@ -270,6 +268,7 @@ def _read_dicom(path: str, member: Optional[str] = None) -> sitk.Image:
         raise InputError(path, f"holds {len(series)} DICOM series: {_series_list(series)}; choose one with "
                                "--series UID, or give one of its files")
     files = series[0][1]
+    check_regular_file(files[0], "DICOM file")
     first = _read_information(files[0], "DICOM file")
     _check_memory(path, (*first.GetSize()[:2], len(files)), _stored_bytes(first), "DICOM series")
     reader = sitk.ImageSeriesReader()
@@ -285,13 +284,6 @@ def _read_dicom(path: str, member: Optional[str] = None) -> sitk.Image:
 WORKING_BYTES_PER_VOXEL = 24
 _COMPONENT_BYTES = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
                     sitk.sitkInt32: 4, sitk.sitkFloat32: 4}
-
-
-def available_memory() -> int:
-    """Bytes of memory this machine can give a process now (free plus reclaimable caches)."""
-    import psutil
-
-    return int(psutil.virtual_memory().available)
 
 
 def _read_information(path: str, what: str) -> sitk.ImageFileReader:
@@ -310,13 +302,7 @@ def _stored_bytes(reader: sitk.ImageFileReader) -> int:
 
 def _check_memory(path: str, size: Sequence[int], stored_bytes: int, what: str) -> None:
     """Refuse, from the header, a volume this machine cannot hold (or a header that claims absurd sizes)."""
-    voxels = 1
-    for s in size:
-        voxels *= max(int(s), 1)
-    need, have = voxels * (stored_bytes + WORKING_BYTES_PER_VOXEL), available_memory()
-    if need > have:
-        raise InputError(path, f"{what} of {_size_text(size)} voxels needs about {need / 2 ** 30:.1f} GB of memory, "
-                               f"{have / 2 ** 30:.1f} GB is available; crop or downsample it, or free memory")
+    check_grid(path, what, size, stored_bytes + WORKING_BYTES_PER_VOXEL)
 
 
 def _check_nifti_complete(path: str) -> None:
@@ -351,6 +337,7 @@ def _check_nifti_complete(path: str) -> None:
 
 def _read_volume(path: str, what: str) -> sitk.Image:
     """Read an image file with ITK after checking, from its header, its size against memory and (NIfTI) its length."""
+    check_regular_file(path)  # a FIFO would block ITK
     reader = _read_information(path, what)
     _check_memory(path, reader.GetSize(), _stored_bytes(reader), what)
     if extension(path) in (".nii", ".nii.gz"):
@@ -512,6 +499,7 @@ def _read_slicer_segmentation(path: str) -> dict:
     import nrrd
     import slicerio
 
+    check_regular_file(path, "segmentation")
     try:
         sizes = [int(s) for s in nrrd.read_header(path).get("sizes", [])]
     except Exception:  # slicerio below names the problem
