@@ -17,6 +17,7 @@ from .adapter_file import load_adapter
 from .atomic import check_writable
 from .errors import InputError, TCURLoRAError
 from .events import Events
+from .limits import check_bytes, segmentation_bytes, size_text
 from .models import BaseModel
 from .runtime import InferenceStopped, StopWatch, pick_device, sliding_window_probabilities, with_oom_fallback
 from .tuners.strategies import PEFT_METHODS
@@ -139,6 +140,9 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
                     label, p = base.segment_image(image, labels, dev, tta, stop.requested, probabilities, events)
                 else:
                     x, _, meta = base.prepare(image)
+                    check_bytes(src, f"segmenting {size_text(x.shape[1:])} voxels in {len(values) + 1} classes",
+                                segmentation_bytes(x.shape[1:], len(values) + 1, base.window_bytes, sw_batch_size),
+                                "crop or downsample it, lower --sw-batch-size, or free memory")
                     probs = _predict(network, x, base, dev, tta, sw_batch_size, overlap, events, stop.requested)
             except InferenceStopped:  # asked before each volume and between sliding windows
                 events.log(f"stopped: {len(result.files)} of {len(inputs)} inputs segmented")

@@ -14,6 +14,7 @@ Conventions used throughout ``tcurlora``:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -208,6 +209,9 @@ def _check_volume(image: sitk.Image, path: str, what: str) -> sitk.Image:
         raise InputError(path, f"{what} has {dim} dimensions; a 3D volume is needed")
     if min(size) < 2:
         raise InputError(path, f"{what} is a single slice (size {_size_text(size)}), i.e. 2D; a 3D volume is needed")
+    if not all(math.isfinite(v) for v in image.GetSpacing() + image.GetOrigin() + image.GetDirection()) \
+            or min(image.GetSpacing()) <= 0:  # resampling a NaN or zero spacing makes grids of any size
+        raise InputError(path, f"{what} has an invalid geometry (spacing {_vec_text(image.GetSpacing())} mm)")
     return image
 
 
