@@ -139,6 +139,8 @@ def validate_label_table(label_table: Sequence[dict]) -> LabelTable:
             bad = unsafe_character(text)
             if bad:
                 raise TCURLoRAError(f"label table: the {what} of label {value} holds the control character {bad}")
+            if what == "terminology" and "|" in text:  # '|' separates a .seg.nrrd segment's tags: it would forge one
+                raise TCURLoRAError(f"label table: the terminology of label {value} holds '|'")
         if len(name) > MAX_NAME:
             raise TCURLoRAError(f"label table: the name of label {value} is longer than {MAX_NAME} characters")
         if not name.isascii():  # pynrrd writes .seg.nrrd headers as ASCII (and its reader drops other bytes)
