@@ -17,7 +17,7 @@ import zipfile
 import zlib
 from typing import List, Union
 
-from .errors import InputError
+from .errors import InputError, display_name
 from .userfiles import open_regular
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -67,19 +67,19 @@ class SafeZip:
 
     def read(self, name: str, max_bytes: int) -> bytes:
         """Member ``name`` inflated and checked (method, declared size, ratio, length, CRC-32)."""
-        where = f"{self.path}:{name}"
+        where = member_name(self.path, name)
         info = self._infos.get(name)
         if info is None:
-            raise InputError(where, "is not in the archive")
+            raise InputError(f"{where}: is not in the archive")
         if info.compress_type not in _METHODS:
             method = zipfile.compressor_names.get(info.compress_type, f"method {info.compress_type}")
-            raise InputError(where, f"is compressed with {method}; model zips use {' or '.join(_METHODS.values())}")
+            raise InputError(f"{where}: is compressed with {method}; model zips use {' or '.join(_METHODS.values())}")
         if info.flag_bits & 0x1:
-            raise InputError(where, "is encrypted")
+            raise InputError(f"{where}: is encrypted")
         if info.file_size > max_bytes:
-            raise InputError(where, f"is {info.file_size:,} bytes; it may be at most {max_bytes:,}")
+            raise InputError(f"{where}: is {info.file_size:,} bytes; it may be at most {max_bytes:,}")
         if info.file_size > MAX_RATIO * max(info.compress_size, 1) + 1024:
-            raise InputError(where, f"inflates {info.compress_size:,} bytes to {info.file_size:,} (more than "
+            raise InputError(f"{where}: inflates {info.compress_size:,} bytes to {info.file_size:,} (more than "
                                     f"{MAX_RATIO}:1): refused as a decompression bomb")
         chunks, total = [], 0
         try:
@@ -90,16 +90,26 @@ class SafeZip:
                         break
                     total += len(chunk)
                     if total > info.file_size:
-                        raise InputError(where, "inflates beyond its declared size")
+                        raise InputError(f"{where}: inflates beyond its declared size")
                     chunks.append(chunk)
         except InputError:
             raise
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError,
                 zlib.error) as exc:
-            raise InputError(where, f"is damaged ({_reason(exc)})") from None
+            raise InputError(f"{where}: is damaged ({_reason(exc)})") from None
         if total != info.file_size:
-            raise InputError(where, f"is damaged ({total:,} of {info.file_size:,} bytes)")
+            raise InputError(f"{where}: is damaged ({total:,} of {info.file_size:,} bytes)")
         return b"".join(chunks)
+
+
+def member_name(path: PathLike, name: str) -> str:
+    """How messages name member ``name`` of the archive ``path``: ``model.zip:labels.csv``."""
+    return f"{display_name(path)}:{name.rsplit('/', 1)[-1]}"
+
+
+def member_path(path: PathLike, name: str) -> str:
+    """A path whose :func:`~tcurlora.errors.display_name` is :func:`member_name` (for ``InputError(path, ...)``)."""
+    return os.path.join(os.path.dirname(os.fspath(path)), member_name(path, name))
 
 
 def is_zip(path: PathLike) -> bool:

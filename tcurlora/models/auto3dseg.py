@@ -33,7 +33,7 @@ from ..limits import available_memory, check_grid
 from ..preprocess import RESAMPLED_BYTES_PER_VOXEL, Preprocessing, image_source, label_on_image_grid
 from ..protocol import MAX_PATCH
 from ..safejson import JSONProblem, check_nesting
-from ..safezip import SafeZip, is_zip
+from ..safezip import SafeZip, is_zip, member_path
 from ..userfiles import read_limited
 from . import BaseModel, construct
 from .construct import Built, check_plain_arguments, refuse_downloads
@@ -93,7 +93,7 @@ def _read_member(container: Path, prefix: str, name: str, max_bytes: int) -> byt
 
 def read_checkpoint(container: Path, prefix: str = "") -> Dict[str, Any]:
     """``model.pt`` as a dict with a tensor ``state_dict`` and a ``config`` (``weights_only=True``)."""
-    where = container / "model.pt" if container.is_dir() else Path(f"{container}:{prefix}model.pt")
+    where = container / "model.pt" if container.is_dir() else Path(member_path(container, prefix + "model.pt"))
     data = _read_member(container, prefix, "model.pt", min(MAX_CHECKPOINT_BYTES, available_memory() // 3))
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -116,7 +116,7 @@ def read_checkpoint(container: Path, prefix: str = "") -> Dict[str, Any]:
 
 def read_labels(container: Path, prefix: str = "") -> List[dict]:
     """``labels.csv`` of a model folder or zip, read within limits and parsed (:func:`read_labels_csv`)."""
-    where = container / "labels.csv" if container.is_dir() else Path(f"{container}:{prefix}labels.csv")
+    where = container / "labels.csv" if container.is_dir() else Path(member_path(container, prefix + "labels.csv"))
     data = _read_member(container, prefix, "labels.csv", MAX_LABELS_BYTES)
     try:
         text = data.decode("utf-8-sig")
@@ -387,7 +387,7 @@ def load_auto3dseg(path: Path) -> Auto3DSegBase:
         raise InputError(path, "not an Auto3DSeg model (no labels.csv with a model.pt beside it)")
     container, prefix = found
     checkpoint = read_checkpoint(container, prefix)
-    where = container / "model.pt" if container.is_dir() else path
+    where = container / "model.pt" if container.is_dir() else Path(member_path(container, prefix + "model.pt"))
     config = check_config(checkpoint["config"], where)
     roi = [int(r) for r in config["roi_size"]]
     built = build_network(config.get("network"), where, roi)
@@ -397,7 +397,7 @@ def load_auto3dseg(path: Path) -> Auto3DSegBase:
     _load_state(network, checkpoint["state_dict"], where)
     mode = config.get("normalize_mode", "meanstd")
     out_channels = built.out_channels or int(getattr(network, "out_channels", 0) or 0)
-    labels_where = container / "labels.csv" if container.is_dir() else path
+    labels_where = container / "labels.csv" if container.is_dir() else Path(member_path(container, prefix + "labels.csv"))
     labels = _complete_labels(read_labels(container, prefix), out_channels, labels_where)
     divisible = int(max(network.shape_factor()))
     intensity: dict = {"kind": "none"}
