@@ -244,6 +244,26 @@ def assert_one_line_error(proc):
     return lines[0]
 
 
+@pytest.fixture(scope="session")
+def nnunet_model(tmp_path_factory):
+    """A real nnU-Net v2 trained-model folder made by nnU-Net's own planner and trainer
+    (``Testing/nnunet_fixture.py``, about half a minute on 2 cores): ``work`` (nnU-Net's raw/preprocessed/results
+    folders), ``folder`` (the trained-model folder), ``raw`` (the raw dataset)."""
+    import subprocess
+
+    import nnunet_fixture
+
+    work = tmp_path_factory.mktemp("nnunet")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, str(REPO / "Testing" / "nnunet_fixture.py"), str(work)], env=env,
+                            capture_output=True, text=True, encoding="utf-8", errors="replace")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    assert folder.name == f"nnUNetTrainer__{nnunet_fixture.PLANS}__3d_fullres"
+    assert (folder / "fold_0" / "checkpoint_final.pth").is_file()
+    return SimpleNamespace(work=work, folder=folder, raw=work / "nnUNet_raw" / nnunet_fixture.DATASET)
+
+
 class Evil:
     """A pickle payload that creates a file when unpickled: if that file exists, something was unpickled."""
 

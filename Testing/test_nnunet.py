@@ -32,20 +32,6 @@ FOLDER_NAME = f"nnUNetTrainer__{nnunet_fixture.PLANS}__3d_fullres"
 
 
 @pytest.fixture(scope="session")
-def nnunet_model(tmp_path_factory):
-    """``work`` (nnU-Net's raw/preprocessed/results folders) and ``folder`` (the trained-model folder)."""
-    work = tmp_path_factory.mktemp("nnunet")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, str(REPO / "Testing" / "nnunet_fixture.py"), str(work)], env=env,
-                            capture_output=True, text=True, encoding="utf-8", errors="replace")
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    folder = Path(result.stdout.strip().splitlines()[-1])
-    assert folder.name == FOLDER_NAME and (folder / "fold_0" / "checkpoint_final.pth").is_file()
-    return type("NnUNetModel", (), {"work": work, "folder": folder,
-                                    "raw": work / "nnUNet_raw" / nnunet_fixture.DATASET})
-
-
-@pytest.fixture(scope="session")
 def parity_inputs(tmp_path_factory):
     """Inputs in nnU-Net's raw naming: the CT crop as it is, and the same CT reoriented (LPS) and resampled to
     1.2 x 1.6 x 2.0 mm, so that nnU-Net's resampling back and forth is part of what is compared."""
