@@ -217,8 +217,9 @@ def check_plans(plans_manager, configuration: str, where: Path):
     checks += [(k, cm.configuration.get(k), {RESAMPLING})
                for k in ("resampling_fn_data", "resampling_fn_seg", "resampling_fn_probabilities")]
     for key, value, allowed in checks:
-        if value not in allowed:
-            raise InputError(where, f"{key} {value!r} is not one of nnU-Net's stock {', '.join(sorted(allowed))}")
+        if not isinstance(value, str) or value not in allowed:
+            raise InputError(where, f"{key} {str(value)[:80]!r} is not one of nnU-Net's stock "
+                                    f"{', '.join(sorted(allowed))}")
     return cm
 
 
