@@ -80,9 +80,6 @@ def find_model(path: Path) -> Optional[Tuple[Path, str]]:
 
 #: Largest labels.csv read (the extension's tables are a few kilobytes).
 MAX_LABELS_BYTES = 1 << 20
-#: Largest model.pt read (Auto3DSeg's SegResNet checkpoints are tens of megabytes).
-MAX_CHECKPOINT_BYTES = 4 << 30
-
 
 def _read_member(container: Path, prefix: str, name: str, max_bytes: int) -> bytes:
     if container.is_dir():
@@ -94,7 +91,7 @@ def _read_member(container: Path, prefix: str, name: str, max_bytes: int) -> byt
 def read_checkpoint(container: Path, prefix: str = "") -> Dict[str, Any]:
     """``model.pt`` as a dict with a tensor ``state_dict`` and a ``config`` (``weights_only=True``)."""
     where = container / "model.pt" if container.is_dir() else Path(member_path(container, prefix + "model.pt"))
-    data = _read_member(container, prefix, "model.pt", min(MAX_CHECKPOINT_BYTES, available_memory() // 3))
+    data = _read_member(container, prefix, "model.pt", available_memory() // 2)  # then unpickled: twice its size
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for anything beyond tensors and plain containers
