@@ -14,12 +14,8 @@ import copy
 import io
 import json
 import random
-import resource
 import shutil
-import signal
 import sys
-import time
-import traceback
 import zipfile
 from pathlib import Path
 
@@ -31,6 +27,7 @@ from tcurlora.errors import TCURLoRAError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from auto3dseg_model import make_model  # noqa: E402
+from fuzzing import mutate, run  # noqa: E402
 from test_bundle_settings import INFERER, TRANSFORMS, write_bundle  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]
@@ -54,42 +51,11 @@ NASTY = [None, True, False, 0, -1, 1, 2, 3, 5, 7, 0.0, 0.5, -0.5, 1e-9, 1e9, 2 *
 WRAPS = [lambda v: [v], lambda v: {"value": v}, lambda v: json.loads("[" * 70 + json.dumps(v) + "]" * 70)]
 
 
-def _paths(node, prefix=()):
-    yield prefix
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _paths(v, prefix + (k,))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _paths(v, prefix + (i,))
-
-
-def _get(node, path):
-    for key in path:
-        node = node[key]
-    return node
-
-
 def mutate_tree(rng, tree, focus=()):
     """One change at a random place of ``tree`` (a place under ``focus`` most of the time)."""
-    paths = [p for p in _paths(tree) if p]
-    focused = [p for p in paths if p[:len(focus)] == tuple(focus)] if focus else []
-    path = rng.choice(focused if focused and rng.random() < 0.8 else paths)
-    parent, key, node = _get(tree, path[:-1]), path[-1], _get(tree, path)
-    op = rng.choice(["nasty", "nasty", "nasty", "delete", "duplicate", "numeric", "wrap"])
-    if op == "nasty":
-        parent[key] = copy.deepcopy(rng.choice(NASTY))
-    elif op == "delete":
-        del parent[key]
-    elif op == "duplicate":
-        if isinstance(parent, list):
-            parent.append(copy.deepcopy(node))
-        else:
-            parent[f"{key}_"] = copy.deepcopy(node)
-    elif op == "numeric" and isinstance(node, (int, float)) and not isinstance(node, bool):
-        parent[key] = rng.choice([node + 1, node - 1, node * 1000, -node, node * 1.5, 2 ** 31 - 1, node * 10 ** 6])
-    else:
-        parent[key] = rng.choice(WRAPS)(node)
+    mutate(rng, tree, NASTY, focus, ops=("nasty", "nasty", "nasty", "delete", "duplicate", "numeric", "wrap"),
+           numbers=lambda n: [n + 1, n - 1, n * 1000, -n, n * 1.5, 2 ** 31 - 1, n * 10 ** 6],
+           wrap=lambda rng, value: rng.choice(WRAPS)(value))
 
 
 def mutate_text(rng, text: str) -> str:
@@ -161,16 +127,14 @@ def sources(nnunet_model, tmp_path_factory):
     return {"nnunet": nnunet, "auto3dseg": a3d, "bundle": bundle_files, "folder_name": nnunet_model.folder.name}
 
 
-def _json(data: bytes):
-    """The JSON in ``data``, or None once a text mutation broke it (later tree mutations then skip it)."""
+def mutate_file(rng, files: dict, name: str, focus=()) -> None:
+    """One :func:`mutate_tree` of the JSON file ``files[name]``; none once a text mutation has broken it."""
     try:
-        return json.loads(data)
+        tree = json.loads(files[name])
     except (ValueError, RecursionError):
-        return None
-
-
-def _dump(tree) -> bytes:
-    return json.dumps(tree).encode()
+        return
+    mutate_tree(rng, tree, focus)
+    files[name] = json.dumps(tree).encode()
 
 
 def make_nnunet(rng, src, folder: Path, rounds: int = None) -> Path:
@@ -182,18 +146,10 @@ def make_nnunet(rng, src, folder: Path, rounds: int = None) -> Path:
         where = rng.choice(["plans", "plans", "plans", "plans", "dataset", "checkpoint-fields", "checkpoint-bytes",
                             "text"])
         if where == "plans":
-            plans = _json(files["plans.json"])
-            if plans is None:
-                continue
-            mutate_tree(rng, plans, rng.choice([("configurations", "3d_fullres"), ("configurations", "3d_fullres",
-                                                                                   "architecture"), ()]))
-            files["plans.json"] = _dump(plans)
+            mutate_file(rng, files, "plans.json", rng.choice([("configurations", "3d_fullres"),
+                                                              ("configurations", "3d_fullres", "architecture"), ()]))
         elif where == "dataset":
-            dataset = _json(files["dataset.json"])
-            if dataset is None:
-                continue
-            mutate_tree(rng, dataset)
-            files["dataset.json"] = _dump(dataset)
+            mutate_file(rng, files, "dataset.json")
         elif where == "checkpoint-fields":
             checkpoint = dict(nn["checkpoint_dict"])
             checkpoint["init_args"] = dict(checkpoint["init_args"])
@@ -268,23 +224,16 @@ def make_bundle(rng, src, folder: Path, rounds: int = None) -> Path:
     for _ in range(rng.randint(1, 2) if rounds is None else rounds):
         where = rng.choice(["inference", "inference", "inference", "metadata", "tcurlora", "weights", "text"])
         if where == "inference":
-            config = _json(files["inference.json"])
-            if config is None:
-                continue
-            mutate_tree(rng, config, rng.choice([("network_def",), ("inferer",), ("preprocessing", "transforms")]))
-            files["inference.json"] = _dump(config)
+            mutate_file(rng, files, "inference.json", rng.choice([("network_def",), ("inferer",),
+                                                                  ("preprocessing", "transforms")]))
         elif where == "metadata":
-            meta = _json(files["metadata.json"])
-            if meta is None:
-                continue
-            mutate_tree(rng, meta)
-            files["metadata.json"] = _dump(meta)
+            mutate_file(rng, files, "metadata.json")
         elif where == "tcurlora":
             extra = {"labels": [{"value": 1, "name": "L2"}, {"value": 2, "name": "L3"}, {"value": 3, "name": "L4"}],
                      "inference_roi": [32, 32, 32], "head": "model.2.1.conv.unit0.conv",
                      "decoder_modules": [r"model\.2(\..*)?"], "inference_overlap": 0.5}
             mutate_tree(rng, extra)
-            files["tcurlora.json"] = _dump(extra)
+            files["tcurlora.json"] = json.dumps(extra).encode()
         elif where == "weights":
             files["model.pt"] = mutate_bytes(rng, files["model.pt"])
         else:
@@ -300,14 +249,6 @@ MAKERS = {"nnunet": make_nnunet, "auto3dseg": make_auto3dseg, "bundle": make_bun
 
 # ----------------------------------------------------------------------------------------------
 # the run
-
-
-class Hang(Exception):
-    pass
-
-
-def _alarm(signum, frame):
-    raise Hang(f"a case ran longer than {CASE_TIMEOUT_S} s")
 
 
 def _printable(text: str) -> bool:
@@ -336,42 +277,23 @@ def test_fuzz_base_model_readers(sources, tmp_path, monkeypatch):
     from tcurlora import limits
 
     monkeypatch.setattr(limits, "available_memory", lambda: AVAILABLE_MEMORY)
-    rng = random.Random(SEED)
     for kind, maker in MAKERS.items():  # warm up: the unmutated bases load (imports, allocator)
         folder = tmp_path / f"warm_{kind}"
         folder.mkdir()
         assert check_case(kind, maker(random.Random(0), sources, folder, rounds=0), folder) == "loaded"
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    previous = signal.signal(signal.SIGALRM, _alarm)
-    counts = {kind: {"refused": 0, "loaded": 0} for kind in MAKERS}
-    failures = []
-    t0 = time.monotonic()
-    try:
-        for index in range(CASES):
-            if time.monotonic() - t0 > TIME_BUDGET_S:
-                break
-            kind = rng.choice(sorted(MAKERS))
-            folder = tmp_path / "case"
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            base_path = MAKERS[kind](rng, sources, folder)
-            signal.alarm(CASE_TIMEOUT_S)
-            try:
-                counts[kind][check_case(kind, base_path, folder)] += 1
-            except BaseException as exc:  # noqa: B902 - every escape is a finding, reported below
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
-                failures.append(f"seed {SEED} case {index} ({kind}): {type(exc).__name__}: "
-                                + "".join(traceback.format_exception_only(type(exc), exc)).strip()[:300]
-                                + "\n" + "".join(traceback.format_tb(exc.__traceback__)[-4:]))
-            finally:
-                signal.alarm(0)
-    finally:
-        signal.signal(signal.SIGALRM, previous)
-    seconds = time.monotonic() - t0
-    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-    total = sum(sum(c.values()) for c in counts.values()) + len(failures)
-    print(f"\nfuzz: {total} cases in {seconds:.0f} s: " + "; ".join(
+
+    def make(rng):
+        kind = rng.choice(sorted(MAKERS))
+        folder = tmp_path / "case"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        base_path = MAKERS[kind](rng, sources, folder)
+        return kind, lambda: check_case(kind, base_path, folder)
+
+    result = run(SEED, CASES, TIME_BUDGET_S, CASE_TIMEOUT_S, make)
+    counts = {kind: {outcome: result.counts[(kind, outcome)] for outcome in ("refused", "loaded")} for kind in MAKERS}
+    failures, total, growth = result.failures, result.total, result.rss_growth
+    print(f"\nfuzz: {total} cases in {result.seconds:.0f} s: " + "; ".join(
         f"{kind} {c['refused']} refused, {c['loaded']} loaded" for kind, c in counts.items())
         + f"; {len(failures)} failures; peak RSS growth {growth / 2 ** 20:.1f} MB")
     assert not failures, f"{len(failures)} of {total} cases failed; first:\n" + "\n".join(failures[:3])
