@@ -26,7 +26,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn as nn
 
 from ..errors import InputError
 from ..limits import available_memory, check_grid

@@ -40,12 +40,11 @@ import torch.nn as nn
 from ..errors import InputError, TCURLoRAError
 from ..limits import check_bytes
 from ..preprocess import Preprocessing, image_source
-from ..userfiles import check_regular_file
 from ..safejson import read_json_object
-from . import construct
+from ..userfiles import check_regular_file
+from . import BaseModel, construct
 from .construct import Built
 from .nnunet_checks import check_case_grid, check_checkpoint, check_configuration, check_label_names, check_plans_file
-from . import BaseModel
 
 INSTALL_HINT = ("nnU-Net bases need nnunetv2 2.8.1 and dynamic-network-architectures 0.4.4: pip install "
                 "'tcurlora[nnunet]', then pip install --no-deps -r requirements-nnunet.txt (see the README)")
