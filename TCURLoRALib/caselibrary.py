@@ -84,10 +84,12 @@ class CaseLibrary:
     # -- index
 
     def _read(self) -> None:
+        from tcurlora.errors import TCURLoRAError
+        from tcurlora.safejson import read_json
+
         try:
-            with open(self.indexPath, encoding="utf-8") as f:
-                index = json.load(f)
-        except (OSError, ValueError) as exc:
+            index = read_json(self.indexPath, "case index", strict=False)  # a shared project folder: size, depth limits
+        except TCURLoRAError as exc:
             raise CaseLibraryError(f"{self.indexPath}: not a readable case index ({exc})") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("cases"), list):
             raise CaseLibraryError(f"{self.indexPath}: not a case index of format {FORMAT}")

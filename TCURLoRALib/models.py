@@ -6,7 +6,6 @@ A *model entry* is a dict: ``{"name", "title", "labels", "fingerprint", "kind", 
 an entry into the job file's ``"base"`` value.
 """
 
-import json
 import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -45,14 +44,16 @@ def catalogModels() -> List[Dict[str, Any]]:
 
 def _bundleLabels(folder: str) -> List[Dict[str, Any]]:
     """Labels from a MONAI bundle's ``configs/metadata.json`` (``channel_def`` of the prediction), if any."""
+    from tcurlora.errors import TCURLoRAError
+    from tcurlora.safejson import read_json
+
     path = os.path.join(folder, "configs", "metadata.json")
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = read_json(path, "bundle metadata", strict=False)  # a shared folder: size and depth limits
         outputs = meta.get("network_data_format", {}).get("outputs", {})
         pred = outputs.get("pred") or next(iter(outputs.values()), {})
         channels = pred.get("channel_def", {})
-    except (OSError, ValueError, AttributeError, StopIteration):
+    except (TCURLoRAError, AttributeError, StopIteration):
         return []
     labels = []
     for key, name in sorted(channels.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0):
@@ -62,10 +63,12 @@ def _bundleLabels(folder: str) -> List[Dict[str, Any]]:
 
 
 def _specLabels(spec: str) -> List[Dict[str, Any]]:
+    from tcurlora.errors import TCURLoRAError
+    from tcurlora.safejson import read_json
+
     try:
-        with open(spec, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+        data = read_json(spec, "network spec")
+    except TCURLoRAError:
         return []
     labels = data.get("labels") if isinstance(data, dict) else None
     if not isinstance(labels, list):

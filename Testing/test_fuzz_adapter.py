@@ -10,15 +10,10 @@ The case list is a function of the seed; a failure names the seed and the case i
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-import random
-import resource
-import signal
 import struct
-import time
-import traceback
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +25,9 @@ from tcurlora import TCURLoRAConfig, inject_adapter, load_adapter, read_manifest
 from tcurlora.adapter import get_adapter, list_adapters
 from tcurlora.errors import TCURLoRAError
 from tcurlora.manifest import METADATA_KEY, summary
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fuzzing import mutate, run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -94,40 +92,8 @@ NASTY = [None, True, False, 0, -1, 1, 2, 3, 7, 2 ** 31, 2 ** 40, 2 ** 63, 10 ** 
 DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "I8", "U8", "BOOL", "F8", "x", 4, None, ["F32"], {"F32": 1}]
 
 
-def _paths(node, prefix=()):
-    yield prefix
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _paths(v, prefix + (k,))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _paths(v, prefix + (i,))
-
-
-def _get(node, path):
-    for key in path:
-        node = node[key]
-    return node
-
-
 def mutate_manifest(rng, manifest):
-    paths = [p for p in _paths(manifest) if p]
-    path = rng.choice(paths)
-    parent, key, node = _get(manifest, path[:-1]), path[-1], _get(manifest, path)
-    op = rng.choice(["nasty", "nasty", "delete", "duplicate", "numeric", "wrap"])
-    if op == "nasty":
-        parent[key] = copy.deepcopy(rng.choice(NASTY))
-    elif op == "delete":
-        del parent[key]
-    elif op == "duplicate":
-        if isinstance(parent, list):
-            parent.append(copy.deepcopy(node))
-        else:
-            parent[f"{key}_"] = copy.deepcopy(node)
-    elif op == "numeric" and isinstance(node, (int, float)) and not isinstance(node, bool):
-        parent[key] = rng.choice([node + 1, node - 1, node * 1000, -node, node * 1.5, 2 ** 31 - 1])
-    else:
-        parent[key] = [node] if rng.random() < 0.5 else {"value": node}
+    mutate(rng, manifest, NASTY)
 
 
 def mutate_header(rng, header):
@@ -227,14 +193,6 @@ def make_case(rng, sources):
 # the run
 
 
-class Hang(Exception):
-    pass
-
-
-def _alarm(signum, frame):
-    raise Hang(f"a case ran longer than {CASE_TIMEOUT_S} s")
-
-
 def _printable(text):
     return all(ch == "\n" or ch.isprintable() for ch in text)
 
@@ -264,7 +222,6 @@ def check_case(path, reference):
 
 
 def test_fuzz_adapter_files(sources, tmp_path):
-    rng = random.Random(SEED)
     path = tmp_path / "fuzz.safetensors"
     with torch.no_grad():
         reference = base()(X)
@@ -272,33 +229,17 @@ def test_fuzz_adapter_files(sources, tmp_path):
     for data in sources.values():
         path.write_bytes(data)
         assert check_case(path, reference) == "loaded"
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    previous = signal.signal(signal.SIGALRM, _alarm)
-    counts, failures = {"refused": 0, "loaded": 0}, []
-    t0 = time.monotonic()
-    try:
-        for index in range(CASES):
-            if time.monotonic() - t0 > TIME_BUDGET_S:
-                break
-            kind, data = make_case(rng, sources)
-            path.write_bytes(data)
-            signal.alarm(CASE_TIMEOUT_S)
-            try:
-                counts[check_case(path, reference)] += 1
-            except BaseException as exc:  # noqa: B902 - every escape is a finding, reported below
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
-                failures.append(f"seed {SEED} case {index} ({kind}): {type(exc).__name__}: "
-                                + "".join(traceback.format_exception_only(type(exc), exc)).strip()[:300]
-                                + "\n" + "".join(traceback.format_tb(exc.__traceback__)[-3:]))
-            finally:
-                signal.alarm(0)
-    finally:
-        signal.signal(signal.SIGALRM, previous)
-    seconds = time.monotonic() - t0
-    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-    total = counts["refused"] + counts["loaded"] + len(failures)
-    print(f"\nfuzz: {total} cases in {seconds:.0f} s: {counts['refused']} refused, {counts['loaded']} loaded, "
+
+    def make(rng):
+        kind, data = make_case(rng, sources)
+        path.write_bytes(data)
+        return kind, lambda: check_case(path, reference)
+
+    result = run(SEED, CASES, TIME_BUDGET_S, CASE_TIMEOUT_S, make)
+    counts = {outcome: sum(n for (_, o), n in result.counts.items() if o == outcome) for outcome in
+              ("refused", "loaded")}
+    failures, total, growth = result.failures, result.total, result.rss_growth
+    print(f"\nfuzz: {total} cases in {result.seconds:.0f} s: {counts['refused']} refused, {counts['loaded']} loaded, "
           f"{len(failures)} failures; peak RSS growth {growth / 2 ** 20:.1f} MB")
     assert not failures, f"{len(failures)} of {total} cases failed; first:\n" + "\n".join(failures[:3])
     assert total >= min(CASES, 300), "too few cases ran to mean anything"

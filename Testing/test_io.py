@@ -193,11 +193,13 @@ def test_memory_limit_follows_the_available_memory(tmp_path, monkeypatch):
     path = _ct_copy(tmp_path, ".nii.gz")
     voxels = 73 * 47 * 73
     need = voxels * (2 + io.WORKING_BYTES_PER_VOXEL)
-    monkeypatch.setattr(io.images, "available_memory", lambda: need - 1)  # where the readers look it up
+    from tcurlora import limits
+
+    monkeypatch.setattr(limits, "available_memory", lambda: need - 1)
     with pytest.raises(InputError) as e:
         io.read_image(path)
     assert_input_error(e, "ct.nii.gz: ", "73x47x73 voxels needs about", "crop or downsample")
-    monkeypatch.setattr(io.images, "available_memory", lambda: need)
+    monkeypatch.setattr(limits, "available_memory", lambda: need)
     assert io.read_image(path).GetSize() == (73, 47, 73)
     # the real figure: this machine has memory to spare for the CT crop, and not for 32767^3
     assert 0 < io.available_memory()

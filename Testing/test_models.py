@@ -311,7 +311,7 @@ def test_pt_with_a_pickled_object_is_refused_without_running_it(tmp_path):
 @pytest.mark.parametrize("problem, spec_text, expected", [
     ("weights-wrong-shape", None, "weights do not fit the network"),
     ("bad-args", json.dumps({"network": {"class": "UNet", "args": {"spatial_dims": 3, "channels": "x"}}}), "cannot build UNet"),
-    ("not-json", "{not json", "unreadable network spec"),
+    ("not-json", "{not json", "not a valid JSON network spec"),
     ("not-an-object", "[1, 2]", "network spec"),
     ("bad-preprocessing", json.dumps({"network": {"class": "UNet", "args": UNET_ARGS},
                                       "preprocessing": {"orientation": "XYZ"}}), "invalid preprocessing"),

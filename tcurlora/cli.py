@@ -265,11 +265,9 @@ def _pairs(images: List[str], labels: List[str], what: str):
 def _load_labels(value):
     if value in (None, "from-segmentation") or isinstance(value, list):
         return value
-    path = Path(value)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise TCURLoRAError(f"{path.name}: cannot read the label table ({exc})") from None
+    from .safejson import read_json
+
+    return read_json(value, "label table")
 
 
 def _settings_from_args(args, command: str) -> dict:

@@ -26,7 +26,9 @@ def unsafe_character(text: str) -> Optional[str]:
     return None
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+    """``text`` on one line with every character that could drive a terminal shown as ``?``: what may be
+    printed of a name or value from a file or folder someone else made."""
     # The worker protocol sends one JSON object per line and the CLI prints one line: no embedded newlines,
     # and nothing (a file name, a value from a crafted file) that could drive the terminal.
     text = " ".join(str(text).split())
@@ -49,7 +51,7 @@ class TCURLoRAError(Exception):
     """Base of all errors meant for the user (bad input, bad configuration, incompatible adapter...)."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(_one_line(message))
+        super().__init__(one_line(message))
 
     @property
     def message(self) -> str:
@@ -69,9 +71,9 @@ class InputError(TCURLoRAError):
     def __init__(self, path_or_message: PathLike, problem: Optional[str] = None) -> None:
         if problem is None:
             self.path: Optional[str] = None
-            self.problem = _one_line(os.fspath(path_or_message))
+            self.problem = one_line(os.fspath(path_or_message))
             super().__init__(self.problem)
         else:
             self.path = os.fspath(path_or_message)
-            self.problem = _one_line(problem)
+            self.problem = one_line(problem)
             super().__init__(f"{display_name(self.path)}: {self.problem}")

@@ -18,9 +18,11 @@ from .atomic import check_writable
 from .errors import InputError, TCURLoRAError
 from .events import Events
 from .labels import channel_values
+from .limits import check_bytes, segmentation_bytes, size_text
 from .models import BaseModel
 from .protocol import PEFT_METHODS
 from .runtime import InferenceStopped, StopWatch, pick_device, sliding_window_probabilities, with_oom_fallback
+from .userfiles import open_regular
 
 SEGMENTATION_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 
@@ -142,8 +144,10 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
                     label, p = base.segment_image(image, labels, dev, tta, stop.requested, probabilities, events)
                 else:
                     x, _, meta = base.prepare(image)
-                    probs = _predict(network, x, base, dev, bool(tta), sw_batch_size, overlap, events,
-                                     stop.requested)
+                    check_bytes(src, f"segmenting {size_text(x.shape[1:])} voxels in {len(values) + 1} classes",
+                                segmentation_bytes(x.shape[1:], len(values) + 1, base.window_bytes, sw_batch_size),
+                                "crop or downsample it, lower --sw-batch-size, or free memory")
+                    probs = _predict(network, x, base, dev, bool(tta), sw_batch_size, overlap, events, stop.requested)
             except InferenceStopped:  # asked before each volume and between sliding windows
                 events.log(f"stopped: {len(result.files)} of {len(inputs)} inputs segmented")
                 result.cancelled = True
@@ -169,14 +173,13 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
 def check_inputs_and_outputs(inputs: Sequence[str], outs: Sequence[Path], adapter: Optional[str]) -> None:
     """Before any work: every input and the adapter exist and can be opened, every output folder takes a file."""
     for path in list(inputs) + ([adapter] if adapter else []):
-        if not os.path.exists(path):
-            raise InputError(path, "file not found")
-        if os.path.isfile(path):
-            try:
-                with open(path, "rb") as f:
-                    f.read(1)
-            except OSError as exc:
-                raise InputError(path, f"cannot be read ({exc.strerror or exc})") from None
+        if os.path.isdir(path):  # a DICOM series folder
+            continue
+        try:
+            with open_regular(path) as f:  # missing, unreadable, a FIFO or a device: refused before any work
+                f.read(1)
+        except OSError as exc:
+            raise InputError(path, f"cannot be read ({exc.strerror or exc})") from None
     for one_per_folder in {Path(o).parent: o for o in outs}.values():
         check_writable(one_per_folder, what="segmentation")
 

@@ -7,17 +7,18 @@ a pickle renamed to ``.safetensors`` is refused with one line and nothing is eve
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import struct
 from typing import Dict, Optional, Tuple
 
+from . import safejson
 from .config import PRESETS, SELECTIONS, TCURLoRAConfig
 from .errors import TCURLoRAError, display_name, unsafe_character
 from .labels import MAX_NAME, LabelError, check_label_table
 from .protocol import METHODS, PEFT_METHODS
+from .userfiles import open_regular
 
 try:  # the parser behind re.compile: to check a pattern's shape without running it
     from re import _parser as _sre_parser
@@ -59,8 +60,8 @@ def read_header(path) -> Tuple[Dict[str, str], Dict[str, dict]]:
     """
     name = display_name(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with open_regular(path, "adapter file") as f:  # a FIFO would block the reader: refused unopened
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             n = _header_length(head, size, name)
             raw = f.read(n)
@@ -77,7 +78,7 @@ def read_adapter_bytes(path) -> Tuple[bytes, Dict[str, str], Dict[str, dict]]:
     """
     name = display_name(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "adapter file") as f:
             head = f.read(8)
             size = os.fstat(f.fileno()).st_size
             n = _header_length(head, size, name)
@@ -116,10 +117,10 @@ def _parse_header(head: bytes, raw: bytes, data_size: int, name: str) -> Tuple[D
     if _looks_pickled(head) and not raw.startswith(b"{"):
         raise _fail(name, PICKLE_PROBLEM)
     try:
-        header = _loads(raw.decode("utf-8"))
-    except _NonFinite:
+        header = safejson.parse(raw)
+    except safejson.NonFiniteNumber:
         raise _fail(name, "corrupted header (a non-finite number)") from None
-    except (UnicodeDecodeError, ValueError, RecursionError):  # '[[[[…' nests past the recursion limit
+    except safejson.JSONProblem:  # not UTF-8, not JSON, or '[[[[…' nested past the limit
         raise _fail(name, "corrupted header (not valid JSON)") from None
     if not isinstance(header, dict):
         raise _fail(name, "corrupted header (not a JSON object)")
@@ -148,26 +149,6 @@ def _parse_header(head: bytes, raw: bytes, data_size: int, name: str) -> Tuple[D
     return metadata, header
 
 
-class _NonFinite(ValueError):
-    pass
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e999
-        raise _NonFinite(text)
-    return value
-
-
-def _no_constant(text: str):
-    raise _NonFinite(text)  # NaN, Infinity, -Infinity: Python's json reads them, JSON has none
-
-
-def _loads(text: str):
-    """Strict JSON: no NaN/Infinity, no number that overflows to infinity."""
-    return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
-
-
 def parse_manifest(text: str, where: str = "adapter") -> dict:
     """Validate the manifest JSON; raise :class:`ManifestError` (never anything else) when invalid.
 
@@ -179,10 +160,10 @@ def parse_manifest(text: str, where: str = "adapter") -> dict:
     if not isinstance(text, (str, bytes, bytearray)):
         raise _fail(where, "manifest is not valid JSON")
     try:
-        data = _loads(text)
-    except _NonFinite as exc:
-        raise _fail(where, f"manifest holds a non-finite number ({exc})") from None
-    except (ValueError, TypeError, RecursionError):
+        data = safejson.parse(text)
+    except safejson.NonFiniteNumber as exc:
+        raise _fail(where, f"manifest {exc}") from None
+    except safejson.JSONProblem:
         raise _fail(where, "manifest is not valid JSON") from None
     if not isinstance(data, dict):
         raise _fail(where, "manifest is not a JSON object")

@@ -30,6 +30,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .protocol import MAX_PATCH
+
 # ----------------------------------------------------------------------------------------------------------
 # configuration
 
@@ -44,6 +46,9 @@ _INTENSITY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 _AXIS_PAIRS = ({"L", "R"}, {"A", "P"}, {"S", "I"})
+#: What a voxel of the resampled image costs: the float32 resampled image, its tensor and the normalised copy,
+#: and for a training case the int64 label.
+RESAMPLED_BYTES_PER_VOXEL = 20
 
 
 def _normalise_intensity(spec: Any) -> dict[str, Any]:
@@ -123,8 +128,9 @@ class Preprocessing:
             patch = tuple(int(p) for p in self.patch_size)
         except (TypeError, ValueError):
             raise ValueError(f"patch_size must be three integers, got {self.patch_size!r}")
-        if len(patch) != 3 or any(p != q for p, q in zip(patch, self.patch_size)) or min(patch) < 1:
-            raise ValueError(f"patch_size must be three positive integers, got {self.patch_size!r}")
+        if len(patch) != 3 or any(p != q for p, q in zip(patch, self.patch_size)) or min(patch) < 1 \
+                or max(patch) > MAX_PATCH:
+            raise ValueError(f"patch_size must be three integers from 1 to {MAX_PATCH}, got {self.patch_size!r}")
         if any(p % self.divisible_by for p in patch):
             raise ValueError(f"patch_size {patch} must be a multiple of divisible_by={self.divisible_by}")
         self.patch_size = patch  # type: ignore[assignment]
@@ -183,17 +189,31 @@ def _set_grid(image: sitk.Image, grid: dict[str, list]) -> sitk.Image:
     return image
 
 
-def _resampled_grid(grid: dict[str, list], spacing: Sequence[float]) -> dict[str, list]:
-    """Same axes, new voxel size, same field-of-view centre (the extent is kept to within half a voxel)."""
+def _resampled_grid(grid: dict[str, list], spacing: Sequence[float], where: Optional[str] = None) -> dict[str, list]:
+    """Same axes, new voxel size, same field-of-view centre (the extent is kept to within half a voxel).
+    With ``where`` (the image's file), a grid this machine cannot hold is refused before it is allocated."""
     size = np.asarray(grid["size"], dtype=float)
     old = np.asarray(grid["spacing"], dtype=float)
     new = np.asarray(spacing, dtype=float)
-    new_size = np.maximum(1, np.round(size * old / new)).astype(int)
+    extent = size * old / new
+    if where is not None:  # from the float sizes: a huge input spacing would overflow the integer ones
+        from .limits import check_grid
+
+        sizes = np.minimum(np.nan_to_num(extent, nan=np.inf), 2.0 ** 62)
+        check_grid(where, "the image at the model's spacing", [int(s) for s in sizes], RESAMPLED_BYTES_PER_VOXEL)
+    new_size = np.maximum(1, np.round(extent)).astype(int)
     direction = np.asarray(grid["direction"], dtype=float).reshape(3, 3)
     centre = np.asarray(grid["origin"]) + direction @ (old * (size - 1) / 2)
     origin = centre - direction @ (new * (new_size - 1) / 2)
     return {"size": [int(s) for s in new_size], "spacing": [float(s) for s in new],
             "origin": [float(o) for o in origin], "direction": list(grid["direction"])}
+
+
+def image_source(image: sitk.Image) -> str:
+    """The file ``image`` was read from (as :func:`tcurlora.io.read_image` records it), for messages."""
+    from .io import PATH_KEY
+
+    return image.GetMetaData(PATH_KEY) if image.HasMetaDataKey(PATH_KEY) else "the image"
 
 
 def _sitk_to_tensor(image: sitk.Image, dtype: torch.dtype) -> torch.Tensor:
@@ -262,7 +282,7 @@ def to_model_space(image: sitk.Image, label: Optional[sitk.Image], prep: Preproc
     oriented_label = sitk.DICOMOrient(label, prep.orientation) if label is not None else None
     grid = _grid(oriented)
     if prep.spacing is not None:
-        target = _resampled_grid(grid, prep.spacing)
+        target = _resampled_grid(grid, prep.spacing, image_source(image))
         ref = _set_grid(sitk.Image(target["size"], sitk.sitkUInt8), target)
         # Points just outside the old voxel centres (< half a voxel) are still inside ITK's buffer: no zero rim.
         oriented = sitk.Resample(oriented, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)

@@ -169,6 +169,8 @@ def choice(options: Sequence[str]) -> Check:
 def text(value):
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value).strip():
         raise _Invalid(f"must be a non-empty text, got {shown(value)}")
+    if "\0" in os.fspath(value):  # no file name holds one: the OS refuses it with a ValueError
+        raise _Invalid("holds a NUL character")
     return os.fspath(value)
 
 

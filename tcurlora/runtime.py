@@ -28,7 +28,12 @@ def pick_device(name: str) -> torch.device:
 
 
 class StopWatch:
-    """Polls a stop file and catches SIGINT/SIGTERM; restores the old handlers afterwards."""
+    """Polls a stop file and catches SIGINT/SIGTERM; restores the old handlers afterwards.
+
+    The first signal asks for a clean stop at the next poll. A second one means that stop was not reached
+    (a read that blocks, a long step): the old handlers are restored and the signal delivered again, so
+    Ctrl-C twice or a second SIGTERM ends the process as it would without the watch, never only kill -9.
+    """
 
     def __init__(self, stop_file: Optional[str]) -> None:
         self.stop_file = stop_file
@@ -37,6 +42,10 @@ class StopWatch:
 
     def __enter__(self) -> "StopWatch":
         def handler(signum, frame):
+            if self.signalled:
+                self._restore()
+                signal.raise_signal(signum)
+                return
             self.signalled = True
 
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -47,7 +56,11 @@ class StopWatch:
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
+        self._restore()
+
+    def _restore(self) -> None:
+        while self._old:
+            sig, old = self._old.popitem()
             signal.signal(sig, old)
 
     def requested(self) -> bool:

@@ -7,24 +7,19 @@ on standard output. The job keys, their defaults and checks, the event names and
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from . import protocol
 from .errors import TCURLoRAError
 from .events import Events
+from .safejson import read_json
 
 
 def read_job(path) -> dict:
     """Read and check a job file (types, ranges, unknown keys); returns it completed with the defaults."""
     path = Path(path)
-    try:
-        job = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TCURLoRAError(f"{path.name}: job file not found") from None
-    except (OSError, ValueError) as exc:
-        raise TCURLoRAError(f"{path.name}: not a valid JSON job file ({exc})") from None
+    job = read_json(path, "job file", strict=False)  # non-finite numbers: the settings' checks name them
     return protocol.validate_job(job, where=path.name)
 
 

@@ -32,7 +32,7 @@ def write(export: Export, folder: Path, final: Path) -> List[str]:
     where = container / "model.pt" if container.is_dir() else Path(export.base_path)
     config = dict(checkpoint["config"])
     config["network"] = {**config["network"], "out_channels": len(export.labels) + 1}
-    network = build_network(config["network"], where)  # what the extension builds from the config
+    network = build_network(config["network"], where).network  # what the extension builds from the config
     checkpoint["state_dict"] = format_state(network, export.network.state_dict(), checkpoint["state_dict"],
                                             export.channel_sources(), where)
     checkpoint["config"] = config

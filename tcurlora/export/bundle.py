@@ -18,6 +18,7 @@ import torch
 
 from ..errors import InputError
 from ..models import _bundle_network, read_weights
+from ..safejson import read_config
 from .common import Export, format_state, read_json_object, write_json
 
 TOOL = "MONAI bundle (python -m monai.bundle run, MONAI Label, MONAI Deploy)"
@@ -68,8 +69,8 @@ def _format_network(config_file: Path) -> torch.nn.Module:
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(config_file))
-    return _bundle_network(parser, config_file)
+    parser.read_config(read_config(config_file, "bundle config"))
+    return _bundle_network(parser, config_file, ()).network
 
 
 def _save_like(original: Path, state: dict, path: Path) -> None:

@@ -21,7 +21,7 @@ from ..adapter_file import load_adapter
 from ..atomic import atomic_folder
 from ..errors import InputError, TCURLoRAError
 from ..models import BaseModel
-from ..models.nnunet import _read_json as read_json_object  # a JSON object file, or one line naming it
+from ..safejson import read_json_object  # a JSON object file (size and depth limits), or one line naming it
 from ..protocol import EXPORT_TRACE_FILE
 from ..tuners.heads import start_new_head
 

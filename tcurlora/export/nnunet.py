@@ -56,7 +56,7 @@ def write(export: Export, folder: Path, final: Path, fold: Optional[int]) -> Lis
         shutil.copyfile(model_folder / "dataset_fingerprint.json", trainer_folder / "dataset_fingerprint.json")
 
     cm = export.base.configuration_manager
-    network = build_network(cm, 1, len(export.labels) + 1, model_folder / "plans.json")  # what the predictor builds
+    network = build_network(cm, 1, len(export.labels) + 1, model_folder / "plans.json").network  # what the predictor builds
     original = {k[len("module."):] if k.startswith("module.") else k: v
                 for k, v in checkpoint["network_weights"].items()}
     checkpoint["network_weights"] = format_state(network, export.network.state_dict(), original,

@@ -6,6 +6,7 @@ Images are :class:`SimpleITK.Image` objects (physical space LPS, as ITK and DICO
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Optional, Sequence, Union
 
@@ -14,6 +15,8 @@ import SimpleITK as sitk
 
 from ..atomic import atomic_write
 from ..errors import InputError, display_name
+from ..limits import available_memory, check_grid, size_text as _size_text  # noqa: F401  (available_memory re-exported)
+from ..userfiles import check_regular_file
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -40,10 +43,6 @@ def stem(path: PathLike) -> str:
     name = os.path.basename(os.fspath(path).rstrip("/\\"))
     ext = extension(name)
     return name[: len(name) - len(ext)] if ext else name
-
-
-def _size_text(size: Sequence[int]) -> str:
-    return "x".join(str(int(s)) for s in size)
 
 
 def _sitk_reason(exc: Exception) -> str:
@@ -98,6 +97,10 @@ def _check_volume(image: sitk.Image, path: str, what: str) -> sitk.Image:
         raise InputError(path, f"{what} has {dim} dimensions; a 3D volume is needed")
     if min(size) < 2:
         raise InputError(path, f"{what} is a single slice (size {_size_text(size)}), i.e. 2D; a 3D volume is needed")
+    if not all(math.isfinite(v) for v in image.GetSpacing() + image.GetOrigin() + image.GetDirection()) \
+            or min(image.GetSpacing()) <= 0:  # resampling a NaN or zero spacing makes grids of any size
+        raise InputError(path, f"{what} has an invalid geometry (spacing "
+                               f"({', '.join(f'{v:.6g}' for v in image.GetSpacing())}) mm)")
     return image
 
 
@@ -158,6 +161,7 @@ def _read_dicom(path: str, member: Optional[str] = None) -> sitk.Image:
         raise InputError(path, f"holds {len(series)} DICOM series: {_series_list(series)}; choose one with "
                                "--series UID, or give one of its files")
     files = series[0][1]
+    check_regular_file(files[0], "DICOM file")
     first = _read_information(files[0], "DICOM file")
     _check_memory(path, (*first.GetSize()[:2], len(files)), _stored_bytes(first), "DICOM series")
     reader = sitk.ImageSeriesReader()
@@ -173,13 +177,6 @@ def _read_dicom(path: str, member: Optional[str] = None) -> sitk.Image:
 WORKING_BYTES_PER_VOXEL = 24
 _COMPONENT_BYTES = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
                     sitk.sitkInt32: 4, sitk.sitkFloat32: 4}
-
-
-def available_memory() -> int:
-    """Bytes of memory this machine can give a process now (free plus reclaimable caches)."""
-    import psutil
-
-    return int(psutil.virtual_memory().available)
 
 
 def _read_information(path: str, what: str) -> sitk.ImageFileReader:
@@ -198,13 +195,7 @@ def _stored_bytes(reader: sitk.ImageFileReader) -> int:
 
 def _check_memory(path: str, size: Sequence[int], stored_bytes: int, what: str) -> None:
     """Refuse, from the header, a volume this machine cannot hold (or a header that claims absurd sizes)."""
-    voxels = 1
-    for s in size:
-        voxels *= max(int(s), 1)
-    need, have = voxels * (stored_bytes + WORKING_BYTES_PER_VOXEL), available_memory()
-    if need > have:
-        raise InputError(path, f"{what} of {_size_text(size)} voxels needs about {need / 2 ** 30:.1f} GB of memory, "
-                               f"{have / 2 ** 30:.1f} GB is available; crop or downsample it, or free memory")
+    check_grid(path, what, size, stored_bytes + WORKING_BYTES_PER_VOXEL)
 
 
 def _check_nifti_complete(path: str) -> None:
@@ -239,6 +230,7 @@ def _check_nifti_complete(path: str) -> None:
 
 def _read_volume(path: str, what: str) -> sitk.Image:
     """Read an image file with ITK after checking, from its header, its size against memory and (NIfTI) its length."""
+    check_regular_file(path)  # a FIFO would block ITK
     reader = _read_information(path, what)
     _check_memory(path, reader.GetSize(), _stored_bytes(reader), what)
     if extension(path) in (".nii", ".nii.gz"):

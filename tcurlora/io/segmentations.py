@@ -15,6 +15,7 @@ from ..atomic import atomic_write
 from ..errors import InputError, display_name
 from ..labels import (MAX_LABEL_VALUE, LabelError, LabelTable, check_label_table, default_color, default_label_table,
                       names_text)
+from ..userfiles import check_regular_file
 from .geometry import _align_to_image
 from .images import (PATH_KEY, WRITE_EXTENSIONS, PathLike, _check_memory, _check_volume, _check_write_extension,
                      _read_volume, _size_text, _smallest_label_dtype, extension)
@@ -86,6 +87,7 @@ def _read_slicer_segmentation(path: str) -> dict:
     import nrrd
     import slicerio
 
+    check_regular_file(path, "segmentation")
     try:
         sizes = [int(s) for s in nrrd.read_header(path).get("sizes", [])]
     except Exception:  # slicerio below names the problem

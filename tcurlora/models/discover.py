@@ -20,9 +20,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+
+from ..errors import InputError, TCURLoRAError, one_line
+from ..safejson import JSONProblem, parse, read_json, read_json_object
+from ..userfiles import read_limited
 
 KINDS = ("totalsegmentator", "nnunet", "auto3dseg", "bundle")
+MAX_SETTINGS_BYTES = 16 << 20
 _TRAINER_FOLDER = re.compile(r"^[^_].*__.+__.+$")  # <trainer>__<plans>__<configuration>
 
 
@@ -43,8 +48,8 @@ def slicer_nnunet_model_path(settings: Optional[Path] = None) -> Optional[Path]:
     """The model folder saved by SlicerNNUnet (``[SlicerNNUNet] Parameter=`` JSON in Slicer.ini), if any."""
     settings = settings or slicer_settings_file()
     try:
-        text = settings.read_text(encoding="utf-8", errors="replace")
-    except OSError:
+        text = read_limited(settings, MAX_SETTINGS_BYTES, "Slicer settings file").decode("utf-8", errors="replace")
+    except TCURLoRAError:  # missing, a FIFO, too large
         return None
     section = None
     for line in text.splitlines():
@@ -56,11 +61,11 @@ def slicer_nnunet_model_path(settings: Optional[Path] = None) -> Optional[Path]:
             if value.startswith('"') and value.endswith('"'):  # QSettings quotes and backslash-escapes strings
                 value = re.sub(r'\\(.)', r"\1", value[1:-1])
             try:
-                path = json.loads(value).get("modelPath", {})
-            except (ValueError, AttributeError):
+                path = parse(value, strict=False).get("modelPath", {})
+            except (JSONProblem, AttributeError):
                 return None
             path = path.get("_path") if isinstance(path, dict) else path
-            return Path(path) if path else None
+            return Path(path) if isinstance(path, str) and path and "\0" not in path else None
     return None
 
 
@@ -103,15 +108,15 @@ def _walk_dirs(root: Path, depth: int) -> Iterator[Path]:
 
 def _nnunet_entry(folder: Path, kind: str) -> dict:
     entry = {"kind": kind, "name": f"{folder.parent.name}/{folder.name}", "base": str(folder), "labels": [],
-             "folds": sorted(int(p.name[5:]) for p in folder.glob("fold_*") if p.name[5:].isdigit()),
+             "folds": sorted(int(p.name[5:]) for p in folder.glob("fold_*") if p.name[5:].isdigit()
+                             and len(p.name) < 12),
              "size_bytes": _size(folder.glob("fold_*/checkpoint_*.pth"))}
-    try:
-        labels = json.loads((folder / "dataset.json").read_text(encoding="utf-8")).get("labels", {})
-        entry["labels"] = [str(k) for k, v in labels.items() if str(k).lower() != "background" and k != "ignore"]
-        if any(isinstance(v, (list, tuple)) for v in labels.values()):
-            entry["problem"] = "region-based labels"
-    except (OSError, ValueError, AttributeError) as exc:
-        entry["problem"] = f"unreadable dataset.json ({exc})"
+    labels = read_json_object(folder / "dataset.json", "dataset.json", strict=False).get("labels", {})
+    if not isinstance(labels, dict):
+        raise InputError(folder / "dataset.json", "labels must map names to values")
+    entry["labels"] = [k for k in labels if k.lower() != "background" and k != "ignore"]
+    if any(isinstance(v, (list, tuple)) for v in labels.values()):
+        entry["problem"] = "region-based labels"
     return entry
 
 
@@ -120,48 +125,61 @@ def _find_nnunet(root: Path, kind: str) -> List[dict]:
     for folder in _walk_dirs(root, 3):
         if _TRAINER_FOLDER.match(folder.name) and (folder / "dataset.json").is_file() \
                 and (folder / "plans.json").is_file() and any(folder.glob("fold_*/checkpoint_*.pth")):
-            found.append(_nnunet_entry(folder, kind))
+            found.append(_entry(folder, kind, lambda: _nnunet_entry(folder, kind)))
     return found
 
 
 def _find_auto3dseg(root: Path) -> List[dict]:
-    from .auto3dseg import find_model, read_labels_csv
+    from .auto3dseg import find_model, read_labels
+
+    def entry_of(folder: Path) -> Optional[dict]:
+        model = find_model(folder)
+        if model is None:
+            return None
+        return {"kind": "auto3dseg", "name": folder.name, "base": str(folder),
+                "labels": [label["name"] for label in read_labels(model[0])],
+                "size_bytes": _size([model[0] / "model.pt"])}
 
     found = []
     for folder in list(_walk_dirs(root, 1))[1:]:
-        model = find_model(folder)
-        if model is None:
-            continue
-        container = model[0]
-        entry = {"kind": "auto3dseg", "name": folder.name, "base": str(folder), "labels": [],
-                 "size_bytes": _size([container / "model.pt"])}
-        try:
-            entry["labels"] = [l["name"] for l in read_labels_csv(
-                (container / "labels.csv").read_text(encoding="utf-8-sig"), container / "labels.csv")]
-        except Exception as exc:  # InputError, OSError, UnicodeError: listed with the problem
-            entry["problem"] = str(exc)
-        found.append(entry)
+        entry = _entry(folder, "auto3dseg", lambda: entry_of(folder))
+        if entry is not None:
+            found.append(entry)
     return found
+
+
+def _bundle_entry(folder: Path) -> dict:
+    weights = [p for p in (folder / "models").glob("*") if p.suffix in (".pt", ".ts", ".safetensors")] \
+        if (folder / "models").is_dir() else []
+    entry = {"kind": "bundle", "name": folder.name, "base": str(folder), "labels": [], "size_bytes": _size(weights)}
+    if not weights:
+        entry["problem"] = "no weights in models/"
+    if (folder / "configs" / "metadata.json").exists():  # labels are optional in a bundle's metadata
+        meta = read_json(folder / "configs" / "metadata.json", "bundle metadata", strict=False)
+        try:
+            channels = meta["network_data_format"]["outputs"]["pred"].get("channel_def", {})
+            entry["labels"] = [str(v) for k, v in sorted(channels.items(), key=lambda kv: int(kv[0])) if int(k) > 0]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            pass
+    return entry
 
 
 def _find_bundles(root: Path) -> List[dict]:
     found = []
     for folder in list(_walk_dirs(root, 2))[1:]:
-        if not any((folder / "configs" / n).is_file() for n in ("inference.json", "inference.yaml")):
-            continue
-        weights = [p for p in (folder / "models").glob("*") if p.suffix in (".pt", ".ts", ".safetensors")] \
-            if (folder / "models").is_dir() else []
-        entry = {"kind": "bundle", "name": folder.name, "base": str(folder), "labels": [], "size_bytes": _size(weights)}
-        if not weights:
-            entry["problem"] = "no weights in models/"
-        try:
-            meta = json.loads((folder / "configs" / "metadata.json").read_text(encoding="utf-8"))
-            channels = meta["network_data_format"]["outputs"]["pred"].get("channel_def", {})
-            entry["labels"] = [str(v) for k, v in sorted(channels.items(), key=lambda kv: int(kv[0])) if int(k) > 0]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # labels are optional in a bundle's metadata
-        found.append(entry)
+        if any((folder / "configs" / n).is_file() for n in ("inference.json", "inference.yaml")):
+            found.append(_entry(folder, "bundle", lambda: _bundle_entry(folder)))
     return found
+
+
+def _entry(folder: Path, kind: str, read: Callable[[], Any]) -> Any:
+    """``read()``, or for a folder that cannot be read an entry that names its problem: one bad folder never
+    hides the others."""
+    try:
+        return read()
+    except (TCURLoRAError, OSError) as exc:
+        return {"kind": kind, "name": folder.name, "base": str(folder), "labels": [], "size_bytes": 0,
+                "problem": str(exc)}
 
 
 def discover_models(roots: Optional[Dict[str, Iterable[os.PathLike]]] = None) -> List[dict]:
@@ -195,19 +213,18 @@ def discover_models(roots: Optional[Dict[str, Iterable[os.PathLike]]] = None) ->
 
 
 def describe(entry: dict) -> str:
-    """One line: kind, name, labels, size, and the ``--base`` path."""
-    labels = entry["labels"]
+    """One line: kind, name, labels, size, and the ``--base`` path; names from the folders shown with any
+    character that could drive a terminal (an escape sequence in a label or folder name) as ``?``."""
+    labels = [one_line(label) for label in entry["labels"]]
     shown = ", ".join(labels[:4]) + (f", ... ({len(labels)} labels)" if len(labels) > 4 else "")
     folds = f" folds {','.join(map(str, entry['folds']))};" if entry.get("folds") else ""
-    problem = f"  [cannot be used: {entry['problem']}]" if entry.get("problem") else ""
-    return (f"{entry['kind']:16s} {entry['name']}: {shown or 'no labels listed'};{folds} "
-            f"{entry['size_bytes'] / 2 ** 20:.1f} MB  --base {entry['base']}{problem}")
+    problem = f"  [cannot be used: {one_line(entry['problem'])}]" if entry.get("problem") else ""
+    return (f"{entry['kind']:16s} {one_line(entry['name'])}: {shown or 'no labels listed'};{folds} "
+            f"{entry['size_bytes'] / 2 ** 20:.1f} MB  --base {one_line(entry['base'])}{problem}")
 
 
 def discover_main(root_args: List[str], as_json: bool = False) -> int:
     """``tcurlora models --discover [--root KIND=FOLDER ...] [--json]``."""
-    from ..errors import TCURLoRAError
-
     roots: Optional[Dict[str, List[Path]]] = None
     if root_args:
         roots = {}
@@ -220,8 +237,8 @@ def discover_main(root_args: List[str], as_json: bool = False) -> int:
     if as_json:
         print(json.dumps(entries, indent=2))
     elif not entries:
-        print("no models found (looked in: " + "; ".join(
-            f"{k}: {', '.join(map(str, v)) or '-'}" for k, v in (roots or default_roots()).items()) + ")")
+        print(one_line("no models found (looked in: " + "; ".join(
+            f"{k}: {', '.join(map(str, v)) or '-'}" for k, v in (roots or default_roots()).items()) + ")"))
     for entry in entries if not as_json else []:
         print(describe(entry))
     return 0

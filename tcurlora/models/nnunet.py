@@ -26,7 +26,6 @@ trainer allows it (its checkpoint's mirroring axes), and ``--no-tta`` turns it o
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import tempfile
@@ -39,8 +38,13 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError, TCURLoRAError
-from ..preprocess import Preprocessing
-from . import BaseModel
+from ..limits import check_bytes
+from ..preprocess import Preprocessing, image_source
+from ..safejson import read_json_object
+from ..userfiles import check_regular_file
+from . import BaseModel, construct
+from .construct import Built
+from .nnunet_checks import check_case_grid, check_checkpoint, check_configuration, check_label_names, check_plans_file
 
 INSTALL_HINT = ("nnU-Net bases need nnunetv2 2.8.1 and dynamic-network-architectures 0.4.4: pip install "
                 "'tcurlora[nnunet]', then pip install --no-deps -r requirements-nnunet.txt (see the README)")
@@ -126,6 +130,8 @@ def _checkpoint_safe_globals() -> list:
 
 def read_checkpoint(path: Path) -> dict:
     """An nnU-Net checkpoint dict, read without running any pickled code."""
+    size = check_regular_file(path, "checkpoint")
+    check_bytes(path, f"reading a {size / 2 ** 20:.1f} MB checkpoint", 2 * size)
     try:
         with torch.serialization.safe_globals(_checkpoint_safe_globals()):
             checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -138,16 +144,6 @@ def read_checkpoint(path: Path) -> dict:
             not all(isinstance(v, torch.Tensor) for v in checkpoint["network_weights"].values()):
         raise InputError(path, "not an nnU-Net checkpoint (no network_weights state dict)")
     return checkpoint
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(path, "must be a JSON object")
-    return data
 
 
 def labels_from_dataset_json(dataset_json: dict, where: Path) -> List[dict]:
@@ -166,8 +162,8 @@ def labels_from_dataset_json(dataset_json: dict, where: Path) -> List[dict]:
     values = sorted(labels.values())
     if values != list(range(len(values))):
         raise InputError(where, f"label values must be 0..{len(values) - 1} (nnU-Net's rule), got {values}")
-    return [{"value": v, "name": str(name), "color": default_color(v)}
-            for name, v in sorted(labels.items(), key=lambda kv: kv[1]) if v > 0]
+    return check_label_names([{"value": v, "name": str(name), "color": default_color(v)}
+                              for name, v in sorted(labels.items(), key=lambda kv: kv[1]) if v > 0], where)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,26 +184,31 @@ def _torch_layer(name: Any, allowed: set, key: str, where: Path) -> Optional[typ
         return None
     short = str(name).rsplit(".", 1)[-1]
     module_path = str(name).rsplit(".", 1)[0] if "." in str(name) else ""
-    if short not in allowed or not (module_path == "torch.nn" or module_path.startswith("torch.nn.modules.")):
-        raise InputError(where, f"network {key} {name!r} is not one of torch.nn.{', torch.nn.'.join(sorted(allowed))}")
+    if not isinstance(name, str) or short not in allowed or not (
+            module_path == "torch.nn" or module_path.startswith("torch.nn.modules.")):
+        raise InputError(where, f"network {key} {str(name)[:80]!r} is not one of torch.nn."
+                                f"{', torch.nn.'.join(sorted(allowed))}")
     return getattr(nn, short)
 
 
 def check_plans(plans_manager, configuration: str, where: Path):
     """The configuration's manager, once every class name in the plans is one of nnU-Net's stock ones."""
     plans = plans_manager.plans
-    if configuration not in plans.get("configurations", {}):
+    configurations = plans.get("configurations")
+    if not isinstance(configurations, dict) or configuration not in configurations:
         raise InputError(where, f"has no configuration {configuration!r}")
+    check_plans_file(plans, where)
     try:
         cm = plans_manager.get_configuration(configuration)
+        previous, patch = cm.previous_stage_name, cm.configuration.get("patch_size")
     except Exception as exc:  # old-format conversion and inheritance raise RuntimeError/KeyError on bad plans
-        raise InputError(where, f"configuration {configuration!r} is unusable ({exc})") from None
-    if cm.previous_stage_name is not None:
+        raise InputError(where, f"configuration {configuration!r} is unusable ({' '.join(str(exc).split())[:200]})") from None
+    if previous is not None:
         raise InputError(where, f"configuration {configuration!r} is a cascade stage (needs the "
-                                f"{cm.previous_stage_name} model's output): not supported")
-    if len(cm.patch_size) != 3:
-        raise InputError(where, f"configuration {configuration!r} is {len(cm.patch_size)}D: "
-                                "tcurlora adapts 3D networks")
+                                f"{str(previous)[:60]} model's output): not supported")
+    if isinstance(patch, list) and len(patch) in (1, 2):
+        raise InputError(where, f"configuration {configuration!r} is {len(patch)}D: tcurlora adapts 3D networks")
+    check_configuration(cm.configuration, configuration, where)
     checks = [("image_reader_writer", plans.get("image_reader_writer"), READERS),
               ("label_manager", plans.get("label_manager", "LabelManager"), {"LabelManager"}),
               ("preprocessor_name", cm.preprocessor_name, {"DefaultPreprocessor"})]
@@ -215,28 +216,29 @@ def check_plans(plans_manager, configuration: str, where: Path):
     checks += [(k, cm.configuration.get(k), {RESAMPLING})
                for k in ("resampling_fn_data", "resampling_fn_seg", "resampling_fn_probabilities")]
     for key, value, allowed in checks:
-        if value not in allowed:
-            raise InputError(where, f"{key} {value!r} is not one of nnU-Net's stock {', '.join(sorted(allowed))}")
+        if not isinstance(value, str) or value not in allowed:
+            raise InputError(where, f"{key} {str(value)[:80]!r} is not one of nnU-Net's stock "
+                                    f"{', '.join(sorted(allowed))}")
     return cm
 
 
-def build_network(configuration_manager, num_input_channels: int, num_outputs: int, where: Path) -> nn.Module:
-    """The plans' network (deep supervision off, as nnU-Net predicts), from allow-listed classes only."""
+def build_network(configuration_manager, num_input_channels: int, num_outputs: int, where: Path) -> Built:
+    """The plans' network (deep supervision off, as nnU-Net predicts), from allow-listed classes only, measured
+    on the meta device with the configuration's patch before it is allocated (see :mod:`.construct`)."""
     dna_unet, _ = _import_nnunet()
     class_name = configuration_manager.network_arch_class_name
     if class_name not in NETWORK_CLASSES:
         accepted = ", ".join(sorted(set(NETWORK_CLASSES.values())))
-        raise InputError(where, f"network {class_name!r} is not one of {accepted}")
+        raise InputError(where, f"network {str(class_name)[:80]!r} is not one of {accepted}")
     kwargs = dict(configuration_manager.network_arch_init_kwargs)
     for key in configuration_manager.network_arch_init_kwargs_req_import:
         if key not in LAYER_TYPES:
-            raise InputError(where, f"network argument {key!r} names a class tcurlora does not resolve")
+            raise InputError(where, f"network argument {key[:60]!r} names a class tcurlora does not resolve")
         kwargs[key] = _torch_layer(kwargs.get(key), LAYER_TYPES[key], key, where)
-    try:
-        return getattr(dna_unet, NETWORK_CLASSES[class_name])(
-            input_channels=num_input_channels, num_classes=num_outputs, deep_supervision=False, **kwargs)
-    except Exception as exc:  # a constructor fed bad plans raises TypeError/AssertionError/...
-        raise InputError(where, f"cannot build {NETWORK_CLASSES[class_name]} from the plans ({exc})") from None
+    cls = getattr(dna_unet, NETWORK_CLASSES[class_name])
+    return construct.build_network(
+        lambda: cls(input_channels=num_input_channels, num_classes=num_outputs, deep_supervision=False, **kwargs),
+        where, NETWORK_CLASSES[class_name], windows=[configuration_manager.patch_size], in_channels=num_input_channels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +279,7 @@ class NnUNetBase(BaseModel):
         from ..preprocess import _grid, _resampled_grid, _set_grid
 
         oriented = sitk.DICOMOrient(image, "RAS")
-        target = _resampled_grid(_grid(oriented), self.task_spacing())
+        target = _resampled_grid(_grid(oriented), self.task_spacing(), image_source(image))
         ref = _set_grid(sitk.Image(target["size"], sitk.sitkUInt8), target)
         resampled = sitk.Resample(oriented, ref, sitk.Transform(), sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
         if label is not None:
@@ -306,9 +308,11 @@ class NnUNetBase(BaseModel):
         properties)`` — transposed, cropped to the non-zero box, normalised, resampled to the plans' spacing."""
         from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 
+        source = image_source(image)
         image, label = self._nnunet_input(image, label)
         with tempfile.TemporaryDirectory(prefix="tcurlora-nnunet-") as tmp:
             data, props = self._read_as_nnunet(image, Path(tmp), "image")
+            check_case_grid(source, data.shape[1:], props["spacing"], self.plans_manager, self.configuration_manager)
             seg = self._read_as_nnunet(label, Path(tmp), "label", seg=True)[0] if label is not None else None
         with _quiet():
             data, seg, props = DefaultPreprocessor(verbose=False).run_case_npy(
@@ -364,6 +368,8 @@ class NnUNetBase(BaseModel):
         try:
             with tempfile.TemporaryDirectory(prefix="tcurlora-nnunet-") as tmp, _quiet():
                 data, props = self._read_as_nnunet(nn_image, Path(tmp), "image")
+                check_case_grid(image_source(image), data.shape[1:], props["spacing"], self.plans_manager,
+                                self.configuration_manager, len(labels) + 1, self.window_bytes)
                 ret = predictor.predict_single_npy_array(data, props, None, None, probabilities)
                 seg, probs = ret if probabilities else (ret, None)
                 out = Path(tmp) / "seg.nii"
@@ -390,8 +396,8 @@ def load_nnunet(path: Path, fold: Optional[int] = None) -> NnUNetBase:
     _, PlansManager = _import_nnunet()
     folder = find_model_folder(Path(path))
     checkpoint_path = find_checkpoint(folder, fold)
-    dataset_json = _read_json(folder / "dataset.json")
-    plans = _read_json(folder / "plans.json")
+    dataset_json = read_json_object(folder / "dataset.json", strict=False)
+    plans = read_json_object(folder / "plans.json", strict=False)
     labels = labels_from_dataset_json(dataset_json, folder / "dataset.json")
     channels = dataset_json.get("channel_names", dataset_json.get("modality", {}))
     if not isinstance(channels, dict) or len(channels) != 1:
@@ -399,11 +405,15 @@ def load_nnunet(path: Path, fold: Optional[int] = None) -> NnUNetBase:
         raise InputError(folder / "dataset.json", f"the model takes {count} input channels; tcurlora gives it one "
                                                  "image per case")
     checkpoint = read_checkpoint(checkpoint_path)
-    init_args = checkpoint.get("init_args") if isinstance(checkpoint.get("init_args"), dict) else {}
-    configuration = init_args.get("configuration") or folder.name.split("__")[-1]
-    plans_manager = PlansManager(plans)
-    cm = check_plans(plans_manager, str(configuration), folder / "plans.json")
-    network = build_network(cm, 1, len(labels) + 1, folder / "plans.json")
+    configuration, trainer_name, mirror_axes = check_checkpoint(checkpoint, checkpoint_path)
+    configuration = configuration or folder.name.split("__")[-1]
+    try:
+        plans_manager = PlansManager(plans)
+    except Exception as exc:  # nnU-Net converts old plans on reading: bad ones raise anything
+        raise InputError(folder / "plans.json", f"unusable plans ({' '.join(str(exc).split())[:200]})") from None
+    cm = check_plans(plans_manager, configuration, folder / "plans.json")
+    built = build_network(cm, 1, len(labels) + 1, folder / "plans.json")
+    network = built.network
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint["network_weights"].items()}
     try:
         network.load_state_dict(state, strict=True)
@@ -414,7 +424,6 @@ def load_nnunet(path: Path, fold: Optional[int] = None) -> NnUNetBase:
     # left out, so that adapters neither stack nor store layers that never see data
     for i in range(len(network.decoder.seg_layers) - 1):
         network.decoder.seg_layers[i] = nn.Identity()
-    mirror_axes = checkpoint.get("inference_allowed_mirroring_axes")
     totalseg = "totalsegmentator" in folder.parent.name.lower()
     patch = [int(p) for p in cm.patch_size]
     # array axes as SimpleITKIO gives them for an axial scan with identity direction: toward S, P, L (after
@@ -433,6 +442,5 @@ def load_nnunet(path: Path, fold: Optional[int] = None) -> NnUNetBase:
         decoder_modules=[r"decoder\.(stages|transpconvs)\.\d+(\..*)?", rf"decoder\.seg_layers\.{last_head}(\..*)?"],
         inference_roi=tuple(patch), source=f"nnU-Net {folder.name} {fold_name}/{checkpoint_path.name}",
         plans_manager=plans_manager, configuration_manager=cm, dataset_json=dataset_json,
-        trainer_name=str(checkpoint.get("trainer_name", folder.name.split("__")[0])),
-        mirror_axes=tuple(mirror_axes) if mirror_axes is not None else None,
+        trainer_name=trainer_name or folder.name.split("__")[0], mirror_axes=mirror_axes, window_bytes=built.window_bytes,
         tile_step=TOTALSEGMENTATOR_STEP if totalseg else DEFAULT_STEP, totalsegmentator=totalseg, kind="nnunet")
