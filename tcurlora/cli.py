@@ -101,7 +101,8 @@ def _segment_parser(sub) -> None:
     _add_setting(p, "adapter")
     _add_switch(p, "--tta", "tta")
     _add_switch(p, "--largest-component", "largest_component",
-                help="keep only the largest connected component per label (default: the base's choice)")
+                help="keep only the largest connected component per label (default: the base's choice, for the "
+                     "labels the base itself has; an adapter's new labels keep every component)")
     _add_switch(p, "--all-components", "largest_component", False, help="keep every component")
     _add_switch(p, "--probabilities", "probabilities")
     _add_setting(p, "sw_batch_size")

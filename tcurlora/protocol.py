@@ -377,7 +377,7 @@ SETTINGS: Tuple[Setting, ...] = (
             metavar="ADAPTER.safetensors"),
     Setting("tta", boolean, False, "average over mirrored inputs (slower, smoother)", _S),
     Setting("largest_component", optional(boolean), None, "keep only the largest connected component per label "
-            "(null: the base's choice)", _S),
+            "(null: the base's choice for its own labels; an adapter's new labels keep every component)", _S),
     Setting("probabilities", boolean, False, "also write class probabilities (NIfTI)", _S),
     Setting("sw_batch_size", integer(1, MAX_BATCH), 1, "sliding-window batch (default 1)", _S,
             flag="--sw-batch-size", cli_type=int),
