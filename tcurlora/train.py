@@ -30,6 +30,7 @@ from .models import BaseModel
 from .protocol import DEFAULT_LR, FINETUNE_OPTION_KEYS, NEW_HEAD_LR
 from .tuners.layers import unwrap
 from .tuners.stacks import find
+from .tuners.head_start import start_at_prototypes
 from .tuners.strategies import PEFT_METHODS, output_dim, start_new_head
 from .runtime import StopWatch, sliding_window_probabilities, with_oom_fallback
 
@@ -225,17 +226,39 @@ def _warn_absent_labels(cases: Sequence[Case], table: List[dict], events: Events
         events.warning(f"label(s) {', '.join(absent)} occur in no training case: the adapter cannot learn them")
 
 
-def _start_new_head(network: torch.nn.Module, base: BaseModel, table: List[dict]) -> None:
+def _start_new_head(network: torch.nn.Module, base: BaseModel, table: List[dict],
+                    cases: Sequence[Case] = (), prep=None, seed: int = 0) -> None:
     """A fresh adapter's new head (labels that differ from the base's): each label starts from the base's
     channel of the same name, a label new to the base from its background at a low prior
-    (:func:`~tcurlora.tuners.strategies.start_new_head`)."""
+    (:func:`~tcurlora.tuners.strategies.start_new_head`), then, given training ``cases`` (and their ``prep``),
+    at its prototype in the base's last-decoder features (:mod:`tcurlora.tuners.head_start`)."""
     head = get_tuner(network).record("finetune").new_head()
     if head is None:
         return
     base_head = unwrap(find(network, str(base.head)))
     channels = base_head.weight.shape[output_dim(base_head)]
     known = {str(entry["name"]).casefold(): i for i, entry in enumerate(base.labels, start=1) if i < channels}
-    start_new_head(head, base_head, [0] + [known.get(str(entry["name"]).casefold()) for entry in table])
+    sources = [0] + [known.get(str(entry["name"]).casefold()) for entry in table]
+    start_new_head(head, base_head, sources)
+    new = [i for i, source in enumerate(sources) if source is None]
+    if new and cases and prep is not None:
+        start_at_prototypes(network, head, new, _prototype_patches(cases, prep, table, seed), ignore_index=IGNORE_INDEX)
+
+
+def _prototype_patches(cases: Sequence[Case], prep, table: List[dict], seed: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Patches the new head's prototypes are measured on: drawn as training draws them, without augmentation,
+    from a stream of their own (the training steps' randomness is untouched)."""
+    from .preprocess import train_transforms
+    from .tuners.head_start import PROTOTYPE_PATCHES
+
+    transforms = train_transforms(prep, num_samples=1, label_table=table, augment=False)
+    transforms.set_random_state(seed=seed % (2 ** 32))
+    patches = []
+    for i in range(PROTOTYPE_PATCHES):
+        case = cases[i % len(cases)]
+        patch = transforms({"image": case.image, "label": case.label})[0]
+        patches.append((patch["image"][None], patch["label"][None]))
+    return patches
 
 
 def build_adapter_config(base: BaseModel, options: FinetuneOptions, labels: List[dict]) -> TCURLoRAConfig:
@@ -686,10 +709,12 @@ def finetune(base: BaseModel, train_pairs: Sequence[Tuple[str, str]], out, *,
         events.log(f"continuing {Path(start_from).name}: {config.method}, rank {config.rank}")
     else:
         inject_adapter(network, config, "finetune")
-        _start_new_head(network, base, table)
+    network.to(device)
+    if not start_from:  # a resumed run or a given state replaces the start: then no prototypes are measured
+        fresh = state is None and initial_state is None
+        _start_new_head(network, base, table, train_cases if fresh else (), prep, options.seed)
     if initial_state is not None:
         load_adapter_state_dict(network, initial_state)
-    network.to(device)
     if options.checkpointing:
         enable_activation_checkpointing(network)
     check_writable(files.checkpoint, need_bytes=_checkpoint_bytes(network), what="checkpoint")
