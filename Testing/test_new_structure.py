@@ -170,3 +170,100 @@ def test_no_prototype_without_label_voxels():
 
     features, target, head = _planted("conv1")
     assert prototype_channel(head, [(features, torch.zeros_like(target))], channel=1) is None
+
+
+# --- the orthonormal basis of a tCURLoRA stack -----------------------------------------------------------
+
+def _small_unet():
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 16), strides=(2, 2),
+                num_res_units=1).eval()
+
+
+def _set_cores(network, seed: int) -> None:
+    from tcurlora.tuners import get_tuner
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for stack in get_tuner(network).record().stacks.values():
+            stack.delta_u.copy_(0.05 * torch.randn(stack.delta_u.shape, generator=g))
+
+
+def test_the_orthonormal_basis_keeps_span_and_values_and_merges_exactly():
+    """basis='orthonormal': per Fourier slice the core sits between orthonormal bases of the CUR's own spans:
+    every Δ𝒲 it can make is one the CUR basis can make (ΔŴ = P_C ΔŴ P_R), ‖Δ𝒲‖ = ‖Δ𝒱‖, the value count is
+    the CUR's, and merging gives the unmerged output and unmerging the exact base weights back."""
+    from tcurlora.adapter import inject_adapter, merge_adapter, trainable_parameter_count, unmerge_adapter
+    from tcurlora.config import TCURLoRAConfig
+    from tcurlora.tensor import rfft3
+    from tcurlora.tuners import get_tuner
+
+    counts, stacks = {}, {}
+    for basis in ("cur", "orthonormal"):
+        network = _small_unet()
+        inject_adapter(network, TCURLoRAConfig(rank=3, preset="conv", basis=basis))
+        counts[basis] = trainable_parameter_count(network)
+        stacks[basis] = get_tuner(network).record().stacks
+    assert counts["cur"] == counts["orthonormal"]
+    network = _small_unet()
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    inject_adapter(network, TCURLoRAConfig(rank=3, preset="conv", basis="orthonormal"))
+    _set_cores(network, 1)
+    for name, stack in get_tuner(network).record().stacks.items():
+        cur = stacks["cur"][name]
+        delta = stack.delta_w(detached=True).double()
+        assert float(delta.norm()) > 0
+        torch.testing.assert_close(delta.norm(), stack.delta_u.detach().double().norm() * stack.scale, rtol=1e-4, atol=1e-6)
+        c_block = cur.factor("c_block").double()
+        n1, r = cur.n1, cur.rank
+        c_hat = torch.complex(c_block[:, :n1, :r], c_block[:, n1:, :r])
+        r_hat = cur.factor("r_hat").to(torch.complex128)
+        d_hat = rfft3(delta)
+        projected = (c_hat @ torch.linalg.pinv(c_hat)) @ d_hat @ (torch.linalg.pinv(r_hat) @ r_hat)
+        torch.testing.assert_close(projected, d_hat, rtol=1e-4, atol=1e-6)
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        unmerged = network(x)
+        merge_adapter(network)
+        merged = network(x)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)
+    unmerge_adapter(network)
+    from tcurlora.adapter import base_state_dict
+
+    assert all(torch.equal(before[k], v) for k, v in base_state_dict(network).items())
+
+
+def test_adapter_files_without_a_basis_load_and_give_the_same_output(tmp_path):
+    """A file whose config has no ``basis`` (every file written before the option) loads in the CUR basis and
+    gives the output it gave; an orthonormal-basis file reloads to its own output."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tcurlora.adapter import inject_adapter
+    from tcurlora.adapter_file import load_adapter, save_adapter
+    from tcurlora.config import TCURLoRAConfig
+    from tcurlora.manifest import METADATA_KEY
+
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    for basis in ("cur", "orthonormal"):
+        network = _small_unet()
+        inject_adapter(network, TCURLoRAConfig(rank=3, preset="conv", basis=basis))
+        _set_cores(network, 4)
+        with torch.no_grad():
+            adapted = network(x)
+        path = tmp_path / f"{basis}.safetensors"
+        save_adapter(network, path, labels=[{"value": 1, "name": "structure", "color": [0.9, 0.3, 0.2]}])
+        if basis == "cur":  # as written before the option: the same file without the key
+            with safe_open(str(path), "pt") as f:
+                metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+            manifest = json.loads(metadata[METADATA_KEY])
+            del manifest["method"]["config"]["basis"]
+            save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(manifest)})
+        fresh = _small_unet()
+        load_adapter(fresh, path)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), adapted, rtol=1e-5, atol=1e-6)

@@ -104,6 +104,21 @@ def rates_of(row: dict) -> str:
     return row.get("rates", "default")
 
 
+#: where the engine starts a new label's head channel (tcurlora.train._start_new_head): runs record it, so runs
+#: of an earlier start stay apart in the tables
+HEAD_START = "prototype"
+
+
+def head_start_of(row: dict) -> str:
+    return row.get("head_start", "low prior")  # the start before prototypes
+
+
+def method_of(row: dict) -> str:
+    """The row's method as the tables name it, with the head start when it is not the first one."""
+    start = head_start_of(row)
+    return row["method"] + ("" if start == "low prior" else f", {start} head")
+
+
 def comparison_rates(out: Path) -> dict:
     """method label -> the learning rate benchmarks/comparison.py chose for it on deepbet's validation split."""
     path = out / "comparison_summary.json"
@@ -236,7 +251,7 @@ def run(args) -> None:
     if runs_file.is_file():
         for line in runs_file.read_text().splitlines():
             r = json.loads(line)
-            done[(task_of(r), rates_of(r), r["base"], r.get("weights"), r["method"], r["train"], r["seed"], r["steps"],
+            done[(task_of(r), rates_of(r), head_start_of(r), r["base"], r.get("weights"), r["method"], r["train"], r["seed"], r["steps"],
                   r["resolution"])] = r
     table, names, case_files = TASKS[args.task]
     cases = case_files(Path(args.work) / "cases")
@@ -265,7 +280,7 @@ def run(args) -> None:
                 continue
             kwargs = {**kwargs, "lr": args.lr_scale * (chosen[label] if chosen else DEFAULT_LR[kwargs["method"]])}
             for train, test in directions:
-                key = (args.task, rates, args.base, weights, label, train, seed, args.steps, resolution)
+                key = (args.task, rates, HEAD_START, args.base, weights, label, train, seed, args.steps, resolution)
                 if key in done:
                     continue
                 same = done.get((key[0], "default") + key[2:])
@@ -289,7 +304,7 @@ def run(args) -> None:
                 train_s = got["train_s"]
                 m = evaluate([str(seg)], [cases[test][1]], label_table=table)[0]
                 fit = evaluate([str(seen)], [cases[train][1]], label_table=table)[0]
-                row = {"task": args.task, "rates": rates, "base": args.base, "weights": weights, "method": label, "train": train, "test": test, "seed": seed,
+                row = {"task": args.task, "rates": rates, "head_start": HEAD_START, "base": args.base, "weights": weights, "method": label, "train": train, "test": test, "seed": seed,
                        "steps": args.steps, "batch": args.batch, "lr": kwargs["lr"],
                        "resolution": resolution, "dice": m["dice"], "hd95_mm": m["hd95_mm"], "dice_train_case": fit["dice"],
                        "trainable": got["trainable"], "adapter_bytes": got["adapter_bytes"],
@@ -337,8 +352,8 @@ def table(rows: list) -> str:
                   "HD95 mm mean ± sd | fit: Dice on the training case | trainable values | adapter file | "
                   "train time (median) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for method in dict.fromkeys(r["method"] for r in block):
-            sub = [r for r in block if r["method"] == method]
+        for method in dict.fromkeys(method_of(r) for r in block):
+            sub = [r for r in block if method_of(r) == method]
             dice = [r["dice"] for r in sub]
             per = {}
             for test in tests:
@@ -371,9 +386,9 @@ def plot(rows: list, path: Path) -> None:
     for ax, key in zip(axes.flat, blocks):
         block = [r for r in rows if setting(r) == key]
         tests = TASKS[key[0]][1][::-1]
-        names = list(dict.fromkeys(r["method"] for r in block))
+        names = list(dict.fromkeys(method_of(r) for r in block))
         for k, name in enumerate(names):
-            pts = [r for r in block if r["method"] == name]
+            pts = [r for r in block if method_of(r) == name]
             for test, colour, dx in ((tests[0], "tab:blue", -0.12), (tests[1], "tab:orange", 0.12)):
                 v = [r["dice"] for r in pts if r["test"] == test]
                 ax.scatter(np.full(len(v), k) + dx, v, s=14, color=colour, zorder=3,
