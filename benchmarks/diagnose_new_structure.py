@@ -363,6 +363,7 @@ def plot(results: list, path: Path) -> None:
                                       ("norm_delta_lora", "LoRA r=8", "tab:purple", 0.27)):
             ax.bar(x + dx, [max(r[key], 1e-9) for r in rows], 0.27, color=colour, label=name)
         ax.set_yscale("log")
+        ax.set_ylim(bottom=1e-2)  # LoRA leaves transposed convolutions alone (PEFT has no such layer): no bar
         ax.set_ylabel("‖ΔW‖ after training (Frobenius)")
         runs = res["runs"]
         ax.set_title("scale — held-out Dice: " + ", ".join(f"{k} {v['dice']:.2f} (fit {v['dice_train_case']:.2f})"
@@ -378,6 +379,7 @@ def plot(results: list, path: Path) -> None:
         ax2.plot(x, [r["share_of_full_update"] for r in rows], "k.-", label="share of ‖ΔW_full‖²")
         ax2.set_ylabel("share of full fine-tuning's update")
         ax.set_yscale("log")
+        ax.set_ylim(bottom=1e-5)
         ax.set_ylabel(f"gradient norm, step {res['first_steps']}")
         ax.set_title("gradient and placement (D: decoder stack, E: encoder or mixed)", fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
@@ -406,6 +408,65 @@ def plot(results: list, path: Path) -> None:
     plt.close(fig)
 
 
+def totals(res: dict) -> dict:
+    """Weighted over the stacks by their share of ‖ΔW_full‖²: the share of full fine-tuning's whole update each
+    kind of span holds, and the encoder/decoder split of that update and of tCURLoRA's values."""
+    rows = res["stacks"]
+    out = {key: sum(r[key] * r["share_of_full_update"] for r in rows) for key, _, _ in SPANS}
+    grad = {r["stack"]: r["grad_full"][-1] ** 2 for r in rows}
+    out["early_gradient_in_cur_span"] = (sum(r["first_gradient_in_cur_span"] * grad[r["stack"]] for r in rows)
+                                         / sum(grad.values()))
+    out["decoder_share_of_full_update"] = sum(r["share_of_full_update"] for r in rows if r["decoder"])
+    out["decoder_share_of_gradient"] = sum(grad[r["stack"]] for r in rows if r["decoder"]) / sum(grad.values())
+    values = sum(r["tcur_values"] for r in rows)
+    out["decoder_share_of_tcur_values"] = sum(r["tcur_values"] for r in rows if r["decoder"]) / values
+    for method in ("full", "tcurlora", "lora"):
+        out[f"norm_delta_{method}"] = math.sqrt(sum(r[f"norm_delta_{method}"] ** 2 for r in rows))
+    return out
+
+
+def markdown(results: list) -> str:
+    """Per base: the held-out runs, the weighted totals and the per-stack table."""
+    lines = []
+    for res in results:
+        t = totals(res)
+        lines += [f"### {res['base']} (ventricles, train {res['train']}, test {res['test']}, {res['steps']} steps, "
+                  f"seed {res['seed']}, base weights {res['weights']})", "",
+                  "| method | lr | held-out Dice | fit (training image) | trainable values | ‖ΔW‖ over the stacks |",
+                  "|---|---|---|---|---|---|"]
+        for (label, _), key in zip(METHODS, ("full", "tcurlora", "lora")):
+            run = res["runs"][label]
+            lines.append(f"| {label} | {run['lr']:g} | {run['dice']:.3f} | {run['dice_train_case']:.3f} | "
+                         f"{run['trainable']:,d} | {t['norm_delta_' + key]:.3f} |")
+        lines += ["", "Share of ‖ΔW_full‖² that the least-squares best core between each pair of spans holds "
+                  "(weighted over the stacks):", "", "| span | share |", "|---|---|"]
+        lines += [f"| {name} | {t[key]:.3f} |" for key, name, _ in SPANS]
+        lines += ["", f"The early gradient (full fine-tuning's, summed over steps 1–{res['first_steps']}) has "
+                  f"{t['early_gradient_in_cur_span']:.3f} of its squared norm in the CUR spans (weighted over the "
+                  "stacks by the last step's squared gradient).", "",
+                  f"Decoder stacks hold {t['decoder_share_of_full_update']:.0%} of ‖ΔW_full‖², "
+                  f"{t['decoder_share_of_gradient']:.0%} of the squared gradient at step {res['first_steps']} and "
+                  f"{t['decoder_share_of_tcur_values']:.0%} of tCURLoRA's core values.", "",
+                  "| stack | K | n1×n2 | decoder | share of ‖ΔW_full‖² | CUR | SVD(W) | CUR by gradient | best rank r "
+                  "| random | early gradient in CUR span | ‖ΔW‖ full / tCUR / LoRA | cos(ΔW, ΔW_full) tCUR / LoRA | cond Ĉ / R̂ | "
+                  f"grad step 1 → {res['first_steps']}: full ‖∂L/∂W‖ | tCUR ‖∂L/∂ΔU‖ | LoRA ‖∂L/∂B‖ |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["stacks"]:
+            lines.append(
+                f"| {r['stack']} | {r['k']} | {r['n1']}×{r['n2']} | {'yes' if r['decoder'] else 'no'} | "
+                f"{r['share_of_full_update']:.3f} | {r['captured_cur']:.3f} | {r['captured_svd_w']:.3f} | "
+                f"{r['captured_cur_first_gradient']:.3f} | {r['captured_best_rank_r']:.3f} | {r['captured_random']:.3f} | "
+                f"{r['first_gradient_in_cur_span']:.3f} | {r['norm_delta_full']:.3f} / {r['norm_delta_tcurlora']:.3f} / {r['norm_delta_lora']:.3f} | "
+                f"{r['cos_tcurlora_full']:.2f} / {r['cos_lora_full']:.2f} | {r['cond_c']:.0f} / {r['cond_r']:.0f} | "
+                f"{r['grad_full'][0]:.1e} → {r['grad_full'][-1]:.1e} | "
+                f"{r['grad_tcurlora_core'][0]:.1e} → {r['grad_tcurlora_core'][-1]:.1e} | "
+                f"{r['grad_lora'][0]['B']:.1e} → {r['grad_lora'][-1]['B']:.1e} |")
+        sep = res["head_separation"]
+        lines += ["", "‖w_label − w_background‖ of the new head over the first steps: " + "; ".join(
+            f"{label} {v[0]:.3g} → {v[-1]:.3g}" for label, v in sep.items()), ""]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", choices=["deepbet", "nnunet"])
@@ -431,6 +492,11 @@ def main(argv=None) -> int:
     results = [json.loads((out / f"diagnosis_{b}.json").read_text()) for b in ("deepbet", "nnunet")
                if (out / f"diagnosis_{b}.json").is_file()]
     plot(results, out / "diagnosis_new_structure.png")
+    text = markdown(results)
+    (out / "diagnosis_new_structure.md").write_text(
+        "# New-structure diagnosis: the numbers\n\nWritten by `benchmarks/diagnose_new_structure.py` from "
+        "`diagnosis_<base>.json`; what they mean: `docs/new_structure.md`.\n\n" + text + "\n")
+    print(text)
     return 0
 
 

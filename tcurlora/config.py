@@ -8,10 +8,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .protocol import METHODS, TUNER_PRESETS as PRESETS
+from .protocol import CORE_BASES as BASES, METHODS, TUNER_PRESETS as PRESETS
 
 SELECTIONS = ("deterministic", "sampled")
-BASES = ("cur", "orthonormal")
 
 
 MAX_HEAD_CHANNELS = 1024  # labels of one segmentation; far beyond any real label table

@@ -27,6 +27,8 @@ METHODS = ("tcurlora", "lora", "decoder", "full", "pissa", "dora", "curlora", "l
 #: all but ``decoder``, which the job resolves per base (:func:`tcurlora.train.adapted_layers`).
 PRESETS = ("auto", "vit", "conv", "decoder", "none")
 TUNER_PRESETS = ("auto", "vit", "conv", "none")
+#: Where a tCURLoRA core sits (``TCURLoRAConfig.basis``).
+CORE_BASES = ("cur", "orthonormal")
 DEVICES = ("auto", "cpu", "cuda")
 
 #: Process exit status of ``tcurlora`` and ``python -m tcurlora.worker``.
@@ -344,6 +346,9 @@ SETTINGS: Tuple[Setting, ...] = (
             "or none", _F, flag="--preset"),
     Setting("train_modules", text_list(), [], "modules to train fully as well (e.g. a decoder); opt-in", _F,
             flag="--train-modules", nargs="*", metavar="REGEX"),
+    Setting("basis", choice(CORE_BASES), "cur", "tcurlora's core basis: cur (default: between 𝒞 and ℛ, as in the "
+            "paper) or orthonormal (between orthonormal bases of the same spans; same values, exact merge)", _F,
+            flag="--basis"),
     # 30 steps of one full-size patch: about 2 minutes for deepbet on 2 CPU cores, and on the demo's task within
     # 0.001 Dice of 100 steps (benchmarks/cpu_default.py); more cases, or a GPU, can take more
     Setting("steps", integer(1, MAX_STEPS), 30, "training steps (default 30; raise it for many cases or on a GPU)",
@@ -391,7 +396,7 @@ SETTINGS_BY_KEY: Dict[str, Setting] = {s.key: s for s in SETTINGS}
 #: The keys ``tcurlora.train.FinetuneOptions`` holds (the training settings proper; not files).
 FINETUNE_OPTION_KEYS = ("method", "rank", "preset", "steps", "lr", "weight_decay", "batch_size", "patch_size",
                         "val_every", "patience", "seed", "device", "bf16", "checkpointing", "grad_accum",
-                        "train_modules", "checkpoint_every")
+                        "train_modules", "checkpoint_every", "basis")
 
 
 def default(key: str) -> Any:

@@ -59,6 +59,7 @@ class FinetuneOptions:
     grad_accum: int = protocol.default("grad_accum")
     train_modules: List[str] = field(default_factory=lambda: protocol.default("train_modules"))
     checkpoint_every: Optional[int] = protocol.default("checkpoint_every")
+    basis: str = protocol.default("basis")
 
     def __post_init__(self) -> None:
         checked = protocol.validate_settings(dataclasses.asdict(self), FINETUNE_OPTION_KEYS)
@@ -273,7 +274,7 @@ def build_adapter_config(base: BaseModel, options: FinetuneOptions, labels: List
             raise TCURLoRAError(f"these labels differ from base {base.name}'s, and the base declares no output head to replace")
         new_head = {"module": base.head, "out_channels": len(labels) + 1}
     preset, targets = adapted_layers(base, options.preset)
-    return TCURLoRAConfig(method=options.method, preset=preset, rank=options.rank, seed=options.seed,
+    return TCURLoRAConfig(method=options.method, preset=preset, rank=options.rank, seed=options.seed, basis=options.basis,
                           train_modules=train_modules if options.method != "full" else [], new_head=new_head,
                           target_modules=targets)
 
