@@ -254,8 +254,9 @@ def _prototype_patches(cases: Sequence[Case], prep, table: List[dict], seed: int
 
     transforms = train_transforms(prep, num_samples=1, label_table=table, augment=False)
     transforms.set_random_state(seed=seed % (2 ** 32))
-    patches = []
-    for i in range(PROTOTYPE_PATCHES):
+    whole = all(all(n <= p for n, p in zip(c.image.shape[1:], prep.patch_size)) for c in cases)
+    patches = []  # a case no larger than the patch gives the same patch every time: once is enough
+    for i in range(min(len(cases), PROTOTYPE_PATCHES) if whole else PROTOTYPE_PATCHES):
         case = cases[i % len(cases)]
         patch = transforms({"image": case.image, "label": case.label})[0]
         patches.append((patch["image"][None], patch["label"][None]))
