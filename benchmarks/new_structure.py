@@ -104,6 +104,27 @@ def rates_of(row: dict) -> str:
     return row.get("rates", "default")
 
 
+#: where the engine starts a new label's head channel (tcurlora.train._start_new_head): runs record it, so runs
+#: of an earlier start stay apart in the tables
+HEAD_START = "prototype"
+
+
+def head_start_of(row: dict) -> str:
+    return row.get("head_start", "low prior")  # the start before prototypes
+
+
+def basis_of(row: dict) -> str:
+    return row.get("basis", "cur")
+
+
+def method_of(row: dict) -> str:
+    """The row's method as the tables name it, with the head start when it is not the first one and a tCURLoRA
+    core basis other than the CUR's own."""
+    start, basis = head_start_of(row), basis_of(row)
+    return (row["method"] + ("" if start == "low prior" else f", {start} head")
+            + ("" if basis == "cur" else f", {basis} basis"))
+
+
 def comparison_rates(out: Path) -> dict:
     """method label -> the learning rate benchmarks/comparison.py chose for it on deepbet's validation split."""
     path = out / "comparison_summary.json"
@@ -236,7 +257,7 @@ def run(args) -> None:
     if runs_file.is_file():
         for line in runs_file.read_text().splitlines():
             r = json.loads(line)
-            done[(task_of(r), rates_of(r), r["base"], r.get("weights"), r["method"], r["train"], r["seed"], r["steps"],
+            done[(task_of(r), rates_of(r), head_start_of(r), basis_of(r), r["base"], r.get("weights"), r["method"], r["train"], r["seed"], r["steps"],
                   r["resolution"])] = r
     table, names, case_files = TASKS[args.task]
     cases = case_files(Path(args.work) / "cases")
@@ -265,7 +286,8 @@ def run(args) -> None:
                 continue
             kwargs = {**kwargs, "lr": args.lr_scale * (chosen[label] if chosen else DEFAULT_LR[kwargs["method"]])}
             for train, test in directions:
-                key = (args.task, rates, args.base, weights, label, train, seed, args.steps, resolution)
+                basis = args.basis if kwargs["method"] == "tcurlora" else "cur"
+                key = (args.task, rates, HEAD_START, basis, args.base, weights, label, train, seed, args.steps, resolution)
                 if key in done:
                     continue
                 same = done.get((key[0], "default") + key[2:])
@@ -279,7 +301,7 @@ def run(args) -> None:
                 # the training case too: did the method fit what it saw (tells "did not learn" from "did not carry
                 # over to the other case")
                 seen = seg.with_name(seg.name.replace(".nii.gz", "_train.nii.gz"))
-                options = FinetuneOptions(steps=args.steps, batch_size=args.batch, seed=seed, device="cpu",
+                options = FinetuneOptions(steps=args.steps, batch_size=args.batch, seed=seed, device="cpu", basis=basis,
                                           val_every=MAX_STEPS, **kwargs)  # no validation case: never
                 # the network's own output, without the deepbet base's largest-component post-processing (a
                 # brain-mask rule): the same for both bases
@@ -289,7 +311,7 @@ def run(args) -> None:
                 train_s = got["train_s"]
                 m = evaluate([str(seg)], [cases[test][1]], label_table=table)[0]
                 fit = evaluate([str(seen)], [cases[train][1]], label_table=table)[0]
-                row = {"task": args.task, "rates": rates, "base": args.base, "weights": weights, "method": label, "train": train, "test": test, "seed": seed,
+                row = {"task": args.task, "rates": rates, "head_start": HEAD_START, "basis": basis, "base": args.base, "weights": weights, "method": label, "train": train, "test": test, "seed": seed,
                        "steps": args.steps, "batch": args.batch, "lr": kwargs["lr"],
                        "resolution": resolution, "dice": m["dice"], "hd95_mm": m["hd95_mm"], "dice_train_case": fit["dice"],
                        "trainable": got["trainable"], "adapter_bytes": got["adapter_bytes"],
@@ -337,8 +359,8 @@ def table(rows: list) -> str:
                   "HD95 mm mean ± sd | fit: Dice on the training case | trainable values | adapter file | "
                   "train time (median) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for method in dict.fromkeys(r["method"] for r in block):
-            sub = [r for r in block if r["method"] == method]
+        for method in dict.fromkeys(method_of(r) for r in block):
+            sub = [r for r in block if method_of(r) == method]
             dice = [r["dice"] for r in sub]
             per = {}
             for test in tests:
@@ -371,9 +393,9 @@ def plot(rows: list, path: Path) -> None:
     for ax, key in zip(axes.flat, blocks):
         block = [r for r in rows if setting(r) == key]
         tests = TASKS[key[0]][1][::-1]
-        names = list(dict.fromkeys(r["method"] for r in block))
+        names = list(dict.fromkeys(method_of(r) for r in block))
         for k, name in enumerate(names):
-            pts = [r for r in block if r["method"] == name]
+            pts = [r for r in block if method_of(r) == name]
             for test, colour, dx in ((tests[0], "tab:blue", -0.12), (tests[1], "tab:orange", 0.12)):
                 v = [r["dice"] for r in pts if r["test"] == test]
                 ax.scatter(np.full(len(v), k) + dx, v, s=14, color=colour, zorder=3,
@@ -409,6 +431,8 @@ def main(argv=None) -> int:
     parser.add_argument("--directions", type=int, default=2, choices=[1, 2],
                         help="2: each image to the other; 1: the first image of the task to the second only")
     parser.add_argument("--resolution", type=int, default=96, help="deepbet model input (256 = its real setting)")
+    parser.add_argument("--basis", choices=["cur", "orthonormal"], default="cur",
+                        help="tCURLoRA's core basis (TCURLoRAConfig.basis); the other methods have none")
     parser.add_argument("--methods", nargs="*", help="only methods whose label contains one of these strings")
     parser.add_argument("--report", action="store_true", help="only write the table and plot from recorded runs")
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks-results"))

@@ -79,7 +79,7 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--cases", metavar="FOLDER", help="a folder of cases (imagesTr/labelsTr, or X + X_label side by side)")
     p.add_argument("--val-image", action="append", default=[], metavar="FILE", help="a validation image")
     p.add_argument("--val-label", action="append", default=[], metavar="FILE", help="its label")
-    for key in ("labels", "out", "start_from", "method", "rank", "preset", "train_modules", "steps", "lr", "weight_decay",
+    for key in ("labels", "out", "start_from", "method", "rank", "preset", "basis", "train_modules", "steps", "lr", "weight_decay",
                 "batch_size", "patch_size", "val_every", "patience", "grad_accum", "checkpoint_every", "seed"):
         _add_setting(p, key)
     _add_switch(p, "--checkpointing", "checkpointing")
@@ -103,7 +103,8 @@ def _segment_parser(sub) -> None:
                 "mirrors when its trainer allows, as nnUNetv2_predict does; the other bases do not)")
     _add_switch(p, "--no-tta", "tta", False, help="no mirrored inputs (nnUNetv2_predict's --disable_tta)")
     _add_switch(p, "--largest-component", "largest_component",
-                help="keep only the largest connected component per label (default: the base's choice)")
+                help="keep only the largest connected component per label (default: the base's choice, for the "
+                     "labels the base itself has; an adapter's new labels keep every component)")
     _add_switch(p, "--all-components", "largest_component", False, help="keep every component")
     _add_switch(p, "--probabilities", "probabilities")
     _add_setting(p, "sw_batch_size")

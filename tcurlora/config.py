@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .protocol import METHODS, PRESETS
+from .protocol import CORE_BASES as BASES, METHODS, PRESETS
 
 SELECTIONS = ("deterministic", "sampled")
 
@@ -47,6 +47,9 @@ class TCURLoRAConfig:
     selection:       ``deterministic`` (the paper's top-r rule) or ``sampled`` (inverted probabilities, seeded;
                      ``seed`` also seeds the ``curlora`` draw).
     scale:           optional multiplier of Δ𝒲 (the paper has none: 1.0).
+    basis:           ``cur`` (the core sits between 𝒞 and ℛ themselves, as in the paper) or ``orthonormal`` (between
+                     orthonormal bases of the same spans, a QR per Fourier slice: Δ𝒲 = 𝒬 * Δ𝒱 * 𝒫ᵀ, so that
+                     ‖Δ𝒲‖ = ‖Δ𝒱‖ whatever the norms and conditioning of 𝒞 and ℛ; same span, same values).
     train_modules:   regular expressions of modules trained fully (decoder, output head); opt-in.
     exclude_modules: regular expressions of modules never put in a stack.
     target_modules:  when not empty, stacks (and the LoRA family's targets) take only layers inside modules matching these
@@ -63,6 +66,7 @@ class TCURLoRAConfig:
     selection: str = "deterministic"
     seed: int = 0
     scale: float = 1.0
+    basis: str = "cur"
     train_modules: List[str] = field(default_factory=list)
     exclude_modules: List[str] = field(default_factory=list)
     target_modules: List[str] = field(default_factory=list)
@@ -76,6 +80,8 @@ class TCURLoRAConfig:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
+        if self.basis not in BASES:
+            raise ValueError(f"unknown basis {self.basis!r}; choose one of {', '.join(BASES)}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be a whole number ≥ 1, got {self.rank!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

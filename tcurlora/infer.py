@@ -67,6 +67,19 @@ def keep_largest_component(label: np.ndarray, values: Sequence[int]) -> np.ndarr
     return out
 
 
+def post_processed_values(base: BaseModel, labels: Sequence[dict], largest_component: Optional[bool]) -> List[int]:
+    """The label values that keep only their largest component: every label when asked (True), none when not
+    (False); by default (None) the base's own rule (``base.largest_component``) for the labels the base itself
+    has (matched by name, as a new head matches them), never for a label an adapter added: the base's rule
+    describes its own structures (one brain), not a new one (the lateral ventricles are two)."""
+    if largest_component is not None:
+        return [int(l["value"]) for l in labels] if largest_component else []
+    if not base.largest_component:
+        return []
+    own = {str(l["name"]).casefold() for l in base.labels}
+    return [int(l["value"]) for l in labels if str(l["name"]).casefold() in own]
+
+
 def output_paths(inputs: Sequence[str], output: str) -> List[Path]:
     """One output per input: ``output`` itself for one input file, else files in the ``output`` folder."""
     out = Path(output)
@@ -128,8 +141,7 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
     network.eval().to(dev)
     channel_to_value = channel_values(labels)
     values = channel_to_value[1:]
-    if largest_component is None:
-        largest_component = base.largest_component
+    one_component = post_processed_values(base, labels, largest_component)
     own_pipeline = hasattr(base, "segment_image")
     result = SegmentResult(output=Path(output), total=len(inputs))
     seconds = []
@@ -154,8 +166,8 @@ def segment(base: BaseModel, inputs: Sequence[str], output: str, *, adapter: Opt
                 return result
             if not own_pipeline:
                 label = base.restore(probs, meta, image, channel_to_value)
-            if largest_component:
-                label = keep_largest_component(label, values)
+            if one_component:
+                label = keep_largest_component(label, one_component)
             write_segmentation(dst, array_to_image(label.astype(np.uint16 if max(values, default=0) > 255 else np.uint8), image), labels)
             result.files.append(str(dst))
             if probabilities:

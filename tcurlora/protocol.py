@@ -26,6 +26,8 @@ COMMANDS = ("finetune", "segment", "export")
 #: of the base's declared decoder modules only: backward never enters the frozen encoder; faster, less to
 #: adapt) or ``none``.
 PRESETS = ("auto", "vit", "conv", "decoder", "none")
+#: Where a tCURLoRA core sits (``TCURLoRAConfig.basis``).
+CORE_BASES = ("cur", "orthonormal")
 DEVICES = ("auto", "cpu", "cuda")
 #: What ``export`` writes: the base's own format (nnU-Net results folder, MONAI bundle, SlicerMONAIAuto3DSeg model).
 EXPORT_FORMATS = ("nnunet", "bundle", "auto3dseg")
@@ -355,6 +357,9 @@ SETTINGS: Tuple[Setting, ...] = (
             "or none", _F, flag="--preset"),
     Setting("train_modules", text_list(), [], "modules to train fully as well (e.g. a decoder); opt-in", _F,
             flag="--train-modules", nargs="*", metavar="REGEX"),
+    Setting("basis", choice(CORE_BASES), "cur", "tcurlora's core basis: cur (default: between 𝒞 and ℛ, as in the "
+            "paper) or orthonormal (between orthonormal bases of the same spans; same values, exact merge)", _F,
+            flag="--basis"),
     # 30 steps of one full-size patch: about 2 minutes for deepbet on 2 CPU cores, and on the demo's task within
     # 0.001 Dice of 100 steps (benchmarks/cpu_default.py); more cases, or a GPU, can take more
     Setting("steps", integer(1, MAX_STEPS), 30, "training steps (default 30; raise it for many cases or on a GPU)",
@@ -390,7 +395,7 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("tta", optional(boolean), None, "average over mirrored inputs; null: the base's own default (nnU-Net "
             "mirrors when its trainer allows, as nnUNetv2_predict does; the others do not)", _S),
     Setting("largest_component", optional(boolean), None, "keep only the largest connected component per label "
-            "(null: the base's choice)", _S),
+            "(null: the base's choice for its own labels; an adapter's new labels keep every component)", _S),
     Setting("probabilities", boolean, False, "also write class probabilities (NIfTI)", _S),
     Setting("sw_batch_size", integer(1, MAX_BATCH), 1, "sliding-window batch (default 1)", _S,
             flag="--sw-batch-size", cli_type=int),
@@ -407,7 +412,7 @@ SETTINGS_BY_KEY: Dict[str, Setting] = {s.key: s for s in SETTINGS}
 #: The keys ``tcurlora.train.FinetuneOptions`` holds (the training settings proper; not files).
 FINETUNE_OPTION_KEYS = ("method", "rank", "preset", "steps", "lr", "weight_decay", "batch_size", "patch_size",
                         "val_every", "patience", "seed", "device", "bf16", "checkpointing", "grad_accum",
-                        "train_modules", "checkpoint_every")
+                        "train_modules", "checkpoint_every", "basis")
 
 
 def default(key: str) -> Any:

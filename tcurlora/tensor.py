@@ -55,6 +55,19 @@ def t_pinv(a: torch.Tensor, rcond: Optional[float] = None) -> torch.Tensor:
     return irfft3(pinv_hat, k)
 
 
+def t_orthonormal_columns(a: torch.Tensor) -> torch.Tensor:
+    """The real ``(K, n, r)`` tensor 𝒬 whose every Fourier slice is the Q of a QR of ``a``'s slice (n ≥ r):
+    orthonormal columns spanning the same space per slice, so 𝒬ᵀ * 𝒬 is the identity tube and 𝒬 * 𝒳 spans
+    what ``a`` * 𝒳 spans.  The DC (and, for even K, Nyquist) slices are real: their QR is taken in real
+    arithmetic, else a complex phase there would be lost by ``irfft``."""
+    k = a.shape[0]
+    a_hat = rfft3(a.detach().double())
+    q_hat = torch.linalg.qr(a_hat).Q
+    for f in ({0, k // 2} if k % 2 == 0 else {0}):
+        q_hat[f] = torch.linalg.qr(a_hat[f].real).Q.to(q_hat.dtype)
+    return irfft3(q_hat, k).to(a.dtype)
+
+
 def frequency_weights(k: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """Weight of each rfft frequency in a full-spectrum sum: rfft keeps one of each conjugate pair, so those
     count twice; DC and (even K) Nyquist once."""

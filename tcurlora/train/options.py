@@ -34,6 +34,7 @@ class FinetuneOptions:
     grad_accum: int = protocol.default("grad_accum")
     train_modules: List[str] = field(default_factory=lambda: protocol.default("train_modules"))
     checkpoint_every: Optional[int] = protocol.default("checkpoint_every")
+    basis: str = protocol.default("basis")
 
     def __post_init__(self) -> None:
         self._set(protocol.validate_settings(dataclasses.asdict(self), FINETUNE_OPTION_KEYS))

@@ -26,11 +26,13 @@ from ..labels import LABELS_FROM_SEGMENTATION, same_labels, split_ignore
 from ..models import BaseModel
 from ..preprocess import Preprocessing
 from ..tuners import get_tuner
+from ..tuners.head_start import PROTOTYPE_PATCHES, start_at_prototypes
 from ..tuners.heads import output_dim, start_new_head
 from ..tuners.layers import unwrap
 from ..tuners.stacks import find
 from .cases import Case, load_cases, warn_absent_labels
 from .checkpoint import checkpoint_bytes, load_checkpoint, run_record
+from .loss import IGNORE_INDEX
 from .options import FinetuneOptions, RunFiles
 
 
@@ -93,10 +95,12 @@ def adapt_network(run: Run, initial_state: Optional[dict] = None) -> None:
         events.log(f"continuing {Path(run.start_from).name}: {config.method}, rank {config.rank}")
     else:
         inject_adapter(network, config, "finetune")
-        _start_new_head(network, run.base, run.table)
+    network.to(run.ctx.device)
+    if not run.start_from:  # a resumed run or a given state replaces the start: then no prototypes are measured
+        fresh = run.state is None and initial_state is None
+        _start_new_head(network, run.base, run.table, run.train_cases if fresh else (), run.prep, options.seed)
     if initial_state is not None:
         load_adapter_state_dict(network, initial_state)
-    network.to(run.ctx.device)
     if options.checkpointing:
         enable_activation_checkpointing(network)
     check_writable(run.files.checkpoint, need_bytes=checkpoint_bytes(network), what="checkpoint")
@@ -123,17 +127,40 @@ def resolve_labels(base: BaseModel, labels: Optional[Sequence[dict]], first_labe
     return [dict(l) for l in base.labels]
 
 
-def _start_new_head(network: torch.nn.Module, base: BaseModel, table: List[dict]) -> None:
+def _start_new_head(network: torch.nn.Module, base: BaseModel, table: List[dict], cases: Sequence[Case] = (),
+                    prep: Optional[Preprocessing] = None, seed: int = 0) -> None:
     """A fresh adapter's new head (labels that differ from the base's): each label starts from the base's
     channel of the same name, a label new to the base from its background at a low prior
-    (:func:`~tcurlora.tuners.heads.start_new_head`)."""
+    (:func:`~tcurlora.tuners.heads.start_new_head`), then, given training ``cases`` (and their ``prep``), at
+    its prototype in the base's last-decoder features (:mod:`tcurlora.tuners.head_start`)."""
     head = get_tuner(network).record("finetune").new_head()
     if head is None:
         return
     base_head = unwrap(find(network, str(base.head)))
     channels = base_head.weight.shape[output_dim(base_head)]
     known = {str(entry["name"]).casefold(): i for i, entry in enumerate(base.labels, start=1) if i < channels}
-    start_new_head(head, base_head, [0] + [known.get(str(entry["name"]).casefold()) for entry in table])
+    sources = [0] + [known.get(str(entry["name"]).casefold()) for entry in table]
+    start_new_head(head, base_head, sources)
+    new = [i for i, source in enumerate(sources) if source is None]
+    if new and cases and prep is not None:
+        start_at_prototypes(network, head, new, _prototype_patches(cases, prep, table, seed), ignore_index=IGNORE_INDEX)
+
+
+def _prototype_patches(cases: Sequence[Case], prep: Preprocessing, table: List[dict],
+                       seed: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Patches the new head's prototypes are measured on: drawn as training draws them, without augmentation,
+    from a stream of their own (the training steps' randomness is untouched)."""
+    from ..preprocess import train_transforms
+
+    transforms = train_transforms(prep, num_samples=1, label_table=table, augment=False)
+    transforms.set_random_state(seed=seed % (2 ** 32))
+    whole = all(all(n <= p for n, p in zip(c.image.shape[1:], prep.patch_size)) for c in cases)
+    patches = []  # a case no larger than the patch gives the same patch every time: once is enough
+    for i in range(min(len(cases), PROTOTYPE_PATCHES) if whole else PROTOTYPE_PATCHES):
+        case = cases[i % len(cases)]
+        patch = transforms({"image": case.image, "label": case.label})[0]
+        patches.append((patch["image"][None], patch["label"][None]))
+    return patches
 
 
 def build_adapter_config(base: BaseModel, options: FinetuneOptions, labels: List[dict]) -> TCURLoRAConfig:
@@ -154,6 +181,7 @@ def build_adapter_config(base: BaseModel, options: FinetuneOptions, labels: List
     if options.preset == "decoder" and not base.decoder_modules:
         raise TCURLoRAError(f"base {base.name} declares no decoder modules: use --preset conv (or auto)")
     return TCURLoRAConfig(method=options.method, preset=options.preset, rank=options.rank, seed=options.seed,
+                          basis=options.basis,
                           train_modules=train_modules if options.method != "full" else [], new_head=new_head)
 
 

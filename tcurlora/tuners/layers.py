@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import TCURLoRAError
-from ..tensor import irfft3, rfft3, select_indices, t_pinv
+from ..tensor import irfft3, rfft3, select_indices, t_orthonormal_columns, t_pinv, t_transpose
 from . import fourier
 
 CORES = "tcurlora_cores"  # attribute of a wrapped layer holding its stacks, per adapter
@@ -78,7 +78,8 @@ class TCURStack(nn.Module):
 
     def __init__(self, name: str, members: list, matrices: torch.Tensor, rank: int,
                  selection: str = "deterministic", seed: int = 0, scale: float = 1.0,
-                 indices: Optional[Tuple[List[int], List[int]]] = None, projectable: Optional[str] = None) -> None:
+                 indices: Optional[Tuple[List[int], List[int]]] = None, projectable: Optional[str] = None,
+                 basis: str = "cur") -> None:
         super().__init__()
         k, n1, n2 = matrices.shape
         rank = min(int(rank), n1, n2)
@@ -95,6 +96,10 @@ class TCURStack(nn.Module):
         self.cols, self.rows = cols.cpu().clone(), rows.cpu().clone()
         c = w[:, :, cols.to(w.device)]  # (K, n1, r)
         r = w[:, rows.to(w.device), :]  # (K, r, n2)
+        self.basis = basis
+        if basis == "orthonormal":  # the same spans, orthonormal per Fourier slice (see TCURLoRAConfig.basis)
+            c = t_orthonormal_columns(c)
+            r = t_transpose(t_orthonormal_columns(t_transpose(r)))
         factors = {"c_block": fourier.real_block(rfft3(c)), "r_hat": rfft3(r),
                    "idft": fourier.inverse_dft_matrix(k).to(w.device)}
         # Projected gradient (Linear and plain conv members): contract dL/dW_k with 𝒞, ℛ straight from
@@ -130,7 +135,9 @@ class TCURStack(nn.Module):
         return self
 
     def u0(self) -> torch.Tensor:
-        """𝒰₀ = t-pinv(𝒲(J, I, :)), recomputed from 𝒞 (only for reporting 𝒰 = 𝒰₀ + Δ𝒰)."""
+        """𝒰₀ = t-pinv(𝒲(J, I, :)), recomputed from 𝒞 (only for reporting 𝒰 = 𝒰₀ + Δ𝒰; the CUR basis only)."""
+        if self.basis != "cur":
+            raise AdapterError(f"stack {self.name}: 𝒰₀ exists in the CUR basis only, not the {self.basis} one")
         block = self._factors["c_block"]
         c_hat = torch.complex(block[:, :self.n1, :self.rank], block[:, self.n1:, :self.rank])
         return t_pinv(irfft3(c_hat, self.k)[:, self.rows.to(block.device), :])

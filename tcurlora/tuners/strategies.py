@@ -111,7 +111,7 @@ class Strategy:
     def make_stack(self, spec: StackSpec, matrices: torch.Tensor, config: TCURLoRAConfig, indices,
                    projectable: Optional[str]):
         return TCURStack(spec.name, spec.members, matrices, config.rank, config.selection, config.seed,
-                         config.scale, indices, projectable=projectable)
+                         config.scale, indices, projectable=projectable, basis=config.basis)
 
     def _build_stacks(self, tuner, record: AdapterRecord, built: list) -> None:
         model = tuner.model
