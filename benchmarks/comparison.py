@@ -127,7 +127,7 @@ def run(args) -> None:
             lr, got = None, {"trainable": 0, "adapter_bytes": 0, "train_s": 0.0, "final_loss": None}
             for image, seg in jobs:
                 base.network = copy.deepcopy(pristine)
-                segment(base, [image], str(seg), device="cpu", events=Events())
+                segment(base, [image], str(seg), device="cpu", tta=False, events=Events())
         else:
             lr = DEFAULT_LR[kwargs["method"]] * scale
             options = FinetuneOptions(steps=args.steps, batch_size=1, seed=seed, device="cpu", val_every=MAX_STEPS,

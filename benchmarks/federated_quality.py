@@ -65,7 +65,7 @@ def run(args) -> list:
         for site, head in SITES.items():
             image, reference = cases[head]
             seg = work / f"{adapter.stem}_on_{head}.nii.gz"
-            segment(fresh(), [image], str(seg), adapter=str(adapter), device="cpu", events=Events())
+            segment(fresh(), [image], str(seg), adapter=str(adapter), device="cpu", tta=False, events=Events())
             m = evaluate([str(seg)], [reference])[0]
             rows.append({"setup": label, "seed": seed, "test": head, "dice": m["dice"], "hd95_mm": m["hd95_mm"],
                          "steps_per_site": steps, "rounds": args.rounds, "local_steps": args.local_steps,

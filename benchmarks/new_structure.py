@@ -224,7 +224,7 @@ def nnunet_sanity(base, work: Path) -> dict:
 
     image, mask = get_scan("robex")
     out = work / "sanity_robex_brain.nii.gz"
-    segment(base, [str(image)], str(out), device="cpu", events=Events())
+    segment(base, [str(image)], str(out), device="cpu", tta=False, events=Events())
     return evaluate([str(out)], [str(mask)])[0]
 
 

@@ -132,8 +132,11 @@ def adapt_and_segment(base, pristine, train_pair, options, jobs, labels=None, **
     """Train ``options`` on ``train_pair`` from a copy of ``pristine`` (the adapter is written beside the first
     output), then segment each ``(image, output)`` of ``jobs`` with it (``segment_options`` go to ``segment``).
     Returns train seconds, segment seconds per job, trainable values, adapter bytes and the final loss;
-    ``base.network`` and ``base.labels`` are left as they were (a pristine copy)."""
+    ``base.network`` and ``base.labels`` are left as they were (a pristine copy). Segmentation does not mirror
+    unless ``segment_options`` ask (``tta``): every recorded table was measured so, whatever the base's default."""
     import torch
+
+    segment_options.setdefault("tta", False)
 
     from tcurlora.adapter_file import load_adapter
     from tcurlora.events import Events
@@ -227,7 +230,7 @@ def run(args) -> list:
                 base.network = copy.deepcopy(pristine)
                 if kwargs is None:
                     t0 = time.time()
-                    segment(base, [test_img], str(seg), device="cpu", events=Events())
+                    segment(base, [test_img], str(seg), device="cpu", tta=False, events=Events())
                     seg_s = time.time() - t0
                 else:
                     options = FinetuneOptions(steps=args.steps, batch_size=args.batch, seed=seed, device="cpu",
