@@ -19,13 +19,14 @@ from ..protocol import check_adapter_path
 def train_round(load_base, pairs: Sequence[Tuple[str, str]], out, server_round: int, train: dict, initial: dict,
                 fingerprint: str, *, seed: int, device: str, events: Events) -> Tuple[dict, dict]:
     """One round at a site: ``finetune`` for the server's K steps from the global state; returns (manifest, state)."""
+    from ..adapter import short_fingerprint
     from ..adapter_file import base_fingerprint
     from ..train import FinetuneOptions, finetune, checkpoint_path, curve_path
 
     base = load_base()  # fresh each round: finetune adapts the network in place
     if base_fingerprint(base.network) != fingerprint:
-        raise TCURLoRAError(f"the server federates another base model ({fingerprint[7:19]}) than this site's "
-                            f"'{base.name}' ({base_fingerprint(base.network)[7:19]}); load the same base")
+        raise TCURLoRAError(f"the server federates another base model ({short_fingerprint(fingerprint)}) than this site's "
+                            f"'{base.name}' ({short_fingerprint(base_fingerprint(base.network))}); load the same base")
     patch = train.get("patch_size")
     options = FinetuneOptions(method=train["method"], rank=int(train["rank"]), preset=train["preset"],
                               train_modules=list(train["train_modules"]), steps=int(train["steps"]), lr=train["lr"],

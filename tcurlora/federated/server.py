@@ -14,6 +14,7 @@ import torch
 from . import APP_DIR, app_events_target, dumps, from_record, require_flower, round_path, state_bytes
 from .checks import (DEFAULT_MAX_SITE_CASES, TRAIN_KEYS, case_weight, check_averageable, check_train_settings,
                      site_name_problem)
+from ..adapter import short_fingerprint
 from ..aggregate import check_like, first_difference, read_adapter
 from ..errors import TCURLoRAError
 from ..events import Events
@@ -43,8 +44,8 @@ def check_manifest(reference: dict, manifest_text: str, where: str) -> dict:
     """Refuse (TCURLoRAError naming ``where``) an update's manifest of another base or layout."""
     manifest = parse_manifest(manifest_text, where)
     if manifest["base"]["fingerprint"] != reference["base"]["fingerprint"]:
-        raise TCURLoRAError(f"{where}: trained on another base model ({manifest['base']['fingerprint'][7:19]}, "
-                            f"the federation's is {reference['base']['fingerprint'][7:19]})")
+        raise TCURLoRAError(f"{where}: trained on another base model ({short_fingerprint(manifest['base']['fingerprint'])}, "
+                            f"the federation's is {short_fingerprint(reference['base']['fingerprint'])})")
     problem = first_difference(reference, manifest)
     if problem:
         raise TCURLoRAError(f"{where}: adapter layout differs: {problem}")
