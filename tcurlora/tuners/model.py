@@ -199,7 +199,7 @@ class TCURTuner:
 
     def _plain_module(self, module: nn.Module) -> nn.Module:
         """What a (possibly wrapped) child runs once merged: the module itself without any wrapper."""
-        from .strategies import PEFT_METHODS
+        from ..protocol import PEFT_METHODS
 
         peft_layer = None
         if any(r.config.method in PEFT_METHODS for r in self.adapters.values()):
