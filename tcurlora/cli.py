@@ -435,10 +435,11 @@ def cmd_federated(args, events) -> int:
         from .train import FinetuneOptions
 
         given = {k: getattr(args, k) for k in FEDERATED_SERVER_SETTINGS if getattr(args, k) is not None}
-        given["labels"] = _load_labels(args.labels)
-        checked = protocol.validate_settings(given, list(given), style="cli")
+        given.update(labels=_load_labels(args.labels), steps=args.local_steps, device=device)
+        # checked once, here, and completed with the defaults: what every site will train
+        checked = protocol.validate_settings(given, (*protocol.FINETUNE_OPTION_KEYS, "labels"), style="cli")
         labels = checked.pop("labels")
-        options = FinetuneOptions.from_job({**checked, "steps": args.local_steps, "device": device})
+        options = FinetuneOptions.from_job(checked)
         result = run_server(load_base(base, weights=args.weights, fold=args.fold), options,
                             labels=labels, address=args.address, rounds=args.rounds,
                             min_clients=args.min_clients, out=args.out, tls_dir=args.tls_dir, insecure=args.insecure,
