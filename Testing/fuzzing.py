@@ -96,7 +96,10 @@ def run(seed: int, cases: int, budget_s: float, timeout_s: int,
         make_case: Callable[[random.Random], Tuple[str, Callable[[], str]]]) -> FuzzRun:
     """``make_case(rng)`` gives ``(kind, check)`` for each case; ``check()`` runs under an alarm of ``timeout_s``
     and returns its outcome. Stops after ``cases`` cases or ``budget_s`` seconds."""
+    hung = []
+
     def hang(signum, frame):
+        hung.append(index)
         raise Hang(f"a case ran longer than {timeout_s} s")
 
     rng = random.Random(seed)
@@ -111,7 +114,10 @@ def run(seed: int, cases: int, budget_s: float, timeout_s: int,
             kind, check = make_case(rng)
             signal.alarm(timeout_s)
             try:
-                result.counts[(kind, check())] += 1
+                outcome = check()
+                if hung and hung[-1] == index:  # the alarm's exception was swallowed (raised in a gc callback)
+                    raise Hang(f"a case ran longer than {timeout_s} s")
+                result.counts[(kind, outcome)] += 1
             except BaseException as exc:  # noqa: B902 - every escape is a finding, reported by the test
                 if isinstance(exc, KeyboardInterrupt):
                     raise

@@ -330,7 +330,10 @@ def test_auto3dseg_config_values_are_checked(a3d_model, tmp_path, little_memory)
                           ({"intensity_bounds": [1200, "x"]}, "needs intensity_bounds"),
                           ({"resample_resolution": [0, 1, 1]}, "resample_resolution must be three finite numbers"),
                           ({"network": {**CONFIG["network"], "in_channels": [1]}}, "input channels"),
-                          ({"network": {**CONFIG["network"], "init_filters": 10 ** 6}}, "parameters needs about")):
+                          ({"network": {**CONFIG["network"], "init_filters": 10 ** 6}}, "parameters needs about"),
+                          # a million blocks: each layer is a Python object even on the meta device (19 GB)
+                          ({"network": {**CONFIG["network"], "blocks_down": [1, 1, 10 ** 6]}},
+                           "SegResNetDS declares more than 5,000 layers")):
         folder = tmp_path / str(len(list(tmp_path.iterdir())))
         folder.mkdir()
         checkpoint = torch.load(a3d_model / "model.pt", weights_only=True)

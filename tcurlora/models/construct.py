@@ -11,6 +11,7 @@ real build runs under :func:`tcurlora.offline.no_network`. Every failure is one
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import re
@@ -37,6 +38,32 @@ SUPPLY_WEIGHTS = ("tcurlora never downloads a base's weights: set it to false or
                   "trained weights as files")
 #: Most items in one list argument (channels per level, kernel sizes...): more is a crafted config.
 MAX_ARGUMENT_ITEMS = 256
+#: Most layers (modules) a network may have: several times any segmentation network's (UNETR 351, SwinUNETR
+#: 270, Auto3DSeg's SegResNetDS 159), far below what a count such as ``blocks_down: [1, 1, 1000000]`` builds.
+#: Each layer is a Python object even on the meta device: such a network took 19 GB before it could be measured.
+MAX_MODULES = 5_000
+
+
+class _TooManyModules(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _module_budget(limit: int):
+    """Raise :class:`_TooManyModules` as soon as more than ``limit`` modules are registered as submodules."""
+    count = 0
+
+    def hook(module, name, submodule):
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise _TooManyModules
+
+    handle = torch.nn.modules.module.register_module_module_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _reason(exc: BaseException) -> str:
@@ -126,10 +153,12 @@ def build_network(make: Callable[[], nn.Module], where: PathLike, name: str,
         in_channels: input channels of each window.
     """
     try:
-        with torch.device("meta"), no_network(where):
+        with torch.device("meta"), no_network(where), _module_budget(MAX_MODULES):
             shaped = make()
     except InputError:
         raise
+    except _TooManyModules:
+        raise InputError(where, f"{name} declares more than {MAX_MODULES:,} layers") from None
     except Exception as exc:  # constructors fed bad values raise TypeError, ValueError, AssertionError, ...
         raise InputError(where, f"cannot build {name} ({_reason(exc)})") from None
     if not isinstance(shaped, nn.Module):
