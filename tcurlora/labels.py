@@ -89,7 +89,7 @@ def check_label_table(table, require_color: bool = False) -> LabelTable:
             bad = unsafe_character(text) if isinstance(text, str) else None
             if bad:
                 raise LabelError(f"the {what} of label {value} holds the control character {bad}")
-            if what == "terminology" and "|" in text:  # '|' separates a .seg.nrrd segment's tags: it would forge one
+            if what == "terminology" and isinstance(text, str) and "|" in text:  # '|' separates a .seg.nrrd segment's tags: it would forge one
                 raise LabelError(f"the terminology of label {value} holds '|'")
         if len(name) > MAX_NAME:
             raise LabelError(f"the name of label {value} is longer than {MAX_NAME} characters")
