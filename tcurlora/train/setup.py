@@ -93,12 +93,21 @@ def adapt_network(run: Run, initial_state: Optional[dict] = None) -> None:
         for p in get_tuner(network).trainable_parameters():
             p.requires_grad_(True)
         events.log(f"continuing {Path(run.start_from).name}: {config.method}, rank {config.rank}")
-    else:
-        inject_adapter(network, config, "finetune")
+    else:  # columns and rows by gradient are chosen once the head has started: first the energy's, then those
+        by_gradient = config.selection == "gradient"
+        if by_gradient and initial_state is not None:
+            raise TCURLoRAError("selection 'gradient' picks each site's own columns and rows, and the sites of a "
+                                "federated run must share one layout: use selection 'deterministic'")
+        inject_adapter(network, dataclasses.replace(config, selection="deterministic") if by_gradient else config,
+                       "finetune")
     network.to(run.ctx.device)
     if not run.start_from:  # a resumed run or a given state replaces the start: then no prototypes are measured
         fresh = run.state is None and initial_state is None
-        _start_new_head(network, run.base, run.table, run.train_cases if fresh else (), run.prep, options.seed)
+        patches = _Patches(run.train_cases, run.prep, run.table, options.seed)
+        # a resumed run with columns by gradient starts its head again to pick the same ones
+        _start_new_head(network, run.base, run.table, patches if fresh or by_gradient else None)
+        if by_gradient:
+            _select_by_gradient(network, config, patches())
     if initial_state is not None:
         load_adapter_state_dict(network, initial_state)
     if options.checkpointing:
@@ -127,12 +136,44 @@ def resolve_labels(base: BaseModel, labels: Optional[Sequence[dict]], first_labe
     return [dict(l) for l in base.labels]
 
 
-def _start_new_head(network: torch.nn.Module, base: BaseModel, table: List[dict], cases: Sequence[Case] = (),
-                    prep: Optional[Preprocessing] = None, seed: int = 0) -> None:
+class _Patches:
+    """The training patches a run's start measures on (:func:`_prototype_patches`), drawn once when first asked."""
+
+    def __init__(self, cases: Sequence[Case], prep: Preprocessing, table: List[dict], seed: int) -> None:
+        self.cases, self.prep, self.table, self.seed, self._drawn = cases, prep, table, seed, None
+
+    def __call__(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        if self._drawn is None:
+            self._drawn = _prototype_patches(self.cases, self.prep, self.table, self.seed) if self.cases else []
+        return self._drawn
+
+
+def _select_by_gradient(network: torch.nn.Module, config: TCURLoRAConfig,
+                        patches: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put the run's adapter in again with the columns and rows that align best with the loss's first gradient on
+    ``patches`` (:mod:`tcurlora.tuners.gradient_selection`); its started new head is kept."""
+    from ..tuners.gradient_selection import gradient_layout
+    from .loss import DiceCEOnAnnotated
+
+    tuner = get_tuner(network)
+    record = tuner.record("finetune")
+    if not patches:
+        raise TCURLoRAError("selection 'gradient' needs training patches")
+    stacks = gradient_layout(network, record, patches, DiceCEOnAnnotated())
+    head = record.new_head()
+    head_state = {k: v.detach().clone() for k, v in head.state_dict().items()} if head is not None else None
+    tuner.delete_adapter("finetune")
+    tuner.add_adapter(config, "finetune", layout={"stacks": stacks, "trained_modules": None})
+    if head_state is not None:
+        tuner.record("finetune").new_head().load_state_dict(head_state)
+
+
+def _start_new_head(network: torch.nn.Module, base: BaseModel, table: List[dict],
+                    patches: Optional["_Patches"] = None) -> None:
     """A fresh adapter's new head (labels that differ from the base's): each label starts from the base's
     channel of the same name, a label new to the base from its background at a low prior
-    (:func:`~tcurlora.tuners.heads.start_new_head`), then, given training ``cases`` (and their ``prep``), at
-    its prototype in the base's last-decoder features (:mod:`tcurlora.tuners.head_start`)."""
+    (:func:`~tcurlora.tuners.heads.start_new_head`), then, given the run's training ``patches``, at its
+    prototype in the base's last-decoder features (:mod:`tcurlora.tuners.head_start`)."""
     head = get_tuner(network).record("finetune").new_head()
     if head is None:
         return
@@ -142,8 +183,8 @@ def _start_new_head(network: torch.nn.Module, base: BaseModel, table: List[dict]
     sources = [0] + [known.get(str(entry["name"]).casefold()) for entry in table]
     start_new_head(head, base_head, sources)
     new = [i for i, source in enumerate(sources) if source is None]
-    if new and cases and prep is not None:
-        start_at_prototypes(network, head, new, _prototype_patches(cases, prep, table, seed), ignore_index=IGNORE_INDEX)
+    if new and patches is not None and patches():
+        start_at_prototypes(network, head, new, patches(), ignore_index=IGNORE_INDEX)
 
 
 def _prototype_patches(cases: Sequence[Case], prep: Preprocessing, table: List[dict],
@@ -181,7 +222,8 @@ def build_adapter_config(base: BaseModel, options: FinetuneOptions, labels: List
     if options.preset == "decoder" and not base.decoder_modules:
         raise TCURLoRAError(f"base {base.name} declares no decoder modules: use --preset conv (or auto)")
     return TCURLoRAConfig(method=options.method, preset=options.preset, rank=options.rank, seed=options.seed,
-                          basis=options.basis,
+                          basis=options.basis, rank_stable=options.rank_stable, selection=options.selection,
+                          norm_scale_shift=options.norm_scale_shift, rank_budget=options.rank_budget,
                           train_modules=train_modules if options.method != "full" else [], new_head=new_head)
 
 
