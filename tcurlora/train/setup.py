@@ -87,6 +87,8 @@ def adapt_network(run: Run, initial_state: Optional[dict] = None) -> None:
     the adapter file the run continues, or ``initial_state`` (a federated round's global cores); then check
     that the checkpoint fits on the disk and say what trains."""
     network, options, config, events = run.base.network, run.options, run.config, run.events
+    if not get_tuner(network).base_info:  # a network put into the base after loading (a copy) has no introduction
+        run.base.introduce()
     seed_everything(options.seed)  # new heads and LoRA factors are initialised from the seed
     if run.start_from:
         load_adapter(network, run.start_from, adapter_name="finetune")
