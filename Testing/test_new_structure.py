@@ -548,3 +548,28 @@ def test_files_without_the_new_options_load_and_give_the_same_output(tmp_path):
     load_adapter(fresh, path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), adapted, rtol=1e-5, atol=1e-6)
+
+
+def test_finetune_gives_a_label_the_base_lacks_the_recipe_and_the_base_labels_their_old_config(tiny_base):
+    """What finetune builds: for the base's own labels (the brain-mask convention, the demo) exactly the config it
+    built before the recipe; for a label the base lacks, tcurlora gets the new-structure recipe in each option left
+    at its default (an option given keeps its value; --no-new-label-recipe keeps them all); other methods never."""
+    import dataclasses
+
+    from tcurlora.config import TCURLoRAConfig
+    from tcurlora.protocol import NEW_LABEL_RECIPE
+    from tcurlora.train import FinetuneOptions, build_adapter_config
+
+    before = TCURLoRAConfig(method="tcurlora", preset="auto", rank=8, seed=0, train_modules=[])
+    assert build_adapter_config(tiny_base, FinetuneOptions(), tiny_base.labels) == before
+    subset = [dict(tiny_base.labels[0], name=tiny_base.labels[0]["name"].upper())]  # a base label, another case
+    assert dataclasses.replace(build_adapter_config(tiny_base, FinetuneOptions(), subset), new_head=None) == before
+    table = [{"value": 1, "name": "a structure the base lacks"}]
+    plain = build_adapter_config(tiny_base, FinetuneOptions(new_label_recipe=False), table)
+    assert plain.basis == "cur" and not plain.rank_stable and not plain.norm_scale_shift and plain.new_head
+    recipe = build_adapter_config(tiny_base, FinetuneOptions(), table)
+    assert recipe == dataclasses.replace(plain, **NEW_LABEL_RECIPE)
+    chosen = build_adapter_config(tiny_base, FinetuneOptions(selection="gradient", basis="orthonormal"), table)
+    assert chosen == dataclasses.replace(plain, **NEW_LABEL_RECIPE, selection="gradient")
+    lora = build_adapter_config(tiny_base, FinetuneOptions(method="lora"), table)
+    assert lora.basis == "cur" and not lora.norm_scale_shift

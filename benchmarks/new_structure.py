@@ -322,8 +322,9 @@ def run(args) -> None:
                 # the training case too: did the method fit what it saw (tells "did not learn" from "did not carry
                 # over to the other case")
                 seen = seg.with_name(seg.name.replace(".nii.gz", "_train.nii.gz"))
+                # exactly the row's options (finetune's new-label recipe would otherwise fill in its own)
                 options = FinetuneOptions(steps=args.steps, batch_size=args.batch, seed=seed, device="cpu", basis=basis,
-                                          val_every=MAX_STEPS, **core, **kwargs)  # no validation case: never
+                                          val_every=MAX_STEPS, new_label_recipe=False, **core, **kwargs)
                 # the network's own output, without the deepbet base's largest-component post-processing (a
                 # brain-mask rule): the same for both bases
                 got = adapt_and_segment(base, pristine, cases[train], options,

@@ -84,6 +84,8 @@ def _finetune_parser(sub) -> None:
         _add_setting(p, key)
     _add_switch(p, "--rank-stable", "rank_stable")
     _add_switch(p, "--norm-scale-shift", "norm_scale_shift")
+    _add_switch(p, "--no-new-label-recipe", "new_label_recipe", False,
+                help="a label the base lacks: train with exactly the options given, not the new-structure recipe")
     _add_switch(p, "--checkpointing", "checkpointing")
     _add_switch(p, "--no-bf16", "bf16", False, help="no bf16 autocast on CUDA")
     _add_switch(p, "--resume", "resume")

@@ -32,6 +32,9 @@ CORE_BASES = ("cur", "orthonormal")
 #: paper's top-r rule), drawn with inverted probabilities (CURLoRA's), or by their alignment with the task's first
 #: gradient (``gradient``: chosen by ``finetune`` from its training patches; the indices are saved in the file).
 CORE_SELECTIONS = ("deterministic", "sampled", "gradient")
+#: What ``finetune`` gives a tcurlora adapter whose label table adds a label the base lacks, in each of these
+#: options left at its default (``new_label_recipe``; the ablation in docs/new_structure.md measured it)
+NEW_LABEL_RECIPE = {"basis": "orthonormal", "rank_stable": True, "norm_scale_shift": True}
 #: The rank whose step a rank-stable core keeps (``TCURLoRAConfig.rank_stable``): the rank the rates were chosen at.
 REFERENCE_RANK = 8
 DEVICES = ("auto", "cpu", "cuda")
@@ -373,6 +376,9 @@ SETTINGS: Tuple[Setting, ...] = (
             "first gradient on the training patches)", _F, flag="--selection"),
     Setting("norm_scale_shift", boolean, False, "tcurlora: also train a per-channel scale and shift after each "
             "normalisation layer of the base's decoder (SSF; a few thousand values)", _F),
+    Setting("new_label_recipe", boolean, True, "tcurlora with a label the base lacks: train it with the "
+            "new-structure recipe (" + ", ".join(f"{k} {v}" for k, v in NEW_LABEL_RECIPE.items()) + ") in each of "
+            "those options left at its default; false: exactly the options given", _F),
     Setting("rank_budget", optional(integer(1, 10 ** 8)), None, "tcurlora: raise stack ranks until the cores hold at "
             "most N values, the decoder's stacks first (default: every stack at --rank)", _F, flag="--rank-budget",
             cli_type=int, metavar="N"),
@@ -429,7 +435,7 @@ SETTINGS_BY_KEY: Dict[str, Setting] = {s.key: s for s in SETTINGS}
 FINETUNE_OPTION_KEYS = ("method", "rank", "preset", "steps", "lr", "weight_decay", "batch_size", "patch_size",
                         "val_every", "patience", "seed", "device", "bf16", "checkpointing", "grad_accum",
                         "train_modules", "checkpoint_every", "basis", "rank_stable", "selection", "norm_scale_shift",
-                        "rank_budget")
+                        "rank_budget", "new_label_recipe")
 
 
 def default(key: str) -> Any:

@@ -39,6 +39,7 @@ class FinetuneOptions:
     selection: str = protocol.default("selection")
     norm_scale_shift: bool = protocol.default("norm_scale_shift")
     rank_budget: Optional[int] = protocol.default("rank_budget")
+    new_label_recipe: bool = protocol.default("new_label_recipe")
 
     def __post_init__(self) -> None:
         self._set(protocol.validate_settings(dataclasses.asdict(self), FINETUNE_OPTION_KEYS))

@@ -223,10 +223,26 @@ def build_adapter_config(base: BaseModel, options: FinetuneOptions, labels: List
     # stack and the decoder is the user's choice for speed); the tuner takes the modules the base declared
     if options.preset == "decoder" and not base.decoder_modules:
         raise TCURLoRAError(f"base {base.name} declares no decoder modules: use --preset conv (or auto)")
-    return TCURLoRAConfig(method=options.method, preset=options.preset, rank=options.rank, seed=options.seed,
-                          basis=options.basis, rank_stable=options.rank_stable, selection=options.selection,
-                          norm_scale_shift=options.norm_scale_shift, rank_budget=options.rank_budget,
+    core = {key: getattr(options, key) for key in ("basis", "rank_stable", "selection", "norm_scale_shift", "rank_budget")}
+    if options.method == "tcurlora" and options.new_label_recipe and new_labels(base, labels):
+        core.update(new_label_recipe(base, options))
+    return TCURLoRAConfig(method=options.method, preset=options.preset, rank=options.rank, seed=options.seed, **core,
                           train_modules=train_modules if options.method != "full" else [], new_head=new_head)
+
+
+def new_labels(base: BaseModel, labels: List[dict]) -> List[dict]:
+    """The labels of ``labels`` the base does not have (by name, any case): structures it never drew."""
+    known = {str(entry["name"]).casefold() for entry in base.labels}
+    return [entry for entry in labels if str(entry["name"]).casefold() not in known]
+
+
+def new_label_recipe(base: BaseModel, options: FinetuneOptions) -> dict:
+    """The new-structure recipe (:data:`tcurlora.protocol.NEW_LABEL_RECIPE`) in each option ``options`` left at
+    its default (the norms' scale and shift only where the base declares its decoder)."""
+    recipe = dict(protocol.NEW_LABEL_RECIPE)
+    if not base.decoder_modules:
+        recipe.pop("norm_scale_shift", None)
+    return {key: value for key, value in recipe.items() if getattr(options, key) == protocol.default(key)}
 
 
 def training_preprocessing(base: BaseModel, options: FinetuneOptions):
