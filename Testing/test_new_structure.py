@@ -568,8 +568,42 @@ def test_finetune_gives_a_label_the_base_lacks_the_recipe_and_the_base_labels_th
     plain = build_adapter_config(tiny_base, FinetuneOptions(new_label_recipe=False), table)
     assert plain.basis == "cur" and not plain.rank_stable and not plain.norm_scale_shift and plain.new_head
     recipe = build_adapter_config(tiny_base, FinetuneOptions(), table)
-    assert recipe == dataclasses.replace(plain, **NEW_LABEL_RECIPE)
+    budget = recipe.rank_budget  # the next test checks its size
+    assert recipe == dataclasses.replace(plain, **NEW_LABEL_RECIPE, rank_budget=budget)
     chosen = build_adapter_config(tiny_base, FinetuneOptions(selection="gradient", basis="orthonormal"), table)
-    assert chosen == dataclasses.replace(plain, **NEW_LABEL_RECIPE, selection="gradient")
+    assert chosen == dataclasses.replace(plain, **NEW_LABEL_RECIPE, rank_budget=budget, selection="gradient")
+    given = build_adapter_config(tiny_base, FinetuneOptions(rank_budget=123456), table)
+    assert given.rank_budget == 123456
     lora = build_adapter_config(tiny_base, FinetuneOptions(method="lora"), table)
     assert lora.basis == "cur" and not lora.norm_scale_shift
+
+
+def test_the_recipe_budget_keeps_the_adapter_within_a_tenth_of_lora_on_the_same_layers():
+    """The recipe's rank budget: the whole adapter (cores, norms' scales and shifts, new head) holds at most a tenth
+    of what PEFT's LoRA of the same rank trains with the same labels, and raises ranks to get near it."""
+    from monai.networks.nets import UNet
+
+    from tcurlora.adapter import inject_adapter, trainable_parameter_count
+    from tcurlora.models import BaseModel
+    from tcurlora.preprocess import Preprocessing
+    from tcurlora.train import FinetuneOptions, build_adapter_config
+    from tcurlora.tuners import get_tuner
+
+    def base():
+        torch.manual_seed(0)
+        net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64), strides=(2, 2), num_res_units=1)
+        return BaseModel("plain", net, [{"value": 1, "name": "brain", "color": [1, 0, 0]}],
+                         Preprocessing(patch_size=(16, 16, 16)), head="model.2.1.conv.unit0.conv",
+                         decoder_modules=[r"model\.2(\..*)?", r"model\.1\.submodule\.2(\..*)?"])
+
+    table = [{"value": 1, "name": "a structure the base lacks"}]
+    counts = {}
+    for method in ("tcurlora", "lora"):
+        b = base()
+        config = build_adapter_config(b, FinetuneOptions(method=method, rank=2), table)
+        inject_adapter(b.network, config)
+        counts[method] = trainable_parameter_count(b.network)
+        if method == "tcurlora":
+            assert config.rank_budget is not None
+            assert max(s.rank for s in get_tuner(b.network).record().stacks.values()) > 2
+    assert counts["lora"] / 10 - 100 - 64 <= counts["tcurlora"] <= counts["lora"] / 10

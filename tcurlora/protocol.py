@@ -33,8 +33,12 @@ CORE_BASES = ("cur", "orthonormal")
 #: gradient (``gradient``: chosen by ``finetune`` from its training patches; the indices are saved in the file).
 CORE_SELECTIONS = ("deterministic", "sampled", "gradient")
 #: What ``finetune`` gives a tcurlora adapter whose label table adds a label the base lacks, in each of these
-#: options left at its default (``new_label_recipe``; the ablation in docs/new_structure.md measured it)
+#: options left at its default (``new_label_recipe``; the ablation in docs/new_structure.md measured it); and a
+#: ``rank_budget`` that keeps the whole adapter within 1/NEW_LABEL_VALUE_SHARE of LoRA's values
 NEW_LABEL_RECIPE = {"basis": "orthonormal", "rank_stable": True, "norm_scale_shift": True}
+#: the recipe's adapter (cores, norms' scales and shifts, new head) holds at most this fraction of the values HF
+#: PEFT's LoRA of the same rank trains on the same layers (its convolutions: PEFT has no transposed-conv LoRA)
+NEW_LABEL_VALUE_SHARE = 10
 #: The rank whose step a rank-stable core keeps (``TCURLoRAConfig.rank_stable``): the rank the rates were chosen at.
 REFERENCE_RANK = 8
 DEVICES = ("auto", "cpu", "cuda")
@@ -377,8 +381,9 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("norm_scale_shift", boolean, False, "tcurlora: also train a per-channel scale and shift after each "
             "normalisation layer of the base's decoder (SSF; a few thousand values)", _F),
     Setting("new_label_recipe", boolean, True, "tcurlora with a label the base lacks: train it with the "
-            "new-structure recipe (" + ", ".join(f"{k} {v}" for k, v in NEW_LABEL_RECIPE.items()) + ") in each of "
-            "those options left at its default; false: exactly the options given", _F),
+            "new-structure recipe (" + ", ".join(f"{k} {v}" for k, v in NEW_LABEL_RECIPE.items()) + ", and a rank "
+            f"budget within 1/{NEW_LABEL_VALUE_SHARE} of LoRA's values) in each of those options left at its "
+            "default; false: exactly the options given", _F),
     Setting("rank_budget", optional(integer(1, 10 ** 8)), None, "tcurlora: raise stack ranks until the cores hold at "
             "most N values, the decoder's stacks first (default: every stack at --rank)", _F, flag="--rank-budget",
             cli_type=int, metavar="N"),

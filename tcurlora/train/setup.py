@@ -225,7 +225,7 @@ def build_adapter_config(base: BaseModel, options: FinetuneOptions, labels: List
         raise TCURLoRAError(f"base {base.name} declares no decoder modules: use --preset conv (or auto)")
     core = {key: getattr(options, key) for key in ("basis", "rank_stable", "selection", "norm_scale_shift", "rank_budget")}
     if options.method == "tcurlora" and options.new_label_recipe and new_labels(base, labels):
-        core.update(new_label_recipe(base, options))
+        core.update(new_label_recipe(base, options, labels))
     return TCURLoRAConfig(method=options.method, preset=options.preset, rank=options.rank, seed=options.seed, **core,
                           train_modules=train_modules if options.method != "full" else [], new_head=new_head)
 
@@ -236,13 +236,38 @@ def new_labels(base: BaseModel, labels: List[dict]) -> List[dict]:
     return [entry for entry in labels if str(entry["name"]).casefold() not in known]
 
 
-def new_label_recipe(base: BaseModel, options: FinetuneOptions) -> dict:
-    """The new-structure recipe (:data:`tcurlora.protocol.NEW_LABEL_RECIPE`) in each option ``options`` left at
-    its default (the norms' scale and shift only where the base declares its decoder)."""
+def new_label_recipe(base: BaseModel, options: FinetuneOptions, labels: List[dict]) -> dict:
+    """The new-structure recipe (:data:`tcurlora.protocol.NEW_LABEL_RECIPE`, and the rank budget of
+    :func:`new_label_rank_budget`) in each option ``options`` left at its default; the norms' scale and shift and
+    the budget only where the base declares its decoder (both place values there)."""
     recipe = dict(protocol.NEW_LABEL_RECIPE)
-    if not base.decoder_modules:
+    if base.decoder_modules:
+        recipe["rank_budget"] = new_label_rank_budget(base, options, labels)
+    else:
         recipe.pop("norm_scale_shift", None)
     return {key: value for key, value in recipe.items() if getattr(options, key) == protocol.default(key)}
+
+
+def new_label_rank_budget(base: BaseModel, options: FinetuneOptions, labels: List[dict]) -> Optional[int]:
+    """The recipe's core budget: 1/:data:`~tcurlora.protocol.NEW_LABEL_VALUE_SHARE` of the values PEFT's LoRA of
+    rank ``options.rank`` trains on the same layers (its convolutions and linear layers, not the transposed ones),
+    less the new head's and the decoder norms' values, rounded down to a hundred; None when that is no more than
+    the cores hold at that rank anyway."""
+    from ..tuners.layers import norm_channels
+    from ..tuners.stacks import decoder_norm_names, member_matrix, resolve_stacks
+
+    network, rank = base.network, options.rank
+    config = TCURLoRAConfig(rank=rank, preset=options.preset, train_modules=list(options.train_modules),
+                            new_head={"module": base.head, "out_channels": len(labels) + 1})
+    specs = resolve_stacks(network, config)
+    lora = sum(rank * sum(member_matrix(network, m).shape) for spec in specs for m in spec.members
+               if not isinstance(find(network, m.module), torch.nn.modules.conv._ConvTransposeNd))
+    head = unwrap(find(network, str(base.head)))
+    head_values = (head.weight.numel() // head.weight.shape[output_dim(head)] + (head.bias is not None)) * (len(labels) + 1)
+    norms = sum(2 * norm_channels(find(network, n)) for n in decoder_norm_names(network, base.decoder_modules, []))
+    budget = (lora // protocol.NEW_LABEL_VALUE_SHARE - head_values - norms) // 100 * 100
+    cores = sum(len(s.members) * min(rank, *member_matrix(network, s.members[0]).shape) ** 2 for s in specs)
+    return budget if budget > cores else None
 
 
 def training_preprocessing(base: BaseModel, options: FinetuneOptions):
