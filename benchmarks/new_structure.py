@@ -478,6 +478,7 @@ def main(argv=None) -> int:
     rows = latest_weights([json.loads(l) for l in (Path(args.out) / RUNS_FILE).read_text().splitlines()])
     text = table(rows)
     write_summary(Path(args.out) / "new_structure.md", text)
+    write_summary(HERE.parent / "docs" / "new_structure.md", ablation_tables(rows), ABLATION_START, ABLATION_END)
     plot(rows, Path(args.out) / "new_structure.png")
     print(text)
     return 0
@@ -487,16 +488,75 @@ TABLE_START = "<!-- tables: written by benchmarks/new_structure.py from new_stru
 TABLE_END = "<!-- end of tables -->"
 
 
-def write_summary(path: Path, tables: str) -> None:
+def write_summary(path: Path, tables: str, start: str = TABLE_START, end: str = TABLE_END) -> None:
     """Put the tables between the markers of ``path`` (the prose around them is kept), or start the file."""
-    text = path.read_text() if path.is_file() else f"{TABLE_START}\n{TABLE_END}\n"
-    head, sep, rest = text.partition(TABLE_START)
-    _, sep2, tail = rest.partition(TABLE_END)
+    text = path.read_text() if path.is_file() else f"{start}\n{end}\n"
+    head, sep, rest = text.partition(start)
+    _, sep2, tail = rest.partition(end)
     if not (sep and sep2):
         raise SystemExit(f"{path}: the table markers are missing")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{head}{TABLE_START}\n\n{tables}\n{TABLE_END}{tail}")
+    tmp.write_text(f"{head}{start}\n\n{tables}\n{end}{tail}")
     tmp.replace(path)
+
+
+# --- the ablation of docs/new_structure.md: each step adds one option to the row before -----------------------
+
+ABLATION_START = "<!-- ablation: written by benchmarks/new_structure.py from new_structure_runs.jsonl -->"
+ABLATION_END = "<!-- end of ablation -->"
+#: (the step, head start, tCURLoRA options of new_structure.py's runs) in the order the steps add up; the budget
+#: is each base's (the new-label recipe's: a tenth of LoRA r = 8's values, the head and norms included)
+ABLATION = [
+    ("tCURLoRA r=8 (the paper's)", "low prior", {}),
+    ("+ prototype head start", "prototype", {}),
+    ("+ orthonormal basis", "prototype", {"basis": "orthonormal"}),
+    ("+ rank-stable scale, + norm scale-shift", "prototype",
+     {"basis": "orthonormal", "rank_stable": True, "norm_scale_shift": True}),
+    ("+ gradient-aligned selection", "prototype",
+     {"basis": "orthonormal", "rank_stable": True, "norm_scale_shift": True, "selection": "gradient"}),
+    ("+ rank budget (all of the above)", "prototype", {"basis": "orthonormal", "rank_stable": True,
+                                                        "norm_scale_shift": True, "selection": "gradient",
+                                                        "rank_budget": "budget"}),
+    ("rank budget without gradient selection: finetune's new-label recipe", "prototype",
+     {"basis": "orthonormal", "rank_stable": True, "norm_scale_shift": True, "rank_budget": "budget"}),
+]
+ABLATION_BUDGET = {"deepbet": 19_500, "nnunet": 14_300}
+#: LoRA r = 8's held-out Dice at its chosen rate (the goal) and a tenth of its values, per base
+ABLATION_GOAL = {"deepbet": (0.682, 20_200), "nnunet": (0.606, 14_800)}
+
+
+def ablation_tables(rows: list, task: str = "ventricles", rates: str = "comparison") -> str:
+    """Per base, one line per ablation step: Dice (mean ± sd over directions × seeds, and per test image), fit,
+    trainable values and median train time, from the recorded runs of tCURLoRA r=8."""
+    lines = []
+    for base, budget in ABLATION_BUDGET.items():
+        goal, values = ABLATION_GOAL[base]
+        block = [r for r in rows if task_of(r) == task and rates_of(r) == rates and r["base"] == base
+                 and r["method"] == "tCURLoRA r=8"]
+        if not block:
+            continue
+        tests = TASKS[task][1][::-1]
+        lines += [f"**{base}** ({task}, {rates} rates, 60 steps; goal: held-out Dice {goal:.3f} (LoRA r = 8) with at "
+                  f"most {values:,d} values; runs = directions × seeds)", "",
+                  f"| step | runs | Dice mean ± sd | test {tests[0]} | test {tests[1]} | fit | trainable values | "
+                  "train time (median) |", "|---|---|---|---|---|---|---|---|"]
+        for name, start, options in ABLATION:
+            options = {k: (budget if v == "budget" else v) for k, v in options.items()}
+            key = options_of({"basis": options.get("basis", "cur"),
+                              "options": {k: v for k, v in options.items() if k != "basis"}})
+            sub = [r for r in block if head_start_of(r) == start and options_of(r) == key]
+            if not sub:
+                lines.append(f"| {name} | 0 | not measured | | | | | |")
+                continue
+            dice = [r["dice"] for r in sub]
+            per = [statistics.mean(r["dice"] for r in sub if r["test"] == t) if any(r["test"] == t for r in sub)
+                   else float("nan") for t in tests]
+            sd = statistics.stdev(dice) if len(dice) > 1 else 0.0
+            lines.append(f"| {name} | {len(sub)} | {statistics.mean(dice):.3f} ± {sd:.3f} | {per[0]:.3f} | {per[1]:.3f} | "
+                         f"{statistics.mean(r['dice_train_case'] for r in sub):.3f} | {sub[0]['trainable']:,d} | "
+                         f"{statistics.median(r['train_s'] for r in sub):.0f} s |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
