@@ -46,7 +46,8 @@ from quality import BASELINE_NAMES, adapt_and_segment, weights_tag  # noqa: E402
 
 #: (label in the tables of new_structure.py, FinetuneOptions kwargs): the three methods the diagnosis compares
 METHODS = [("full fine-tuning", {"method": "full"}),
-           (f"{BASELINE_NAMES['tcurlora']} r=8", {"method": "tcurlora", "rank": 8, "preset": "conv"}),
+           (f"{BASELINE_NAMES['tcurlora']} r=8", {"method": "tcurlora", "rank": 8, "preset": "conv",
+                                                   "new_label_recipe": False}),  # the CUR basis it diagnoses
            (f"{BASELINE_NAMES['lora']} r=8", {"method": "lora", "rank": 8, "preset": "conv"})]
 #: gradients are recorded at each of this many steps from the start; their sum is "the early gradient" that the
 #: gradient-picked spans are chosen from (at step 1 the body's gradient is ~0 with the low-prior head start: the
@@ -131,7 +132,8 @@ def tcur_stacks(base, pristine, table):
     from tcurlora.train import FinetuneOptions, build_adapter_config
     from tcurlora.tuners.stacks import resolve_stacks
 
-    config = build_adapter_config(base, FinetuneOptions(method="tcurlora", rank=8, preset="conv"), table)
+    config = build_adapter_config(base, FinetuneOptions(method="tcurlora", rank=8, preset="conv", new_label_recipe=False),
+                                  table)
     return resolve_stacks(pristine, config), config
 
 

@@ -117,12 +117,29 @@ def basis_of(row: dict) -> str:
     return row.get("basis", "cur")
 
 
+#: tCURLoRA's adapter options beyond the basis (TCURLoRAConfig fields; FinetuneOptions takes them): a run
+#: records those it sets, and each differs from its default by a phrase in the row's name
+CORE_OPTIONS = {"rank_stable": (False, lambda v: "rank-stable scale"),
+                "norm_scale_shift": (False, lambda v: "norm scale-shift"),
+                "selection": ("deterministic", lambda v: f"{v} selection"),
+                "rank_budget": (None, lambda v: f"rank budget {v:,d}")}
+
+
+def options_of(row: dict) -> tuple:
+    """The run's tCURLoRA options (basis included) as a key: a run recorded before an option existed had its
+    default."""
+    given = row.get("options", {})
+    return (basis_of(row),) + tuple(given.get(k, default) for k, (default, _) in CORE_OPTIONS.items())
+
+
 def method_of(row: dict) -> str:
-    """The row's method as the tables name it, with the head start when it is not the first one and a tCURLoRA
-    core basis other than the CUR's own."""
+    """The row's method as the tables name it, with the head start when it is not the first one and each
+    tCURLoRA option that is not its default (the core basis first)."""
     start, basis = head_start_of(row), basis_of(row)
+    given = row.get("options", {})
+    extra = [name(given[k]) for k, (default, name) in CORE_OPTIONS.items() if given.get(k, default) != default]
     return (row["method"] + ("" if start == "low prior" else f", {start} head")
-            + ("" if basis == "cur" else f", {basis} basis"))
+            + ("" if basis == "cur" else f", {basis} basis") + "".join(f", {e}" for e in extra))
 
 
 def comparison_rates(out: Path) -> dict:
@@ -257,7 +274,7 @@ def run(args) -> None:
     if runs_file.is_file():
         for line in runs_file.read_text().splitlines():
             r = json.loads(line)
-            done[(task_of(r), rates_of(r), head_start_of(r), basis_of(r), r["base"], r.get("weights"), r["method"], r["train"], r["seed"], r["steps"],
+            done[(task_of(r), rates_of(r), head_start_of(r), options_of(r), r["base"], r.get("weights"), r["method"], r["train"], r["seed"], r["steps"],
                   r["resolution"])] = r
     table, names, case_files = TASKS[args.task]
     cases = case_files(Path(args.work) / "cases")
@@ -285,9 +302,13 @@ def run(args) -> None:
             if args.methods and not any(m in label for m in args.methods):
                 continue
             kwargs = {**kwargs, "lr": args.lr_scale * (chosen[label] if chosen else DEFAULT_LR[kwargs["method"]])}
+            tcurlora = kwargs["method"] == "tcurlora"
+            basis = args.basis if tcurlora else "cur"
+            core = {k: getattr(args, k) for k, (default, _) in CORE_OPTIONS.items()
+                    if tcurlora and getattr(args, k) != default}
             for train, test in directions:
-                basis = args.basis if kwargs["method"] == "tcurlora" else "cur"
-                key = (args.task, rates, HEAD_START, basis, args.base, weights, label, train, seed, args.steps, resolution)
+                key = (args.task, rates, HEAD_START, options_of({"basis": basis, "options": core}), args.base, weights,
+                       label, train, seed, args.steps, resolution)
                 if key in done:
                     continue
                 same = done.get((key[0], "default") + key[2:])
@@ -301,8 +322,9 @@ def run(args) -> None:
                 # the training case too: did the method fit what it saw (tells "did not learn" from "did not carry
                 # over to the other case")
                 seen = seg.with_name(seg.name.replace(".nii.gz", "_train.nii.gz"))
+                # exactly the row's options (finetune's new-label recipe would otherwise fill in its own)
                 options = FinetuneOptions(steps=args.steps, batch_size=args.batch, seed=seed, device="cpu", basis=basis,
-                                          val_every=MAX_STEPS, **kwargs)  # no validation case: never
+                                          val_every=MAX_STEPS, new_label_recipe=False, **core, **kwargs)
                 # the network's own output, without the deepbet base's largest-component post-processing (a
                 # brain-mask rule): the same for both bases
                 got = adapt_and_segment(base, pristine, cases[train], options,
@@ -311,7 +333,8 @@ def run(args) -> None:
                 train_s = got["train_s"]
                 m = evaluate([str(seg)], [cases[test][1]], label_table=table)[0]
                 fit = evaluate([str(seen)], [cases[train][1]], label_table=table)[0]
-                row = {"task": args.task, "rates": rates, "head_start": HEAD_START, "basis": basis, "base": args.base, "weights": weights, "method": label, "train": train, "test": test, "seed": seed,
+                row = {"task": args.task, "rates": rates, "head_start": HEAD_START, "basis": basis,
+                       **({"options": core} if core else {}), "base": args.base, "weights": weights, "method": label, "train": train, "test": test, "seed": seed,
                        "steps": args.steps, "batch": args.batch, "lr": kwargs["lr"],
                        "resolution": resolution, "dice": m["dice"], "hd95_mm": m["hd95_mm"], "dice_train_case": fit["dice"],
                        "trainable": got["trainable"], "adapter_bytes": got["adapter_bytes"],
@@ -319,7 +342,7 @@ def run(args) -> None:
                        "final_loss": got["final_loss"]}
                 with open(runs_file, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                print(f"  {args.base:8s} {label:22s} {train}->{test} seed {seed}: Dice {row['dice']:.3f}  "
+                print(f"  {args.base:8s} {method_of(row):22s} {train}->{test} seed {seed}: Dice {row['dice']:.3f}  "
                       f"HD95 {row['hd95_mm']:6.2f} mm  (train case {fit['dice']:.3f})  trainable {row['trainable']:>9,d}  "
                       f"file {row['adapter_bytes'] / 1024:8.1f} KB  train {train_s:5.0f} s  loss {row['final_loss']:.3f}",
                       flush=True)
@@ -433,6 +456,11 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=96, help="deepbet model input (256 = its real setting)")
     parser.add_argument("--basis", choices=["cur", "orthonormal"], default="cur",
                         help="tCURLoRA's core basis (TCURLoRAConfig.basis); the other methods have none")
+    parser.add_argument("--rank-stable", action="store_true", help="tCURLoRA: TCURLoRAConfig.rank_stable")
+    parser.add_argument("--norm-scale-shift", action="store_true", help="tCURLoRA: TCURLoRAConfig.norm_scale_shift")
+    parser.add_argument("--selection", choices=["deterministic", "gradient"], default="deterministic",
+                        help="tCURLoRA's columns and rows (TCURLoRAConfig.selection)")
+    parser.add_argument("--rank-budget", type=int, default=None, help="tCURLoRA: TCURLoRAConfig.rank_budget")
     parser.add_argument("--methods", nargs="*", help="only methods whose label contains one of these strings")
     parser.add_argument("--report", action="store_true", help="only write the table and plot from recorded runs")
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks-results"))
@@ -450,6 +478,7 @@ def main(argv=None) -> int:
     rows = latest_weights([json.loads(l) for l in (Path(args.out) / RUNS_FILE).read_text().splitlines()])
     text = table(rows)
     write_summary(Path(args.out) / "new_structure.md", text)
+    write_summary(HERE.parent / "docs" / "new_structure.md", ablation_tables(rows), ABLATION_START, ABLATION_END)
     plot(rows, Path(args.out) / "new_structure.png")
     print(text)
     return 0
@@ -459,16 +488,75 @@ TABLE_START = "<!-- tables: written by benchmarks/new_structure.py from new_stru
 TABLE_END = "<!-- end of tables -->"
 
 
-def write_summary(path: Path, tables: str) -> None:
+def write_summary(path: Path, tables: str, start: str = TABLE_START, end: str = TABLE_END) -> None:
     """Put the tables between the markers of ``path`` (the prose around them is kept), or start the file."""
-    text = path.read_text() if path.is_file() else f"{TABLE_START}\n{TABLE_END}\n"
-    head, sep, rest = text.partition(TABLE_START)
-    _, sep2, tail = rest.partition(TABLE_END)
+    text = path.read_text() if path.is_file() else f"{start}\n{end}\n"
+    head, sep, rest = text.partition(start)
+    _, sep2, tail = rest.partition(end)
     if not (sep and sep2):
         raise SystemExit(f"{path}: the table markers are missing")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{head}{TABLE_START}\n\n{tables}\n{TABLE_END}{tail}")
+    tmp.write_text(f"{head}{start}\n\n{tables}\n{end}{tail}")
     tmp.replace(path)
+
+
+# --- the ablation of docs/new_structure.md: each step adds one option to the row before -----------------------
+
+ABLATION_START = "<!-- ablation: written by benchmarks/new_structure.py from new_structure_runs.jsonl -->"
+ABLATION_END = "<!-- end of ablation -->"
+#: (the step, head start, tCURLoRA options of new_structure.py's runs) in the order the steps add up; the budget
+#: is each base's (the new-label recipe's: a tenth of LoRA r = 8's values, the head and norms included)
+ABLATION = [
+    ("tCURLoRA r=8 (the paper's)", "low prior", {}),
+    ("+ prototype head start", "prototype", {}),
+    ("+ orthonormal basis", "prototype", {"basis": "orthonormal"}),
+    ("+ rank-stable scale, + norm scale-shift", "prototype",
+     {"basis": "orthonormal", "rank_stable": True, "norm_scale_shift": True}),
+    ("+ gradient-aligned selection", "prototype",
+     {"basis": "orthonormal", "rank_stable": True, "norm_scale_shift": True, "selection": "gradient"}),
+    ("+ rank budget (all of the above)", "prototype", {"basis": "orthonormal", "rank_stable": True,
+                                                        "norm_scale_shift": True, "selection": "gradient",
+                                                        "rank_budget": "budget"}),
+    ("rank budget without gradient selection: finetune's new-label recipe", "prototype",
+     {"basis": "orthonormal", "rank_stable": True, "norm_scale_shift": True, "rank_budget": "budget"}),
+]
+ABLATION_BUDGET = {"deepbet": 19_500, "nnunet": 14_300}
+#: LoRA r = 8's held-out Dice at its chosen rate (the goal) and a tenth of its values, per base
+ABLATION_GOAL = {"deepbet": (0.682, 20_200), "nnunet": (0.606, 14_800)}
+
+
+def ablation_tables(rows: list, task: str = "ventricles", rates: str = "comparison") -> str:
+    """Per base, one line per ablation step: Dice (mean ± sd over directions × seeds, and per test image), fit,
+    trainable values and median train time, from the recorded runs of tCURLoRA r=8."""
+    lines = []
+    for base, budget in ABLATION_BUDGET.items():
+        goal, values = ABLATION_GOAL[base]
+        block = [r for r in rows if task_of(r) == task and rates_of(r) == rates and r["base"] == base
+                 and r["method"] == "tCURLoRA r=8"]
+        if not block:
+            continue
+        tests = TASKS[task][1][::-1]
+        lines += [f"**{base}** ({task}, {rates} rates, 60 steps; goal: held-out Dice {goal:.3f} (LoRA r = 8) with at "
+                  f"most {values:,d} values; runs = directions × seeds)", "",
+                  f"| step | runs | Dice mean ± sd | test {tests[0]} | test {tests[1]} | fit | trainable values | "
+                  "train time (median) |", "|---|---|---|---|---|---|---|---|"]
+        for name, start, options in ABLATION:
+            options = {k: (budget if v == "budget" else v) for k, v in options.items()}
+            key = options_of({"basis": options.get("basis", "cur"),
+                              "options": {k: v for k, v in options.items() if k != "basis"}})
+            sub = [r for r in block if head_start_of(r) == start and options_of(r) == key]
+            if not sub:
+                lines.append(f"| {name} | 0 | not measured | | | | | |")
+                continue
+            dice = [r["dice"] for r in sub]
+            per = [statistics.mean(r["dice"] for r in sub if r["test"] == t) if any(r["test"] == t for r in sub)
+                   else float("nan") for t in tests]
+            sd = statistics.stdev(dice) if len(dice) > 1 else 0.0
+            lines.append(f"| {name} | {len(sub)} | {statistics.mean(dice):.3f} ± {sd:.3f} | {per[0]:.3f} | {per[1]:.3f} | "
+                         f"{statistics.mean(r['dice_train_case'] for r in sub):.3f} | {sub[0]['trainable']:,d} | "
+                         f"{statistics.median(r['train_s'] for r in sub):.0f} s |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

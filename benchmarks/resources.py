@@ -50,6 +50,10 @@ MODELS = {
     "unetr-small": {"kind": "unetr", "size": 48, "batch": 1, "hidden": 192, "mlp": 768, "heads": 4, "feature": 8},
     "vitb": {"kind": "unetr", "size": 96, "batch": 2, "hidden": 768, "mlp": 3072, "heads": 12, "feature": 16},
 }
+# the options finetune's new-structure ablation measures (docs/new_structure.md), each conv base at the core budget
+# that keeps the adapter within 1/10 of LoRA r = 8's values on the new-structure benchmark's version of that base
+NEW_STRUCTURE = {"basis": "orthonormal", "rank_stable": True, "norm_scale_shift": True}
+NEW_STRUCTURE_BUDGET = {"deepbet": 19_500, "nnunet": 14_300}
 GPU_TARGET_GB = 8.0
 # what any method that adapts the first conv must pay: the forward plus input gradients down to that conv's
 # output, no weight gradient at all (one trainable scale on the first conv's output, nothing else)
@@ -87,6 +91,8 @@ def methods_for(model: str) -> list:
     else:
         rows.append(("tCURLoRA r=8 decoder-side", {"method": "tcurlora", "preset": preset, "rank": 8,
                                                    "exclude_modules": ENCODERS[kind]}))
+        rows.append(("tCURLoRA r=8, new-structure options", {"method": "tcurlora", "preset": preset, "rank": 8,
+                                                             **NEW_STRUCTURE, "rank_budget": NEW_STRUCTURE_BUDGET[kind]}))
     rows += [("LoRA r=8 (PEFT)", {"method": "lora", "preset": preset, "rank": 8}),
              ("full fine-tuning", {"method": "full"})]
     if kind != "unetr":
@@ -164,6 +170,9 @@ def child_train(job: dict) -> dict:
         first.register_forward_hook(lambda module, args, output: output * scale.to(output.device))
         net.register_parameter("floor_scale", scale)
     else:
+        from tcurlora.tuners import get_tuner
+
+        get_tuner(net).base_info.setdefault("decoder_modules", decoder)  # a network built here declares it now
         inject_adapter(net, _config(job["method"], decoder))
     net.to(device).train()
     if job["checkpointing"]:
@@ -341,9 +350,10 @@ def run(args) -> dict:
         results["train"].append(row)
         print(f"  {model:12s} {row['method']:24s} peak RSS {row['peak_rss_mb']:7.0f} MB", flush=True)
         # every method in a fresh process, the methods taking turns over the rounds (load drifts)
-        runs = {label: [] for label, _ in methods_for(model)}
+        chosen = [(label, kwargs) for label, kwargs in methods_for(model) if not args.methods or label in args.methods]
+        runs = {label: [] for label, _ in chosen}
         for round_ in range(args.rounds):
-            for label, kwargs in methods_for(model):
+            for label, kwargs in chosen:
                 r = spawn({**common, "task": "train", "model": model, "method": kwargs, "batch": batch})
                 runs[label].append(r)
                 if "error" in r:
@@ -495,6 +505,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=None,
                         help="default: deepbet128 nnunet unetr-small on cpu, deepbet128 vitb nnunet on cuda")
     parser.add_argument("--batch", type=int, default=None, help="default: per model (deepbet 1, unetr-small 1, vitb 2)")
+    parser.add_argument("--methods", nargs="+", default=None, help="only these rows (their labels), e.g. "
+                        "'tCURLoRA r=8' 'tCURLoRA r=8, new-structure options'")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="fresh-process runs of every method, taking turns")
     parser.add_argument("--warmup", type=int, default=2)

@@ -57,6 +57,7 @@ def layout(manifest: dict) -> dict:
         "stacks": [{"name": s["name"], "members": s["members"], "rank": s.get("rank"), "k": s.get("k"),
                     "indices I": s["I"], "indices J": s["J"]} for s in method["stacks"]],
         "fully trained modules": method.get("trained_modules", []),
+        "norms with a scale and shift": method.get("norms", []),
     }
 
 

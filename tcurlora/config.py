@@ -8,9 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .protocol import CORE_BASES as BASES, METHODS, PRESETS
-
-SELECTIONS = ("deterministic", "sampled")
+from .protocol import CORE_BASES as BASES, CORE_SELECTIONS as SELECTIONS, METHODS, PRESETS
 
 
 MAX_HEAD_CHANNELS = 1024  # labels of one segmentation; far beyond any real label table
@@ -44,12 +42,22 @@ class TCURLoRAConfig:
     stacks:          explicit stacks: name -> regular expressions matched (fullmatch) against module
                      names; every matched module's whole weight is a member, in module order.
     rank:            r, the number of CUR columns/rows (clamped to min(n1, n2) per stack).
-    selection:       ``deterministic`` (the paper's top-r rule) or ``sampled`` (inverted probabilities, seeded;
-                     ``seed`` also seeds the ``curlora`` draw).
+    selection:       ``deterministic`` (the paper's top-r rule), ``sampled`` (inverted probabilities, seeded;
+                     ``seed`` also seeds the ``curlora`` draw) or ``gradient`` (columns and rows by their alignment
+                     with the task's first gradient: ``finetune`` picks them from its training patches and the file
+                     keeps them; injecting such a config needs the stored stacks).
     scale:           optional multiplier of Δ𝒲 (the paper has none: 1.0).
     basis:           ``cur`` (the core sits between 𝒞 and ℛ themselves, as in the paper) or ``orthonormal`` (between
                      orthonormal bases of the same spans, a QR per Fourier slice: Δ𝒲 = 𝒬 * Δ𝒱 * 𝒫ᵀ, so that
                      ‖Δ𝒲‖ = ‖Δ𝒱‖ whatever the norms and conditioning of 𝒞 and ℛ; same span, same values).
+    rank_stable:     scale each stack's Δ𝒲 by sqrt(8 / r) (r: the stack's own rank), so that an Adam step of the
+                     core moves the layer as far at any rank as at the rank-8 default the rates were chosen at
+                     (rsLoRA's 1/sqrt(r) rule, normalised to r = 8; meant for the orthonormal basis).
+    norm_scale_shift: also train a per-channel scale and shift after every normalisation layer of the base's
+                     decoder (SSF; ``decoder_modules`` of the base), merged into the norm's affine parameters.
+    rank_budget:     the most values the cores may hold: stacks start at ``rank`` and the decoder's stacks are
+                     raised first, one rank at a time each, then the others, until no raise fits (None: every
+                     stack at ``rank``).
     train_modules:   regular expressions of modules trained fully (decoder, output head); opt-in.
     exclude_modules: regular expressions of modules never put in a stack.
     target_modules:  when not empty, stacks (and the LoRA family's targets) take only layers inside modules matching these
@@ -67,6 +75,9 @@ class TCURLoRAConfig:
     seed: int = 0
     scale: float = 1.0
     basis: str = "cur"
+    rank_stable: bool = False
+    norm_scale_shift: bool = False
+    rank_budget: Optional[int] = None
     train_modules: List[str] = field(default_factory=list)
     exclude_modules: List[str] = field(default_factory=list)
     target_modules: List[str] = field(default_factory=list)
@@ -86,6 +97,17 @@ class TCURLoRAConfig:
             raise ValueError(f"rank must be a whole number ≥ 1, got {self.rank!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be a whole number, got {self.seed!r}")
+        for name in ("rank_stable", "norm_scale_shift"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.rank_budget is not None and (isinstance(self.rank_budget, bool) or not isinstance(self.rank_budget, int)
+                                             or self.rank_budget < 1):
+            raise ValueError(f"rank_budget must be a whole number ≥ 1 or None, got {self.rank_budget!r}")
+        tcurlora_only = [name for name, on in (("rank_stable", self.rank_stable), ("norm_scale_shift", self.norm_scale_shift),
+                                               ("rank_budget", self.rank_budget is not None),
+                                               ("selection 'gradient'", self.selection == "gradient")) if on]
+        if tcurlora_only and self.method != "tcurlora":
+            raise ValueError(f"{', '.join(tcurlora_only)}: options of method 'tcurlora', not {self.method!r}")
         for name in ("scale", "lora_alpha"):
             value = getattr(self, name)
             if value is None and name == "lora_alpha":

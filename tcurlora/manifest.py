@@ -195,7 +195,7 @@ def parse_manifest(text: str, where: str = "adapter") -> dict:
             raise _fail(where, "manifest has a malformed stack description")
         for stack in method["tsvd_stacks"]:
             _check_stack(stack, where, seen_members, indices=False)
-    for key in ("trained_modules", "lora_targets"):
+    for key in ("trained_modules", "lora_targets", "norms"):
         if key in method and not (isinstance(method[key], list) and all(_is_module_path(m) for m in method[key])):
             raise _fail(where, f"manifest method field {key!r} must be a list of module names")
     if method["name"] in PEFT_METHODS and not method.get("lora_targets"):
@@ -244,6 +244,11 @@ def _check_config(config: dict, method: str, where: str) -> None:
         raise bad("rank", f"must be an integer in 1..{MAX_RANK}")
     if "seed" in config and not (_is_int(config["seed"]) and 0 <= config["seed"] < 2 ** 63):
         raise bad("seed", "must be a non-negative 64-bit integer")
+    for field in ("rank_stable", "norm_scale_shift"):
+        if field in config and not isinstance(config[field], bool):
+            raise bad(field, "must be true or false")
+    if config.get("rank_budget") is not None and not (_is_int(config["rank_budget"]) and config["rank_budget"] > 0):
+        raise bad("rank_budget", "must be a positive integer or null")
     if "scale" in config and not _is_number(config["scale"]):
         raise bad("scale", "must be a finite number")
     if config.get("lora_alpha") is not None and not _is_number(config["lora_alpha"]):
@@ -373,6 +378,11 @@ def trained_prefix(module_path: str) -> str:
     return f"trained.{module_path.replace('.', '__')}."
 
 
+def norm_prefix(module_path: str) -> str:
+    """Where the scale and shift after a norm layer sit in an adapter file: ``norms.<module path, dots as __>.``"""
+    return f"norms.{module_path.replace('.', '__')}."
+
+
 def check_tensors(manifest: dict, index: Dict[str, dict], where: str = "adapter") -> None:
     """The file's tensors (its header index) must be those its manifest describes.
 
@@ -411,8 +421,15 @@ def check_tensors(manifest: dict, index: Dict[str, dict], where: str = "adapter"
     trained = method.get("trained_modules")
     prefixes = (tuple(trained_prefix(m) for m in trained)
                 if isinstance(trained, list) else ("trained.",))
+    norms = {norm_prefix(m) + part for m in method.get("norms") or [] for part in ("norm_scale", "norm_shift")}
+    for key in norms:
+        info = index.get(key)
+        if info is None:
+            raise _fail(where, f"tensor {key!r} is missing")
+        if info["dtype"] != "F32" or len(info["shape"]) != 1:
+            raise _fail(where, f"tensor {key!r} is {info['dtype']} {info['shape']}, the manifest says one F32 per channel")
     for key in index:
-        if key not in stacks and not (prefixes and key.startswith(prefixes)):
+        if key not in stacks and key not in norms and not (prefixes and key.startswith(prefixes)):
             raise _fail(where, f"unexpected tensor {key!r} (not described by the manifest)")
     head = method["config"].get("new_head")
     if head:

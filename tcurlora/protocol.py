@@ -28,6 +28,19 @@ COMMANDS = ("finetune", "segment", "export")
 PRESETS = ("auto", "vit", "conv", "decoder", "none")
 #: Where a tCURLoRA core sits (``TCURLoRAConfig.basis``).
 CORE_BASES = ("cur", "orthonormal")
+#: How a tCURLoRA stack picks its columns and rows of 𝒲 (``TCURLoRAConfig.selection``): by their energy (the
+#: paper's top-r rule), drawn with inverted probabilities (CURLoRA's), or by their alignment with the task's first
+#: gradient (``gradient``: chosen by ``finetune`` from its training patches; the indices are saved in the file).
+CORE_SELECTIONS = ("deterministic", "sampled", "gradient")
+#: What ``finetune`` gives a tcurlora adapter whose label table adds a label the base lacks, in each of these
+#: options left at its default (``new_label_recipe``; the ablation in docs/new_structure.md measured it); and a
+#: ``rank_budget`` that keeps the whole adapter within 1/NEW_LABEL_VALUE_SHARE of LoRA's values
+NEW_LABEL_RECIPE = {"basis": "orthonormal", "rank_stable": True, "norm_scale_shift": True}
+#: the recipe's adapter (cores, norms' scales and shifts, new head) holds at most this fraction of the values HF
+#: PEFT's LoRA of the same rank trains on the same layers (its convolutions: PEFT has no transposed-conv LoRA)
+NEW_LABEL_VALUE_SHARE = 10
+#: The rank whose step a rank-stable core keeps (``TCURLoRAConfig.rank_stable``): the rank the rates were chosen at.
+REFERENCE_RANK = 8
 DEVICES = ("auto", "cpu", "cuda")
 #: What ``export`` writes: the base's own format (nnU-Net results folder, MONAI bundle, SlicerMONAIAuto3DSeg model).
 EXPORT_FORMATS = ("nnunet", "bundle", "auto3dseg")
@@ -69,7 +82,7 @@ class MethodTraits:
 
 
 METHOD_TRAITS: Dict[str, MethodTraits] = {t.name: t for t in (
-    MethodTraits("tcurlora", 1e-2, peft=False, averageable=True, tensors=("delta_u",)),
+    MethodTraits("tcurlora", 1e-2, peft=False, averageable=True, tensors=("delta_u", "norm_scale", "norm_shift")),
     MethodTraits("lora", 1e-3, peft=True, averageable=False, tensors=("lora_A", "lora_B")),
     MethodTraits("decoder", 1e-3, peft=False, averageable=True, tensors=()),
     MethodTraits("full", 1e-4, peft=False, averageable=True, tensors=()),
@@ -360,6 +373,20 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("basis", choice(CORE_BASES), "cur", "tcurlora's core basis: cur (default: between 𝒞 and ℛ, as in the "
             "paper) or orthonormal (between orthonormal bases of the same spans; same values, exact merge)", _F,
             flag="--basis"),
+    Setting("rank_stable", boolean, False, "tcurlora: scale each stack's update by sqrt(8 / its rank), so that a "
+            "step moves it as far at any rank as at rank 8 (rsLoRA's rule; for the orthonormal basis)", _F),
+    Setting("selection", choice(CORE_SELECTIONS), "deterministic", "tcurlora's columns and rows of W: deterministic "
+            "(default: by energy, as the paper), sampled (CURLoRA's draw) or gradient (by alignment with the task's "
+            "first gradient on the training patches)", _F, flag="--selection"),
+    Setting("norm_scale_shift", boolean, False, "tcurlora: also train a per-channel scale and shift after each "
+            "normalisation layer of the base's decoder (SSF; a few thousand values)", _F),
+    Setting("new_label_recipe", boolean, True, "tcurlora with a label the base lacks: train it with the "
+            "new-structure recipe (" + ", ".join(f"{k} {v}" for k, v in NEW_LABEL_RECIPE.items()) + ", and a rank "
+            f"budget within 1/{NEW_LABEL_VALUE_SHARE} of LoRA's values) in each of those options left at its "
+            "default; false: exactly the options given", _F),
+    Setting("rank_budget", optional(integer(1, 10 ** 8)), None, "tcurlora: raise stack ranks until the cores hold at "
+            "most N values, the decoder's stacks first (default: every stack at --rank)", _F, flag="--rank-budget",
+            cli_type=int, metavar="N"),
     # 30 steps of one full-size patch: about 2 minutes for deepbet on 2 CPU cores, and on the demo's task within
     # 0.001 Dice of 100 steps (benchmarks/cpu_default.py); more cases, or a GPU, can take more
     Setting("steps", integer(1, MAX_STEPS), 30, "training steps (default 30; raise it for many cases or on a GPU)",
@@ -412,7 +439,8 @@ SETTINGS_BY_KEY: Dict[str, Setting] = {s.key: s for s in SETTINGS}
 #: The keys ``tcurlora.train.FinetuneOptions`` holds (the training settings proper; not files).
 FINETUNE_OPTION_KEYS = ("method", "rank", "preset", "steps", "lr", "weight_decay", "batch_size", "patch_size",
                         "val_every", "patience", "seed", "device", "bf16", "checkpointing", "grad_accum",
-                        "train_modules", "checkpoint_every", "basis")
+                        "train_modules", "checkpoint_every", "basis", "rank_stable", "selection", "norm_scale_shift",
+                        "rank_budget", "new_label_recipe")
 
 
 def default(key: str) -> Any:

@@ -103,6 +103,25 @@ def select_indices(
     return cols, rows
 
 
+def gradient_aligned_indices(w: torch.Tensor, g: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Tensor-CUR indices ``(I, J)`` of ``w`` (K, n1, n2) by alignment with a gradient ``g`` of the same shape.
+
+    Still columns and rows of 𝒲, but scored by the first-order gradient a core between them would receive
+    instead of by their energy: per Fourier slice column j scores ‖Ŵ[:, j]ᴴ Ĝ‖² and row i ‖Ĝ Ŵ[i, :]ᴴ‖²
+    (frequency-weighted over the slices); the top ``rank`` of each, sorted.
+    """
+    k, n1, n2 = w.shape
+    if not 1 <= rank <= min(n1, n2):
+        raise ValueError(f"rank {rank} must be between 1 and min(n1, n2) = {min(n1, n2)}")
+    weights = frequency_weights(k, torch.float64, device=w.device)
+    w_hat, g_hat = rfft3(w.detach().double()), rfft3(g.detach().double())
+    # ‖Ŵ[:, j]ᴴ Ĝ‖² = Ŵ[:, j]ᴴ (Ĝ Ĝᴴ) Ŵ[:, j]: an n1 × n1 product, never the n2 × n2 one
+    gram = g_hat @ g_hat.conj().transpose(1, 2)
+    col_score = ((w_hat.conj() * (gram @ w_hat)).real.sum(dim=1) * weights[:, None]).sum(dim=0)
+    row_score = ((g_hat @ w_hat.conj().transpose(1, 2)).abs().pow(2).sum(dim=1) * weights[:, None]).sum(dim=0)
+    return _pick(col_score, rank, "deterministic", None), _pick(row_score, rank, "deterministic", None)
+
+
 def _pick(score: torch.Tensor, rank: int, mode: str, generator: Optional[torch.Generator]) -> torch.Tensor:
     score = score.double().cpu()
     if mode == "deterministic":

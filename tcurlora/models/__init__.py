@@ -50,14 +50,18 @@ class BaseModel:
         self.network.eval()
         for p in self.network.parameters():
             p.requires_grad_(False)
-        # adapter files record these
+        self.introduce()
+        if self.inference_roi is None:
+            self.inference_roi = tuple(self.preprocessing.patch_size)
+
+    def introduce(self) -> None:
+        """Tell the network's tuner which base it is (adapter files record it; the decoder options read its
+        decoder modules): again after ``network`` was replaced, e.g. by a copy."""
         from ..tuners import get_tuner
 
         get_tuner(self.network).base_info = {"name": self.name, "kind": self.kind, "labels": self.labels,
                                              "preprocessing": self.preprocessing.to_dict(),
                                              "decoder_modules": list(self.decoder_modules)}
-        if self.inference_roi is None:
-            self.inference_roi = tuple(self.preprocessing.patch_size)
 
     def prepare(self, image: sitk.Image, label: Optional[sitk.Image] = None):
         """Image (and label) in model space: ``(image [1,D,H,W], label [1,D,H,W] | None, meta)``."""

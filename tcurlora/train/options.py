@@ -35,6 +35,11 @@ class FinetuneOptions:
     train_modules: List[str] = field(default_factory=lambda: protocol.default("train_modules"))
     checkpoint_every: Optional[int] = protocol.default("checkpoint_every")
     basis: str = protocol.default("basis")
+    rank_stable: bool = protocol.default("rank_stable")
+    selection: str = protocol.default("selection")
+    norm_scale_shift: bool = protocol.default("norm_scale_shift")
+    rank_budget: Optional[int] = protocol.default("rank_budget")
+    new_label_recipe: bool = protocol.default("new_label_recipe")
 
     def __post_init__(self) -> None:
         self._set(protocol.validate_settings(dataclasses.asdict(self), FINETUNE_OPTION_KEYS))

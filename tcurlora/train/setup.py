@@ -87,18 +87,29 @@ def adapt_network(run: Run, initial_state: Optional[dict] = None) -> None:
     the adapter file the run continues, or ``initial_state`` (a federated round's global cores); then check
     that the checkpoint fits on the disk and say what trains."""
     network, options, config, events = run.base.network, run.options, run.config, run.events
+    if not get_tuner(network).base_info:  # a network put into the base after loading (a copy) has no introduction
+        run.base.introduce()
     seed_everything(options.seed)  # new heads and LoRA factors are initialised from the seed
     if run.start_from:
         load_adapter(network, run.start_from, adapter_name="finetune")
         for p in get_tuner(network).trainable_parameters():
             p.requires_grad_(True)
         events.log(f"continuing {Path(run.start_from).name}: {config.method}, rank {config.rank}")
-    else:
-        inject_adapter(network, config, "finetune")
+    else:  # columns and rows by gradient are chosen once the head has started: first the energy's, then those
+        by_gradient = config.selection == "gradient"
+        if by_gradient and initial_state is not None:
+            raise TCURLoRAError("selection 'gradient' picks each site's own columns and rows, and the sites of a "
+                                "federated run must share one layout: use selection 'deterministic'")
+        inject_adapter(network, dataclasses.replace(config, selection="deterministic") if by_gradient else config,
+                       "finetune")
     network.to(run.ctx.device)
     if not run.start_from:  # a resumed run or a given state replaces the start: then no prototypes are measured
         fresh = run.state is None and initial_state is None
-        _start_new_head(network, run.base, run.table, run.train_cases if fresh else (), run.prep, options.seed)
+        patches = _Patches(run.train_cases, run.prep, run.table, options.seed)
+        # a resumed run with columns by gradient starts its head again to pick the same ones
+        _start_new_head(network, run.base, run.table, patches if fresh or by_gradient else None)
+        if by_gradient:
+            _select_by_gradient(network, config, patches())
     if initial_state is not None:
         load_adapter_state_dict(network, initial_state)
     if options.checkpointing:
@@ -127,12 +138,44 @@ def resolve_labels(base: BaseModel, labels: Optional[Sequence[dict]], first_labe
     return [dict(l) for l in base.labels]
 
 
-def _start_new_head(network: torch.nn.Module, base: BaseModel, table: List[dict], cases: Sequence[Case] = (),
-                    prep: Optional[Preprocessing] = None, seed: int = 0) -> None:
+class _Patches:
+    """The training patches a run's start measures on (:func:`_prototype_patches`), drawn once when first asked."""
+
+    def __init__(self, cases: Sequence[Case], prep: Preprocessing, table: List[dict], seed: int) -> None:
+        self.cases, self.prep, self.table, self.seed, self._drawn = cases, prep, table, seed, None
+
+    def __call__(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        if self._drawn is None:
+            self._drawn = _prototype_patches(self.cases, self.prep, self.table, self.seed) if self.cases else []
+        return self._drawn
+
+
+def _select_by_gradient(network: torch.nn.Module, config: TCURLoRAConfig,
+                        patches: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put the run's adapter in again with the columns and rows that align best with the loss's first gradient on
+    ``patches`` (:mod:`tcurlora.tuners.gradient_selection`); its started new head is kept."""
+    from ..tuners.gradient_selection import gradient_layout
+    from .loss import DiceCEOnAnnotated
+
+    tuner = get_tuner(network)
+    record = tuner.record("finetune")
+    if not patches:
+        raise TCURLoRAError("selection 'gradient' needs training patches")
+    stacks = gradient_layout(network, record, patches, DiceCEOnAnnotated())
+    head = record.new_head()
+    head_state = {k: v.detach().clone() for k, v in head.state_dict().items()} if head is not None else None
+    tuner.delete_adapter("finetune")
+    tuner.add_adapter(config, "finetune", layout={"stacks": stacks, "trained_modules": None})
+    if head_state is not None:
+        tuner.record("finetune").new_head().load_state_dict(head_state)
+
+
+def _start_new_head(network: torch.nn.Module, base: BaseModel, table: List[dict],
+                    patches: Optional["_Patches"] = None) -> None:
     """A fresh adapter's new head (labels that differ from the base's): each label starts from the base's
     channel of the same name, a label new to the base from its background at a low prior
-    (:func:`~tcurlora.tuners.heads.start_new_head`), then, given training ``cases`` (and their ``prep``), at
-    its prototype in the base's last-decoder features (:mod:`tcurlora.tuners.head_start`)."""
+    (:func:`~tcurlora.tuners.heads.start_new_head`), then, given the run's training ``patches``, at its
+    prototype in the base's last-decoder features (:mod:`tcurlora.tuners.head_start`)."""
     head = get_tuner(network).record("finetune").new_head()
     if head is None:
         return
@@ -142,8 +185,8 @@ def _start_new_head(network: torch.nn.Module, base: BaseModel, table: List[dict]
     sources = [0] + [known.get(str(entry["name"]).casefold()) for entry in table]
     start_new_head(head, base_head, sources)
     new = [i for i, source in enumerate(sources) if source is None]
-    if new and cases and prep is not None:
-        start_at_prototypes(network, head, new, _prototype_patches(cases, prep, table, seed), ignore_index=IGNORE_INDEX)
+    if new and patches is not None and patches():
+        start_at_prototypes(network, head, new, patches(), ignore_index=IGNORE_INDEX)
 
 
 def _prototype_patches(cases: Sequence[Case], prep: Preprocessing, table: List[dict],
@@ -180,9 +223,51 @@ def build_adapter_config(base: BaseModel, options: FinetuneOptions, labels: List
     # stack and the decoder is the user's choice for speed); the tuner takes the modules the base declared
     if options.preset == "decoder" and not base.decoder_modules:
         raise TCURLoRAError(f"base {base.name} declares no decoder modules: use --preset conv (or auto)")
-    return TCURLoRAConfig(method=options.method, preset=options.preset, rank=options.rank, seed=options.seed,
-                          basis=options.basis,
+    core = {key: getattr(options, key) for key in ("basis", "rank_stable", "selection", "norm_scale_shift", "rank_budget")}
+    if options.method == "tcurlora" and options.new_label_recipe and new_labels(base, labels):
+        core.update(new_label_recipe(base, options, labels))
+    return TCURLoRAConfig(method=options.method, preset=options.preset, rank=options.rank, seed=options.seed, **core,
                           train_modules=train_modules if options.method != "full" else [], new_head=new_head)
+
+
+def new_labels(base: BaseModel, labels: List[dict]) -> List[dict]:
+    """The labels of ``labels`` the base does not have (by name, any case): structures it never drew."""
+    known = {str(entry["name"]).casefold() for entry in base.labels}
+    return [entry for entry in labels if str(entry["name"]).casefold() not in known]
+
+
+def new_label_recipe(base: BaseModel, options: FinetuneOptions, labels: List[dict]) -> dict:
+    """The new-structure recipe (:data:`tcurlora.protocol.NEW_LABEL_RECIPE`, and the rank budget of
+    :func:`new_label_rank_budget`) in each option ``options`` left at its default; the norms' scale and shift and
+    the budget only where the base declares its decoder (both place values there)."""
+    recipe = dict(protocol.NEW_LABEL_RECIPE)
+    if base.decoder_modules:
+        recipe["rank_budget"] = new_label_rank_budget(base, options, labels)
+    else:
+        recipe.pop("norm_scale_shift", None)
+    return {key: value for key, value in recipe.items() if getattr(options, key) == protocol.default(key)}
+
+
+def new_label_rank_budget(base: BaseModel, options: FinetuneOptions, labels: List[dict]) -> Optional[int]:
+    """The recipe's core budget: 1/:data:`~tcurlora.protocol.NEW_LABEL_VALUE_SHARE` of the values PEFT's LoRA of
+    rank ``options.rank`` trains on the same layers (its convolutions and linear layers, not the transposed ones),
+    less the new head's and the decoder norms' values, rounded down to a hundred; None when that is no more than
+    the cores hold at that rank anyway."""
+    from ..tuners.layers import norm_channels
+    from ..tuners.stacks import decoder_norm_names, member_matrix, resolve_stacks
+
+    network, rank = base.network, options.rank
+    config = TCURLoRAConfig(rank=rank, preset=options.preset, train_modules=list(options.train_modules),
+                            new_head={"module": base.head, "out_channels": len(labels) + 1})
+    specs = resolve_stacks(network, config)
+    lora = sum(rank * sum(member_matrix(network, m).shape) for spec in specs for m in spec.members
+               if not isinstance(find(network, m.module), torch.nn.modules.conv._ConvTransposeNd))
+    head = unwrap(find(network, str(base.head)))
+    head_values = (head.weight.numel() // head.weight.shape[output_dim(head)] + (head.bias is not None)) * (len(labels) + 1)
+    norms = sum(2 * norm_channels(find(network, n)) for n in decoder_norm_names(network, base.decoder_modules, []))
+    budget = (lora // protocol.NEW_LABEL_VALUE_SHARE - head_values - norms) // 100 * 100
+    cores = sum(len(s.members) * min(rank, *member_matrix(network, s.members[0]).shape) ** 2 for s in specs)
+    return budget if budget > cores else None
 
 
 def training_preprocessing(base: BaseModel, options: FinetuneOptions):

@@ -1,6 +1,7 @@
 """The modules a tuner puts into a model: the stack (trainable core + frozen Fourier factors), the layer
-wrapper that adds the active adapter's Δ𝒲 slice to a Linear/Conv/ConvTranspose weight, and the switch that
-runs the active adapter's own copy of a fully trained module (decoder, new head).
+wrapper that adds the active adapter's Δ𝒲 slice to a Linear/Conv/ConvTranspose weight, the norm wrapper that
+scales and shifts a normalisation layer's output per channel (SSF), and the switch that runs the active
+adapter's own copy of a fully trained module (decoder, new head).
 
 Every wrapper holds its stacks/copies as submodules, so ``model.parameters()``, ``model.to()``, deep copies
 and ``state_dict()`` see them, and nothing is added to the model's root.
@@ -8,6 +9,7 @@ and ``state_dict()`` see them, and nothing is added to the model's root.
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Dict, List, Optional, Tuple
 
@@ -16,11 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import TCURLoRAError
+from ..protocol import REFERENCE_RANK
 from ..tensor import irfft3, rfft3, select_indices, t_orthonormal_columns, t_pinv, t_transpose
 from . import fourier
 
 CORES = "tcurlora_cores"  # attribute of a wrapped layer holding its stacks, per adapter
 COPIES = "tcurlora_copies"  # attribute of a switch holding the adapters' module copies
+NORMS = "tcurlora_norms"  # attribute of a norm wrapper holding each adapter's scale and shift
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm)  # channel-first norms: BatchNorm, InstanceNorm, GroupNorm
 WEIGHTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                   nn.ConvTranspose3d)
 
@@ -79,12 +84,16 @@ class TCURStack(nn.Module):
     def __init__(self, name: str, members: list, matrices: torch.Tensor, rank: int,
                  selection: str = "deterministic", seed: int = 0, scale: float = 1.0,
                  indices: Optional[Tuple[List[int], List[int]]] = None, projectable: Optional[str] = None,
-                 basis: str = "cur") -> None:
+                 basis: str = "cur", rank_stable: bool = False) -> None:
         super().__init__()
         k, n1, n2 = matrices.shape
-        rank = min(int(rank), n1, n2)
+        # stored indices carry the stack's own rank (a rank budget gives stacks different ones)
+        rank = min(int(rank) if indices is None else len(indices[0]), n1, n2)
         self.name, self.members, self.k, self.n1, self.n2, self.rank = name, members, k, n1, n2, rank
-        self.scale = float(scale)
+        # rank-stable (rsLoRA's reasoning): Adam moves each of the r² core entries by about the rate, and a core of
+        # such entries acts on a direction with a gain of about sqrt(r); 1/sqrt(r), normalised to the reference
+        # rank, keeps a step's effect on the layer what it is at rank 8, whatever rank the stack has
+        self.scale = float(scale) * (math.sqrt(REFERENCE_RANK / rank) if rank_stable else 1.0)
         w = matrices.detach().float()
         if indices is None:
             cols, rows = select_indices(w, rank, selection, torch.Generator().manual_seed(int(seed)))
@@ -368,7 +377,8 @@ class TCURLayer(nn.Module):
             return matrix_to_weight(base, matrix)
         pieces, cursor = [], 0
         for stack, index, rows in entries:
-            block = stack.delta_w(detached=True)[index] if detached else stack.member_slices()[index]
+            frozen = detached or not stack.delta_u.requires_grad  # a frozen core has no graph to slice
+            block = stack.delta_w(detached=True)[index] if frozen else stack.member_slices()[index]
             start, stop = rows or (0, n_rows)
             if start > cursor:  # rows of a fused layer that are in no stack stay frozen
                 pieces.append(block.new_zeros(start - cursor, block.shape[1]))
@@ -433,8 +443,112 @@ class ModuleSwitch(nn.Module):
         return module(*args, **kwargs)
 
 
+class ScaleShift(nn.Module):
+    """One adapter's per-channel scale (starts at 1) and shift (starts at 0) of a norm layer's output."""
+
+    def __init__(self, channels: int, device=None) -> None:
+        super().__init__()
+        self.norm_scale = nn.Parameter(torch.ones(channels, device=device))
+        self.norm_shift = nn.Parameter(torch.zeros(channels, device=device))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        return y * self.norm_scale.to(y.dtype).view(shape) + self.norm_shift.to(y.dtype).view(shape)
+
+
+def norm_channels(norm: nn.Module) -> int:
+    return int(norm.num_channels if isinstance(norm, nn.GroupNorm) else norm.num_features)
+
+
+def norm_has_affine(norm: nn.Module) -> bool:
+    return getattr(norm, "weight", None) is not None and getattr(norm, "bias", None) is not None
+
+
+class NormScaleShift(nn.Module):
+    """Wraps a normalisation layer; scales and shifts its output per channel with the active adapter's values (SSF).
+
+    Merging writes them into the norm's own affine parameters (weight·γ, bias·γ + β; the exact values are kept
+    aside). A norm without affine parameters has none to write into: merged, the wrapper goes on applying them,
+    and unloaded it becomes the same norm with affine parameters holding γ and β (see :meth:`plain`).
+    """
+
+    def __init__(self, base_layer: nn.Module, tuner) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._tuner = tuner
+        setattr(self, NORMS, nn.ModuleDict())  # adapter -> its ScaleShift
+        self._merge_backup: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def pair(self, adapter: Optional[str]) -> Optional[ScaleShift]:
+        pairs = getattr(self, NORMS)
+        return pairs[slot(adapter)] if adapter is not None and slot(adapter) in pairs else None
+
+    def add(self, adapter: str) -> ScaleShift:
+        pair = ScaleShift(norm_channels(self.base_layer), device=next(self.base_layer.buffers(), torch.empty(0)).device)
+        getattr(self, NORMS)[slot(adapter)] = pair
+        return pair
+
+    def remove_adapter(self, adapter: str) -> None:
+        pairs = getattr(self, NORMS)
+        if slot(adapter) in pairs:
+            del pairs[slot(adapter)]
+
+    def merge(self, adapter: str) -> None:
+        pair = self.pair(adapter)
+        if pair is None or not norm_has_affine(self.base_layer):
+            return
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        self._merge_backup = (weight.detach().clone(), bias.detach().clone())
+        scale, shift = pair.norm_scale.detach().to(weight.dtype), pair.norm_shift.detach().to(bias.dtype)
+        bias.data.mul_(scale).add_(shift)
+        weight.data.mul_(scale)
+
+    def unmerge(self) -> None:
+        if self._merge_backup is not None:
+            self.base_layer.weight.data.copy_(self._merge_backup[0])
+            self.base_layer.bias.data.copy_(self._merge_backup[1])
+            self._merge_backup = None
+
+    def plain(self, adapter: Optional[str]) -> nn.Module:
+        """The module a merged model runs here without the wrapper: the norm itself (``adapter``'s values merged
+        into its affine parameters, or none), or, for a norm without affine parameters, its affine twin holding
+        them (its state dict then has a ``weight`` and ``bias`` the base's lacks)."""
+        norm, pair = self.base_layer, self.pair(adapter)
+        self._merge_backup = None
+        if pair is None or norm_has_affine(norm):
+            return norm
+        if getattr(self, "_twin", None) is not None:  # a norm the model holds under two names stays one module
+            return self._twin
+        if isinstance(norm, nn.GroupNorm):
+            twin = nn.GroupNorm(norm.num_groups, norm.num_channels, norm.eps, affine=True)
+        else:
+            twin = type(norm)(norm.num_features, eps=norm.eps, momentum=norm.momentum, affine=True,
+                              track_running_stats=norm.track_running_stats)
+            if norm.track_running_stats:
+                twin.load_state_dict(norm.state_dict(), strict=False)
+        twin.train(norm.training)
+        with torch.no_grad():
+            device = pair.norm_scale.device
+            twin.to(device)
+            twin.weight.copy_(pair.norm_scale)
+            twin.bias.copy_(pair.norm_shift)
+        self._twin = twin
+        return twin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tuner = self._tuner
+        pair = self.pair(tuner.active)
+        y = self.base_layer(x)
+        if pair is None or (tuner.merged == tuner.active and self._merge_backup is not None):
+            return y
+        return pair(y)
+
+
+WRAPPERS = (TCURLayer, ModuleSwitch, NormScaleShift)
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The base model's module behind any wrappers."""
-    while isinstance(module, (TCURLayer, ModuleSwitch)):
-        module = module.base_layer if isinstance(module, TCURLayer) else module.base_module
+    while isinstance(module, WRAPPERS):
+        module = module.base_module if isinstance(module, ModuleSwitch) else module.base_layer
     return module

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TCURLoRAConfig
-from .layers import AdapterError, ModuleSwitch, TCURLayer
+from .layers import WRAPPERS, AdapterError, ModuleSwitch, NormScaleShift, TCURLayer
 from .stacks import adapter_key, base_key
 from .registry import strategy_for
 from .strategies import AdapterRecord, Strategy
@@ -208,6 +208,8 @@ class TCURTuner:
             if isinstance(module, TCURLayer):
                 module._merge_backup = None
                 module = module.base_layer
+            elif isinstance(module, NormScaleShift):
+                module = module.plain(self.active)
             elif isinstance(module, ModuleSwitch):
                 module = module.copy_of(self.active) or module.base_module
             elif peft_layer is not None and isinstance(module, peft_layer):
@@ -252,9 +254,11 @@ class TCURTuner:
         model = self.model
         backups = {}
         for name, module in model.named_modules(remove_duplicate=False):
+            clean = base_key(name)
             if isinstance(module, TCURLayer) and module._merge_backup is not None:
-                clean = base_key(name)
                 backups[f"{clean}.weight" if clean else "weight"] = module._merge_backup
+            elif isinstance(module, NormScaleShift) and module._merge_backup is not None:
+                backups[f"{clean}.weight"], backups[f"{clean}.bias"] = module._merge_backup
         out = OrderedDict()
         for key, value in model.state_dict(keep_vars=True).items():
             if adapter_key(key):
@@ -325,7 +329,7 @@ def get_tuner(model: nn.Module, create: bool = True) -> Optional[TCURTuner]:
     if tuner is not None:
         return tuner
     for module in model.modules():  # a deep copy: its wrappers carry the copied tuner
-        if isinstance(module, (TCURLayer, ModuleSwitch)) and module._tuner._model() is model:
+        if isinstance(module, WRAPPERS) and module._tuner._model() is model:
             _TUNERS[model] = module._tuner
             return module._tuner
     if not create:

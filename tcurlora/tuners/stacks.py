@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from ..config import TCURLoRAConfig
-from .layers import CORES, COPIES, WEIGHTED_TYPES, AdapterError, TCURLayer, ModuleSwitch, unwrap, weight_to_matrix
+from .layers import (CORES, COPIES, NORM_TYPES, NORMS, WEIGHTED_TYPES, WRAPPERS, AdapterError, ModuleSwitch, TCURLayer,
+                     unwrap, weight_to_matrix)
 
 CONV_TYPES = (nn.Conv3d, nn.ConvTranspose3d)
 
@@ -34,6 +35,7 @@ class Member:
 class StackSpec:
     name: str
     members: List[Member]
+    rank: Optional[int] = None  # the stack's own rank (a rank budget's); None: the config's
 
     @classmethod
     def from_manifest(cls, stack: dict) -> Tuple["StackSpec", Tuple[list, list]]:
@@ -94,15 +96,15 @@ def _slots(model: nn.Module, target: nn.Module) -> List[Tuple[nn.Module, str, nn
     return slots
 
 
-def wrap_layer(model: nn.Module, target: nn.Module, make) -> TCURLayer:
-    """The :class:`TCURLayer` around ``target`` (``make(target)`` if there is none yet), innermost: directly
-    around the layer, inside any switch, at every path that reaches it."""
+def wrap_layer(model: nn.Module, target: nn.Module, make, kind=TCURLayer) -> nn.Module:
+    """The wrapper of type ``kind`` (a :class:`TCURLayer` or a norm's) around ``target`` (``make(target)`` if there
+    is none yet), innermost: directly around the layer, inside any switch, at every path that reaches it."""
     for _, _, chain in _slots(model, target):
         module = chain
-        while isinstance(module, (TCURLayer, ModuleSwitch)):
-            if isinstance(module, TCURLayer):
+        while isinstance(module, WRAPPERS):
+            if isinstance(module, kind):
                 return module
-            module = module.base_module
+            module = module.base_module if isinstance(module, ModuleSwitch) else module.base_layer
     layer = make(target)
     for holder, attr, chain in _slots(model, target):
         while isinstance(chain, ModuleSwitch):  # go inside the switches to the bare layer
@@ -129,7 +131,7 @@ def switch_module(model: nn.Module, target: nn.Module, make) -> ModuleSwitch:
 def adapter_key(key: str) -> bool:
     """Whether a ``state_dict`` key belongs to an adapter (a core or a trained copy), not to the base."""
     parts = key.split(".")
-    return CORES in parts or COPIES in parts or any(p.startswith("lora_") for p in parts)
+    return CORES in parts or COPIES in parts or NORMS in parts or any(p.startswith("lora_") for p in parts)
 
 
 def base_key(key: str) -> str:
@@ -238,6 +240,46 @@ def trained_module_names(model: nn.Module, config: TCURLoRAConfig) -> List[str]:
         else:
             out.append(name)
     return out
+
+
+def decoder_names(model: nn.Module, patterns: List[str]) -> List[str]:
+    """The modules a base declares as its decoder (``decoder_modules``: regular expressions of module names)."""
+    return [n for n, _ in base_named_modules(model) if n and matches(n, patterns)]
+
+
+def decoder_norm_names(model: nn.Module, patterns: List[str], excluded: List[str]) -> List[str]:
+    """The normalisation layers inside the decoder modules ``patterns`` selects (outside ``excluded``), in order."""
+    decoder = decoder_names(model, patterns)
+    return [n for n, m in base_named_modules(model)
+            if isinstance(m, NORM_TYPES) and under(n, decoder) and not under(n, excluded)]
+
+
+def allocate_ranks(specs: List[StackSpec], shapes: List[Tuple[int, int, int]], rank: int, budget: int,
+                   decoder: List[bool]) -> List[int]:
+    """Each stack's rank under a budget of ``budget`` core values (Σ K·r²): every stack starts at ``rank`` (at most
+    min(n1, n2)); then, a round at a time, each decoder stack whose next rank still fits gets one more, until none
+    does; then the other stacks the same way with what is left.
+
+    Args:
+        specs: the stacks, in module order (their names appear in messages).
+        shapes: (K, n1, n2) of each stack.
+        rank: the starting rank.
+        budget: the most core values in all.
+        decoder: whether each stack lies in the base's decoder.
+    """
+    ranks = [min(rank, n1, n2) for _, n1, n2 in shapes]
+    spent = sum(k * r * r for (k, _, _), r in zip(shapes, ranks))
+    if spent > budget:
+        raise AdapterError(f"rank_budget {budget} is below the {spent} core values of rank {rank}")
+    for group in (True, False):
+        grown = True
+        while grown:
+            grown = False
+            for i, ((k, n1, n2), r) in enumerate(zip(shapes, ranks)):
+                cost = k * (2 * r + 1)
+                if decoder[i] == group and r < min(n1, n2) and spent + cost <= budget:
+                    ranks[i], spent, grown = r + 1, spent + cost, True
+    return ranks
 
 
 def resolve_stacks(model: nn.Module, config: TCURLoRAConfig) -> List[StackSpec]:

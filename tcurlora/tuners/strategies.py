@@ -21,12 +21,13 @@ import torch
 import torch.nn as nn
 
 from ..config import TCURLoRAConfig
-from ..manifest import trained_prefix
+from ..manifest import norm_prefix, trained_prefix
 from .heads import _new_head
-from .layers import COPIES, AdapterError, ModuleSwitch, TCURLayer, TCURStack, projectable_kind, unwrap
+from .layers import (COPIES, NORM_TYPES, AdapterError, ModuleSwitch, NormScaleShift, ScaleShift, TCURLayer, TCURStack,
+                     projectable_kind, unwrap)
 from .registry import register_strategy
-from .stacks import (StackSpec, find, member_matrix, resolve_stacks, switch_module,
-                     trained_module_names, under, wrap_layer)
+from .stacks import (StackSpec, allocate_ranks, decoder_names, decoder_norm_names, find, member_matrix,
+                     resolve_stacks, switch_module, trained_module_names, under, wrap_layer)
 
 @dataclass
 class AdapterRecord:
@@ -36,6 +37,7 @@ class AdapterRecord:
     config: TCURLoRAConfig
     stacks: "OrderedDict[str, TCURStack]" = field(default_factory=OrderedDict)
     trained: "OrderedDict[str, nn.Module]" = field(default_factory=OrderedDict)  # base path -> own copy
+    norms: "OrderedDict[str, ScaleShift]" = field(default_factory=OrderedDict)  # norm path -> its scale and shift
     lora_targets: List[str] = field(default_factory=list)
     labels: Optional[list] = None  # the label table of an adapter loaded from a file
     merge_backup: list = field(default_factory=list)  # (parameter, its value before a PEFT merge)
@@ -53,13 +55,15 @@ class AdapterRecord:
             yield from stack.parameters()
         for module in self.trained.values():
             yield from module.parameters()
+        for pair in self.norms.values():
+            yield from pair.parameters()
 
 
 def _clean_copy(tuner, module: nn.Module) -> nn.Module:
     """A deep copy of a base module without any adapter in it (another adapter's wrappers stay behind)."""
     memo = {id(tuner): tuner}
     for record in tuner.adapters.values():
-        for part in (*record.stacks.values(), *record.trained.values()):
+        for part in (*record.stacks.values(), *record.trained.values(), *record.norms.values()):
             memo[id(part)] = part  # shared, and dropped with the wrappers below: never copied
     clone = copy.deepcopy(unwrap(module), memo)
 
@@ -71,6 +75,15 @@ def _clean_copy(tuner, module: nn.Module) -> nn.Module:
 
     strip(clone)
     return clone
+
+
+def _decoder_patterns(tuner, option: str) -> List[str]:
+    """The decoder modules the base declared (``decoder_modules``), which ``option`` needs."""
+    patterns = list(tuner.base_info.get("decoder_modules") or [])
+    if not patterns:
+        raise AdapterError(f"{option} needs the base's decoder modules: adapt a base model that declares them "
+                           "(tcurlora.load_base)")
+    return patterns
 
 
 def _switch_in(tuner, record: AdapterRecord, target: nn.Module, own: nn.Module) -> nn.Module:
@@ -96,13 +109,25 @@ class Strategy:
         """Put the adapter into the model: resolved from its config, or (``layout``: what :meth:`describe`
         returned, as an adapter file stores it) exactly as saved, with no pattern of the config evaluated."""
         stored = None if layout is None else layout.get(self.layout_key, [])
+        if stored is None and record.config.selection == "gradient":
+            raise AdapterError("selection 'gradient' picks columns and rows from training patches: finetune does, "
+                               "and an adapter file keeps them (inject with the stored stacks)")
         self._build_stacks(tuner, record, self.stack_specs(tuner, record) if stored is None
                            else [self.stored_spec(s) for s in stored])
         self._add_trained(tuner, record, layout)
+        self._add_norms(tuner, record, layout)
 
     def stack_specs(self, tuner, record: AdapterRecord) -> list:
-        """(spec, indices or None) of every stack the config asks for."""
-        return [(spec, None) for spec in resolve_stacks(tuner.model, record.config)]
+        """(spec, indices or None) of every stack the config asks for (each at its rank under a ``rank_budget``)."""
+        model, config = tuner.model, record.config
+        specs = resolve_stacks(model, config)
+        if config.rank_budget is not None and specs:
+            decoder = decoder_names(model, _decoder_patterns(tuner, "rank_budget"))
+            shapes = [(len(s.members), *member_matrix(model, s.members[0]).shape) for s in specs]
+            in_decoder = [all(under(m.module, decoder) for m in s.members) for s in specs]
+            for spec, rank in zip(specs, allocate_ranks(specs, shapes, config.rank, config.rank_budget, in_decoder)):
+                spec.rank = rank
+        return [(spec, None) for spec in specs]
 
     def stored_spec(self, stack: dict):
         """(spec, indices) of one stack as :meth:`describe` listed it."""
@@ -110,8 +135,9 @@ class Strategy:
 
     def make_stack(self, spec: StackSpec, matrices: torch.Tensor, config: TCURLoRAConfig, indices,
                    projectable: Optional[str]):
-        return TCURStack(spec.name, spec.members, matrices, config.rank, config.selection, config.seed,
-                         config.scale, indices, projectable=projectable, basis=config.basis)
+        return TCURStack(spec.name, spec.members, matrices, spec.rank or config.rank, config.selection, config.seed,
+                         config.scale, indices, projectable=projectable, basis=config.basis,
+                         rank_stable=config.rank_stable)
 
     def _build_stacks(self, tuner, record: AdapterRecord, built: list) -> None:
         model = tuner.model
@@ -142,9 +168,26 @@ class Strategy:
             own = _new_head(target, int(config.new_head["out_channels"])) if path == head else _clean_copy(tuner, target)
             record.trained[path] = _switch_in(tuner, record, target, own)
 
+    def _add_norms(self, tuner, record: AdapterRecord, layout: Optional[dict]) -> None:
+        """A scale and shift per channel after each normalisation layer of the decoder (``norm_scale_shift``)."""
+        if not record.config.norm_scale_shift:
+            return
+        model = tuner.model
+        stored = None if layout is None else layout.get("norms")
+        if stored is None:
+            paths = decoder_norm_names(model, _decoder_patterns(tuner, "norm_scale_shift"), list(record.trained))
+        else:
+            paths = [str(p) for p in stored]
+        for path in paths:
+            target = find(model, path)
+            if not isinstance(target, NORM_TYPES):
+                raise AdapterError(f"module {path} ({type(target).__name__}) is not a normalisation layer")
+            wrapper = wrap_layer(model, target, lambda m: NormScaleShift(m, tuner), kind=NormScaleShift)
+            record.norms[path] = wrapper.add(record.name)
+
     def remove(self, tuner, record: AdapterRecord) -> None:
         for module in tuner.model.modules():
-            if isinstance(module, TCURLayer):
+            if isinstance(module, (TCURLayer, NormScaleShift)):
                 module.remove_adapter(record.name)
             elif isinstance(module, ModuleSwitch):
                 module.set_copy(record.name, None)
@@ -160,6 +203,9 @@ class Strategy:
         for path, module in record.trained.items():
             for key, value in module.state_dict(keep_vars=True).items():
                 out[trained_prefix(path) + key] = value
+        for path, pair in record.norms.items():
+            for key, value in pair.named_parameters():
+                out[norm_prefix(path) + key] = value
         return out if keep_vars else OrderedDict((k, v.detach()) for k, v in out.items())
 
     def after_load(self, tuner, record: AdapterRecord) -> None:
@@ -169,18 +215,20 @@ class Strategy:
     def merge(self, tuner, record: AdapterRecord) -> None:
         with torch.no_grad():
             for module in tuner.model.modules():
-                if isinstance(module, TCURLayer):
+                if isinstance(module, (TCURLayer, NormScaleShift)):
                     module.merge(record.name)
 
     def unmerge(self, tuner, record: AdapterRecord) -> None:
         with torch.no_grad():
             for module in tuner.model.modules():
-                if isinstance(module, TCURLayer):
+                if isinstance(module, (TCURLayer, NormScaleShift)):
                     module.unmerge()
 
     def describe(self, tuner, record: AdapterRecord) -> dict:
         described = {"config": record.config.to_dict(), "stacks": [], "trained_modules": list(record.trained)}
         described[self.layout_key] = [s.describe() for s in record.stacks.values()]
+        if record.config.norm_scale_shift:
+            described["norms"] = list(record.norms)
         return described
 
     def tensors_from_file(self, tensors: Dict[str, torch.Tensor], adapter_name: str) -> Dict[str, torch.Tensor]:
