@@ -37,12 +37,24 @@ def test_each_method_has_its_strategy_and_its_traits_name_what_it_trains(method)
     assert sorted(STRATEGIES) == sorted(protocol.METHODS)
     traits = protocol.METHOD_TRAITS[method]
     assert isinstance(STRATEGIES[method], LoraStrategy) == traits.peft
+    every_name = {name for t in protocol.METHOD_TRAITS.values() for name in t.tensors}
     model = seeded(ConvNet)
     inject_adapter(model, TCURLoRAConfig(method=method, rank=2, train_modules=["dec"] if method == "decoder" else []))
-    every_name = {name for t in protocol.METHOD_TRAITS.values() for name in t.tensors}
     trained = {part for n, p in model.named_parameters() if p.requires_grad for part in n.split(".")}
-    assert trained & every_name == set(traits.tensors)
+    optional = {"norm_scale", "norm_shift"} if method == "tcurlora" else set()  # with norm_scale_shift only
+    assert trained & every_name == set(traits.tensors) - optional
     assert any(p.requires_grad for p in model.parameters())
+    if optional:  # a network with norms in the decoder its base declares
+        from monai.networks.nets import UNet
+
+        from tcurlora.tuners import get_tuner
+
+        torch.manual_seed(0)
+        model = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16), strides=(2,), num_res_units=1)
+        get_tuner(model).base_info = {"name": "unet", "decoder_modules": [r"model\.2(\..*)?"]}
+        inject_adapter(model, TCURLoRAConfig(method=method, rank=2, preset="conv", norm_scale_shift=True))
+        trained = {part for n, p in model.named_parameters() if p.requires_grad for part in n.split(".")}
+        assert trained & every_name == set(traits.tensors)
 
 
 @pytest.mark.parametrize("net", list(NETS))
