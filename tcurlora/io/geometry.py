@@ -8,7 +8,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from .images import _size_text
+from ..limits import size_text
 
 # Geometry tolerance: NIfTI stores geometry in float32, and Slicer/ITK round-trips introduce ~1e-6 noise.
 GEOMETRY_RTOL = 1e-4
@@ -24,7 +24,7 @@ def geometry_mismatch(a: sitk.Image, b: sitk.Image, rtol: float = GEOMETRY_RTOL)
     if a.GetDimension() != b.GetDimension():
         return f"dimension {a.GetDimension()} vs {b.GetDimension()}"
     if a.GetSize() != b.GetSize():
-        return f"size {_size_text(a.GetSize())} vs {_size_text(b.GetSize())}"
+        return f"size {size_text(a.GetSize())} vs {size_text(b.GetSize())}"
     sa, sb = np.array(a.GetSpacing()), np.array(b.GetSpacing())
     if not np.all(np.abs(sa - sb) <= rtol * np.maximum(np.abs(sa), np.abs(sb))):
         return f"spacing {_vec_text(sa)} vs {_vec_text(sb)} mm"

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from ..atomic import atomic_write
 from ..errors import InputError, display_name
-from ..limits import available_memory, check_grid, size_text as _size_text  # noqa: F401  (available_memory re-exported)
+from ..limits import available_memory, check_grid, size_text  # noqa: F401  (available_memory re-exported)
 from ..userfiles import check_regular_file
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -90,13 +90,13 @@ def _check_volume(image: sitk.Image, path: str, what: str) -> sitk.Image:
         image = sitk.Extract(image, [size[0], size[1], size[2], 0], [0, 0, 0, 0])
         size, dim = image.GetSize(), 3
     if dim == 4:
-        raise InputError(path, f"{what} is 4D (size {_size_text(size)}); a single 3D volume is needed")
+        raise InputError(path, f"{what} is 4D (size {size_text(size)}); a single 3D volume is needed")
     if dim == 2:
-        raise InputError(path, f"{what} is 2D (size {_size_text(size)}); a 3D volume is needed")
+        raise InputError(path, f"{what} is 2D (size {size_text(size)}); a 3D volume is needed")
     if dim != 3:
         raise InputError(path, f"{what} has {dim} dimensions; a 3D volume is needed")
     if min(size) < 2:
-        raise InputError(path, f"{what} is a single slice (size {_size_text(size)}), i.e. 2D; a 3D volume is needed")
+        raise InputError(path, f"{what} is a single slice (size {size_text(size)}), i.e. 2D; a 3D volume is needed")
     if not all(math.isfinite(v) for v in image.GetSpacing() + image.GetOrigin() + image.GetDirection()) \
             or min(image.GetSpacing()) <= 0:  # resampling a NaN or zero spacing makes grids of any size
         raise InputError(path, f"{what} has an invalid geometry (spacing "

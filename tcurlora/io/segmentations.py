@@ -15,10 +15,11 @@ from ..atomic import atomic_write
 from ..errors import InputError, display_name
 from ..labels import (MAX_LABEL_VALUE, LabelError, LabelTable, check_label_table, default_color, default_label_table,
                       names_text)
+from ..limits import size_text
 from ..userfiles import check_regular_file
 from .geometry import _align_to_image
 from .images import (PATH_KEY, WRITE_EXTENSIONS, PathLike, _check_memory, _check_volume, _check_write_extension,
-                     _read_volume, _size_text, _smallest_label_dtype, extension)
+                     _read_volume, _smallest_label_dtype, extension)
 
 
 def validate_label_table(label_table: Sequence[dict]) -> LabelTable:
@@ -100,10 +101,10 @@ def _read_slicer_segmentation(path: str) -> dict:
         raise InputError(path, f"cannot be read as a Slicer segmentation ({' '.join(str(exc).split())})")
     voxels = seg.get("voxels")
     if voxels is None or voxels.ndim not in (3, 4):
-        shape = "none" if voxels is None else _size_text(voxels.shape)
+        shape = "none" if voxels is None else size_text(voxels.shape)
         raise InputError(path, f"segmentation voxels must be 3D (or 3D layers), got shape {shape}")
     if voxels.ndim == 3 and min(voxels.shape) < 2:
-        raise InputError(path, f"segmentation is 2D (size {_size_text(voxels.shape)}); a 3D volume is needed")
+        raise InputError(path, f"segmentation is 2D (size {size_text(voxels.shape)}); a 3D volume is needed")
     if not seg.get("segments"):
         raise InputError(path, "segmentation contains no segments")
     return seg
