@@ -20,6 +20,7 @@ except ImportError:  # source tree: TCURLoRALib and tcurlora sit at the reposito
 from TCURLoRALib import engine, logic, selftests, slicerapp, tasks  # noqa: E402
 from tcurlora import protocol  # noqa: E402  (standard library only)
 
+#: what each of tasks.DEFAULT_YES_NO is called in the combo boxes
 DEFAULT_YES_NO_CHOICES = (("Model default", "default"), ("Yes", "yes"), ("No", "no"))
 
 
@@ -56,8 +57,8 @@ class TCURSegmentParameterNode:
     adapterPath: str = ""
     loadedAdapters: list[str]
     device: Annotated[str, Choice(list(protocol.DEVICES))] = protocol.default("device")
-    testTimeAugmentation: Annotated[str, Choice([v for _, v in DEFAULT_YES_NO_CHOICES])] = "default"
-    largestComponent: Annotated[str, Choice([v for _, v in DEFAULT_YES_NO_CHOICES])] = "default"
+    testTimeAugmentation: Annotated[str, Choice(list(tasks.DEFAULT_YES_NO))] = "default"
+    largestComponent: Annotated[str, Choice(list(tasks.DEFAULT_YES_NO))] = "default"
     showIn3D: bool = True
 
 
