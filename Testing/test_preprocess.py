@@ -199,6 +199,25 @@ def test_train_transforms_shapes_and_padding():
     set_determinism(seed=None)
 
 
+def test_a_training_patch_beyond_the_image_is_padded_as_the_sliding_window_pads_it():
+    """An image smaller than the patch (nnU-Net's 3 mm brains): the training patch must show the network what the
+    inferer's window shows it beyond the edge (zeros), not the image's border carried outwards."""
+    from monai.inferers import sliding_window_inference
+
+    prep = Preprocessing(patch_size=(16, 16, 16), divisible_by=16)
+    image = torch.full((1, 10, 12, 14), -0.9)  # a z-scored background
+    image[0, 3:7, 4:8, 5:9] = 1.5
+    label = torch.zeros(1, 10, 12, 14, dtype=torch.long)
+    label[0, 3:7, 4:8, 5:9] = 1
+    patch = train_transforms(prep, num_samples=1, augment=False)({"image": image, "label": label})[0]
+    windows = []
+    sliding_window_inference(image[None], (16, 16, 16), 1, lambda x: windows.append(x.clone()) or x)
+    assert len(windows) == 1
+    assert torch.equal(torch.as_tensor(patch["image"]), torch.as_tensor(windows[0][0]))
+    assert (patch["image"] == 0).sum() == 16 ** 3 - image.numel()
+    assert int(patch["label"].sum()) == int(label.sum())
+
+
 def test_train_transforms_positive_sampling():
     from monai.utils import set_determinism
 

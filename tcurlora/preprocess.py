@@ -454,8 +454,9 @@ def train_transforms(prep: Preprocessing, num_samples: int = 2, *, pos: float = 
     patch = list(prep.patch_size)
     steps: list = [
         EnsureTyped(keys=keys, track_meta=False),
-        # Replicate the image border (a zero rim is not background after z-scoring); labels pad with 0.
-        SpatialPadd(keys=keys, spatial_size=patch, mode=("replicate", "constant")),
+        # Pad with zeros, as inference pads a window (MONAI's sliding window, nnU-Net's predictor) and nnU-Net's
+        # own trainer pads: a patch must look like what the network will see beyond the image's edge.
+        SpatialPadd(keys=keys, spatial_size=patch, mode="constant", value=0),
         RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=patch, pos=pos, neg=neg,
                                num_samples=num_samples),
         Lambdad(keys=keys, func=_clone),
