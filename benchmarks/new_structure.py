@@ -30,13 +30,16 @@ the numbers compare methods on one task, they validate nothing clinically.
     python benchmarks/new_structure.py --report     # tables and plot from the runs recorded so far
 
 Runs are appended to ``<out>/new_structure_runs.jsonl`` and skipped when already there for the same base weights
-(resumable); the tables show the runs of the weights recorded last for each base.
+(resumable); the tables show the runs of the weights recorded last for each base. A run records its head start
+(``--head-start``: the prototype, as ``finetune`` starts a new label, or the low prior before it) and how training
+padded patches (``patch_pad``); nnU-Net runs from before patches were padded with zeros are shown apart.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import statistics
@@ -104,13 +107,26 @@ def rates_of(row: dict) -> str:
     return row.get("rates", "default")
 
 
-#: where the engine starts a new label's head channel (tcurlora.train._start_new_head): runs record it, so runs
-#: of an earlier start stay apart in the tables
-HEAD_START = "prototype"
+#: where the engine starts a new label's head channel (tcurlora.train.setup._start_new_head): runs record it, so
+#: runs of each start stay apart in the tables; "low prior" is the start before prototypes (the paper's row)
+HEAD_STARTS = ("prototype", "low prior")
 
 
 def head_start_of(row: dict) -> str:
     return row.get("head_start", "low prior")  # the start before prototypes
+
+
+#: how training pads a patch beyond the image's edge: with zeros, as every inferer pads a window (runs before
+#: that replicated the border: on the nnU-Net base, whose 3 mm images are smaller than its patch, the network
+#: trained on a border it never saw at inference)
+PATCH_PAD = "zero"
+#: bases whose patches the padding reaches: deepbet's model space is its input size, so its patches are never
+#: padded and its runs are the same under either rule
+PADDED_BASES = ("nnunet",)
+
+
+def patch_pad_of(row: dict) -> str:
+    return row.get("patch_pad", "replicate") if row["base"] in PADDED_BASES else PATCH_PAD
 
 
 def basis_of(row: dict) -> str:
@@ -139,7 +155,8 @@ def method_of(row: dict) -> str:
     given = row.get("options", {})
     extra = [name(given[k]) for k, (default, name) in CORE_OPTIONS.items() if given.get(k, default) != default]
     return (row["method"] + ("" if start == "low prior" else f", {start} head")
-            + ("" if basis == "cur" else f", {basis} basis") + "".join(f", {e}" for e in extra))
+            + ("" if basis == "cur" else f", {basis} basis") + "".join(f", {e}" for e in extra)
+            + ("" if patch_pad_of(row) == PATCH_PAD else f", {patch_pad_of(row)}-padded patches"))
 
 
 def comparison_rates(out: Path) -> dict:
@@ -274,7 +291,7 @@ def run(args) -> None:
     if runs_file.is_file():
         for line in runs_file.read_text().splitlines():
             r = json.loads(line)
-            done[(task_of(r), rates_of(r), head_start_of(r), options_of(r), r["base"], r.get("weights"), r["method"], r["train"], r["seed"], r["steps"],
+            done[(task_of(r), rates_of(r), patch_pad_of(r), head_start_of(r), options_of(r), r["base"], r.get("weights"), r["method"], r["train"], r["seed"], r["steps"],
                   r["resolution"])] = r
     table, names, case_files = TASKS[args.task]
     cases = case_files(Path(args.work) / "cases")
@@ -291,6 +308,10 @@ def run(args) -> None:
             "spacing": list(base.preprocessing.spacing) if base.preprocessing.spacing else None,
             "parameters": sum(p.numel() for p in base.network.parameters()),
             "brain_dice_robex": sanity["dice"], "brain_hd95_mm_robex": sanity["hd95_mm"]}, indent=2) + "\n")
+    if args.head_start == "low prior":
+        import tcurlora.train.setup as setup
+
+        setup.start_at_prototypes = lambda *a, **k: None  # the label channel stays at the low-prior start
     pristine = copy.deepcopy(base.network)
     weights = weights_tag(pristine)
     preset = "conv"
@@ -307,7 +328,7 @@ def run(args) -> None:
             core = {k: getattr(args, k) for k, (default, _) in CORE_OPTIONS.items()
                     if tcurlora and getattr(args, k) != default}
             for train, test in directions:
-                key = (args.task, rates, HEAD_START, options_of({"basis": basis, "options": core}), args.base, weights,
+                key = (args.task, rates, PATCH_PAD, args.head_start, options_of({"basis": basis, "options": core}), args.base, weights,
                        label, train, seed, args.steps, resolution)
                 if key in done:
                     continue
@@ -317,7 +338,9 @@ def run(args) -> None:
                     with open(runs_file, "a") as f:
                         f.write(json.dumps({**same, "rates": rates, "reused": True}) + "\n")
                     continue
-                tag = "".join(c if c.isalnum() else "_" for c in label)
+                # the run's whole key in the name: runs of one method at other rates or options may run at once
+                tag = "".join(c if c.isalnum() else "_" for c in label) + "_" + hashlib.sha256(
+                    json.dumps(key, default=str).encode()).hexdigest()[:10]
                 seg = work / f"{tag}_{train}_to_{test}_s{seed}.nii.gz"
                 # the training case too: did the method fit what it saw (tells "did not learn" from "did not carry
                 # over to the other case")
@@ -333,7 +356,7 @@ def run(args) -> None:
                 train_s = got["train_s"]
                 m = evaluate([str(seg)], [cases[test][1]], label_table=table)[0]
                 fit = evaluate([str(seen)], [cases[train][1]], label_table=table)[0]
-                row = {"task": args.task, "rates": rates, "head_start": HEAD_START, "basis": basis,
+                row = {"task": args.task, "rates": rates, "patch_pad": PATCH_PAD, "head_start": args.head_start, "basis": basis,
                        **({"options": core} if core else {}), "base": args.base, "weights": weights, "method": label, "train": train, "test": test, "seed": seed,
                        "steps": args.steps, "batch": args.batch, "lr": kwargs["lr"],
                        "resolution": resolution, "dice": m["dice"], "hd95_mm": m["hd95_mm"], "dice_train_case": fit["dice"],
@@ -454,6 +477,8 @@ def main(argv=None) -> int:
     parser.add_argument("--directions", type=int, default=2, choices=[1, 2],
                         help="2: each image to the other; 1: the first image of the task to the second only")
     parser.add_argument("--resolution", type=int, default=96, help="deepbet model input (256 = its real setting)")
+    parser.add_argument("--head-start", choices=HEAD_STARTS, default=HEAD_STARTS[0],
+                        help="a new label's head channel: at its prototype (finetune's) or at a low prior (before)")
     parser.add_argument("--basis", choices=["cur", "orthonormal"], default="cur",
                         help="tCURLoRA's core basis (TCURLoRAConfig.basis); the other methods have none")
     parser.add_argument("--rank-stable", action="store_true", help="tCURLoRA: TCURLoRAConfig.rank_stable")
@@ -521,41 +546,54 @@ ABLATION = [
      {"basis": "orthonormal", "rank_stable": True, "norm_scale_shift": True, "rank_budget": "budget"}),
 ]
 ABLATION_BUDGET = {"deepbet": 19_500, "nnunet": 14_300}
-#: LoRA r = 8's held-out Dice at its chosen rate (the goal) and a tenth of its values, per base
+#: the issue's goal on the ventricles: LoRA r = 8's held-out Dice at its chosen rate, measured before training
+#: padded patches with zeros, and a tenth of its values, per base
 ABLATION_GOAL = {"deepbet": (0.682, 20_200), "nnunet": (0.606, 14_800)}
+#: the reference rows under each ablation table: LoRA r = 8 from either head start
+ABLATION_REFERENCE = [("LoRA r=8 (reference)", "LoRA (PEFT) r=8", "low prior"),
+                      ("LoRA r=8, prototype head start", "LoRA (PEFT) r=8", "prototype")]
 
 
-def ablation_tables(rows: list, task: str = "ventricles", rates: str = "comparison") -> str:
-    """Per base, one line per ablation step: Dice (mean ± sd over directions × seeds, and per test image), fit,
-    trainable values and median train time, from the recorded runs of tCURLoRA r=8."""
+def _ablation_line(name: str, sub: list, tests: list) -> str:
+    if not sub:
+        return f"| {name} | 0 | not measured | | | | | |"
+    dice = [r["dice"] for r in sub]
+    per = [statistics.mean(r["dice"] for r in sub if r["test"] == t) if any(r["test"] == t for r in sub)
+           else float("nan") for t in tests]
+    sd = statistics.stdev(dice) if len(dice) > 1 else 0.0
+    return (f"| {name} | {len(sub)} | {statistics.mean(dice):.3f} ± {sd:.3f} | {per[0]:.3f} | {per[1]:.3f} | "
+            f"{statistics.mean(r['dice_train_case'] for r in sub):.3f} | {sub[0]['trainable']:,d} | "
+            f"{statistics.median(r['train_s'] for r in sub):.0f} s |")
+
+
+def ablation_tables(rows: list, rates: str = "comparison") -> str:
+    """Per task and base, one line per ablation step: Dice (mean ± sd over directions × seeds, and per test
+    image), fit, trainable values and median train time, from the recorded runs of tCURLoRA r=8 (patches padded
+    as now), then LoRA r = 8 from both head starts."""
     lines = []
-    for base, budget in ABLATION_BUDGET.items():
-        goal, values = ABLATION_GOAL[base]
-        block = [r for r in rows if task_of(r) == task and rates_of(r) == rates and r["base"] == base
-                 and r["method"] == "tCURLoRA r=8"]
-        if not block:
-            continue
-        tests = TASKS[task][1][::-1]
-        lines += [f"**{base}** ({task}, {rates} rates, 60 steps; goal: held-out Dice {goal:.3f} (LoRA r = 8) with at "
-                  f"most {values:,d} values; runs = directions × seeds)", "",
-                  f"| step | runs | Dice mean ± sd | test {tests[0]} | test {tests[1]} | fit | trainable values | "
-                  "train time (median) |", "|---|---|---|---|---|---|---|---|"]
-        for name, start, options in ABLATION:
-            options = {k: (budget if v == "budget" else v) for k, v in options.items()}
-            key = options_of({"basis": options.get("basis", "cur"),
-                              "options": {k: v for k, v in options.items() if k != "basis"}})
-            sub = [r for r in block if head_start_of(r) == start and options_of(r) == key]
-            if not sub:
-                lines.append(f"| {name} | 0 | not measured | | | | | |")
+    for task in ("ventricles", "lesion"):
+        for base, budget in ABLATION_BUDGET.items():
+            block = [r for r in rows if task_of(r) == task and rates_of(r) == rates and r["base"] == base
+                     and patch_pad_of(r) == PATCH_PAD]
+            if not any(r["method"] == "tCURLoRA r=8" for r in block):
                 continue
-            dice = [r["dice"] for r in sub]
-            per = [statistics.mean(r["dice"] for r in sub if r["test"] == t) if any(r["test"] == t for r in sub)
-                   else float("nan") for t in tests]
-            sd = statistics.stdev(dice) if len(dice) > 1 else 0.0
-            lines.append(f"| {name} | {len(sub)} | {statistics.mean(dice):.3f} ± {sd:.3f} | {per[0]:.3f} | {per[1]:.3f} | "
-                         f"{statistics.mean(r['dice_train_case'] for r in sub):.3f} | {sub[0]['trainable']:,d} | "
-                         f"{statistics.median(r['train_s'] for r in sub):.0f} s |")
-        lines.append("")
+            tests = TASKS[task][1][::-1]
+            goal, values = ABLATION_GOAL[base]
+            aim = (f"goal: held-out Dice {goal:.3f} (LoRA r = 8 as the issue measured it) with at most {values:,d} "
+                   "values" if task == "ventricles" else "no goal set: the reference is LoRA r = 8")
+            lines += [f"**{task}, {base}** ({rates} rates, 60 steps; {aim}; runs = directions × seeds)", "",
+                      f"| step | runs | Dice mean ± sd | test {tests[0]} | test {tests[1]} | fit | trainable values | "
+                      "train time (median) |", "|---|---|---|---|---|---|---|---|"]
+            for name, start, options in ABLATION:
+                options = {k: (budget if v == "budget" else v) for k, v in options.items()}
+                key = options_of({"basis": options.get("basis", "cur"),
+                                  "options": {k: v for k, v in options.items() if k != "basis"}})
+                lines.append(_ablation_line(name, [r for r in block if r["method"] == "tCURLoRA r=8" and
+                                                   head_start_of(r) == start and options_of(r) == key], tests))
+            for name, method, start in ABLATION_REFERENCE:
+                lines.append(_ablation_line(name, [r for r in block if r["method"] == method
+                                                   and head_start_of(r) == start], tests))
+            lines.append("")
     return "\n".join(lines)
 
 
