@@ -409,7 +409,11 @@ with StopWatch(None) as stop:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_second_stop_signal_ends_a_blocked_process(sig, fifo):
     """The stop handlers ask for a clean stop at the next poll; while a read blocks, a second SIGTERM or Ctrl-C
-    ends the process as it would without them (it needed kill -9)."""
+    ends the process as it would without them (it needed kill -9).
+
+    A signal sent to the process may land on another of its threads (torch's import starts one): Python then
+    only marks it, and the main thread's blocked read runs the handler once for that mark and the next signal
+    together, so on a loaded machine it can take a third. The test allows that one, never more."""
     proc = subprocess.Popen([sys.executable, "-c", BLOCKED, str(fifo("stalled"))], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
     try:
@@ -418,8 +422,14 @@ def test_a_second_stop_signal_ends_a_blocked_process(sig, fifo):
         proc.send_signal(sig)
         time.sleep(0.5)
         assert proc.poll() is None, "the first signal only asks for a stop at the next poll"
-        proc.send_signal(sig)
-        assert proc.wait(timeout=20) == -sig  # as without the handlers (Python exits an uncaught Ctrl-C by SIGINT)
+        for _ in range(2):
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        assert proc.wait(timeout=10) == -sig  # as without the handlers (Python exits an uncaught Ctrl-C by SIGINT)
     finally:
         proc.kill()
     if sig == signal.SIGINT:
