@@ -164,6 +164,36 @@ def test_the_prototype_start_is_the_gaussian_posterior_along_the_prototype_direc
     torch.testing.assert_close(z[1] - z[0], expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method,head_start,expected", [
+    ("tcurlora", "auto", "prototype"), ("lora", "auto", "low-prior"),
+    ("tcurlora", "low-prior", "low-prior"), ("lora", "prototype", "prototype")])
+def test_a_runs_new_label_starts_where_its_head_start_says(tiny_base, two_part_label, tmp_path, method, head_start,
+                                                           expected):
+    """Through the run's set-up: 'auto' takes the method's own start (tCURLoRA at the prototype, the others
+    at the low prior: the starts that trained each better on the new-structure benchmark); either can be
+    asked for. The low prior is the background less log(99) at every voxel; the prototype start is not."""
+    from tcurlora.events import Events
+    from tcurlora.train import FinetuneOptions
+    from tcurlora.train.setup import adapt_network, set_up_run
+    from tcurlora.tuners import get_tuner
+
+    options = FinetuneOptions(method=method, rank=2, steps=1, device="cpu", head_start=head_start)
+    assert options.new_head_start() == expected
+    run = set_up_run(tiny_base, [(str(CT), str(two_part_label))], tmp_path / "a.safetensors", [],
+                     TWO_PART + [{"value": 22, "name": "L3"}, {"value": 23, "name": "L4"}],
+                     options, Events(), resume=False, start_from=None)
+    adapt_network(run)
+    head = get_tuner(run.base.network).record("finetune").new_head()
+    outputs = []
+    head.register_forward_hook(lambda module, args, out: outputs.append(out))
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        run.base.network.eval()(x)
+    out = outputs[-1]  # the head's own output (the tiny base adds a residual after it)
+    at_low_prior = torch.allclose(out[:, 1], out[:, 0] - math.log(99), atol=1e-4)
+    assert at_low_prior == (expected == "low-prior")
+
+
 def test_no_prototype_without_label_voxels():
     """A label absent from the patches keeps its start (None: nothing to measure)."""
     from tcurlora.tuners.head_start import prototype_channel

@@ -31,7 +31,7 @@ the numbers compare methods on one task, they validate nothing clinically.
 
 Runs are appended to ``<out>/new_structure_runs.jsonl`` and skipped when already there for the same base weights
 (resumable); the tables show the runs of the weights recorded last for each base. A run records its head start
-(``--head-start``: the prototype, as ``finetune`` starts a new label, or the low prior before it) and how training
+(``--head-start``, passed to ``finetune`` for every method: the prototype, or the low prior) and how training
 padded patches (``patch_pad``); nnU-Net runs from before patches were padded with zeros are shown apart.
 """
 
@@ -107,9 +107,10 @@ def rates_of(row: dict) -> str:
     return row.get("rates", "default")
 
 
-#: where the engine starts a new label's head channel (tcurlora.train.setup._start_new_head): runs record it, so
-#: runs of each start stay apart in the tables; "low prior" is the start before prototypes (the paper's row)
+#: where a new label's head channel starts (finetune's ``head_start``, asked for explicitly: its ``auto`` differs
+#: by method); runs record it, so runs of each start stay apart in the tables; "low prior" is the paper's row
 HEAD_STARTS = ("prototype", "low prior")
+ENGINE_HEAD_START = {"prototype": "prototype", "low prior": "low-prior"}
 
 
 def head_start_of(row: dict) -> str:
@@ -308,10 +309,6 @@ def run(args) -> None:
             "spacing": list(base.preprocessing.spacing) if base.preprocessing.spacing else None,
             "parameters": sum(p.numel() for p in base.network.parameters()),
             "brain_dice_robex": sanity["dice"], "brain_hd95_mm_robex": sanity["hd95_mm"]}, indent=2) + "\n")
-    if args.head_start == "low prior":
-        import tcurlora.train.setup as setup
-
-        setup.start_at_prototypes = lambda *a, **k: None  # the label channel stays at the low-prior start
     pristine = copy.deepcopy(base.network)
     weights = weights_tag(pristine)
     preset = "conv"
@@ -347,7 +344,8 @@ def run(args) -> None:
                 seen = seg.with_name(seg.name.replace(".nii.gz", "_train.nii.gz"))
                 # exactly the row's options (finetune's new-label recipe would otherwise fill in its own)
                 options = FinetuneOptions(steps=args.steps, batch_size=args.batch, seed=seed, device="cpu", basis=basis,
-                                          val_every=MAX_STEPS, new_label_recipe=False, **core, **kwargs)
+                                          val_every=MAX_STEPS, new_label_recipe=False,
+                                          head_start=ENGINE_HEAD_START[args.head_start], **core, **kwargs)
                 # the network's own output, without the deepbet base's largest-component post-processing (a
                 # brain-mask rule): the same for both bases
                 got = adapt_and_segment(base, pristine, cases[train], options,
@@ -478,7 +476,7 @@ def main(argv=None) -> int:
                         help="2: each image to the other; 1: the first image of the task to the second only")
     parser.add_argument("--resolution", type=int, default=96, help="deepbet model input (256 = its real setting)")
     parser.add_argument("--head-start", choices=HEAD_STARTS, default=HEAD_STARTS[0],
-                        help="a new label's head channel: at its prototype (finetune's) or at a low prior (before)")
+                        help="a new label's head channel, for every method: at its prototype or at a low prior")
     parser.add_argument("--basis", choices=["cur", "orthonormal"], default="cur",
                         help="tCURLoRA's core basis (TCURLoRAConfig.basis); the other methods have none")
     parser.add_argument("--rank-stable", action="store_true", help="tCURLoRA: TCURLoRAConfig.rank_stable")

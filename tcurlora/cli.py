@@ -79,8 +79,9 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--cases", metavar="FOLDER", help="a folder of cases (imagesTr/labelsTr, or X + X_label side by side)")
     p.add_argument("--val-image", action="append", default=[], metavar="FILE", help="a validation image")
     p.add_argument("--val-label", action="append", default=[], metavar="FILE", help="its label")
-    for key in ("labels", "out", "start_from", "method", "rank", "preset", "basis", "selection", "rank_budget", "train_modules", "steps", "lr", "weight_decay",
-                "batch_size", "patch_size", "val_every", "patience", "grad_accum", "checkpoint_every", "seed"):
+    for key in ("labels", "out", "start_from", "method", "rank", "preset", "basis", "selection", "rank_budget",
+                "head_start", "train_modules", "steps", "lr", "weight_decay", "batch_size", "patch_size", "val_every",
+                "patience", "grad_accum", "checkpoint_every", "seed"):
         _add_setting(p, key)
     _add_switch(p, "--rank-stable", "rank_stable")
     _add_switch(p, "--norm-scale-shift", "norm_scale_shift")

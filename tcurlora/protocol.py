@@ -32,6 +32,10 @@ CORE_BASES = ("cur", "orthonormal")
 #: paper's top-r rule), drawn with inverted probabilities (CURLoRA's), or by their alignment with the task's first
 #: gradient (``gradient``: chosen by ``finetune`` from its training patches; the indices are saved in the file).
 CORE_SELECTIONS = ("deterministic", "sampled", "gradient")
+#: Where a label the base lacks starts in a fresh adapter's new head (``FinetuneOptions.head_start``): ``auto``
+#: (the method's own, :attr:`MethodTraits.head_start`), ``prototype`` (at the label's prototype in the base's
+#: last-decoder features: :mod:`tcurlora.tuners.head_start`) or ``low-prior`` (a copy of the background at 1 %).
+HEAD_STARTS = ("auto", "prototype", "low-prior")
 #: What ``finetune`` gives a tcurlora adapter whose label table adds a label the base lacks, in each of these
 #: options left at its default (``new_label_recipe``; the ablation in docs/new_structure.md measured it); and a
 #: ``rank_budget`` that keeps the whole adapter within 1/NEW_LABEL_VALUE_SHARE of LoRA's values
@@ -71,7 +75,8 @@ class MethodTraits:
     slowly); ``peft``: HF PEFT's LoRA layers (a file lists ``lora_targets`` with ``lora_A``/``lora_B`` tensors;
     training and inference run them unmerged, as PEFT's merge covers not every conv layer); ``averageable``: the weighted mean of adapters is exactly the mean of their weight
     updates (``tcurlora aggregate``, federated rounds); ``tensors``: the names of its trainable tensors, beside
-    any module it trains fully.
+    any module it trains fully; ``head_start``: where a label the base lacks starts in its new head when the job
+    says ``auto`` (the start that trained it better on the new-structure benchmark, docs/new_structure.md).
     """
 
     name: str
@@ -79,10 +84,12 @@ class MethodTraits:
     peft: bool
     averageable: bool
     tensors: Tuple[str, ...]
+    head_start: str = "low-prior"
 
 
 METHOD_TRAITS: Dict[str, MethodTraits] = {t.name: t for t in (
-    MethodTraits("tcurlora", 1e-2, peft=False, averageable=True, tensors=("delta_u", "norm_scale", "norm_shift")),
+    MethodTraits("tcurlora", 1e-2, peft=False, averageable=True, tensors=("delta_u", "norm_scale", "norm_shift"),
+                 head_start="prototype"),
     MethodTraits("lora", 1e-3, peft=True, averageable=False, tensors=("lora_A", "lora_B")),
     MethodTraits("decoder", 1e-3, peft=False, averageable=True, tensors=()),
     MethodTraits("full", 1e-4, peft=False, averageable=True, tensors=()),
@@ -384,6 +391,10 @@ SETTINGS: Tuple[Setting, ...] = (
             "new-structure recipe (" + ", ".join(f"{k} {v}" for k, v in NEW_LABEL_RECIPE.items()) + ", and a rank "
             f"budget within 1/{NEW_LABEL_VALUE_SHARE} of LoRA's values) in each of those options left at its "
             "default; false: exactly the options given", _F),
+    Setting("head_start", choice(HEAD_STARTS), "auto", "where a label the base lacks starts in the new head: auto "
+            "(default: the method's own; " + ", ".join(f"{m} {t.head_start}" for m, t in METHOD_TRAITS.items())
+            + "), prototype (at the label's mean feature inside the training masks, against the background's) or "
+            "low-prior (a copy of the background at 1 %: it predicts none of the label)", _F, flag="--head-start"),
     Setting("rank_budget", optional(integer(1, 10 ** 8)), None, "tcurlora: raise stack ranks until the cores hold at "
             "most N values, the decoder's stacks first (default: every stack at --rank)", _F, flag="--rank-budget",
             cli_type=int, metavar="N"),
@@ -440,7 +451,7 @@ SETTINGS_BY_KEY: Dict[str, Setting] = {s.key: s for s in SETTINGS}
 FINETUNE_OPTION_KEYS = ("method", "rank", "preset", "steps", "lr", "weight_decay", "batch_size", "patch_size",
                         "val_every", "patience", "seed", "device", "bf16", "checkpointing", "grad_accum",
                         "train_modules", "checkpoint_every", "basis", "rank_stable", "selection", "norm_scale_shift",
-                        "rank_budget", "new_label_recipe")
+                        "rank_budget", "new_label_recipe", "head_start")
 
 
 def default(key: str) -> Any:

@@ -40,6 +40,7 @@ class FinetuneOptions:
     norm_scale_shift: bool = protocol.default("norm_scale_shift")
     rank_budget: Optional[int] = protocol.default("rank_budget")
     new_label_recipe: bool = protocol.default("new_label_recipe")
+    head_start: str = protocol.default("head_start")
 
     def __post_init__(self) -> None:
         self._set(protocol.validate_settings(dataclasses.asdict(self), FINETUNE_OPTION_KEYS))
@@ -61,6 +62,10 @@ class FinetuneOptions:
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else METHOD_TRAITS[self.method].default_lr
+
+    def new_head_start(self) -> str:
+        """Where a label the base lacks starts: ``prototype`` or ``low-prior`` (``auto``: the method's own)."""
+        return METHOD_TRAITS[self.method].head_start if self.head_start == "auto" else self.head_start
 
 
 @dataclass

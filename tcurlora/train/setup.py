@@ -107,7 +107,8 @@ def adapt_network(run: Run, initial_state: Optional[dict] = None) -> None:
         fresh = run.state is None and initial_state is None
         patches = _Patches(run.train_cases, run.prep, run.table, options.seed)
         # a resumed run with columns by gradient starts its head again to pick the same ones
-        _start_new_head(network, run.base, run.table, patches if fresh or by_gradient else None)
+        at_prototypes = options.new_head_start() == "prototype" and (fresh or by_gradient)
+        _start_new_head(network, run.base, run.table, patches if at_prototypes else None)
         if by_gradient:
             _select_by_gradient(network, config, patches())
     if initial_state is not None:
@@ -174,8 +175,9 @@ def _start_new_head(network: torch.nn.Module, base: BaseModel, table: List[dict]
                     patches: Optional["_Patches"] = None) -> None:
     """A fresh adapter's new head (labels that differ from the base's): each label starts from the base's
     channel of the same name, a label new to the base from its background at a low prior
-    (:func:`~tcurlora.tuners.heads.start_new_head`), then, given the run's training ``patches``, at its
-    prototype in the base's last-decoder features (:mod:`tcurlora.tuners.head_start`)."""
+    (:func:`~tcurlora.tuners.heads.start_new_head`), then, given the run's training ``patches`` (the
+    ``prototype`` head start), at its prototype in the base's last-decoder features
+    (:mod:`tcurlora.tuners.head_start`)."""
     head = get_tuner(network).record("finetune").new_head()
     if head is None:
         return
