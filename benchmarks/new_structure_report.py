@@ -270,13 +270,57 @@ def ablation_tables(rows: list, rates: str = "comparison") -> str:
     return "\n".join(lines)
 
 
+# --- the head-start table of docs/new_structure.md: every method from either start ----------------------------
+
+HEAD_START_TABLE_START = "<!-- head starts: written by benchmarks/new_structure.py from new_structure_runs.jsonl -->"
+HEAD_START_TABLE_END = "<!-- end of head starts -->"
+#: the methods in the table's order, as runs name them (each with its own default options)
+HEAD_START_METHODS = ("tCURLoRA r=8", "CURLoRA r=8", "LoRA (PEFT) r=8", "PiSSA (PEFT) r=8", "DoRA (PEFT) r=8",
+                      "LoRA-PT (t-SVD) r=8", "decoder-only", "full fine-tuning")
+
+
+def _start_cell(sub: list, field: str) -> str:
+    if not sub:
+        return "not measured"
+    values = [r[field] for r in sub]
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f} ({len(sub)})"
+
+
+def head_start_tables(rows: list, rates: str = "comparison") -> str:
+    """Per task and base, each method's held-out Dice and fit (mean ± sd (runs)) from the low-prior and the
+    prototype start, with the change of the mean Dice; the methods' own options (tCURLoRA: the paper's)."""
+    default = options_of({})
+    lines = []
+    for task in ("ventricles", "lesion"):
+        for base in ("deepbet", "nnunet"):
+            block = [r for r in rows if task_of(r) == task and rates_of(r) == rates and r["base"] == base
+                     and patch_pad_of(r) == PATCH_PAD and options_of(r) == default]
+            if not block:
+                continue
+            lines += [f"**{task}, {base}** ({rates} rates, 60 steps; mean ± sd (runs) over directions × seeds)", "",
+                      "| method | Dice, low prior | Dice, prototype | change | fit, low prior | fit, prototype |",
+                      "|---|---|---|---|---|---|"]
+            for method in HEAD_START_METHODS:
+                low, proto = ([r for r in block if r["method"] == method and head_start_of(r) == start]
+                              for start in HEAD_STARTS[::-1])
+                change = (f"{statistics.mean(r['dice'] for r in proto) - statistics.mean(r['dice'] for r in low):+.3f}"
+                          if low and proto else "–")
+                lines.append(f"| {method} | {_start_cell(low, 'dice')} | {_start_cell(proto, 'dice')} | {change} | "
+                             f"{_start_cell(low, 'dice_train_case')} | {_start_cell(proto, 'dice_train_case')} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
 def write_report(out: Path) -> str:
-    """Rewrite the tables, the plot, the ablation and the head-start table from the runs recorded in ``out``;
+    """Rewrite the tables, the plot, the ablation and the head-start tables from the runs recorded in ``out``;
     returns the tables."""
     rows = latest_weights([json.loads(l) for l in (out / RUNS_FILE).read_text().splitlines()])
     text = table(rows)
     write_summary(out / "new_structure.md", text)
-    write_summary(HERE.parent / "docs" / "new_structure.md", ablation_tables(rows), ABLATION_START, ABLATION_END)
+    doc = HERE.parent / "docs" / "new_structure.md"
+    write_summary(doc, ablation_tables(rows), ABLATION_START, ABLATION_END)
+    write_summary(doc, head_start_tables(rows), HEAD_START_TABLE_START, HEAD_START_TABLE_END)
     plot(rows, out / "new_structure.png")
     return text
 
