@@ -165,13 +165,13 @@ def test_the_prototype_start_is_the_gaussian_posterior_along_the_prototype_direc
 
 
 @pytest.mark.parametrize("method,head_start,expected", [
-    ("tcurlora", "auto", "prototype"), ("lora", "auto", "low-prior"),
+    ("tcurlora", "auto", "prototype"), ("pissa", "auto", "prototype"), ("lora", "auto", "low-prior"),
     ("tcurlora", "low-prior", "low-prior"), ("lora", "prototype", "prototype")])
 def test_a_runs_new_label_starts_where_its_head_start_says(tiny_base, two_part_label, tmp_path, method, head_start,
                                                            expected):
-    """Through the run's set-up: 'auto' takes the method's own start (tCURLoRA at the prototype, the others
-    at the low prior: the starts that trained each better on the new-structure benchmark); either can be
-    asked for. The low prior is the background less log(99) at every voxel; the prototype start is not."""
+    """Through the run's set-up: 'auto' takes the method's own start (tCURLoRA, CURLoRA and PiSSA at the
+    prototype, the others at the low prior: the start that gave each the better held-out ventricle Dice on the
+    new-structure benchmark); either can be asked for. The low prior is the background less log(99) at every voxel; the prototype start is not."""
     from tcurlora.events import Events
     from tcurlora.train import FinetuneOptions
     from tcurlora.train.setup import adapt_network, set_up_run

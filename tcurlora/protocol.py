@@ -93,9 +93,9 @@ METHOD_TRAITS: Dict[str, MethodTraits] = {t.name: t for t in (
     MethodTraits("lora", 1e-3, peft=True, averageable=False, tensors=("lora_A", "lora_B")),
     MethodTraits("decoder", 1e-3, peft=False, averageable=True, tensors=()),
     MethodTraits("full", 1e-4, peft=False, averageable=True, tensors=()),
-    MethodTraits("pissa", 1e-3, peft=True, averageable=False, tensors=("lora_A", "lora_B")),
+    MethodTraits("pissa", 1e-3, peft=True, averageable=False, tensors=("lora_A", "lora_B"), head_start="prototype"),
     MethodTraits("dora", 1e-3, peft=True, averageable=False, tensors=("lora_A", "lora_B", "lora_magnitude_vector")),
-    MethodTraits("curlora", 1e-2, peft=False, averageable=False, tensors=("delta_u",)),
+    MethodTraits("curlora", 1e-2, peft=False, averageable=False, tensors=("delta_u",), head_start="prototype"),
     MethodTraits("lorapt", 1e-3, peft=False, averageable=False, tensors=("principal_left", "principal_right")),
 )}
 METHODS = tuple(METHOD_TRAITS)
