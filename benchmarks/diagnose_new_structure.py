@@ -251,7 +251,7 @@ def diagnose(args) -> dict:
     runs, deltas, grads = {}, {}, {}
     for label, kwargs in METHODS:
         options = FinetuneOptions(steps=args.steps, batch_size=1, seed=args.seed, device="cpu",
-                                  val_every=10 ** 6, lr=rates[label], **kwargs)
+                                  val_every=10 ** 6, lr=rates[label], head_start="low-prior", **kwargs)
         tag = kwargs["method"]
         seg = work / f"{tag}_{train}_to_{test}_s{args.seed}.nii.gz"
         seen = seg.with_name(seg.name.replace(".nii.gz", "_train.nii.gz"))
