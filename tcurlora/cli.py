@@ -27,11 +27,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"error: {message.replace('argument ', '', 1)} (see {self.prog} --help)\n")
 
 
+def _setting_help(key: str) -> str:
+    """A protocol setting's help as argparse wants it: argparse %-formats help, the protocol writes prose."""
+    return SETTINGS_BY_KEY[key].help.replace("%", "%%")
+
+
 def _add_setting(p: argparse.ArgumentParser, key: str, **overrides) -> None:
     """The CLI flag of a job key: name, type, choices, help and default all from :mod:`tcurlora.protocol`.
     The flag's default stays None so that the job gets the protocol's default (and its check)."""
     s = SETTINGS_BY_KEY[key]
-    kwargs = {"dest": key, "default": None, "help": s.help, "metavar": s.metavar, "nargs": s.nargs,
+    kwargs = {"dest": key, "default": None, "help": _setting_help(key), "metavar": s.metavar, "nargs": s.nargs,
               "type": s.cli_type, "choices": getattr(s.check, "options", None)}
     kwargs.update(overrides)
     p.add_argument(s.flag, **{k: v for k, v in kwargs.items() if v is not None or k == "default"})
@@ -40,7 +45,7 @@ def _add_setting(p: argparse.ArgumentParser, key: str, **overrides) -> None:
 def _add_switch(p: argparse.ArgumentParser, flag: str, key: str, value: bool = True, help: str = None) -> None:
     """An on/off flag for a boolean job key (store ``value`` when given)."""
     p.add_argument(flag, dest=key, action="store_const", const=value, default=None,
-                   help=help or SETTINGS_BY_KEY[key].help)
+                   help=help or _setting_help(key))
 
 
 def _base_args(p: argparse.ArgumentParser, stop_file: bool = True, series: bool = True) -> None:

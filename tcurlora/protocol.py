@@ -394,7 +394,7 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("head_start", choice(HEAD_STARTS), "auto", "where a label the base lacks starts in the new head: auto "
             "(default: the method's own; " + ", ".join(f"{m} {t.head_start}" for m, t in METHOD_TRAITS.items())
             + "), prototype (at the label's mean feature inside the training masks, against the background's) or "
-            "low-prior (a copy of the background at a prior of 0.01: it predicts none of the label)", _F, flag="--head-start"),
+            "low-prior (a copy of the background at 1 %: it predicts none of the label)", _F, flag="--head-start"),
     Setting("rank_budget", optional(integer(1, 10 ** 8)), None, "tcurlora: raise stack ranks until the cores hold at "
             "most N values, the decoder's stacks first (default: every stack at --rank)", _F, flag="--rank-budget",
             cli_type=int, metavar="N"),
